@@ -1,0 +1,142 @@
+"""Calibration: run the model on calibration batches and reduce activation statistics per batch.
+
+"Augment the graph, run it, reduce": the activation tensors that feed target GEMMs are added as graph
+outputs, each batch is run through ONNX Runtime, and each distinct activation is reduced at once into
+its running sums — ``Σ xxᵀ`` and ``Σ xxᵀ/‖x‖²`` in float64 — so no batch is kept after it is reduced.
+Padding tokens (``attention_mask == 0``) are left out of the statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+from scipy.linalg import blas
+
+from espace_export.data import InputSpec, complete_feed, input_specs
+from graph_passes.find import GemmTarget
+
+StatsPrecision = Literal["float32", "float64"]
+
+
+@dataclass
+class ActivationStats:
+    """Running sums for one activation tensor of width K."""
+
+    K: int
+    sum_xx: np.ndarray = field(init=False)
+    sum_xx_normalized: np.ndarray = field(init=False)
+    rows: int = 0
+    rows_normalized: int = 0
+
+    def __post_init__(self) -> None:
+        self.sum_xx = np.zeros((self.K, self.K), dtype=np.float64)
+        self.sum_xx_normalized = np.zeros((self.K, self.K), dtype=np.float64)
+
+    def add(self, X: np.ndarray, precision: StatsPrecision = "float32") -> None:
+        """Reduce a batch of rows ``X`` (M×K) into the sums.
+
+        ``float32`` forms each batch's product in float32 (BLAS syrk, half the FLOPs of a GEMM) and
+        accumulates in float64; ``float64`` does both in float64.
+        """
+        X = np.ascontiguousarray(
+            X.reshape(-1, self.K), dtype=np.float32 if precision == "float32" else np.float64
+        )
+        if X.shape[0] == 0:
+            return
+        self.sum_xx += _gram(X)
+        norms = np.linalg.norm(X.astype(np.float64), axis=1)
+        keep = norms > 0
+        if keep.any():
+            normalized = (X[keep] / norms[keep, None].astype(X.dtype)).astype(X.dtype)
+            self.sum_xx_normalized += _gram(np.ascontiguousarray(normalized))
+        self.rows += X.shape[0]
+        self.rows_normalized += int(keep.sum())
+
+    def merge(self, other: ActivationStats) -> None:
+        self.sum_xx += other.sum_xx
+        self.sum_xx_normalized += other.sum_xx_normalized
+        self.rows += other.rows
+        self.rows_normalized += other.rows_normalized
+
+    @property
+    def C_X(self) -> np.ndarray:
+        """``E[x xᵀ]``."""
+        return self.sum_xx / max(self.rows, 1)
+
+    @property
+    def C_X_normalized(self) -> np.ndarray:
+        """``E[x xᵀ/‖x‖²]``."""
+        return self.sum_xx_normalized / max(self.rows_normalized, 1)
+
+
+def _gram(X: np.ndarray) -> np.ndarray:
+    """``XᵀX`` in float64, through the symmetric rank-k update (only one triangle is computed)."""
+    syrk = blas.ssyrk if X.dtype == np.float32 else blas.dsyrk
+    upper = np.asarray(syrk(1.0, X, trans=1, lower=0), dtype=np.float64)
+    return np.triu(upper) + np.triu(upper, 1).T
+
+
+def with_outputs(
+    model: onnx.ModelProto, tensors: Sequence[str], elem_types: dict[str, int]
+) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``tensors`` (the "augmented" calibration model)."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    existing = {o.name for o in augmented.graph.output}
+    for name in tensors:
+        if name not in existing:
+            augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_types[name], None))
+    return augmented
+
+
+def token_mask(feed: dict[str, np.ndarray], rows: int) -> np.ndarray | None:
+    """A boolean row mask for activations of ``rows`` rows, from the feed's attention mask, if it lines up."""
+    mask = feed.get("attention_mask")
+    if mask is None or mask.size != rows:
+        return None
+    return mask.reshape(-1).astype(bool)
+
+
+def distinct_activations(targets: Sequence[GemmTarget]) -> dict[str, tuple[int, int]]:
+    """Each distinct activation tensor read by ``targets``: name → (K, ONNX element type)."""
+    found: dict[str, tuple[int, int]] = {}
+    for target in targets:
+        found.setdefault(
+            target.activation, (target.K, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(target.dtype)))
+        )
+    return found
+
+
+def collect_statistics(
+    session_factory: Callable[[onnx.ModelProto], object],
+    model: onnx.ModelProto,
+    targets: Sequence[GemmTarget],
+    batches: Sequence[dict[str, np.ndarray]],
+    *,
+    precision: StatsPrecision = "float32",
+    specs: Sequence[InputSpec] | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> dict[str, ActivationStats]:
+    """Statistics of every distinct activation the ``targets`` read, over ``batches``.
+
+    ``session_factory`` turns the augmented model into an object with onnxruntime's ``run`` method.
+    """
+    specs = list(specs) if specs is not None else input_specs(model)
+    activations = distinct_activations(targets)
+    names = list(activations)
+    session = session_factory(with_outputs(model, names, {n: t for n, (_, t) in activations.items()}))
+    stats = {name: ActivationStats(K) for name, (K, _) in activations.items()}
+    for batch in batches:
+        feed = complete_feed(batch, specs)
+        values = session.run(names, feed)  # type: ignore[attr-defined]
+        for name, value in zip(names, values, strict=True):
+            rows = value.reshape(-1, stats[name].K)
+            mask = token_mask(feed, rows.shape[0])
+            stats[name].add(rows if mask is None else rows[mask], precision)
+        if on_batch is not None:
+            on_batch()
+    return stats

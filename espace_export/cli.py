@@ -1,0 +1,238 @@
+"""The ``espace-export`` command line: parses, calls the library, prints. Nothing else.
+
+``espace-export model.onnx --ratio 0.5`` is short for ``espace-export compress model.onnx --ratio 0.5``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from espace_export import __version__
+from espace_export.errors import EspaceError
+
+app = typer.Typer(
+    name="espace-export",
+    help="Compress transformer ONNX models with ESPACE activation projections (NeurIPS 2024) and deploy them.\n\n"
+    "Run `espace-export MODEL.onnx --ratio 0.5` (short for `espace-export compress ...`).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Candidate(str, Enum):
+    mse = "mse"
+    nmse = "nmse"
+    go_mse = "go-mse"
+    go_mse_l2 = "go-mse-l2"
+
+
+class Precision(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"espace-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Compress transformer ONNX models with ESPACE."""
+
+
+@app.command()
+def compress(
+    model: Annotated[
+        Path, typer.Argument(help="The exported transformer (.onnx; external data beside it is fine).")
+    ],
+    ratio: Annotated[
+        float, typer.Option("--ratio", "-r", help="Target compression of the targeted weights, in (0, 1).")
+    ] = 0.5,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Compressed model path [default: MODEL.espace.onnx]."),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="JSON report path [default: OUTPUT.report.json; a .md twin is written too]."),
+    ] = None,
+    calib_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Calibration inputs: .npz of arrays keyed by model input name.",
+            rich_help_panel="Calibration",
+        ),
+    ] = None,
+    calib_text: Annotated[
+        str | None,
+        typer.Option(
+            help="Calibration text file (or builtin:pydoc for CPython's docs); needs --tokenizer.",
+            rich_help_panel="Calibration",
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(help="HuggingFace tokenizer directory for --calib-text.", rich_help_panel="Calibration"),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Sequences per calibration batch.", rich_help_panel="Calibration")
+    ] = 4,
+    seq_len: Annotated[
+        int,
+        typer.Option(help="Tokens per sequence (text and random sources).", rich_help_panel="Calibration"),
+    ] = 128,
+    num_batches: Annotated[
+        int,
+        typer.Option(
+            help="Calibration batches to use (held-out ones included).", rich_help_panel="Calibration"
+        ),
+    ] = 16,
+    holdout: Annotated[
+        float,
+        typer.Option(
+            help="Fraction of batches held out to measure output fidelity.", rich_help_panel="Calibration"
+        ),
+    ] = 0.25,
+    stats_precision: Annotated[
+        Precision,
+        typer.Option(help="Dtype of each batch's XᵀX (sums are float64).", rich_help_panel="Calibration"),
+    ] = Precision.float32,
+    seed: Annotated[
+        int, typer.Option(help="Seed for random calibration ids.", rich_help_panel="Calibration")
+    ] = 0,
+    candidate: Annotated[
+        Candidate, typer.Option(help="Projection candidate (paper §3).", rich_help_panel="Projection")
+    ] = Candidate.mse,
+    rank_rule: Annotated[
+        str,
+        typer.Option(
+            help="pow2 (paper, tensor cores) or a granularity such as 16 or 64.", rich_help_panel="Projection"
+        ),
+    ] = "pow2",
+    min_rank: Annotated[
+        int,
+        typer.Option(
+            help="Layers whose rank would fall below this stay dense.", rich_help_panel="Projection"
+        ),
+    ] = 16,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            help="Force this rank L on every layer (L >= K: exact rewrite).", rich_help_panel="Projection"
+        ),
+    ] = None,
+    include_heads: Annotated[
+        bool,
+        typer.Option(
+            help="Also compress LM head / pooler / embedding projections.", rich_help_panel="Projection"
+        ),
+    ] = False,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="Regex of layer names to keep dense (repeatable).", rich_help_panel="Projection"),
+    ] = None,
+    external_data: Annotated[
+        bool | None,
+        typer.Option(
+            "--external-data/--no-external-data",
+            help="Store weights in OUTPUT.data [default: only past 2 GB].",
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the JSON report to stdout instead of tables.")
+    ] = False,
+) -> None:
+    """Calibrate ESPACE projections and write a compressed ONNX model plus a report."""
+    from espace_export.pipeline import compress as run_compress
+
+    result = run_compress(
+        model,
+        ratio=ratio,
+        output=output,
+        report_path=report,
+        calib_data=calib_data,
+        calib_text=calib_text,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        num_batches=num_batches,
+        holdout=holdout,
+        candidate=candidate.value,
+        rank_rule=rank_rule,
+        min_rank=min_rank,
+        rank=rank,
+        include_heads=include_heads,
+        exclude=exclude or (),
+        stats_precision=stats_precision.value,
+        external_data=external_data,
+        seed=seed,
+        progress=not (quiet or json_out) and sys.stderr.isatty(),
+    )
+    _emit(result.report, quiet=quiet, json_out=json_out)
+    if not (quiet or json_out):
+        typer.echo(f"wrote {result.output} and {result.report_path}")
+
+
+def _emit(report: dict[str, Any], *, quiet: bool, json_out: bool) -> None:
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        from espace_export.report import print_summary
+
+        print_summary(report)
+
+
+def _format_warning(message: Any, category: Any, filename: str, lineno: int, line: str | None = None) -> str:
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: maps EspaceError to one line on stderr and exit status 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        command.name or (command.callback.__name__ if command.callback else "")
+        for command in app.registered_commands
+    }
+    if args and not args[0].startswith("-") and args[0] not in commands:
+        args.insert(0, "compress")
+    warnings.formatwarning = _format_warning  # type: ignore[assignment]
+    try:
+        app(args=args, prog_name="espace-export", standalone_mode=False)
+    except EspaceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: no output was written", err=True)
+        raise SystemExit(130) from None
+    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Exit):
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Abort):
+            raise SystemExit(130) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

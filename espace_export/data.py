@@ -1,0 +1,329 @@
+"""Calibration data: readers behind one protocol, and feeds completed the way exporters expect.
+
+Every reader follows onnxruntime's quantization convention: ``get_next() -> dict[str, ndarray] | None``
+(one batch of model inputs keyed by input name, ``None`` when exhausted) plus ``rewind()``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from espace_export.errors import EspaceError
+
+BUILTIN_PYDOC = "builtin:pydoc"
+
+
+class CalibrationDataReader(Protocol):
+    def get_next(self) -> dict[str, np.ndarray] | None: ...
+
+    def rewind(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, numpy dtype and dims (int for static, str for symbolic, None unknown)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+    @property
+    def is_integer(self) -> bool:
+        return np.issubdtype(self.dtype, np.integer)
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed (graph inputs that are not initializers)."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims: list[int | str | None] = []
+        for dim in tensor.shape.dim:
+            if dim.HasField("dim_value"):
+                dims.append(int(dim.dim_value))
+            else:
+                dims.append(dim.dim_param or None)
+        specs.append(
+            InputSpec(value.name, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), tuple(dims))
+        )
+    return specs
+
+
+class BatchListReader:
+    """A reader over batches already in memory."""
+
+    def __init__(self, batches: Sequence[dict[str, np.ndarray]]) -> None:
+        self.batches = list(batches)
+        self._index = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._index >= len(self.batches):
+            return None
+        self._index += 1
+        return self.batches[self._index - 1]
+
+    def rewind(self) -> None:
+        self._index = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.batches)
+
+
+def read_npz(path: str | Path, specs: Sequence[InputSpec], batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Batches from a ``.npz`` of arrays keyed by input name, first axis = samples.
+
+    Names, dtypes, ranks and static dims are checked against the model's inputs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EspaceError(f"calibration data not found: {path}", "pass an existing .npz with --calib-data")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception as exc:  # zipfile/ValueError/OSError all mean the same to the user
+        raise EspaceError(
+            f"cannot read calibration data {path}: {exc}",
+            "save it with numpy.savez(path, input_ids=..., ...)",
+        ) from None
+    by_name = {spec.name: spec for spec in specs}
+    if not arrays:
+        raise EspaceError(
+            f"calibration data {path} holds no arrays", f"save arrays named {', '.join(by_name)}"
+        )
+    rows = None
+    for key, array in arrays.items():
+        spec = by_name.get(key)
+        if spec is None:
+            raise EspaceError(
+                f"calibration array '{key}' is not an input of the model",
+                f"rename it to one of: {', '.join(by_name)}",
+            )
+        if array.dtype != spec.dtype:
+            raise EspaceError(
+                f"calibration array '{key}' has dtype {array.dtype}, the model input wants {spec.dtype}",
+                f"convert it with .astype(numpy.{spec.dtype})",
+            )
+        if array.ndim != len(spec.shape):
+            raise EspaceError(
+                f"calibration array '{key}' has shape {array.shape}, the model input has rank {len(spec.shape)} "
+                f"{_shape_text(spec.shape)}",
+                "reshape it to the model's input layout (first axis = samples)",
+            )
+        for axis, (have, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+            if axis > 0 and isinstance(want, int) and have != want:
+                raise EspaceError(
+                    f"calibration array '{key}' has shape {array.shape}, the model input wants "
+                    f"{_shape_text(spec.shape)}",
+                    f"make axis {axis} of size {want}",
+                )
+        if array.shape[0] == 0:
+            raise EspaceError(
+                f"calibration array '{key}' has no samples", "provide at least one row per input"
+            )
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise EspaceError(
+                f"calibration array '{key}' contains NaN or Inf", "clean the data before calibrating"
+            )
+        if rows is not None and array.shape[0] != rows:
+            raise EspaceError(
+                f"calibration arrays disagree on the number of samples ({rows} vs {array.shape[0]} in '{key}')",
+                "give every array the same first axis",
+            )
+        rows = array.shape[0]
+    assert rows is not None
+    return [
+        {k: v[start : start + batch_size] for k, v in arrays.items()} for start in range(0, rows, batch_size)
+    ]
+
+
+def _shape_text(shape: Sequence[int | str | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def pydoc_text() -> str:
+    """About 0.5 MB of English prose shipped with CPython (the ``pydoc_data.topics`` help pages)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def read_text(
+    path: str | Path,
+    tokenizer_dir: str | Path | None,
+    specs: Sequence[InputSpec],
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int,
+) -> list[dict[str, np.ndarray]]:
+    """Batches of ``seq_len`` tokens from a text file, tokenized by a HuggingFace tokenizer directory.
+
+    ``path`` may be ``builtin:pydoc`` for CPython's own documentation prose.
+    """
+    if tokenizer_dir is None:
+        raise EspaceError(
+            "--calib-text needs a tokenizer", "pass --tokenizer DIR (a HuggingFace tokenizer directory)"
+        )
+    if str(path) == BUILTIN_PYDOC:
+        text = pydoc_text()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise EspaceError(
+                f"calibration text not found: {path}", f"pass an existing text file or {BUILTIN_PYDOC}"
+            )
+        text = path.read_text(encoding="utf-8", errors="replace")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise EspaceError(f"calibration text {path} is empty", "give it some representative text")
+    chunks = chunk_paragraphs(paragraphs, tokenizer, seq_len, batch_size * max_batches)
+    names = {spec.name: spec for spec in specs}
+    batches = []
+    for start in range(0, len(chunks), batch_size):
+        encoded = tokenizer(
+            chunks[start : start + batch_size],
+            truncation=True,
+            max_length=seq_len,
+            padding="max_length",
+            return_tensors="np",
+        )
+        batches.append({k: np.asarray(v).astype(names[k].dtype) for k, v in encoded.items() if k in names})
+    return batches
+
+
+def chunk_paragraphs(paragraphs: Sequence[str], tokenizer: object, seq_len: int, count: int) -> list[str]:
+    """Consecutive paragraphs joined into up to ``count`` chunks of roughly ``seq_len`` tokens."""
+    chunks: list[str] = []
+    current: list[str] = []
+    tokens = 0
+    for paragraph in paragraphs:
+        current.append(paragraph)
+        tokens += len(tokenizer(paragraph, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+        if tokens >= seq_len:
+            chunks.append("\n\n".join(current))
+            current, tokens = [], 0
+            if len(chunks) == count:
+                break
+    if current and len(chunks) < count:
+        chunks.append("\n\n".join(current))
+    return chunks
+
+
+def load_tokenizer(tokenizer_dir: str | Path) -> object:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise EspaceError(
+            "--calib-text needs the transformers package", "pip install 'espace-export[text]'"
+        ) from None
+    if not Path(tokenizer_dir).is_dir():
+        raise EspaceError(
+            f"tokenizer directory not found: {tokenizer_dir}", "pass a HuggingFace tokenizer directory"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception as exc:
+        raise EspaceError(
+            f"cannot load a tokenizer from {tokenizer_dir}: {exc}", "check the directory"
+        ) from None
+
+
+def random_token_batches(
+    specs: Sequence[InputSpec], vocab_size: int, *, batch_size: int, seq_len: int, num_batches: int, seed: int
+) -> list[dict[str, np.ndarray]]:
+    """Random token ids, for smoke runs only: projections calibrated on them are not meaningful."""
+    warnings.warn(
+        "calibrating on random token ids (no --calib-data/--calib-text): fine for a smoke run, "
+        "not for a model you deploy",
+        stacklevel=2,
+    )
+    token_specs = [s for s in specs if "input_ids" in s.name or s.name in ("ids", "tokens")]
+    if not token_specs:
+        raise EspaceError(
+            "cannot generate random calibration data: the model has no input_ids input",
+            "pass --calib-data FILE.npz",
+        )
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            spec.name: rng.integers(0, vocab_size, size=(batch_size, seq_len)).astype(spec.dtype)
+            for spec in token_specs
+        }
+        for _ in range(num_batches)
+    ]
+
+
+def complete_feed(feed: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    """Add the inputs exporters expect but users rarely give: attention_mask (ones), position_ids
+    (0..S-1), token_type_ids (zeros) and scalar integer inputs such as ``logits_to_keep`` (0)."""
+    complete = dict(feed)
+    reference = next((v for v in feed.values() if v.ndim == 2 and np.issubdtype(v.dtype, np.integer)), None)
+    for spec in specs:
+        if spec.name in complete:
+            continue
+        name = spec.name.lower()
+        if len(spec.shape) == 0 and spec.is_integer:
+            complete[spec.name] = np.zeros((), dtype=spec.dtype)
+            continue
+        if reference is None or len(spec.shape) != 2 or not spec.is_integer:
+            raise EspaceError(
+                f"model input '{spec.name}' {_shape_text(spec.shape)} is not in the calibration data and cannot be "
+                "filled in",
+                f"add an array named '{spec.name}' to the --calib-data .npz",
+            )
+        batch, seq = reference.shape
+        if "attention_mask" in name or name == "mask":
+            mask = feed.get("attention_mask")
+            complete[spec.name] = (
+                np.ones((batch, seq), dtype=spec.dtype) if mask is None else mask.astype(spec.dtype)
+            )
+        elif "position_ids" in name:
+            complete[spec.name] = np.broadcast_to(np.arange(seq, dtype=spec.dtype), (batch, seq)).copy()
+        elif "token_type_ids" in name:
+            complete[spec.name] = np.zeros((batch, seq), dtype=spec.dtype)
+        else:
+            raise EspaceError(
+                f"model input '{spec.name}' is not in the calibration data and cannot be filled in",
+                f"add an array named '{spec.name}' to the --calib-data .npz",
+            )
+    return complete
+
+
+def vocab_size(model: onnx.ModelProto) -> int | None:
+    """Rows of the largest embedding table gathered by an integer graph input."""
+    from graph_passes.find import ConstantTable, _embedding_tables
+
+    constants = ConstantTable(model.graph)
+    names, _ = _embedding_tables(model.graph, constants)
+    return max((constants.dims(n)[0] for n in names), default=None)
+
+
+def split_holdout(
+    batches: Sequence[dict[str, np.ndarray]], holdout: float
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """Calibration batches and held-out batches (the last ``holdout`` fraction, at least one).
+
+    With a single batch there is nothing to hold out: both sets are that batch, and a warning says so.
+    """
+    batches = list(batches)
+    if len(batches) == 1:
+        warnings.warn(
+            "only one calibration batch: fidelity is measured on the calibration data", stacklevel=2
+        )
+        return batches, batches
+    held = min(len(batches) - 1, max(1, round(len(batches) * holdout)))
+    return batches[:-held], batches[-held:]

@@ -1,0 +1,456 @@
+"""The one-call pipeline: find → calibrate → select → project → check → evaluate → write.
+
+``compress(model_path, ratio=0.5)`` is everything ``espace-export model.onnx --ratio 0.5`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from espace_export import __version__
+from espace_export.build import ort_session
+from espace_export.calibration import ActivationStats, StatsPrecision, collect_statistics
+from espace_export.candidates import CANDIDATES, FORWARD_CANDIDATES, candidate_matrix, eigen_decomposition
+from espace_export.data import (
+    BUILTIN_PYDOC,
+    complete_feed,
+    input_specs,
+    random_token_batches,
+    read_npz,
+    read_text,
+    split_holdout,
+    vocab_size,
+)
+from espace_export.errors import EspaceError
+from espace_export.model_io import atomic_output, check_model, check_writable, load_model, save_model
+from espace_export.selection import check_ratio, choose_rank, layer_compression, parse_rank_rule
+from graph_passes import GemmTarget, Projection, find_targets, project, weight_matrix
+from graph_passes.find import find_projected_pairs, parameter_count
+
+
+@dataclass
+class LayerDecision:
+    """What happens to one targeted GEMM."""
+
+    target: GemmTarget
+    L: int | None  # None: stays dense
+    candidate: str
+    P: np.ndarray | None = None
+    mse_relative: float | None = None  # E‖x − PPᵀx‖² / E‖x‖² on the calibration data
+
+    def as_json(self) -> dict[str, Any]:
+        t = self.target
+        after = t.params if self.L is None else self.L * (t.K + t.N)
+        return {
+            "name": t.name,
+            "node": t.node,
+            "pattern": t.pattern,
+            "activation": t.activation,
+            "K": t.K,
+            "N": t.N,
+            "L": self.L,
+            "candidate": self.candidate if self.L is not None else None,
+            "compressed": self.L is not None,
+            "params_before": t.params,
+            "params_after": after,
+            "compression": layer_compression(t.K, t.N, self.L) if self.L is not None else 0.0,
+            "mse_relative": self.mse_relative,
+        }
+
+
+@dataclass
+class CompressionResult:
+    output: Path
+    report_path: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def targeted_compression(self) -> float:
+        return float(self.report["targeted_compression"])
+
+
+class _Progress:
+    """A thin wrapper so the pipeline reads the same with or without rich progress bars."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._progress = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description:<28}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int) -> Iterator[Any]:
+        if self._progress is None:
+            yield lambda: None
+            return
+        task_id = self._progress.add_task(description, total=total)
+        yield lambda: self._progress.advance(task_id)  # type: ignore[union-attr]
+
+    def __enter__(self) -> _Progress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def default_output(model_path: Path) -> Path:
+    """``model.onnx`` → ``model.espace.onnx`` beside it."""
+    return model_path.with_name(model_path.stem + ".espace" + (model_path.suffix or ".onnx"))
+
+
+def default_report(output: Path) -> Path:
+    return output.with_name(output.name.removesuffix(".onnx") + ".report.json")
+
+
+def load_calibration_batches(
+    model: onnx.ModelProto,
+    *,
+    calib_data: str | os.PathLike[str] | None,
+    calib_text: str | os.PathLike[str] | None,
+    tokenizer: str | os.PathLike[str] | None,
+    batch_size: int,
+    seq_len: int,
+    num_batches: int,
+    seed: int,
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Calibration batches from the source the user chose, and a short description of it."""
+    if batch_size < 1 or seq_len < 1 or num_batches < 1:
+        raise EspaceError(
+            "--batch-size, --seq-len and --num-batches must be at least 1", "use positive sizes"
+        )
+    specs = input_specs(model)
+    if calib_data is not None and calib_text is not None:
+        raise EspaceError("both --calib-data and --calib-text given", "choose one calibration source")
+    if calib_data is not None:
+        batches = read_npz(calib_data, specs, batch_size)[:num_batches]
+        source = f"npz:{calib_data}"
+    elif calib_text is not None:
+        batches = read_text(
+            calib_text, tokenizer, specs, batch_size=batch_size, seq_len=seq_len, max_batches=num_batches
+        )
+        source = "text:pydoc_data" if str(calib_text) == BUILTIN_PYDOC else f"text:{calib_text}"
+    else:
+        vocab = vocab_size(model)
+        if vocab is None:
+            raise EspaceError(
+                "no calibration data given and no token embedding found to generate random ids",
+                "pass --calib-data FILE.npz or --calib-text FILE --tokenizer DIR",
+            )
+        batches = random_token_batches(
+            specs, vocab, batch_size=batch_size, seq_len=seq_len, num_batches=num_batches, seed=seed
+        )
+        source = "random-token-ids"
+    if not batches:
+        raise EspaceError("the calibration source produced no batches", "give more calibration data")
+    for batch in batches:
+        complete_feed(batch, specs)  # fail now, not after the first batch ran
+    return batches, source
+
+
+def decide_layers(
+    targets: Sequence[GemmTarget],
+    *,
+    ratio: float,
+    candidate: str,
+    rank_rule: str | int,
+    min_rank: int,
+    rank: int | None,
+) -> list[LayerDecision]:
+    """The rank of each target: a fixed ``rank`` (clipped to K), or the ratio rule of :func:`choose_rank`."""
+    decisions = []
+    for target in targets:
+        if rank is not None:
+            L: int | None = min(rank, target.K)
+        else:
+            L = choose_rank(target.K, target.N, ratio, rule=rank_rule, min_rank=min_rank)
+        decisions.append(LayerDecision(target, L, candidate))
+    return decisions
+
+
+def calibrate_projections(
+    model: onnx.ModelProto,
+    decisions: Sequence[LayerDecision],
+    stats: dict[str, ActivationStats],
+) -> None:
+    """Fill each compressed decision's P (top-L eigenvectors of its candidate) and its relative MSE."""
+    eigen_cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    for decision in decisions:
+        if decision.L is None:
+            continue
+        target = decision.target
+        activation = stats[target.activation]
+        weight_free = decision.candidate in ("mse", "nmse")
+        key = (target.activation if weight_free else target.name, decision.candidate)
+        if key not in eigen_cache:
+            W = None if weight_free else weight_matrix(model, target)
+            C, by_magnitude = candidate_matrix(
+                decision.candidate,  # type: ignore[arg-type]
+                C_X=activation.C_X,
+                C_X_normalized=activation.C_X_normalized,
+                W=W,
+            )
+            eigen_cache[key] = eigen_decomposition(C, by_magnitude=by_magnitude)
+        _, vectors = eigen_cache[key]
+        decision.P = np.ascontiguousarray(vectors[:, : decision.L])
+        C_X = activation.C_X
+        energy = float(np.trace(C_X))
+        kept = float(np.einsum("kl,kj,jl->", decision.P, C_X, decision.P))
+        decision.mse_relative = (energy - kept) / energy if energy > 0 else 0.0
+
+
+def output_fidelity(
+    original: object, compressed: object, batches: Sequence[dict[str, np.ndarray]], specs: Sequence[Any]
+) -> dict[str, dict[str, float]]:
+    """Relative L2 error and row cosine of every float output, compressed vs original, over ``batches``."""
+    names = [o.name for o in original.get_outputs()]  # type: ignore[attr-defined]
+    sums: dict[str, dict[str, float]] = {
+        n: {"err": 0.0, "ref": 0.0, "cos_sum": 0.0, "cos_min": 1.0, "rows": 0} for n in names
+    }
+    for batch in batches:
+        feed = complete_feed(batch, specs)
+        ref_out = original.run(names, feed)  # type: ignore[attr-defined]
+        new_out = compressed.run(names, feed)  # type: ignore[attr-defined]
+        for name, ref, new in zip(names, ref_out, new_out, strict=True):
+            if not np.issubdtype(np.asarray(ref).dtype, np.floating):
+                continue
+            ref64 = np.asarray(ref, dtype=np.float64)
+            new64 = np.asarray(new, dtype=np.float64)
+            acc = sums[name]
+            acc["err"] += float(np.sum((new64 - ref64) ** 2))
+            acc["ref"] += float(np.sum(ref64**2))
+            a = ref64.reshape(-1, ref64.shape[-1]) if ref64.ndim else ref64.reshape(1, 1)
+            b = new64.reshape(a.shape)
+            denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+            valid = denom > 0
+            cos = np.sum(a * b, axis=1)[valid] / denom[valid]
+            if cos.size:
+                acc["cos_sum"] += float(cos.sum())
+                acc["cos_min"] = min(acc["cos_min"], float(cos.min()))
+                acc["rows"] += int(cos.size)
+    result = {}
+    for name, acc in sums.items():
+        if acc["rows"] == 0 and acc["ref"] == 0:
+            continue
+        result[name] = {
+            "relative_l2": (acc["err"] ** 0.5) / (acc["ref"] ** 0.5) if acc["ref"] > 0 else 0.0,
+            "cosine_mean": acc["cos_sum"] / acc["rows"] if acc["rows"] else 1.0,
+            "cosine_min": acc["cos_min"],
+        }
+    return result
+
+
+def compress(
+    model_path: str | os.PathLike[str],
+    *,
+    ratio: float = 0.5,
+    output: str | os.PathLike[str] | None = None,
+    report_path: str | os.PathLike[str] | None = None,
+    calib_data: str | os.PathLike[str] | None = None,
+    calib_text: str | os.PathLike[str] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    batch_size: int = 4,
+    seq_len: int = 128,
+    num_batches: int = 16,
+    holdout: float = 0.25,
+    candidate: str = "mse",
+    rank_rule: str | int = "pow2",
+    min_rank: int = 16,
+    rank: int | None = None,
+    include_heads: bool = False,
+    exclude: Sequence[str] = (),
+    stats_precision: StatsPrecision = "float32",
+    external_data: bool | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> CompressionResult:
+    """Compress the weight GEMMs of an ONNX model with ESPACE projections and write the result.
+
+    Args:
+        model_path: the exported transformer (``.onnx``, external data beside it is fine).
+        ratio: target compression of each compressed layer (and so of the targeted weights), in (0, 1).
+        output: where to write the compressed model (default ``<model>.espace.onnx``).
+        report_path: JSON report (default ``<output>.report.json``; a Markdown twin is written beside it).
+        calib_data / calib_text + tokenizer: calibration source; neither means random token ids (smoke runs).
+        batch_size, seq_len, num_batches: calibration batches (seq_len for text and random sources).
+        holdout: fraction of batches kept out of calibration to measure output fidelity.
+        candidate: projection candidate: ``mse`` (Theorem 1), ``nmse`` (Corollary 2), ``go-mse``, ``go-mse-l2``.
+        rank_rule: ``pow2`` (paper, tensor cores) or a granularity such as 16 or 64.
+        min_rank: layers whose L would fall below this stay dense.
+        rank: force this L on every target (clipped to K; ``rank >= K`` rewrites exactly, for testing).
+        include_heads: also compress the LM head / pooler / embedding projections.
+        exclude: regular expressions; targets whose name matches one stay dense.
+        stats_precision: dtype of each batch's XᵀX product (the running sum is always float64).
+        external_data: force (True) or forbid (False) external data in the output; default: only past 2 GB.
+        seed: seed of random calibration ids.
+        progress: show progress bars.
+
+    Raises:
+        EspaceError: for bad input, with a one-line message naming the problem and the fix.
+    """
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    if rank is None:
+        check_ratio(ratio)
+    parse_rank_rule(rank_rule)
+    if candidate not in FORWARD_CANDIDATES:
+        needs = " (needs gradients, not available in this pipeline yet)" if candidate in CANDIDATES else ""
+        raise EspaceError(
+            f"unknown candidate {candidate!r}{needs}", f"choose from {', '.join(FORWARD_CANDIDATES)}"
+        )
+    if not 0.0 <= holdout < 1.0:
+        raise EspaceError(f"--holdout must be in [0, 1), got {holdout}", "try --holdout 0.25")
+    model_path = Path(model_path)
+    output_path = check_writable(Path(output) if output else default_output(model_path))
+    report_file = check_writable(Path(report_path) if report_path else default_report(output_path))
+    if output_path.resolve() == model_path.resolve():
+        raise EspaceError("the output would overwrite the input model", "choose another path with -o")
+    patterns = [re.compile(p) for p in exclude]
+
+    model = load_model(model_path)
+    targets = [
+        t
+        for t in find_targets(model, include_heads=include_heads)
+        if not any(p.search(t.name) for p in patterns)
+    ]
+    if not targets:
+        raise EspaceError(
+            f"{model_path} has no compressible GEMM (MatMul/Gemm with a 2-D constant weight)",
+            "check that weights are initializers (export with do_constant_folding) or use --include-heads",
+        )
+    decisions = decide_layers(
+        targets, ratio=ratio, candidate=candidate, rank_rule=rank_rule, min_rank=min_rank, rank=rank
+    )
+    compressed = [d for d in decisions if d.L is not None]
+    if not compressed:
+        raise EspaceError(
+            f"no layer can reach ratio {ratio} with a rank of at least {min_rank}",
+            "lower --min-rank, use --rank-rule 16, or lower --ratio",
+        )
+    batches, source = load_calibration_batches(
+        model,
+        calib_data=calib_data,
+        calib_text=calib_text,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        num_batches=num_batches,
+        seed=seed,
+    )
+    calibration_batches, eval_batches = split_holdout(batches, holdout) if holdout > 0 else (batches, batches)
+    specs = input_specs(model)
+    timings["load"] = time.perf_counter() - started
+
+    with _Progress(progress) as bars:
+        tick = time.perf_counter()
+        with bars.task("calibrating", len(calibration_batches)) as advance:
+            stats = collect_statistics(
+                ort_session,
+                model,
+                [d.target for d in compressed],
+                calibration_batches,
+                precision=stats_precision,
+                specs=specs,
+                on_batch=advance,
+            )
+        timings["calibrate"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        with bars.task("eigen-decomposing", 1) as advance:
+            calibrate_projections(model, compressed, stats)
+            advance()
+        timings["projections"] = time.perf_counter() - tick
+
+    total_before = parameter_count(model)
+    original_session = ort_session(model)
+    tick = time.perf_counter()
+    project(model, [Projection(d.target, d.P) for d in compressed if d.P is not None])
+    timings["rewrite"] = time.perf_counter() - tick
+    total_after = parameter_count(model)
+
+    targeted_before = sum(d.target.params for d in decisions)
+    targeted_after = projected_params(model) + sum(d.target.params for d in decisions if d.L is None)
+    report: dict[str, Any] = {
+        "tool": "espace-export",
+        "version": __version__,
+        "model": str(model_path),
+        "output": str(output_path),
+        "ratio_requested": ratio if rank is None else None,
+        "rank_forced": rank,
+        "candidate": candidate,
+        "rank_rule": str(rank_rule),
+        "min_rank": min_rank,
+        "targeted_params_before": targeted_before,
+        "targeted_params_after": targeted_after,
+        "targeted_compression": 1.0 - targeted_after / targeted_before,
+        "total_params_before": total_before,
+        "total_params_after": total_after,
+        "total_compression": 1.0 - total_after / total_before,
+        "layers_compressed": len(compressed),
+        "layers_dense": len(decisions) - len(compressed),
+        "calibration": {
+            "source": source,
+            "batches": len(calibration_batches),
+            "heldout_batches": len(eval_batches) if holdout > 0 else 0,
+            "rows": {name: s.rows for name, s in stats.items()},
+            "stats_precision": stats_precision,
+        },
+        "layers": [d.as_json() for d in decisions],
+    }
+
+    with atomic_output(output_path) as tmp_output:
+        save_model(model, tmp_output, external_data=external_data)
+        check_model(tmp_output)
+        tick = time.perf_counter()
+        try:
+            compressed_session = ort_session(tmp_output)
+        except Exception as exc:  # an ORT failure here is our bug, but say it plainly
+            raise RuntimeError(f"ONNX Runtime cannot load the rewritten model: {exc}") from exc
+        report["fidelity"] = {
+            "batches": len(eval_batches),
+            "measured_on": "held-out batches"
+            if holdout > 0 and eval_batches is not calibration_batches
+            else "calibration batches",
+            "outputs": output_fidelity(original_session, compressed_session, eval_batches, specs),
+        }
+        timings["fidelity"] = time.perf_counter() - tick
+        timings["total"] = time.perf_counter() - started
+        report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        write_report(report, report_file)
+    return CompressionResult(output_path, report_file, report)
+
+
+def projected_params(model: onnx.ModelProto) -> int:
+    """Numbers stored by the projected pairs: each distinct P (K·L, shared by siblings) and each PᵀW (L·N)."""
+    pairs = find_projected_pairs(model)
+    projections = {pair.project_node: pair.K * pair.L for pair in pairs}
+    return sum(projections.values()) + sum(pair.L * pair.N for pair in pairs)
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """The JSON report and its Markdown twin (``.md``), each written atomically."""
+    from espace_export.report import to_markdown
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_output(path.with_suffix(".md")) as tmp:
+        tmp.write_text(to_markdown(report))

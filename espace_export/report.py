@@ -1,0 +1,78 @@
+"""Human-readable renderings of a compression report: a rich table for the terminal, Markdown for files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [
+        ("targeted params", f"{report['targeted_params_before']:,} → {report['targeted_params_after']:,}"),
+        (
+            "targeted compression",
+            f"{report['targeted_compression']:.3f}"
+            + (f" (asked {report['ratio_requested']})" if report.get("ratio_requested") is not None else ""),
+        ),
+        ("all params", f"{report['total_params_before']:,} → {report['total_params_after']:,}"),
+        ("total compression", f"{report['total_compression']:.3f}"),
+        ("layers", f"{report['layers_compressed']} compressed, {report['layers_dense']} dense"),
+        ("calibration", f"{report['calibration']['source']}, {report['calibration']['batches']} batches"),
+    ]
+    for name, fid in report.get("fidelity", {}).get("outputs", {}).items():
+        rows.append(
+            (
+                f"fidelity '{name}'",
+                f"rel. L2 {fid['relative_l2']:.4f}, cosine mean {fid['cosine_mean']:.4f} min {fid['cosine_min']:.4f}",
+            )
+        )
+    return rows
+
+
+def print_summary(report: dict[str, Any], console: Any = None, *, max_layers: int = 40) -> None:
+    """Print the layer table and the summary with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=False)
+    layers = Table(title="ESPACE layers", show_lines=False, header_style="bold")
+    for column in ("layer", "K", "N", "L", "candidate", "compression", "rel. MSE"):
+        layers.add_column(column, justify="left" if column in ("layer", "candidate") else "right")
+    shown = report["layers"][:max_layers]
+    for layer in shown:
+        layers.add_row(
+            layer["name"],
+            str(layer["K"]),
+            str(layer["N"]),
+            str(layer["L"] if layer["L"] is not None else "dense"),
+            layer["candidate"] or "-",
+            f"{layer['compression']:.3f}",
+            f"{layer['mse_relative']:.4f}" if layer["mse_relative"] is not None else "-",
+        )
+    if len(report["layers"]) > max_layers:
+        layers.add_row(
+            f"… {len(report['layers']) - max_layers} more (see the JSON report)", "", "", "", "", "", ""
+        )
+    console.print(layers)
+    summary = Table(title="Summary", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    for key, value in _summary_rows(report):
+        summary.add_row(key, value)
+    console.print(summary)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# ESPACE compression report: `{report['model']}`", "", f"Output: `{report['output']}`", ""]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in _summary_rows(report)]
+    lines += [
+        "",
+        "| layer | K | N | L | candidate | compression | rel. MSE |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for layer in report["layers"]:
+        mse = f"{layer['mse_relative']:.4f}" if layer["mse_relative"] is not None else "-"
+        lines.append(
+            f"| `{layer['name']}` | {layer['K']} | {layer['N']} | {layer['L'] if layer['L'] is not None else 'dense'} "
+            f"| {layer['candidate'] or '-'} | {layer['compression']:.3f} | {mse} |"
+        )
+    return "\n".join(lines) + "\n"

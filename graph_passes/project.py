@@ -1,0 +1,166 @@
+"""Rewrite weight GEMMs into ESPACE projected pairs.
+
+Matches the targets found by :func:`graph_passes.find.find_targets` and rewrites each
+
+    Y = X·W          →   T = MatMul(X, P);   Y = MatMul(T, PᵀW)        (MatMul, MatMul∘Transpose)
+    Y = Gemm(X, B, C) →   T = MatMul(X, P);   Y = Gemm(T, B', C)         (B' = PᵀW, or its transpose
+                                                                         when transB = 1)
+
+with ``P`` (K×L) and the folded ``PᵀW`` (L×N) stored as new initializers in the weight's dtype.
+
+Guarantees:
+- The pair is never folded back into one K×N matrix.
+- The original GEMM node keeps its name and its output tensor, so graph inputs, outputs, names,
+  dtypes and dynamic axes are unchanged; node metadata (the exporter's module scopes) is kept.
+- Siblings that read the same activation with byte-identical P share one ``X·P`` node.
+- Weights no longer read by any node (also in subgraphs) are removed; a weight still read elsewhere
+  (a tied embedding ``Gather``) stays.
+- Every node this pass writes carries ``espace.layer``/``espace.role`` metadata, which
+  :func:`graph_passes.find.find_projected_pairs` reads back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graph_passes.find import ESPACE_LAYER_KEY, ESPACE_ROLE_KEY, GemmTarget, sanitize, weight_matrix
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Project ``target``'s input onto the orthonormal columns of ``P`` (K×L)."""
+
+    target: GemmTarget
+    P: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return int(self.P.shape[1])
+
+
+def fold_weight(P: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``PᵀW`` (L×N) in float64: the weight of the second GEMM of a projected pair."""
+    return P.astype(np.float64).T @ W.astype(np.float64)
+
+
+def project(model: onnx.ModelProto, projections: Sequence[Projection]) -> onnx.ModelProto:
+    """Rewrite ``model`` in place (and return it) so each projection's target becomes a projected pair."""
+    graph = model.graph
+    position = {node.name: i for i, node in enumerate(graph.node)}
+    nodes = {node.name: node for node in graph.node}
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    inserts: dict[str, list[onnx.NodeProto]] = {}
+    shared: dict[tuple[str, str], onnx.NodeProto] = {}
+
+    def fresh(name: str) -> str:
+        unique, suffix = name, 1
+        while unique in taken:
+            suffix += 1
+            unique = f"{name}_{suffix}"
+        taken.add(unique)
+        return unique
+
+    for projection in sorted(projections, key=lambda p: position[p.target.node]):
+        target = projection.target
+        K, L = projection.P.shape
+        if K != target.K:
+            raise ValueError(f"{target.name}: P has {K} rows, the layer has K={target.K}")
+        node = nodes[target.node]
+        dtype = np.dtype(target.dtype)
+        p_stored = projection.P.astype(dtype)
+        folded = fold_weight(projection.P, weight_matrix(model, target)).astype(dtype)
+        stem = sanitize(target.name)
+
+        key = (target.activation, hashlib.sha1(p_stored.tobytes() + str(p_stored.shape).encode()).hexdigest())
+        project_node = shared.get(key)
+        if project_node is None:
+            p_name = fresh(f"{stem}.espace_P")
+            graph.initializer.append(numpy_helper.from_array(p_stored, p_name))
+            project_node = onnx.helper.make_node(
+                "MatMul",
+                [target.activation, p_name],
+                [fresh(f"{stem}.espace_xp")],
+                name=fresh(f"{node.name}/espace_project"),
+            )
+            _tag(project_node, target.name, "project")
+            shared[key] = project_node
+            inserts.setdefault(node.name, []).append(project_node)
+        else:
+            _append_layer(project_node, target.name)
+
+        folded_name = fresh(f"{stem}.espace_PtW")
+        stored = folded.T if (target.pattern == "gemm" and target.stored_transposed) else folded
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(stored), folded_name))
+        node.input[0] = project_node.output[0]
+        node.input[1] = folded_name
+        _tag(node, target.name, "expand")
+
+    rewritten = []
+    for node in graph.node:
+        rewritten.extend(inserts.get(node.name, []))
+        rewritten.append(node)
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    remove_unused_constants(model)
+    return model
+
+
+def _tag(node: onnx.NodeProto, layer: str, role: str) -> None:
+    for key, value in ((ESPACE_LAYER_KEY, layer), (ESPACE_ROLE_KEY, role)):
+        entry = node.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def _append_layer(node: onnx.NodeProto, layer: str) -> None:
+    for entry in node.metadata_props:
+        if entry.key == ESPACE_LAYER_KEY:
+            entry.value = f"{entry.value},{layer}"
+
+
+def _names_read(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Every tensor name the nodes read, including from inside subgraphs (If/Loop/Scan bodies)."""
+    read: set[str] = set()
+    for node in nodes:
+        read.update(node.input)
+        for attr in node.attribute:
+            subgraphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+            for sub in subgraphs:
+                read |= _names_read(sub.node)
+                read.update(o.name for o in sub.output)
+    return read
+
+
+def remove_unused_constants(model: onnx.ModelProto) -> None:
+    """Drop initializers, ``Constant`` nodes and weight ``Transpose`` nodes that nothing reads any more."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    changed = True
+    while changed:
+        read = _names_read(graph.node) | outputs
+        dead = [
+            node
+            for node in graph.node
+            if all(o not in read for o in node.output)
+            and (
+                node.op_type == "Constant" or (node.op_type == "Transpose" and node.input[0] in initializers)
+            )
+        ]
+        for node in dead:
+            graph.node.remove(node)
+        changed = bool(dead)
+    read = _names_read(graph.node) | outputs
+    removed = initializers - read
+    for index in reversed(range(len(graph.initializer))):  # in place: big tensors are never copied
+        if graph.initializer[index].name in removed:
+            del graph.initializer[index]
+    graph_inputs = [i for i in graph.input if i.name not in removed]
+    if len(graph_inputs) != len(graph.input):  # old IR versions list initializers as inputs too
+        del graph.input[:]
+        graph.input.extend(graph_inputs)
