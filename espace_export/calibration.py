@@ -42,9 +42,7 @@ class ActivationStats:
         ``float32`` forms each batch's product in float32 (BLAS syrk, half the FLOPs of a GEMM) and
         accumulates in float64; ``float64`` does both in float64.
         """
-        X = np.ascontiguousarray(
-            X.reshape(-1, self.K), dtype=np.float32 if precision == "float32" else np.float64
-        )
+        X = np.ascontiguousarray(X.reshape(-1, self.K), dtype=np.float32 if precision == "float32" else np.float64)
         if X.shape[0] == 0:
             return
         self.sum_xx += _gram(X)
@@ -80,9 +78,7 @@ def _gram(X: np.ndarray) -> np.ndarray:
     return np.triu(upper) + np.triu(upper, 1).T
 
 
-def with_outputs(
-    model: onnx.ModelProto, tensors: Sequence[str], elem_types: dict[str, int]
-) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, tensors: Sequence[str], elem_types: dict[str, int]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph also outputs ``tensors`` (the "augmented" calibration model)."""
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
@@ -105,9 +101,7 @@ def distinct_activations(targets: Sequence[GemmTarget]) -> dict[str, tuple[int, 
     """Each distinct activation tensor read by ``targets``: name → (K, ONNX element type)."""
     found: dict[str, tuple[int, int]] = {}
     for target in targets:
-        found.setdefault(
-            target.activation, (target.K, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(target.dtype)))
-        )
+        found.setdefault(target.activation, (target.K, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(target.dtype))))
     return found
 
 

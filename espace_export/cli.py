@@ -56,9 +56,7 @@ def _main(
 
 @app.command()
 def compress(
-    model: Annotated[
-        Path, typer.Argument(help="The exported transformer (.onnx; external data beside it is fine).")
-    ],
+    model: Annotated[Path, typer.Argument(help="The exported transformer (.onnx; external data beside it is fine).")],
     ratio: Annotated[
         float, typer.Option("--ratio", "-r", help="Target compression of the targeted weights, in (0, 1).")
     ] = 0.5,
@@ -97,23 +95,17 @@ def compress(
     ] = 128,
     num_batches: Annotated[
         int,
-        typer.Option(
-            help="Calibration batches to use (held-out ones included).", rich_help_panel="Calibration"
-        ),
+        typer.Option(help="Calibration batches to use (held-out ones included).", rich_help_panel="Calibration"),
     ] = 16,
     holdout: Annotated[
         float,
-        typer.Option(
-            help="Fraction of batches held out to measure output fidelity.", rich_help_panel="Calibration"
-        ),
+        typer.Option(help="Fraction of batches held out to measure output fidelity.", rich_help_panel="Calibration"),
     ] = 0.25,
     stats_precision: Annotated[
         Precision,
         typer.Option(help="Dtype of each batch's XᵀX (sums are float64).", rich_help_panel="Calibration"),
     ] = Precision.float32,
-    seed: Annotated[
-        int, typer.Option(help="Seed for random calibration ids.", rich_help_panel="Calibration")
-    ] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for random calibration ids.", rich_help_panel="Calibration")] = 0,
     candidate: Annotated[
         Candidate, typer.Option(help="Projection candidate (paper §3).", rich_help_panel="Projection")
     ] = Candidate.mse,
@@ -125,21 +117,15 @@ def compress(
     ] = "pow2",
     min_rank: Annotated[
         int,
-        typer.Option(
-            help="Layers whose rank would fall below this stay dense.", rich_help_panel="Projection"
-        ),
+        typer.Option(help="Layers whose rank would fall below this stay dense.", rich_help_panel="Projection"),
     ] = 16,
     rank: Annotated[
         int | None,
-        typer.Option(
-            help="Force this rank L on every layer (L >= K: exact rewrite).", rich_help_panel="Projection"
-        ),
+        typer.Option(help="Force this rank L on every layer (L >= K: exact rewrite).", rich_help_panel="Projection"),
     ] = None,
     include_heads: Annotated[
         bool,
-        typer.Option(
-            help="Also compress LM head / pooler / embedding projections.", rich_help_panel="Projection"
-        ),
+        typer.Option(help="Also compress LM head / pooler / embedding projections.", rich_help_panel="Projection"),
     ] = False,
     exclude: Annotated[
         list[str] | None,
@@ -207,8 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps EspaceError to one line on stderr and exit status 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     commands = {
-        command.name or (command.callback.__name__ if command.callback else "")
-        for command in app.registered_commands
+        command.name or (command.callback.__name__ if command.callback else "") for command in app.registered_commands
     }
     if args and not args[0].startswith("-") and args[0] not in commands:
         args.insert(0, "compress")

@@ -53,9 +53,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
                 dims.append(int(dim.dim_value))
             else:
                 dims.append(dim.dim_param or None)
-        specs.append(
-            InputSpec(value.name, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), tuple(dims))
-        )
+        specs.append(InputSpec(value.name, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), tuple(dims)))
     return specs
 
 
@@ -100,9 +98,7 @@ def read_npz(path: str | Path, specs: Sequence[InputSpec], batch_size: int) -> l
         ) from None
     by_name = {spec.name: spec for spec in specs}
     if not arrays:
-        raise EspaceError(
-            f"calibration data {path} holds no arrays", f"save arrays named {', '.join(by_name)}"
-        )
+        raise EspaceError(f"calibration data {path} holds no arrays", f"save arrays named {', '.join(by_name)}")
     rows = None
     for key, array in arrays.items():
         spec = by_name.get(key)
@@ -130,13 +126,9 @@ def read_npz(path: str | Path, specs: Sequence[InputSpec], batch_size: int) -> l
                     f"make axis {axis} of size {want}",
                 )
         if array.shape[0] == 0:
-            raise EspaceError(
-                f"calibration array '{key}' has no samples", "provide at least one row per input"
-            )
+            raise EspaceError(f"calibration array '{key}' has no samples", "provide at least one row per input")
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            raise EspaceError(
-                f"calibration array '{key}' contains NaN or Inf", "clean the data before calibrating"
-            )
+            raise EspaceError(f"calibration array '{key}' contains NaN or Inf", "clean the data before calibrating")
         if rows is not None and array.shape[0] != rows:
             raise EspaceError(
                 f"calibration arrays disagree on the number of samples ({rows} vs {array.shape[0]} in '{key}')",
@@ -144,9 +136,7 @@ def read_npz(path: str | Path, specs: Sequence[InputSpec], batch_size: int) -> l
             )
         rows = array.shape[0]
     assert rows is not None
-    return [
-        {k: v[start : start + batch_size] for k, v in arrays.items()} for start in range(0, rows, batch_size)
-    ]
+    return [{k: v[start : start + batch_size] for k, v in arrays.items()} for start in range(0, rows, batch_size)]
 
 
 def _shape_text(shape: Sequence[int | str | None]) -> str:
@@ -174,17 +164,13 @@ def read_text(
     ``path`` may be ``builtin:pydoc`` for CPython's own documentation prose.
     """
     if tokenizer_dir is None:
-        raise EspaceError(
-            "--calib-text needs a tokenizer", "pass --tokenizer DIR (a HuggingFace tokenizer directory)"
-        )
+        raise EspaceError("--calib-text needs a tokenizer", "pass --tokenizer DIR (a HuggingFace tokenizer directory)")
     if str(path) == BUILTIN_PYDOC:
         text = pydoc_text()
     else:
         path = Path(path)
         if not path.is_file():
-            raise EspaceError(
-                f"calibration text not found: {path}", f"pass an existing text file or {BUILTIN_PYDOC}"
-            )
+            raise EspaceError(f"calibration text not found: {path}", f"pass an existing text file or {BUILTIN_PYDOC}")
         text = path.read_text(encoding="utf-8", errors="replace")
     tokenizer = load_tokenizer(tokenizer_dir)
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
@@ -227,19 +213,13 @@ def load_tokenizer(tokenizer_dir: str | Path) -> object:
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise EspaceError(
-            "--calib-text needs the transformers package", "pip install 'espace-export[text]'"
-        ) from None
+        raise EspaceError("--calib-text needs the transformers package", "pip install 'espace-export[text]'") from None
     if not Path(tokenizer_dir).is_dir():
-        raise EspaceError(
-            f"tokenizer directory not found: {tokenizer_dir}", "pass a HuggingFace tokenizer directory"
-        )
+        raise EspaceError(f"tokenizer directory not found: {tokenizer_dir}", "pass a HuggingFace tokenizer directory")
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except Exception as exc:
-        raise EspaceError(
-            f"cannot load a tokenizer from {tokenizer_dir}: {exc}", "check the directory"
-        ) from None
+        raise EspaceError(f"cannot load a tokenizer from {tokenizer_dir}: {exc}", "check the directory") from None
 
 
 def random_token_batches(
@@ -259,10 +239,7 @@ def random_token_batches(
         )
     rng = np.random.default_rng(seed)
     return [
-        {
-            spec.name: rng.integers(0, vocab_size, size=(batch_size, seq_len)).astype(spec.dtype)
-            for spec in token_specs
-        }
+        {spec.name: rng.integers(0, vocab_size, size=(batch_size, seq_len)).astype(spec.dtype) for spec in token_specs}
         for _ in range(num_batches)
     ]
 
@@ -288,9 +265,7 @@ def complete_feed(feed: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> di
         batch, seq = reference.shape
         if "attention_mask" in name or name == "mask":
             mask = feed.get("attention_mask")
-            complete[spec.name] = (
-                np.ones((batch, seq), dtype=spec.dtype) if mask is None else mask.astype(spec.dtype)
-            )
+            complete[spec.name] = np.ones((batch, seq), dtype=spec.dtype) if mask is None else mask.astype(spec.dtype)
         elif "position_ids" in name:
             complete[spec.name] = np.broadcast_to(np.arange(seq, dtype=spec.dtype), (batch, seq)).copy()
         elif "token_type_ids" in name:
@@ -321,9 +296,7 @@ def split_holdout(
     """
     batches = list(batches)
     if len(batches) == 1:
-        warnings.warn(
-            "only one calibration batch: fidelity is measured on the calibration data", stacklevel=2
-        )
+        warnings.warn("only one calibration batch: fidelity is measured on the calibration data", stacklevel=2)
         return batches, batches
     held = min(len(batches) - 1, max(1, round(len(batches) * holdout)))
     return batches[:-held], batches[-held:]

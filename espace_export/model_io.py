@@ -100,9 +100,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def save_model(
-    model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None
-) -> None:
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None) -> None:
     """Write ``model`` to ``path`` (no atomicity here: see :func:`atomic_output`).
 
     External data goes to one file ``<name>.data`` beside the model, with a relative location so the

@@ -21,7 +21,13 @@ import onnx
 from espace_export import __version__
 from espace_export.build import ort_session
 from espace_export.calibration import ActivationStats, StatsPrecision, collect_statistics
-from espace_export.candidates import CANDIDATES, FORWARD_CANDIDATES, candidate_matrix, eigen_decomposition
+from espace_export.candidates import (
+    CANDIDATES,
+    FORWARD_CANDIDATES,
+    candidate_matrix,
+    eigen_decomposition,
+    projection_mse,
+)
 from espace_export.data import (
     BUILTIN_PYDOC,
     complete_feed,
@@ -136,9 +142,7 @@ def load_calibration_batches(
 ) -> tuple[list[dict[str, np.ndarray]], str]:
     """Calibration batches from the source the user chose, and a short description of it."""
     if batch_size < 1 or seq_len < 1 or num_batches < 1:
-        raise EspaceError(
-            "--batch-size, --seq-len and --num-batches must be at least 1", "use positive sizes"
-        )
+        raise EspaceError("--batch-size, --seq-len and --num-batches must be at least 1", "use positive sizes")
     specs = input_specs(model)
     if calib_data is not None and calib_text is not None:
         raise EspaceError("both --calib-data and --calib-text given", "choose one calibration source")
@@ -188,35 +192,45 @@ def decide_layers(
     return decisions
 
 
+WEIGHT_FREE = ("mse", "nmse")
+
+
+def _eigen_key(decision: LayerDecision) -> tuple[str, str]:
+    target = decision.target
+    return (target.activation if decision.candidate in WEIGHT_FREE else target.name, decision.candidate)
+
+
 def calibrate_projections(
     model: onnx.ModelProto,
     decisions: Sequence[LayerDecision],
     stats: dict[str, ActivationStats],
 ) -> None:
     """Fill each compressed decision's P (top-L eigenvectors of its candidate) and its relative MSE."""
-    eigen_cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    # Siblings reading one activation share its weight-free candidates: decompose once, at their largest L.
+    largest_rank: dict[tuple[str, str], int] = {}
+    for decision in decisions:
+        if decision.L is not None:
+            key = _eigen_key(decision)
+            largest_rank[key] = max(largest_rank.get(key, 0), decision.L)
+    eigen_cache: dict[tuple[str, str], np.ndarray] = {}
     for decision in decisions:
         if decision.L is None:
             continue
         target = decision.target
         activation = stats[target.activation]
-        weight_free = decision.candidate in ("mse", "nmse")
-        key = (target.activation if weight_free else target.name, decision.candidate)
+        key = _eigen_key(decision)
         if key not in eigen_cache:
-            W = None if weight_free else weight_matrix(model, target)
+            W = None if decision.candidate in WEIGHT_FREE else weight_matrix(model, target)
             C, by_magnitude = candidate_matrix(
                 decision.candidate,  # type: ignore[arg-type]
                 C_X=activation.C_X,
                 C_X_normalized=activation.C_X_normalized,
                 W=W,
             )
-            eigen_cache[key] = eigen_decomposition(C, by_magnitude=by_magnitude)
-        _, vectors = eigen_cache[key]
-        decision.P = np.ascontiguousarray(vectors[:, : decision.L])
-        C_X = activation.C_X
-        energy = float(np.trace(C_X))
-        kept = float(np.einsum("kl,kj,jl->", decision.P, C_X, decision.P))
-        decision.mse_relative = (energy - kept) / energy if energy > 0 else 0.0
+            eigen_cache[key] = eigen_decomposition(C, by_magnitude=by_magnitude, top=largest_rank[key])[1]
+        decision.P = np.ascontiguousarray(eigen_cache[key][:, : decision.L])
+        energy = float(np.trace(activation.C_X))
+        decision.mse_relative = projection_mse(activation.C_X, decision.P) / energy if energy > 0 else 0.0
 
 
 def output_fidelity(
@@ -315,9 +329,7 @@ def compress(
     parse_rank_rule(rank_rule)
     if candidate not in FORWARD_CANDIDATES:
         needs = " (needs gradients, not available in this pipeline yet)" if candidate in CANDIDATES else ""
-        raise EspaceError(
-            f"unknown candidate {candidate!r}{needs}", f"choose from {', '.join(FORWARD_CANDIDATES)}"
-        )
+        raise EspaceError(f"unknown candidate {candidate!r}{needs}", f"choose from {', '.join(FORWARD_CANDIDATES)}")
     if not 0.0 <= holdout < 1.0:
         raise EspaceError(f"--holdout must be in [0, 1), got {holdout}", "try --holdout 0.25")
     model_path = Path(model_path)
@@ -329,9 +341,7 @@ def compress(
 
     model = load_model(model_path)
     targets = [
-        t
-        for t in find_targets(model, include_heads=include_heads)
-        if not any(p.search(t.name) for p in patterns)
+        t for t in find_targets(model, include_heads=include_heads) if not any(p.search(t.name) for p in patterns)
     ]
     if not targets:
         raise EspaceError(

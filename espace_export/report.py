@@ -49,9 +49,7 @@ def print_summary(report: dict[str, Any], console: Any = None, *, max_layers: in
             f"{layer['mse_relative']:.4f}" if layer["mse_relative"] is not None else "-",
         )
     if len(report["layers"]) > max_layers:
-        layers.add_row(
-            f"… {len(report['layers']) - max_layers} more (see the JSON report)", "", "", "", "", "", ""
-        )
+        layers.add_row(f"… {len(report['layers']) - max_layers} more (see the JSON report)", "", "", "", "", "", "")
     console.print(layers)
     summary = Table(title="Summary", show_header=False)
     summary.add_column(style="bold")

@@ -18,9 +18,7 @@ def parse_rank_rule(rule: str | int) -> int | None:
         return granularity
     if rule == "pow2":
         return None
-    raise EspaceError(
-        f"unknown rank rule {rule!r}", "use pow2 (tensor-core friendly) or a multiple such as 16 or 64"
-    )
+    raise EspaceError(f"unknown rank rule {rule!r}", "use pow2 (tensor-core friendly) or a multiple such as 16 or 64")
 
 
 def layer_compression(K: int, N: int, L: int) -> float:

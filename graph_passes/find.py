@@ -150,9 +150,7 @@ def _layer_name(node: onnx.NodeProto, weight: str, index: int) -> str:
 def _embedding_tables(graph: onnx.GraphProto, constants: ConstantTable) -> tuple[set[str], set[int]]:
     """Names and row counts of 2-D constant tables gathered by integer graph inputs (token embeddings)."""
     int_inputs = {
-        i.name
-        for i in graph.input
-        if i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+        i.name for i in graph.input if i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
     }
     producers = {out: node for node in graph.node for out in node.output}
     names: set[str] = set()

@@ -148,9 +148,7 @@ def remove_unused_constants(model: onnx.ModelProto) -> None:
             node
             for node in graph.node
             if all(o not in read for o in node.output)
-            and (
-                node.op_type == "Constant" or (node.op_type == "Transpose" and node.input[0] in initializers)
-            )
+            and (node.op_type == "Constant" or (node.op_type == "Transpose" and node.input[0] in initializers))
         ]
         for node in dead:
             graph.node.remove(node)
