@@ -199,24 +199,11 @@ def main(argv: list[str] | None = None) -> None:
         args.insert(0, "compress")
     warnings.formatwarning = _format_warning  # type: ignore[assignment]
     try:
-        app(args=args, prog_name="espace-export", standalone_mode=False)
+        # standalone mode: typer/click print usage errors their usual way (exit 2) and map Ctrl-C to exit 1
+        app(args=args, prog_name="espace-export", standalone_mode=True)
     except EspaceError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: no output was written", err=True)
-        raise SystemExit(130) from None
-    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Exit):
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Abort):
-            raise SystemExit(130) from None
-        raise
 
 
 if __name__ == "__main__":

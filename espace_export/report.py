@@ -35,8 +35,9 @@ def print_summary(report: dict[str, Any], console: Any = None, *, max_layers: in
 
     console = console or Console(stderr=False)
     layers = Table(title="ESPACE layers", show_lines=False, header_style="bold")
-    for column in ("layer", "K", "N", "L", "candidate", "compression", "rel. MSE"):
-        layers.add_column(column, justify="left" if column in ("layer", "candidate") else "right")
+    layers.add_column("layer", overflow="fold", ratio=1)
+    for column in ("K", "N", "L", "candidate", "compression", "rel. MSE"):
+        layers.add_column(column, justify="left" if column == "candidate" else "right", no_wrap=True)
     shown = report["layers"][:max_layers]
     for layer in shown:
         layers.add_row(
