@@ -1,0 +1,1 @@
+"""Sample model builders and exporters used by tests and benchmarks."""
