@@ -27,6 +27,7 @@ class ActivationStats:
     """Running sums for one activation tensor of width K."""
 
     K: int
+    normalized: bool = True  # also accumulate Σ xxᵀ/‖x‖² (nmse, go-mse-l2); doubles the reduction cost
     sum_xx: np.ndarray = field(init=False)
     sum_xx_normalized: np.ndarray = field(init=False)
     rows: int = 0
@@ -46,12 +47,14 @@ class ActivationStats:
         if X.shape[0] == 0:
             return
         self.sum_xx += _gram(X)
+        self.rows += X.shape[0]
+        if not self.normalized:
+            return
         norms = np.linalg.norm(X.astype(np.float64), axis=1)
         keep = norms > 0
         if keep.any():
             normalized = (X[keep] / norms[keep, None].astype(X.dtype)).astype(X.dtype)
             self.sum_xx_normalized += _gram(np.ascontiguousarray(normalized))
-        self.rows += X.shape[0]
         self.rows_normalized += int(keep.sum())
 
     def merge(self, other: ActivationStats) -> None:
@@ -68,6 +71,8 @@ class ActivationStats:
     @property
     def C_X_normalized(self) -> np.ndarray:
         """``E[x xᵀ/‖x‖²]``."""
+        if not self.normalized:
+            raise ValueError("normalized statistics were not collected (collect_statistics(normalized=True))")
         return self.sum_xx_normalized / max(self.rows_normalized, 1)
 
 
@@ -114,8 +119,11 @@ def collect_statistics(
     precision: StatsPrecision = "float32",
     specs: Sequence[InputSpec] | None = None,
     on_batch: Callable[[], None] | None = None,
+    normalized: bool = True,
 ) -> dict[str, ActivationStats]:
     """Statistics of every distinct activation the ``targets`` read, over ``batches``.
+
+    ``normalized=False`` skips the L2-normalised sums (enough for the mse and go-mse candidates).
 
     ``session_factory`` turns the augmented model into an object with onnxruntime's ``run`` method.
     """
@@ -123,7 +131,7 @@ def collect_statistics(
     activations = distinct_activations(targets)
     names = list(activations)
     session = session_factory(with_outputs(model, names, {n: t for n, (_, t) in activations.items()}))
-    stats = {name: ActivationStats(K) for name, (K, _) in activations.items()}
+    stats = {name: ActivationStats(K, normalized) for name, (K, _) in activations.items()}
     for batch in batches:
         feed = complete_feed(batch, specs)
         values = session.run(names, feed)  # type: ignore[attr-defined]

@@ -16,6 +16,8 @@ CandidateName = Literal["mse", "nmse", "go-mse", "go-mse-l2", "nl-mse", "nl-mse-
 CANDIDATES: tuple[CandidateName, ...] = ("mse", "nmse", "go-mse", "go-mse-l2", "nl-mse", "nl-mse-l2")
 # Candidates computable from activation statistics and the weight alone (no backward pass).
 FORWARD_CANDIDATES: tuple[CandidateName, ...] = ("mse", "nmse", "go-mse", "go-mse-l2")
+# Candidates that need the L2-normalised activation statistics.
+NORMALIZED_CANDIDATES: tuple[CandidateName, ...] = ("nmse", "go-mse-l2", "nl-mse-l2")
 
 
 def autocorrelation(X: np.ndarray) -> np.ndarray:
@@ -124,7 +126,7 @@ def candidate_matrix(
     name: CandidateName,
     *,
     C_X: np.ndarray,
-    C_X_normalized: np.ndarray,
+    C_X_normalized: np.ndarray | None = None,
     W: np.ndarray | None = None,
     C_XG: np.ndarray | None = None,
     C_XG_normalized: np.ndarray | None = None,
@@ -133,12 +135,16 @@ def candidate_matrix(
     if name == "mse":
         return C_X, False
     if name == "nmse":
+        if C_X_normalized is None:
+            raise ValueError("nmse needs the L2-normalised activation statistics")
         return C_X_normalized, False
     if name in ("go-mse", "go-mse-l2"):
         if W is None:
             raise ValueError(f"{name} needs the layer weight")
         if name == "go-mse":
             return go_mse_matrix(C_X, weight_autocorrelation(W)), True
+        if C_X_normalized is None:
+            raise ValueError("go-mse-l2 needs the L2-normalised activation statistics")
         return go_mse_matrix(C_X_normalized, normalized_weight_autocorrelation(W)), True
     if name in ("nl-mse", "nl-mse-l2"):
         C_XG_used = C_XG if name == "nl-mse" else C_XG_normalized

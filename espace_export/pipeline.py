@@ -24,6 +24,7 @@ from espace_export.calibration import ActivationStats, StatsPrecision, collect_s
 from espace_export.candidates import (
     CANDIDATES,
     FORWARD_CANDIDATES,
+    NORMALIZED_CANDIDATES,
     candidate_matrix,
     eigen_decomposition,
     projection_mse,
@@ -224,7 +225,7 @@ def calibrate_projections(
             C, by_magnitude = candidate_matrix(
                 decision.candidate,  # type: ignore[arg-type]
                 C_X=activation.C_X,
-                C_X_normalized=activation.C_X_normalized,
+                C_X_normalized=activation.C_X_normalized if activation.normalized else None,
                 W=W,
             )
             eigen_cache[key] = eigen_decomposition(C, by_magnitude=by_magnitude, top=largest_rank[key])[1]
@@ -382,6 +383,7 @@ def compress(
                 precision=stats_precision,
                 specs=specs,
                 on_batch=advance,
+                normalized=candidate in NORMALIZED_CANDIDATES,
             )
         timings["calibrate"] = time.perf_counter() - tick
         tick = time.perf_counter()
