@@ -341,9 +341,7 @@ def compress(
     patterns = [re.compile(p) for p in exclude]
 
     model = load_model(model_path)
-    targets = [
-        t for t in find_targets(model, include_heads=include_heads) if not any(p.search(t.name) for p in patterns)
-    ]
+    targets = find_targets(model, include_heads=include_heads)
     if not targets:
         raise EspaceError(
             f"{model_path} has no compressible GEMM (MatMul/Gemm with a 2-D constant weight)",
@@ -352,6 +350,9 @@ def compress(
     decisions = decide_layers(
         targets, ratio=ratio, candidate=candidate, rank_rule=rank_rule, min_rank=min_rank, rank=rank
     )
+    for decision in decisions:  # excluded layers stay dense but still count as targeted weights
+        if any(p.search(decision.target.name) for p in patterns):
+            decision.L = None
     compressed = [d for d in decisions if d.L is not None]
     if not compressed:
         raise EspaceError(
