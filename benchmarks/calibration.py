@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--reduce", default="auto", choices=["auto", "graph", "host"], help="where XᵀX is formed")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +81,15 @@ def main() -> None:
                 plain.run(None, feed)
 
         def calibration_pass() -> None:
-            collect_statistics(ort_session, model, targets, batches, precision=args.precision, normalized=normalized)
+            collect_statistics(
+                ort_session,
+                model,
+                targets,
+                batches,
+                precision=args.precision,
+                normalized=normalized,
+                reduce=args.reduce,
+            )
 
         calibration_pass()  # warm-up both
         plain_pass()

@@ -18,6 +18,7 @@ from scipy.linalg import blas
 
 from espace_export.data import InputSpec, complete_feed, input_specs
 from graph_passes.find import GemmTarget
+from graph_passes.statistics import MIN_OPSET, add_gram_outputs, default_opset
 
 StatsPrecision = Literal["float32", "float64"]
 
@@ -120,14 +121,25 @@ def collect_statistics(
     specs: Sequence[InputSpec] | None = None,
     on_batch: Callable[[], None] | None = None,
     normalized: bool = True,
+    reduce: Literal["auto", "graph", "host"] = "auto",
 ) -> dict[str, ActivationStats]:
     """Statistics of every distinct activation the ``targets`` read, over ``batches``.
 
     ``normalized=False`` skips the L2-normalised sums (enough for the mse and go-mse candidates).
+    ``reduce`` picks where the Gram sums are formed: ``graph`` adds the reduction to the ONNX graph
+    (:mod:`graph_passes.statistics`, products in the runtime's GEMM kernels, activations never copied
+    out), ``host`` returns the activations and reduces them with BLAS ``syrk``; ``auto`` uses ``graph``
+    when the opset allows and falls back to ``host`` if the graph cannot run.
 
     ``session_factory`` turns the augmented model into an object with onnxruntime's ``run`` method.
     """
     specs = list(specs) if specs is not None else input_specs(model)
+    if reduce != "host" and default_opset(model) >= MIN_OPSET:
+        try:
+            return _collect_in_graph(session_factory, model, targets, batches, precision, specs, on_batch, normalized)
+        except _GraphReductionUnavailable:
+            if reduce == "graph":
+                raise
     activations = distinct_activations(targets)
     names = list(activations)
     session = session_factory(with_outputs(model, names, {n: t for n, (_, t) in activations.items()}))
@@ -141,4 +153,59 @@ def collect_statistics(
             stats[name].add(rows if mask is None else rows[mask], precision)
         if on_batch is not None:
             on_batch()
+    return stats
+
+
+class _GraphReductionUnavailable(RuntimeError):
+    """The augmented graph could not be built or run on the first batch."""
+
+
+def _collect_in_graph(
+    session_factory: Callable[[onnx.ModelProto], object],
+    model: onnx.ModelProto,
+    targets: Sequence[GemmTarget],
+    batches: Sequence[dict[str, np.ndarray]],
+    precision: StatsPrecision,
+    specs: Sequence[InputSpec],
+    on_batch: Callable[[], None] | None,
+    normalized: bool,
+) -> dict[str, ActivationStats]:
+    """Like :func:`collect_statistics`, with the Gram sums formed inside the graph."""
+    widths = {name: K for name, (K, _) in distinct_activations(targets).items()}
+    has_mask = any(spec.name == "attention_mask" for spec in specs)
+    # Block activations are [batch, seq, K] (or [batch·seq, K]) and line up with the attention mask; if one
+    # does not (a pooled or sliced input), the first run fails and the host path takes over.
+    try:
+        augmented, outputs = add_gram_outputs(
+            model, widths, mask_input="attention_mask" if has_mask else None,
+            masked=set(widths) if has_mask else set(), normalized=normalized, precision=precision,
+        )  # fmt: skip
+        session = session_factory(augmented)
+    except Exception as exc:
+        raise _GraphReductionUnavailable(str(exc)) from exc
+    names: list[str] = []
+    for out in outputs.values():
+        names += [out.gram, out.rows] + ([out.gram_l2, out.rows_l2] if out.gram_l2 and out.rows_l2 else [])
+    stats = {name: ActivationStats(K, normalized) for name, K in widths.items()}
+    for index, batch in enumerate(batches):
+        feed = complete_feed(batch, specs)
+        try:
+            values = dict(zip(names, session.run(names, feed), strict=True))  # type: ignore[attr-defined]
+        except Exception as exc:
+            if index == 0:
+                raise _GraphReductionUnavailable(str(exc)) from exc
+            raise
+        for name, out in outputs.items():
+            target = stats[name]
+            target.sum_xx += values[out.gram]
+            target.rows += int(round(float(values[out.rows])))
+            if out.gram_l2 and out.rows_l2:
+                target.sum_xx_normalized += values[out.gram_l2]
+                target.rows_normalized += int(round(float(values[out.rows_l2])))
+        if on_batch is not None:
+            on_batch()
+    for target in stats.values():  # the GEMM forms both triangles; keep the sums exactly symmetric
+        target.sum_xx = (target.sum_xx + target.sum_xx.T) / 2
+        if normalized:
+            target.sum_xx_normalized = (target.sum_xx_normalized + target.sum_xx_normalized.T) / 2
     return stats
