@@ -17,10 +17,12 @@ import onnx
 from scipy.linalg import blas
 
 from espace_export.data import InputSpec, complete_feed, input_specs
+from espace_export.errors import runtime_errors
 from graph_passes.find import GemmTarget
 from graph_passes.statistics import MIN_OPSET, add_gram_outputs, default_opset
 
 StatsPrecision = Literal["float32", "float64"]
+_BATCH_FIX = "check the calibration inputs against the model (token ids below the vocabulary size, --seq-len within its positions)"
 
 
 @dataclass
@@ -142,11 +144,13 @@ def collect_statistics(
                 raise
     activations = distinct_activations(targets)
     names = list(activations)
-    session = session_factory(with_outputs(model, names, {n: t for n, (_, t) in activations.items()}))
+    with runtime_errors("to load the model", "check that the model runs in onnxruntime (re-export it if not)"):
+        session = session_factory(with_outputs(model, names, {n: t for n, (_, t) in activations.items()}))
     stats = {name: ActivationStats(K, normalized) for name, (K, _) in activations.items()}
     for batch in batches:
         feed = complete_feed(batch, specs)
-        values = session.run(names, feed)  # type: ignore[attr-defined]
+        with runtime_errors("on a calibration batch", _BATCH_FIX):
+            values = session.run(names, feed)  # type: ignore[attr-defined]
         for name, value in zip(names, values, strict=True):
             rows = value.reshape(-1, stats[name].K)
             mask = token_mask(feed, rows.shape[0])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class EspaceError(Exception):
     """A problem with the user's input or environment.
@@ -17,3 +20,20 @@ class EspaceError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem} — {fix}" if fix else problem)
+
+
+@contextlib.contextmanager
+def runtime_errors(what: str, fix: str) -> Iterator[None]:
+    """Turn an ONNX Runtime failure on the user's model or data into a one-line :class:`EspaceError`.
+
+    ONNX Runtime's exceptions share no base class beyond ``Exception``; they are told apart by module.
+    Other exceptions (our own bugs) pass through unchanged.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        detail = " ".join(str(exc).split())
+        detail = detail.split("Status Message:")[-1].strip() if "Status Message:" in detail else detail
+        raise EspaceError(f"ONNX Runtime failed {what}: {detail[:240]}", fix) from None

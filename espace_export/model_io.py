@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,12 +94,27 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         main = workdir / path.name
         if not main.exists():
             raise RuntimeError(f"nothing was written to {main}")
-        for extra in sorted(workdir.iterdir()):
-            if extra != main:
-                os.replace(extra, path.parent / extra.name)
-        os.replace(main, path)
+        with _signals_deferred():  # the data file and the model move together, or not at all
+            for extra in sorted(workdir.iterdir()):
+                if extra != main:
+                    os.replace(extra, path.parent / extra.name)
+            os.replace(main, path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM (main thread, POSIX) until the block is done; they are delivered right after."""
+    blockable = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if not blockable:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None) -> None:
