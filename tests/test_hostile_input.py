@@ -1,0 +1,190 @@
+"""Hostile input: corrupted models, broken external data, bad calibration arrays, signals mid-run.
+
+Every case must end in either a valid compressed model (exit 0: a flipped weight byte is still a model)
+or one ``error:`` line with exit status 2 — never a traceback, never an output file, never a modified input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from espace_export.cli import main
+from tests._graphs import HIDDEN, VOCAB, pattern_zoo
+
+CASES_TRIED: dict[str, int] = {}
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    _, err = capsys.readouterr()
+    return code, err
+
+
+def assert_clean_outcome(code: int, err: str, output: Path, inputs: dict[Path, str]) -> None:
+    assert "Traceback" not in err
+    for path, before in inputs.items():
+        assert digest(path) == before, f"{path} was modified"
+    leftovers = [p.name for p in output.parent.iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+    if code == 0:
+        onnx.checker.check_model(str(output))
+    else:
+        assert code == 2, err
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert not output.exists()
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory, sample_model: Callable[..., Path]) -> bytes:
+    return sample_model("llama", "torchscript", hidden=32, layers=1).read_bytes()
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupted_model_bytes(
+    data: st.DataObject, small_model: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blob = bytearray(small_model)
+    kind = data.draw(st.sampled_from(["flip", "truncate", "splice", "zero-run"]))
+    if kind == "flip":
+        for position in data.draw(st.lists(st.integers(0, len(blob) - 1), min_size=1, max_size=8)):
+            blob[position] ^= data.draw(st.integers(1, 255))
+    elif kind == "truncate":
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    elif kind == "splice":
+        at = data.draw(st.integers(0, len(blob)))
+        blob[at:at] = data.draw(st.binary(min_size=1, max_size=64))
+    else:
+        start = data.draw(st.integers(0, len(blob) - 1))
+        blob[start : start + data.draw(st.integers(1, 4096))] = b"\0" * min(4096, len(blob) - start)
+    CASES_TRIED[kind] = CASES_TRIED.get(kind, 0) + 1
+    case = tmp_path / f"case{sum(CASES_TRIED.values())}"
+    case.mkdir()
+    source = case / "model.onnx"
+    source.write_bytes(bytes(blob))
+    output = case / "out.onnx"
+    before = {source: digest(source)}
+    code, err = run_cli(
+        [str(source), "-o", str(output), "-q", "--num-batches", "2", "--seq-len", "8", "--min-rank", "4"], capsys
+    )
+    assert_clean_outcome(code, err, output, before)
+
+
+def write_external(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    return path.with_name(path.name + ".data")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "missing", "garbage-location"])
+def test_broken_external_data(damage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "zoo.onnx"
+    data = write_external(pattern_zoo(), source)
+    if damage == "truncate":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+    elif damage == "empty":
+        data.write_bytes(b"")
+    elif damage == "missing":
+        data.unlink()
+    else:
+        proto = onnx.load(str(source), load_external_data=False)
+        proto.graph.initializer[0].external_data[0].value = "../../etc/passwd"
+        source.write_bytes(proto.SerializeToString())
+    inputs = {p: digest(p) for p in (source, data) if p.exists()}
+    output = tmp_path / "out.onnx"
+    code, err = run_cli([str(source), "-o", str(output), "-q"], capsys)
+    assert code == 2
+    assert_clean_outcome(code, err, output, inputs)
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "zero-rows", "ragged"])
+def test_bad_float_calibration_arrays(poison: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "zoo.onnx"
+    onnx.save(pattern_zoo(), source)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, VOCAB, size=(6, 5))
+    x2 = rng.standard_normal((6, HIDDEN)).astype(np.float32)
+    if poison == "nan":
+        x2[2, 3] = np.nan
+    elif poison == "inf":
+        x2[0, 0] = -np.inf
+    elif poison == "zero-rows":
+        ids, x2 = ids[:0], x2[:0]
+    else:
+        x2 = x2[:4]
+    np.savez(tmp_path / "calib.npz", ids=ids, x2=x2)
+    inputs = {p: digest(p) for p in (source, tmp_path / "calib.npz")}
+    output = tmp_path / "out.onnx"
+    code, err = run_cli([str(source), "-o", str(output), "-q", "--calib-data", str(tmp_path / "calib.npz")], capsys)
+    assert code == 2
+    assert_clean_outcome(code, err, output, inputs)
+
+
+def test_good_float_calibration_arrays_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The control case for the test above: the same arrays, clean, compress fine."""
+    source = tmp_path / "zoo.onnx"
+    onnx.save(pattern_zoo(), source)
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "calib.npz",
+        ids=rng.integers(0, VOCAB, size=(8, 5)),
+        x2=rng.standard_normal((8, HIDDEN)).astype(np.float32),
+    )
+    output = tmp_path / "out.onnx"
+    args = [str(source), "-o", str(output), "-q", "--calib-data", str(tmp_path / "calib.npz"), "--rank", "4"]
+    code, err = run_cli(args + ["--batch-size", "2"], capsys)
+    assert code == 0, err
+    onnx.checker.check_model(str(output))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_keeps_the_previous_output(
+    signum: int, sample_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    source = tmp_path / "model.onnx"
+    source.write_bytes(sample_model("llama", "torchscript", hidden=128, layers=2).read_bytes())
+    output = tmp_path / "model.espace.onnx"
+    command = [sys.executable, "-m", "espace_export", str(source), "-q", "--num-batches", "6", "--seq-len", "64"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run(command + ["--ratio", "0.5"], check=True, capture_output=True, env=env, timeout=300)
+    previous = digest(output)
+    interrupted = 0
+    for delay in (1.5, 3.0, 4.5):
+        process = subprocess.Popen(command + ["--ratio", "0.3"], stderr=subprocess.PIPE, env=env)
+        time.sleep(delay)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=300)
+        if process.returncode == 0:  # finished before the signal: a complete new model
+            onnx.checker.check_model(str(output))
+            previous = digest(output)
+            continue
+        interrupted += 1
+        # A signal during interpreter start-up gets Python's own KeyboardInterrupt traceback before any of our
+        # code runs; what must hold in every case is that the earlier output is intact and nothing half-written.
+        assert process.returncode != 0
+        assert digest(output) == previous
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert interrupted >= 1  # the signal really did land mid-run
