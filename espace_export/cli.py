@@ -208,3 +208,25 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+def _terminate_like_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary outputs are removed and earlier outputs stay intact."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime logs its own errors to stderr; the CLI reports them once, as one line."""
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(4)
+    except ImportError:
+        pass
+
+
+    _quiet_onnxruntime()
+    _terminate_like_interrupt()
