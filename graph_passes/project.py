@@ -22,6 +22,7 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -74,7 +75,9 @@ def project(model: onnx.ModelProto, projections: Sequence[Projection]) -> onnx.M
         node = nodes[target.node]
         dtype = np.dtype(target.dtype)
         p_stored = projection.P.astype(dtype)
-        folded = fold_weight(projection.P, weight_matrix(model, target)).astype(dtype)
+        folded_exact = fold_weight(projection.P, weight_matrix(model, target))
+        _warn_if_out_of_range(target.name, folded_exact, dtype)
+        folded = folded_exact.astype(dtype)
         stem = sanitize(target.name)
 
         key = (target.activation, hashlib.sha1(p_stored.tobytes() + str(p_stored.shape).encode()).hexdigest())
@@ -109,6 +112,24 @@ def project(model: onnx.ModelProto, projections: Sequence[Projection]) -> onnx.M
     graph.node.extend(rewritten)
     remove_unused_constants(model)
     return model
+
+
+class FoldedRangeWarning(UserWarning):
+    """A folded PᵀW value does not fit the model's floating-point dtype (it is stored as ±inf)."""
+
+
+def _warn_if_out_of_range(layer: str, folded: np.ndarray, dtype: np.dtype) -> None:
+    if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
+        return
+    limit = float(np.finfo(dtype).max) if np.issubdtype(dtype, np.floating) else 3.3895313892515355e38
+    peak = float(np.abs(folded).max()) if folded.size else 0.0
+    if peak > limit:
+        warnings.warn(
+            f"{layer}: folded PᵀW reaches |{peak:.4g}|, beyond {dtype.name} range ({limit:.4g}); "
+            "those entries become inf — keep this layer dense (--exclude) or export in float32",
+            FoldedRangeWarning,
+            stacklevel=3,
+        )
 
 
 def _tag(node: onnx.NodeProto, layer: str, role: str) -> None:

@@ -157,3 +157,39 @@ def test_find_reads_without_changing_weights() -> None:
     assert [t.SerializeToString() for t in model.graph.initializer] == [
         t.SerializeToString() for t in after.graph.initializer
     ]
+
+
+def test_bfloat16_weights_fold_in_float64_and_store_as_bfloat16() -> None:
+    """ONNX Runtime's CPU provider cannot run bf16 MatMul, so this checks the stored factors numerically."""
+    import ml_dtypes
+
+    model = pattern_zoo()
+    for tensor in model.graph.initializer:
+        if tensor.name in ("Wq", "Wk"):
+            tensor.CopyFrom(
+                numpy_helper.from_array(numpy_helper.to_array(tensor).astype(ml_dtypes.bfloat16), tensor.name)
+            )
+    targets = {t.name: t for t in find_targets(model)}
+    q = targets["layers.0.attn.q_proj"]
+    assert q.dtype == "bfloat16"
+    P = random_orthonormal(q.K, 8, seed=0)
+    W = weight_matrix(model, q).astype(np.float64)
+    rewritten = project(copy.deepcopy(model), [Projection(q, P)])
+    stored = {t.name: numpy_helper.to_array(t) for t in rewritten.graph.initializer}
+    assert stored["layers.0.attn.q_proj.espace_P"].dtype == ml_dtypes.bfloat16
+    folded = stored["layers.0.attn.q_proj.espace_PtW"].astype(np.float64)
+    np.testing.assert_allclose(folded, P.T @ W, rtol=1e-2, atol=1e-2)  # bf16 has 8 bits of mantissa
+
+
+def test_values_beyond_float16_range_warn() -> None:
+    from graph_passes.project import FoldedRangeWarning
+
+    model = pattern_zoo(dtype=np.float16)
+    for tensor in model.graph.initializer:
+        if tensor.name == "Wq":
+            tensor.CopyFrom(numpy_helper.from_array(np.full((HIDDEN, WIDE), 30000, dtype=np.float16), "Wq"))
+    q = next(t for t in find_targets(model) if t.name == "layers.0.attn.q_proj")
+    P = np.zeros((HIDDEN, 1))
+    P[:, 0] = 1 / np.sqrt(HIDDEN)  # sums the column: 16·30000/4 = 120000 > 65504
+    with pytest.warns(FoldedRangeWarning, match="beyond float16 range"):
+        project(copy.deepcopy(model), [Projection(q, P)])
