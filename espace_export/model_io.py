@@ -11,19 +11,27 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.external_data_helper
 
 from espace_export.errors import EspaceError
+from graph_passes.find import EXTERNAL_DIR_KEY, external_data_dir
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
 PROTOBUF_LIMIT = 2**31 - 2**26
 
 
-def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Read and check an ONNX model (with its external data).
+def load_model(path: str | os.PathLike[str], *, load_weights: bool = True) -> onnx.ModelProto:
+    """Read and check an ONNX model.
+
+    With ``load_weights=False`` external data stays on disk: the graph is loaded, each external tensor is
+    checked (file present, inside the model's directory, long enough) without being read, and the
+    directory is recorded so single weights can be read on demand (:func:`graph_passes.weight_matrix`)
+    and the rest at save time. That keeps a 100 GB model's weights out of this process.
 
     Raises :class:`EspaceError` for a missing path, a file that is not ONNX, a truncated model or
-    missing external data, and a model that fails ``onnx.checker`` (run by path, so >2 GB works).
+    missing/truncated external data, and a model that fails ``onnx.checker`` (run by path, so >2 GB works).
     """
     path = Path(path)
     if not path.exists():
@@ -31,7 +39,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not path.is_file():
         raise EspaceError(f"{path} is not a file", "pass the path of an .onnx file")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=load_weights)
     except FileNotFoundError as exc:
         raise EspaceError(
             f"external data of {path} is missing ({Path(str(exc.filename or exc)).name})",
@@ -45,8 +53,76 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         ) from None
     if len(model.graph.node) == 0:
         raise EspaceError(f"{path} has an empty graph", "re-export the model")
+    if not load_weights:
+        check_external_data(model, path.parent)
+        if any(_is_external(t) for t in _tensors(model)):
+            entry = model.metadata_props.add()
+            entry.key, entry.value = EXTERNAL_DIR_KEY, str(path.parent.resolve())
     check_model(path)
     return model
+
+
+def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        tensors += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+    return tensors
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def external_files(model: onnx.ModelProto) -> list[str]:
+    """Relative locations of the external data files the model's unloaded tensors point into."""
+    return sorted({_external_entries(t)["location"] for t in _tensors(model) if _is_external(t)})
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Each external tensor's file exists inside ``base_dir`` and holds its bytes (nothing is read)."""
+    base = base_dir.resolve()
+    sizes: dict[str, int] = {}
+    for tensor in _tensors(model):
+        if not _is_external(tensor):
+            continue
+        entries = _external_entries(tensor)
+        location = entries.get("location", "")
+        target = (base / location).resolve()
+        if not location or base not in target.parents:
+            raise EspaceError(
+                f"external data of tensor '{tensor.name}' points outside the model directory ({location!r})",
+                "re-save the model with relative external data locations",
+            )
+        if location not in sizes:
+            if not target.is_file():
+                raise EspaceError(
+                    f"external data file {location} of the model is missing",
+                    "keep the .onnx file next to its external data file",
+                )
+            sizes[location] = target.stat().st_size
+        offset, length = int(entries.get("offset", 0)), entries.get("length")
+        needed = offset + int(length) if length is not None else offset + 1
+        if needed > sizes[location]:
+            raise EspaceError(
+                f"external data file {location} is truncated ({sizes[location]} bytes, tensor '{tensor.name}' "
+                f"needs {needed})",
+                "copy the data file again, it is incomplete",
+            )
+
+
+def load_remaining_weights(model: onnx.ModelProto) -> None:
+    """Read the external tensors still on disk into the model and forget where they came from."""
+    base = external_data_dir(model)
+    if base:
+        onnx.external_data_helper.load_external_data_for_model(model, base)
+    keep = [p for p in model.metadata_props if p.key != EXTERNAL_DIR_KEY]
+    if len(keep) != len(model.metadata_props):
+        del model.metadata_props[:]
+        model.metadata_props.extend(keep)
 
 
 def check_model(path: str | os.PathLike[str]) -> None:
@@ -77,6 +153,44 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise EspaceError(f"cannot write {path}: permission denied", "choose another output path with -o")
     return path
+
+
+def external_initializers(model: onnx.ModelProto) -> tuple[list[str], list[np.ndarray]]:
+    """Read-only memory maps of the initializers still on disk (none when all weights are in memory).
+
+    ONNX Runtime can take them through ``SessionOptions.add_external_initializers`` and run on the
+    mapped file pages directly: no copy in this process, nothing written. (A temporary graph beside
+    symbolic links does not work: ONNX Runtime resolves links and refuses data outside the model's
+    directory.)
+    """
+    base = external_data_dir(model)
+    if not base:
+        return [], []
+    names, arrays = [], []
+    for tensor in model.graph.initializer:
+        if not _is_external(tensor):
+            continue
+        entries = _external_entries(tensor)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        shape = tuple(int(d) for d in tensor.dims)
+        arrays.append(
+            np.memmap(Path(base) / entries["location"], dtype=dtype, mode="r", offset=int(entries.get("offset", 0)),
+                      shape=shape) if int(np.prod(shape)) > 0 else np.zeros(shape, dtype=dtype)
+        )  # fmt: skip
+        names.append(tensor.name)
+    return names, arrays
+
+
+def without_loader_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with this package's loader bookkeeping removed (a shallow proto copy only when needed)."""
+    if not external_data_dir(model):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # graph-only: the weights are on disk, so this is small
+    keep = [p for p in copy.metadata_props if p.key != EXTERNAL_DIR_KEY]
+    del copy.metadata_props[:]
+    copy.metadata_props.extend(keep)
+    return copy
 
 
 @contextlib.contextmanager
@@ -121,11 +235,14 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
     """Write ``model`` to ``path`` (no atomicity here: see :func:`atomic_output`).
 
     External data goes to one file ``<name>.data`` beside the model, with a relative location so the
-    pair can be moved together; it is used when asked, or when the model would not fit in protobuf.
+    pair can be moved together; it is used when asked, when the model came with external data, or when
+    it would not fit in protobuf.
     """
     path = Path(path)
+    had_external_data = bool(external_data_dir(model))
+    load_remaining_weights(model)
     if external_data is None:
-        external_data = model_bytes(model) > PROTOBUF_LIMIT
+        external_data = had_external_data or model_bytes(model) > PROTOBUF_LIMIT
     if external_data:
         onnx.save_model(
             model,

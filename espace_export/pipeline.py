@@ -340,7 +340,7 @@ def compress(
         raise EspaceError("the output would overwrite the input model", "choose another path with -o")
     patterns = [re.compile(p) for p in exclude]
 
-    model = load_model(model_path)
+    model = load_model(model_path, load_weights=False)  # external weights stay on disk until written
     targets = find_targets(model, include_heads=include_heads)
     if not targets:
         raise EspaceError(

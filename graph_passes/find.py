@@ -31,6 +31,9 @@ Role = Literal["block", "head"]
 # Layer names that mark an output head or embedding projection rather than a transformer block GEMM
 # (the paper compresses only QKV, Proj, FC1 and FC2).
 _HEAD_NAME_HINTS = ("lm_head", "pooler", "classifier", "embed_out", "score")
+# Model metadata naming the directory of weights still on disk (set by loaders that leave external data
+# unloaded; never saved).
+EXTERNAL_DIR_KEY = "espace.external_data_dir"
 # Tag written on the nodes :mod:`graph_passes.project` creates, so a compressed graph can be read back.
 ESPACE_LAYER_KEY = "espace.layer"
 ESPACE_ROLE_KEY = "espace.role"
@@ -78,7 +81,8 @@ class ProjectedPair:
 class ConstantTable:
     """Constant tensors of a graph, from initializers and ``Constant`` nodes, read lazily."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(self, graph: onnx.GraphProto, base_dir: str = "") -> None:
+        self._base_dir = base_dir
         self._protos: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
         for node in graph.node:
             if node.op_type == "Constant" and len(node.output) == 1:
@@ -99,7 +103,8 @@ class ConstantTable:
         return int(self._protos[name].data_type)
 
     def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self._protos[name])
+        """The tensor's values; external data not yet loaded is read from disk (relative to ``base_dir``)."""
+        return numpy_helper.to_array(self._protos[name], self._base_dir)
 
 
 def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
@@ -286,7 +291,7 @@ def group_by_activation(targets: list[GemmTarget]) -> dict[str, list[GemmTarget]
 
 def weight_matrix(model: onnx.ModelProto, target: GemmTarget) -> np.ndarray:
     """The target's weight as the ``K × N`` matrix of ``Y = X·W``, in its stored dtype."""
-    array = ConstantTable(model.graph).array(target.weight)
+    array = ConstantTable(model.graph, external_data_dir(model)).array(target.weight)
     return array.T if target.stored_transposed else array
 
 
@@ -334,3 +339,8 @@ def parameter_count(model: onnx.ModelProto) -> int:
     """Elements stored in the graph's constants (initializers and ``Constant`` nodes)."""
     constants = ConstantTable(model.graph)
     return sum(int(np.prod(constants.dims(name), dtype=np.int64)) for name in constants.names())
+
+
+def external_data_dir(model: onnx.ModelProto) -> str:
+    """Where the model's unloaded external data lives ("" when everything is in memory)."""
+    return next((p.value for p in model.metadata_props if p.key == EXTERNAL_DIR_KEY), "")
