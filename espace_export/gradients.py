@@ -1,0 +1,265 @@
+"""Activation gradients for the NL-MSE candidates (paper Theorem 4, appendix A.4).
+
+For every distinct activation X feeding a targeted GEMM, and every calibration sequence i with M valid
+tokens, the NL-MSE statistic is
+
+    C(i) = (XᵢᵀXᵢ GᵢᵀGᵢ + GᵢᵀGᵢ XᵢᵀXᵢ) / M²          Gᵢ = ∂loss/∂Xᵢ  (M×K, a row per token)
+
+averaged over sequences; the ``-l2`` variant L2-normalises each row of X and of G first. This module
+accumulates ``E[XᵀX GᵀG]/M²`` (one triangle of the symmetric sum; :func:`candidates.nl_mse_matrix`
+adds the transpose) in float64.
+
+Where the gradient comes from: the ONNX graph itself, evaluated with torch ops
+(:mod:`espace_export.onnx_torch`) so autograd works — or the user's own PyTorch module, hooked by layer
+name, when they have it.
+
+The loss (``loss=``):
+
+* ``next-token`` — causal LMs (an output named ``logits`` of rank 3): the sum over valid tokens of the
+  next-token cross-entropy (labels are the inputs shifted by one, padding excluded). The paper's loss.
+* ``probe`` — everything else (encoders, sentence embeddings). Self-distillation ``‖y − y₀‖²`` against the
+  model's own output has zero gradient at y = y₀, so it carries no information. Instead each sequence
+  gets a random Gaussian probe r (fixed by the seed) and the loss ``⟨r, y⟩`` summed over output rows:
+  ``E_r[g gᵀ] = J Jᵀ``, the Gauss–Newton matrix of the distillation loss ``½‖y − y₀‖²`` (for an
+  L2-normalised embedding that is ``1 − cos`` to second order). So NL-MSE weighs activation directions
+  by how much they move the output — the same second-order quantity the validation metric measures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from espace_export.calibration import distinct_activations
+from espace_export.data import InputSpec, complete_feed, input_specs
+from espace_export.errors import EspaceError
+from graph_passes.find import GemmTarget
+
+GradientLoss = Literal["auto", "next-token", "probe"]
+
+
+@dataclass
+class GradientStats:
+    """Running sums of ``XᵀX GᵀG / M²`` over sequences for one activation of width K."""
+
+    K: int
+    normalized: bool = True
+    sum_xg: np.ndarray = field(init=False)
+    sum_xg_normalized: np.ndarray = field(init=False)
+    sequences: int = 0
+
+    def __post_init__(self) -> None:
+        self.sum_xg = np.zeros((self.K, self.K), dtype=np.float64)
+        self.sum_xg_normalized = np.zeros((self.K, self.K), dtype=np.float64)
+
+    def add(self, X: np.ndarray, G: np.ndarray) -> None:
+        """One sequence: its valid rows X (M×K) and their gradients G (M×K)."""
+        if X.shape[0] == 0:
+            return
+        self.sum_xg += sequence_statistic(X, G)
+        if self.normalized:
+            self.sum_xg_normalized += sequence_statistic(_unit_rows(X), _unit_rows(G))
+        self.sequences += 1
+
+    def merge(self, other: GradientStats) -> None:
+        self.sum_xg += other.sum_xg
+        self.sum_xg_normalized += other.sum_xg_normalized
+        self.sequences += other.sequences
+
+    @property
+    def C_XG(self) -> np.ndarray:
+        """``E[XᵀX GᵀG] / M²`` (pass to :func:`espace_export.candidates.nl_mse_matrix`)."""
+        return self.sum_xg / max(self.sequences, 1)
+
+    @property
+    def C_XG_normalized(self) -> np.ndarray:
+        if not self.normalized:
+            raise ValueError("normalized gradient statistics were not collected")
+        return self.sum_xg_normalized / max(self.sequences, 1)
+
+
+def sequence_statistic(X: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """``XᵀX GᵀG / M²`` for one sequence (float64)."""
+    X = np.asarray(X, dtype=np.float64)
+    G = np.asarray(G, dtype=np.float64)
+    M = X.shape[0]
+    return (X.T @ X) @ (G.T @ G) / (M * M)
+
+
+def _unit_rows(A: np.ndarray) -> np.ndarray:
+    A = np.asarray(A, dtype=np.float64)
+    norms = np.linalg.norm(A, axis=1, keepdims=True)
+    return np.divide(A, norms, out=np.zeros_like(A), where=norms > 0)
+
+
+def resolve_loss(model: onnx.ModelProto, loss: GradientLoss) -> Literal["next-token", "probe"]:
+    """``auto``: next-token cross-entropy when the first output is ``logits`` of rank 3, else the probe."""
+    if loss != "auto":
+        return loss
+    output = model.graph.output[0]
+    rank = len(output.type.tensor_type.shape.dim)
+    return "next-token" if "logits" in output.name.lower() and rank in (0, 3) else "probe"
+
+
+def output_loss(kind: Literal["next-token", "probe"], output: Any, feed: dict[str, np.ndarray], seed: int) -> Any:
+    """The scalar whose gradient is taken (a sum over sequences, so each sequence keeps its own gradient)."""
+    import torch
+
+    mask = feed.get("attention_mask")
+    if kind == "next-token":
+        ids = torch.from_numpy(np.asarray(feed["input_ids"], dtype=np.int64))
+        logits = output[:, :-1] if output.dtype in (torch.float32, torch.float64) else output[:, :-1].float()
+        targets = ids[:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).reshape(targets.shape)
+        if mask is not None:
+            valid = torch.from_numpy(np.asarray(mask)[:, 1:] * np.asarray(mask)[:, :-1]).to(losses.dtype)
+            losses = losses * valid
+        return losses.sum()
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+    if mask is not None and output.dim() == 3 and tuple(output.shape[:2]) == mask.shape:
+        probe = probe * torch.from_numpy(np.asarray(mask)).to(output.dtype)[..., None]
+    return (probe * output).sum()
+
+
+def collect_gradient_statistics(
+    model: onnx.ModelProto,
+    targets: Sequence[GemmTarget],
+    batches: Sequence[dict[str, np.ndarray]],
+    *,
+    loss: GradientLoss = "auto",
+    normalized: bool = True,
+    specs: Sequence[InputSpec] | None = None,
+    on_batch: Callable[[], None] | None = None,
+    torch_module: Any = None,
+    seed: int = 0,
+) -> dict[str, GradientStats]:
+    """NL-MSE statistics of every distinct activation the ``targets`` read, over ``batches``.
+
+    ``torch_module``: the original PyTorch model (called as ``module(**feed)`` with the ONNX input names,
+    returning the ONNX output or an object with ``.logits``); its submodules named like the targets are
+    hooked. Without it the ONNX graph is evaluated with torch ops.
+    """
+    import torch
+
+    specs = list(specs) if specs is not None else input_specs(model)
+    kind = resolve_loss(model, loss)
+    widths = {name: K for name, (K, _) in distinct_activations(targets).items()}
+    stats = {name: GradientStats(K, normalized) for name, K in widths.items()}
+    if torch_module is not None:
+        forward = _module_forward(torch_module, targets)
+    else:
+        from espace_export.onnx_torch import TorchGraph
+
+        forward = _graph_forward(TorchGraph(model), set(widths))
+    for index, batch in enumerate(batches):
+        feed = complete_feed(batch, specs)
+        output, tracked = forward(feed)
+        objective = output_loss(kind, output, feed, seed + index)
+        names = [n for n in widths if n in tracked]
+        grads = torch.autograd.grad(objective, [tracked[n] for n in names], allow_unused=True)
+        mask = feed.get("attention_mask")
+        for name, value, grad in zip(names, (tracked[n] for n in names), grads, strict=True):
+            if grad is None:
+                grad = torch.zeros_like(value)
+            _reduce_sequences(stats[name], value.detach().numpy(), grad.numpy(), mask)
+        if on_batch is not None:
+            on_batch()
+    missing = [n for n, s in stats.items() if s.sequences == 0]
+    if missing and len(batches):
+        raise EspaceError(
+            f"no gradient reached activation {missing[0]} during calibration",
+            "check that the model output depends on it",
+        )
+    return stats
+
+
+def _reduce_sequences(stats: GradientStats, X: np.ndarray, G: np.ndarray, mask: np.ndarray | None) -> None:
+    """Split a batch's activation into sequences (by the attention mask when it lines up) and add each."""
+    K = stats.K
+    if mask is not None and X.size == mask.size * K:
+        X3 = X.reshape(*mask.shape, K)
+        G3 = G.reshape(*mask.shape, K)
+        for row in range(mask.shape[0]):
+            valid = np.asarray(mask[row]).astype(bool)
+            stats.add(X3[row][valid], G3[row][valid])
+        return
+    if X.ndim >= 3:  # [batch, seq, K] without a usable mask
+        for x, g in zip(X.reshape(X.shape[0], -1, K), G.reshape(G.shape[0], -1, K), strict=True):
+            stats.add(x, g)
+        return
+    stats.add(X.reshape(-1, K), G.reshape(-1, K))
+
+
+def _graph_forward(graph: Any, watched: set[str]) -> Callable[[dict[str, np.ndarray]], tuple[Any, dict[str, Any]]]:
+    def forward(feed: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
+        tracked: dict[str, Any] = {}
+
+        def watch(name: str, value: Any) -> Any:
+            if name in watched:
+                # the first watched tensor becomes a leaf; later ones are already on the autograd graph
+                if not value.requires_grad:
+                    value = value.detach().requires_grad_(True)
+                tracked[name] = value
+            return value
+
+        outputs = graph.run(feed, watch=watch)
+        return next(iter(outputs.values())), tracked
+
+    return forward
+
+
+def _module_forward(
+    module: Any, targets: Sequence[GemmTarget]
+) -> Callable[[dict[str, np.ndarray]], tuple[Any, dict[str, Any]]]:
+    """Hook the submodules named like the targets; their first positional input is the activation."""
+    import torch
+
+    submodules = dict(module.named_modules())
+    modules: dict[str, Any] = {}
+    for target in targets:
+        # exported wrappers add a prefix ("model." around an HF model): accept the name with or without it
+        sub = submodules.get(target.name) or submodules.get(target.name.split(".", 1)[-1])
+        if sub is None:
+            raise EspaceError(
+                f"the PyTorch module has no submodule named {target.name}",
+                "pass the module that was exported (same wrapper), or leave it out to use the ONNX graph",
+            )
+        modules[target.name] = sub
+
+    def forward(feed: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
+        tracked: dict[str, Any] = {}
+        originals: dict[str, Any] = {}
+        handles = []
+        for target in targets:
+            sub = modules[target.name]
+
+            def hook(_mod: Any, args: tuple[Any, ...], name: str = target.activation) -> tuple[Any, ...]:
+                x = args[0]
+                if name in originals and originals[name] is x:  # a sibling reads the same tensor
+                    return (tracked[name], *args[1:])
+                # the first tracked tensor becomes a leaf; later ones are already on the autograd graph
+                originals[name] = x
+                tracked[name] = x if x.requires_grad else x.detach().requires_grad_(True)
+                return (tracked[name], *args[1:])
+
+            handles.append(sub.register_forward_pre_hook(hook))
+        try:
+            tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()}
+            with torch.enable_grad():
+                out = module(**tensors)
+        finally:
+            for handle in handles:
+                handle.remove()
+        out = getattr(out, "logits", out)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out, tracked
+
+    return forward

@@ -1,0 +1,395 @@
+"""Evaluate an ONNX graph with torch operators, so autograd can differentiate it.
+
+NL-MSE needs ``∂loss/∂x`` at every targeted GEMM input. ONNX Runtime has no backward pass for an
+inference graph, and the user may not have the PyTorch model, so this module interprets the ONNX graph
+node by node with torch ops (in the graph's topological order). It covers the operators the PyTorch
+exporters emit for transformer blocks (TorchScript opset 17 and dynamo opset 18); an operator outside
+that set raises :class:`EspaceError` naming it.
+
+Why not a converter such as ``onnx2torch``: it builds an ``nn.Module`` per node for training and export
+use cases, adds a dependency with its own opset coverage to track, and we only need one forward pass
+with autograd and access to named intermediate tensors — about 200 lines we control and test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from espace_export.errors import EspaceError
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise EspaceError("gradients (nl-mse candidates) need PyTorch", "pip install 'espace-export[torch]'") from None
+    return torch
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _dtype(onnx_type: int) -> Any:
+    torch = _torch()
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(onnx_type)
+    return torch.from_numpy(np.zeros(1, dtype=np_type)).dtype
+
+
+def _ints(t: Any) -> list[int]:
+    return [int(v) for v in t.reshape(-1).tolist()]
+
+
+class TorchGraph:
+    """An ONNX model as a callable over torch tensors (weights as constant torch tensors)."""
+
+    def __init__(self, model: onnx.ModelProto, *, float64: bool = False) -> None:
+        torch = _torch()
+        self.graph = model.graph
+        self.float64 = float64  # evaluate float32 tensors in float64 (finite-difference checks)
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        self.constants: dict[str, Any] = {
+            t.name: self._widen(torch.from_numpy(np.array(numpy_helper.to_array(t)))) for t in model.graph.initializer
+        }
+        self.output_names = [o.name for o in model.graph.output]
+        unsupported = sorted(
+            {n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")}
+            | {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type not in _OPS}
+        )
+        if unsupported:
+            raise EspaceError(
+                f"the gradient pass cannot evaluate ONNX operator(s) {', '.join(unsupported)}",
+                "use the forward-only candidates (mse, nmse, go-mse, go-mse-l2) or pass the PyTorch model",
+            )
+
+    def run(
+        self,
+        feeds: Mapping[str, Any],
+        *,
+        watch: Callable[[str, Any], Any] | None = None,
+        outputs: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Evaluate the graph; ``watch(name, tensor)`` may replace each produced tensor (e.g. to track it)."""
+        torch = _torch()
+        env: dict[str, Any] = dict(self.constants)
+        for name, value in feeds.items():
+            env[name] = self._widen(value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value)))
+        for node in self.graph.node:
+            args = [env[i] if i else None for i in node.input]
+            result = _OPS[node.op_type](args, _attrs(node), self)
+            results = tuple(self._widen(r) for r in (result if isinstance(result, tuple) else (result,)))
+            for name, value in zip(node.output, results, strict=False):
+                if name:
+                    env[name] = watch(name, value) if watch is not None else value
+        return {name: env[name] for name in (outputs or self.output_names)}
+
+    def _widen(self, value: Any) -> Any:
+        if self.float64 and value.dtype in (_torch().float32, _torch().float16):
+            return value.double()
+        return value
+
+
+# ---- operators -------------------------------------------------------------------------------------
+
+
+def _binary(fn_name: str) -> Callable[..., Any]:
+    def op(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+        return getattr(_torch(), fn_name)(args[0], args[1])
+
+    return op
+
+
+def _unary(fn_name: str) -> Callable[..., Any]:
+    def op(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+        return getattr(_torch(), fn_name)(args[0])
+
+    return op
+
+
+def _div(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    torch = _torch()
+    a, b = args
+    if not a.is_floating_point() and not b.is_floating_point():
+        return torch.div(a, b, rounding_mode="trunc")
+    return a / b
+
+
+def _gemm(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    a, b = args[0], args[1]
+    if attrs.get("transA", 0):
+        a = a.T
+    if attrs.get("transB", 0):
+        b = b.T
+    y = attrs.get("alpha", 1.0) * (a @ b)
+    if len(args) > 2 and args[2] is not None:
+        y = y + attrs.get("beta", 1.0) * args[2]
+    return y
+
+
+def _reshape(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    x, shape = args[0], _ints(args[1])
+    if not attrs.get("allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _transpose(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    perm = attrs.get("perm") or list(reversed(range(args[0].dim())))
+    return args[0].permute(*perm)
+
+
+def _flatten(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    x = args[0]
+    axis = attrs.get("axis", 1) % max(x.dim(), 1) if attrs.get("axis", 1) < 0 else attrs.get("axis", 1)
+    outer = int(np.prod(x.shape[:axis])) if axis else 1
+    return x.reshape(outer, -1)
+
+
+def _axes(args: list[Any], attrs: dict[str, Any]) -> list[int] | None:
+    if len(args) > 1 and args[1] is not None:
+        return _ints(args[1])
+    return list(attrs["axes"]) if "axes" in attrs else None
+
+
+def _squeeze(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    axes = _axes(args, attrs)
+    x = args[0]
+    if axes is None:
+        return x.squeeze()
+    for axis in sorted((a % x.dim() for a in axes), reverse=True):
+        x = x.squeeze(axis)
+    return x
+
+
+def _unsqueeze(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    axes = _axes(args, attrs) or []
+    x = args[0]
+    rank = x.dim() + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _concat(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    return _torch().cat([a for a in args if a is not None], dim=attrs["axis"])
+
+
+def _slice(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    x = args[0]
+    starts, ends = _ints(args[1]), _ints(args[2])
+    axes = _ints(args[3]) if len(args) > 3 and args[3] is not None else list(range(len(starts)))
+    steps = _ints(args[4]) if len(args) > 4 and args[4] is not None else [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        axis %= x.dim()
+        # Python's slice clamping is ONNX's, for both signs of the step
+        bounds = slice(start, end, step).indices(x.shape[axis])
+        if step > 0:
+            x = x.narrow(axis, bounds[0], len(range(*bounds)))[(slice(None),) * axis + (slice(None, None, step),)]
+        else:  # torch has no negative steps
+            x = x.index_select(axis, _torch().arange(*bounds))
+    return x
+
+
+def _split(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    x = args[0]
+    axis = attrs.get("axis", 0)
+    if len(args) > 1 and args[1] is not None:
+        sizes = _ints(args[1])
+    elif "split" in attrs:
+        sizes = list(attrs["split"])
+    else:
+        parts = attrs.get("num_outputs", 1)
+        chunk = -(-x.shape[axis] // parts)
+        sizes = [min(chunk, x.shape[axis] - i * chunk) for i in range(parts)]
+    return tuple(_torch().split(x, sizes, dim=axis))
+
+
+def _gather(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    x, idx = args
+    axis = attrs.get("axis", 0) % x.dim()
+    idx = idx.long()
+    idx = _torch().where(idx < 0, idx + x.shape[axis], idx)
+    picked = x.index_select(axis, idx.reshape(-1))
+    return picked.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))
+
+
+def _gather_nd(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    x, idx = args
+    batch_dims = attrs.get("batch_dims", 0)
+    idx = idx.long()
+    depth = idx.shape[-1]
+    if batch_dims == 0:
+        return x[tuple(idx[..., i] for i in range(depth))]
+    torch = _torch()
+    batch_shape = x.shape[:batch_dims]
+    flat_x = x.reshape(-1, *x.shape[batch_dims:])
+    flat_idx = idx.reshape(flat_x.shape[0], -1, depth)
+    rows = torch.arange(flat_x.shape[0]).unsqueeze(1).expand(-1, flat_idx.shape[1])
+    picked = flat_x[(rows, *(flat_idx[..., i] for i in range(depth)))]
+    return picked.reshape((*batch_shape, *idx.shape[batch_dims:-1], *x.shape[batch_dims + depth :]))
+
+
+def _expand(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    x = args[0]
+    return x.expand(_torch().broadcast_shapes(tuple(x.shape), tuple(_ints(args[1]))))
+
+
+def _shape(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    dims = list(args[0].shape)
+    start = attrs.get("start", 0)
+    end = attrs.get("end", len(dims))
+    return _torch().tensor(dims[start:end], dtype=_torch().int64)
+
+
+def _cast(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    if g.float64 and args[0].is_floating_point() and _dtype(attrs["to"]).is_floating_point:
+        return args[0]  # a float-to-float cast would round the float64 evaluation
+    return g._widen(args[0].to(_dtype(attrs["to"])))
+
+
+def _constant_of_shape(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    torch = _torch()
+    value = attrs.get("value")
+    fill = torch.from_numpy(np.array(numpy_helper.to_array(value))) if value is not None else torch.zeros(1)
+    return fill.reshape(-1)[0].expand(*_ints(args[0])).clone() if _ints(args[0]) else fill.reshape(())
+
+
+def _constant(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    torch = _torch()
+    if "value" in attrs:
+        return torch.from_numpy(np.array(numpy_helper.to_array(attrs["value"])))
+    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in attrs:
+            return torch.from_numpy(np.array(attrs[key], dtype=dtype))
+    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in attrs:
+            return torch.from_numpy(np.array(list(attrs[key]), dtype=dtype))
+    raise EspaceError("unsupported Constant node (no tensor, float or int value)", "re-export the model")
+
+
+def _range(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    start, limit, delta = args
+    return _torch().arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+
+def _where(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    return _torch().where(args[0].bool(), args[1], args[2])
+
+
+def _max(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    out = args[0]
+    for other in args[1:]:
+        out = _torch().maximum(out, other)
+    return out
+
+
+def _clip(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    x = args[0]
+    low = args[1] if len(args) > 1 and args[1] is not None else attrs.get("min")
+    high = args[2] if len(args) > 2 and args[2] is not None else attrs.get("max")
+    return _torch().clamp(x, min=low, max=high)
+
+
+def _softmax(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    return _torch().softmax(args[0], dim=attrs.get("axis", -1))
+
+
+def _layer_norm(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    x, scale = args[0], args[1]
+    bias = args[2] if len(args) > 2 else None
+    axis = attrs.get("axis", -1) % x.dim()
+    return _torch().nn.functional.layer_norm(x, x.shape[axis:], scale, bias, attrs.get("epsilon", 1e-5))
+
+
+def _reduce(kind: str) -> Callable[..., Any]:
+    def op(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+        x = args[0]
+        axes = _axes(args, attrs)
+        keep = bool(attrs.get("keepdims", 1))
+        if not axes:
+            if attrs.get("noop_with_empty_axes", 0):
+                return x
+            axes = list(range(x.dim()))
+        if kind == "mean":
+            return x.mean(dim=axes, keepdim=keep)
+        if kind == "sum":
+            return x.sum(dim=axes, keepdim=keep)
+        return x.pow(2).sum(dim=axes, keepdim=keep).sqrt()
+
+    return op
+
+
+def _trilu(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    k = int(args[1].item()) if len(args) > 1 and args[1] is not None else 0
+    return _torch().triu(args[0], k) if attrs.get("upper", 1) else _torch().tril(args[0], k)
+
+
+def _identity(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    return args[0]
+
+
+def _not(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    return _torch().logical_not(args[0])
+
+
+_OPS: dict[str, Callable[[list[Any], dict[str, Any], TorchGraph], Any]] = {
+    "Add": _binary("add"),
+    "Sub": _binary("sub"),
+    "Mul": _binary("mul"),
+    "Div": _div,
+    "Pow": _binary("pow"),
+    "MatMul": _binary("matmul"),
+    "Equal": _binary("eq"),
+    "Less": _binary("lt"),
+    "LessOrEqual": _binary("le"),
+    "Greater": _binary("gt"),
+    "GreaterOrEqual": _binary("ge"),
+    "And": _binary("logical_and"),
+    "Or": _binary("logical_or"),
+    "Min": _binary("minimum"),
+    "Max": _max,
+    "Not": _not,
+    "Sqrt": _unary("sqrt"),
+    "Neg": _unary("neg"),
+    "Reciprocal": _unary("reciprocal"),
+    "Erf": _unary("erf"),
+    "Tanh": _unary("tanh"),
+    "Sigmoid": _unary("sigmoid"),
+    "Cos": _unary("cos"),
+    "Sin": _unary("sin"),
+    "Exp": _unary("exp"),
+    "Log": _unary("log"),
+    "Abs": _unary("abs"),
+    "Relu": _unary("relu"),
+    "Gemm": _gemm,
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Flatten": _flatten,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Concat": _concat,
+    "Slice": _slice,
+    "Split": _split,
+    "Gather": _gather,
+    "GatherND": _gather_nd,
+    "Expand": _expand,
+    "Shape": _shape,
+    "Cast": _cast,
+    "ConstantOfShape": _constant_of_shape,
+    "Constant": _constant,
+    "Range": _range,
+    "Where": _where,
+    "Clip": _clip,
+    "Softmax": _softmax,
+    "LayerNormalization": _layer_norm,
+    "ReduceMean": _reduce("mean"),
+    "ReduceSum": _reduce("sum"),
+    "ReduceL2": _reduce("l2"),
+    "Trilu": _trilu,
+    "Identity": _identity,
+}
