@@ -192,6 +192,17 @@ def target_modules(
     return found
 
 
+def targeted_parameters(model: nn.Module, *, include_heads: bool = False) -> tuple[int, int]:
+    """Weights of the targeted GEMMs (:func:`target_modules`) densely, and in inference form: ``L(K+N)``
+    for a projected layer (P and PᵀW; a P shared by siblings is counted with each), ``KN`` for a dense one."""
+    before = after = 0
+    for module in target_modules(model, include_heads=include_heads).values():
+        K, N = layer_shape(module)
+        before += K * N
+        after += getattr(module, PROJECTION_BUFFER).shape[1] * (K + N) if is_projected(module) else K * N
+    return before, after
+
+
 def match_names(wanted: Iterable[str], available: Iterable[str]) -> dict[str, str]:
     """Map each ``wanted`` layer name onto one of ``available``: exactly, or with one common leading
     prefix added or removed for all of them (``model.layers.0.mlp.up_proj`` ↔ ``model.model.layers.0.mlp.up_proj``).
