@@ -486,6 +486,23 @@ def _projections_in_graph(model: onnx.ModelProto, where: str = "the model") -> d
     return found
 
 
+def checkpoint_callback(filename: str = "espace_projections.npz") -> Any:
+    """A transformers ``TrainerCallback`` that writes the model's projections into every checkpoint directory.
+
+    ``Trainer`` checkpoints hold ``state_dict()`` — W without P — so a run resumed from one needs P again:
+    ``attach_projections(model, checkpoint / filename)`` before ``trainer.train(resume_from_checkpoint=...)``.
+    """
+    from transformers import TrainerCallback
+
+    class SaveProjections(TrainerCallback):  # type: ignore[misc]
+        def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+            if model is not None and state.is_world_process_zero:
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                save_projections(projections_of(model), checkpoint / filename)
+
+    return SaveProjections()
+
+
 # --------------------------------------------------------------------------- export
 
 

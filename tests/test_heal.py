@@ -229,11 +229,14 @@ def test_works_with_the_hf_trainer(tmp_path: Path) -> None:
         per_device_train_batch_size=2,
         learning_rate=1e-2,
         report_to=[],
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=2,
         use_cpu=True,
         disable_tqdm=True,
     )
-    Trainer(model=hf_model, args=args, train_dataset=dataset).train()
+    Trainer(model=hf_model, args=args, train_dataset=dataset, callbacks=[heal.checkpoint_callback()]).train()
+    saved = heal.load_projections(tmp_path / "checkpoint-2" / "espace_projections.npz")
+    assert all(np.array_equal(saved[name], P.numpy()) for name, P in before.items())
     assert all(torch.equal(P, before[name]) for name, P in heal.projections_of(hf_model).items())
     assert not torch.equal(hf_model.model.layers[0].self_attn.q_proj.weight, weight)
 
