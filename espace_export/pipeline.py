@@ -19,14 +19,11 @@ import numpy as np
 import onnx
 
 from espace_export import __version__
+from espace_export.baselines import METHODS
 from espace_export.build import ort_session
-from espace_export.calibration import ActivationStats, StatsPrecision, collect_statistics
+from espace_export.calibration import StatsPrecision, collect_statistics
 from espace_export.candidates import (
     CANDIDATES,
-    FORWARD_CANDIDATES,
-    NORMALIZED_CANDIDATES,
-    candidate_matrix,
-    eigen_decomposition,
     projection_mse,
 )
 from espace_export.data import (
@@ -41,8 +38,19 @@ from espace_export.data import (
 )
 from espace_export.errors import EspaceError
 from espace_export.model_io import atomic_output, check_model, check_writable, load_model, save_model
+from espace_export.plan import (
+    Calibration,
+    Plan,
+    check_fingerprint,
+    fingerprint,
+    make_plan,
+    needs_gradients,
+    needs_normalized,
+    save_calibration,
+    save_plan,
+)
 from espace_export.selection import check_ratio, choose_rank, layer_compression, parse_rank_rule
-from graph_passes import GemmTarget, Projection, find_targets, project, weight_matrix
+from graph_passes import GemmTarget, find_targets
 from graph_passes.find import find_projected_pairs, parameter_count
 
 
@@ -110,6 +118,19 @@ class _Progress:
             return
         task_id = self._progress.add_task(description, total=total)
         yield lambda: self._progress.advance(task_id)  # type: ignore[union-attr]
+
+    def stepper(self) -> Any:
+        """An ``on_step(phase, total)`` callback: one bar per phase, advanced on each call."""
+        tasks: dict[str, Any] = {}
+
+        def step(phase: str, total: int) -> None:
+            if self._progress is None:
+                return
+            if phase not in tasks:
+                tasks[phase] = self._progress.add_task(phase, total=total)
+            self._progress.advance(tasks[phase])
+
+        return step
 
     def __enter__(self) -> _Progress:
         if self._progress is not None:
@@ -193,47 +214,6 @@ def decide_layers(
     return decisions
 
 
-WEIGHT_FREE = ("mse", "nmse")
-
-
-def _eigen_key(decision: LayerDecision) -> tuple[str, str]:
-    target = decision.target
-    return (target.activation if decision.candidate in WEIGHT_FREE else target.name, decision.candidate)
-
-
-def calibrate_projections(
-    model: onnx.ModelProto,
-    decisions: Sequence[LayerDecision],
-    stats: dict[str, ActivationStats],
-) -> None:
-    """Fill each compressed decision's P (top-L eigenvectors of its candidate) and its relative MSE."""
-    # Siblings reading one activation share its weight-free candidates: decompose once, at their largest L.
-    largest_rank: dict[tuple[str, str], int] = {}
-    for decision in decisions:
-        if decision.L is not None:
-            key = _eigen_key(decision)
-            largest_rank[key] = max(largest_rank.get(key, 0), decision.L)
-    eigen_cache: dict[tuple[str, str], np.ndarray] = {}
-    for decision in decisions:
-        if decision.L is None:
-            continue
-        target = decision.target
-        activation = stats[target.activation]
-        key = _eigen_key(decision)
-        if key not in eigen_cache:
-            W = None if decision.candidate in WEIGHT_FREE else weight_matrix(model, target)
-            C, by_magnitude = candidate_matrix(
-                decision.candidate,  # type: ignore[arg-type]
-                C_X=activation.C_X,
-                C_X_normalized=activation.C_X_normalized if activation.normalized else None,
-                W=W,
-            )
-            eigen_cache[key] = eigen_decomposition(C, by_magnitude=by_magnitude, top=largest_rank[key])[1]
-        decision.P = np.ascontiguousarray(eigen_cache[key][:, : decision.L])
-        energy = float(np.trace(activation.C_X))
-        decision.mse_relative = projection_mse(activation.C_X, decision.P) / energy if energy > 0 else 0.0
-
-
 def output_fidelity(
     original: object, compressed: object, batches: Sequence[dict[str, np.ndarray]], specs: Sequence[Any]
 ) -> dict[str, dict[str, float]]:
@@ -298,6 +278,17 @@ def compress(
     external_data: bool | None = None,
     seed: int = 0,
     progress: bool = False,
+    method: str | None = None,
+    select: str = "none",
+    layer_ratio: float | None = None,
+    validation: float = 0.25,
+    valid_data: str | os.PathLike[str] | None = None,
+    valid_text: str | os.PathLike[str] | None = None,
+    max_layer_loss: float | None = None,
+    stop: str = "ratio",
+    statistics: str | os.PathLike[str] | None = None,
+    plan_path: str | os.PathLike[str] | None = None,
+    curve_path: str | os.PathLike[str] | None = None,
 ) -> CompressionResult:
     """Compress the weight GEMMs of an ONNX model with ESPACE projections and write the result.
 
@@ -319,6 +310,23 @@ def compress(
         external_data: force (True) or forbid (False) external data in the output; default: only past 2 GB.
         seed: seed of random calibration ids.
         progress: show progress bars.
+        method: what factorizes each layer: an ESPACE candidate (as ``candidate``), ``best`` (the six
+            candidates, the best per layer), a baseline ``svd``, ``asvd``, ``whitened-svd``, or ``auto``
+            (the six candidates and whitened SVD). Default: ``candidate``.
+        select: ``none`` (every layer at the ratio's rank with one method), ``validate`` (each layer and
+            method applied alone on validation batches, then progressive application in order of harm
+            until ``ratio`` of the targeted weights is saved), ``proxy`` (the same ranked by the calibrated
+            relative output error, no extra passes).
+        layer_ratio: with selection, the compression of each compressed layer (default max(ratio, 0.5),
+            the paper's "at least 50 %" per layer); ``ratio`` is then met by choosing layers.
+        validation: with ``select="validate"`` and no ``valid_data``/``valid_text``, the fraction of the
+            non-held-out batches used for validation instead of calibration.
+        valid_data / valid_text: validation batches from their own source (same reader as calibration).
+        max_layer_loss: skip layers whose loss increase applied alone exceeds this (relative; paper 0.02).
+        stop: ``ratio`` or ``knee`` (stop at the inflection point of loss vs compression).
+        statistics: write the calibration statistics here (``.npz``; what ``espace-export calibrate`` writes).
+        plan_path: write the plan here (``.json`` + ``.npz``; what ``espace-export plan`` writes).
+        curve_path: write the progressive curve here (``.json`` + ``.png``).
 
     Raises:
         EspaceError: for bad input, with a one-line message naming the problem and the fix.
@@ -328,9 +336,9 @@ def compress(
     if rank is None:
         check_ratio(ratio)
     parse_rank_rule(rank_rule)
-    if candidate not in FORWARD_CANDIDATES:
-        needs = " (needs gradients, not available in this pipeline yet)" if candidate in CANDIDATES else ""
-        raise EspaceError(f"unknown candidate {candidate!r}{needs}", f"choose from {', '.join(FORWARD_CANDIDATES)}")
+    methods = resolve_methods(method if method is not None else candidate)
+    if select == "none" and len(methods) > 1:
+        raise EspaceError(f"method {method!r} chooses per layer and needs a selection", "add --select validate or proxy")
     if not 0.0 <= holdout < 1.0:
         raise EspaceError(f"--holdout must be in [0, 1), got {holdout}", "try --holdout 0.25")
     model_path = Path(model_path)
@@ -340,15 +348,16 @@ def compress(
         raise EspaceError("the output would overwrite the input model", "choose another path with -o")
     patterns = [re.compile(p) for p in exclude]
 
-    model = load_model(model_path, load_weights=False)  # external weights stay on disk until written
+    model = load_model(model_path)
     targets = find_targets(model, include_heads=include_heads)
     if not targets:
         raise EspaceError(
             f"{model_path} has no compressible GEMM (MatMul/Gemm with a 2-D constant weight)",
             "check that weights are initializers (export with do_constant_folding) or use --include-heads",
         )
+    per_layer = ratio if select == "none" else (layer_ratio if layer_ratio is not None else max(ratio, 0.5))
     decisions = decide_layers(
-        targets, ratio=ratio, candidate=candidate, rank_rule=rank_rule, min_rank=min_rank, rank=rank
+        targets, ratio=per_layer, candidate=methods[0], rank_rule=rank_rule, min_rank=min_rank, rank=rank
     )
     for decision in decisions:  # excluded layers stay dense but still count as targeted weights
         if any(p.search(decision.target.name) for p in patterns):
@@ -356,7 +365,7 @@ def compress(
     compressed = [d for d in decisions if d.L is not None]
     if not compressed:
         raise EspaceError(
-            f"no layer can reach ratio {ratio} with a rank of at least {min_rank}",
+            f"no layer can reach ratio {per_layer} with a rank of at least {min_rank}",
             "lower --min-rank, use --rank-rule 16, or lower --ratio",
         )
     batches, source = load_calibration_batches(
@@ -370,33 +379,163 @@ def compress(
         seed=seed,
     )
     calibration_batches, eval_batches = split_holdout(batches, holdout) if holdout > 0 else (batches, batches)
+    validation_batches: list[dict[str, np.ndarray]] = []
+    if select == "validate":
+        if valid_data is not None or valid_text is not None:
+            validation_batches, _ = load_calibration_batches(
+                model, calib_data=valid_data, calib_text=valid_text, tokenizer=tokenizer, batch_size=batch_size,
+                seq_len=seq_len, num_batches=num_batches, seed=seed + 1,
+            )  # fmt: skip
+        else:
+            if len(calibration_batches) < 2:
+                raise EspaceError(
+                    "--select validate needs at least 2 non-held-out batches (calibration + validation)",
+                    "raise --num-batches or pass --valid-text/--valid-data",
+                )
+            calibration_batches, validation_batches = split_holdout(calibration_batches, validation)
     specs = input_specs(model)
     timings["load"] = time.perf_counter() - started
 
     with _Progress(progress) as bars:
         tick = time.perf_counter()
-        with bars.task("calibrating", len(calibration_batches)) as advance:
-            stats = collect_statistics(
-                ort_session,
-                model,
-                [d.target for d in compressed],
-                calibration_batches,
-                precision=stats_precision,
-                specs=specs,
-                on_batch=advance,
-                normalized=candidate in NORMALIZED_CANDIDATES,
-            )
+        calibration = calibrate_model(
+            model, [d.target for d in compressed], calibration_batches, methods=methods, specs=specs,
+            precision=stats_precision, bars=bars, seed=seed,
+        )  # fmt: skip
+        calibration.info = {"source": source, "batches": len(calibration_batches)}
+        if statistics is not None:
+            save_calibration(calibration, statistics)
         timings["calibrate"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        with bars.task("eigen-decomposing", 1) as advance:
-            calibrate_projections(model, compressed, stats)
-            advance()
-        timings["projections"] = time.perf_counter() - tick
+        validator = None
+        if select == "validate":
+            from espace_export.validation import Validator
+
+            validator = Validator(model, [d.target for d in compressed], validation_batches, specs=specs)
+        plan = make_plan(
+            model,
+            targets,
+            {d.target.name: d.L for d in decisions},
+            calibration,
+            ratio=ratio,
+            methods=methods,
+            select=select,
+            validator=validator,
+            max_layer_loss=max_layer_loss,
+            stop=stop,
+            on_step=bars.stepper(),
+        )
+        plan.info = {"model": str(model_path), "layer_ratio": per_layer, "rank_rule": str(rank_rule)}
+        if validator is not None:
+            plan.info["validation"] = {"batches": len(validation_batches), "passes": validator.passes}
+        timings["select"] = time.perf_counter() - tick
+    if plan_path is not None:
+        save_plan(plan, plan_path)
+    if curve_path is not None and plan.curve:
+        write_curve(plan, curve_path)
+    return apply_plan_to_model(
+        model, model_path, targets, decisions, plan, calibration,
+        output_path=output_path, report_file=report_file, eval_batches=eval_batches, holdout=holdout,
+        calibration_batches=calibration_batches, specs=specs, external_data=external_data, timings=timings,
+        started=started,
+        settings={
+            "ratio_requested": ratio if rank is None else None, "rank_forced": rank, "candidate": methods[0],
+            "method": method or candidate, "select": select, "rank_rule": str(rank_rule), "min_rank": min_rank,
+            "source": source, "stats_precision": stats_precision,
+        },
+    )  # fmt: skip
+
+
+def resolve_methods(method: str) -> list[str]:
+    """``best``: the six candidates; ``auto``: those and whitened SVD; otherwise the one method."""
+    if method == "best":
+        return list(CANDIDATES)
+    if method == "auto":
+        return [*CANDIDATES, "whitened-svd"]
+    if method not in METHODS:
+        raise EspaceError(f"unknown candidate or method {method!r}", f"choose from {', '.join(METHODS)}, best, auto")
+    return [method]
+
+
+def calibrate_model(
+    model: onnx.ModelProto,
+    targets: Sequence[GemmTarget],
+    batches: Sequence[dict[str, np.ndarray]],
+    *,
+    methods: Sequence[str],
+    specs: Sequence[Any] | None = None,
+    precision: StatsPrecision = "float32",
+    bars: _Progress | None = None,
+    gradients: bool | None = None,
+    seed: int = 0,
+    torch_module: Any = None,
+) -> Calibration:
+    """Activation statistics (and gradient statistics when a method needs them, or ``gradients=True``)."""
+    bars = bars or _Progress(False)
+    normalized = needs_normalized(methods)
+    with bars.task("calibrating", len(batches)) as advance:
+        stats = collect_statistics(
+            ort_session, model, targets, batches, precision=precision, specs=specs, on_batch=advance,
+            normalized=normalized,
+        )  # fmt: skip
+    grads = None
+    if gradients or (gradients is None and needs_gradients(methods)):
+        from espace_export.gradients import collect_gradient_statistics
+
+        with bars.task("gradients (backward)", len(batches)) as advance:
+            grads = collect_gradient_statistics(
+                model, targets, batches, normalized=normalized, specs=specs, on_batch=advance, seed=seed,
+                torch_module=torch_module,
+            )  # fmt: skip
+    return Calibration(stats, grads, fingerprint(model, targets))
+
+
+def apply_plan_to_model(
+    model: onnx.ModelProto,
+    model_path: Path,
+    targets: Sequence[GemmTarget],
+    decisions: Sequence[LayerDecision],
+    plan: Plan,
+    calibration: Calibration | None,
+    *,
+    output_path: Path,
+    report_file: Path,
+    eval_batches: Sequence[dict[str, np.ndarray]],
+    holdout: float,
+    calibration_batches: Sequence[dict[str, np.ndarray]],
+    specs: Sequence[Any],
+    external_data: bool | None,
+    timings: dict[str, float],
+    started: float,
+    settings: dict[str, Any],
+) -> CompressionResult:
+    """Rewrite ``model`` by ``plan``, check it, measure its fidelity and write it with its report."""
+    from espace_export.baselines import apply_factorizations
+
+    by_name = {t.name: t for t in targets}
+    planned = [entry for entry in plan.fingerprint if entry["name"] in plan.factors]
+    check_fingerprint(planned, fingerprint(model, [by_name[e["name"]] for e in planned if e["name"] in by_name]), "plan")
+    layer_plans = {layer.name: layer for layer in plan.layers}
+    for decision in decisions:
+        layer = layer_plans.get(decision.target.name)
+        factors = plan.factors.get(decision.target.name)
+        if layer is None or factors is None or not layer.selected:
+            decision.L, decision.P = None, None
+            continue
+        decision.L, decision.P, decision.candidate = factors.rank, factors.A, layer.method or decision.candidate
+        if calibration is not None and decision.target.activation in calibration.stats:
+            C_X = calibration.stats[decision.target.activation].C_X
+            energy = float(np.trace(C_X))
+            orthonormal = np.allclose(factors.A.T @ factors.A, np.eye(factors.rank), atol=1e-6)
+            decision.mse_relative = (projection_mse(C_X, factors.A) / energy) if energy > 0 and orthonormal else None
+    compressed = [d for d in decisions if d.L is not None]
+    if not compressed:
+        raise EspaceError("the plan compresses no layer", "raise --ratio, lower --max-layer-loss or --min-rank")
 
     total_before = parameter_count(model)
     original_session = ort_session(model)
     tick = time.perf_counter()
-    project(model, [Projection(d.target, d.P) for d in compressed if d.P is not None])
+    apply_factorizations(model, [(by_name[d.target.name], plan.factors[d.target.name]) for d in compressed])
     timings["rewrite"] = time.perf_counter() - tick
     total_after = parameter_count(model)
 
@@ -407,11 +546,13 @@ def compress(
         "version": __version__,
         "model": str(model_path),
         "output": str(output_path),
-        "ratio_requested": ratio if rank is None else None,
-        "rank_forced": rank,
-        "candidate": candidate,
-        "rank_rule": str(rank_rule),
-        "min_rank": min_rank,
+        "ratio_requested": settings["ratio_requested"],
+        "rank_forced": settings["rank_forced"],
+        "candidate": settings["candidate"],
+        "method": settings["method"],
+        "select": settings["select"],
+        "rank_rule": settings["rank_rule"],
+        "min_rank": settings["min_rank"],
         "targeted_params_before": targeted_before,
         "targeted_params_after": targeted_after,
         "targeted_compression": 1.0 - targeted_after / targeted_before,
@@ -421,14 +562,29 @@ def compress(
         "layers_compressed": len(compressed),
         "layers_dense": len(decisions) - len(compressed),
         "calibration": {
-            "source": source,
+            "source": settings["source"],
             "batches": len(calibration_batches),
             "heldout_batches": len(eval_batches) if holdout > 0 else 0,
-            "rows": {name: s.rows for name, s in stats.items()},
-            "stats_precision": stats_precision,
+            "rows": {name: s.rows for name, s in calibration.stats.items()} if calibration else {},
+            "stats_precision": settings["stats_precision"],
         },
         "layers": [d.as_json() for d in decisions],
     }
+    if plan.select != "none":
+        report["selection"] = {
+            "select": plan.select,
+            "methods": plan.methods,
+            "score": plan.score_kind,
+            "baseline_loss": plan.baseline_loss,
+            "skipped": plan.skipped,
+            "knee": plan.knee,
+            "curve": plan.curve,
+            **plan.info,
+        }
+        for entry in report["layers"]:
+            layer = layer_plans.get(entry["name"])
+            if layer is not None:
+                entry.update({"scores": layer.scores, "harm": layer.harm, "order": layer.order, "method": layer.method})
 
     with atomic_output(output_path) as tmp_output:
         save_model(model, tmp_output, external_data=external_data)
@@ -451,6 +607,35 @@ def compress(
         write_report(report, report_file)
     return CompressionResult(output_path, report_file, report)
 
+
+def write_curve(plan: Plan, path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The progressive curve as JSON and as a PNG (matplotlib, Agg) with the inflection point marked."""
+    path = Path(path)
+    json_path = path.with_suffix(".json")
+    png_path = path.with_suffix(".png")
+    with atomic_output(json_path) as tmp:
+        tmp.write_text(json.dumps({"score": plan.score_kind, "knee": plan.knee, "ratio": plan.ratio, "curve": plan.curve}, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [100 * p["compression"] for p in plan.curve]
+    y = [p["loss"] for p in plan.curve]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, y, marker="o", markersize=3, label="progressive application")
+    if plan.knee is not None:
+        ax.plot([x[plan.knee]], [y[plan.knee]], "r*", markersize=14, label="inflection point")
+    ax.axvline(100 * plan.ratio, color="gray", linestyle="--", linewidth=1, label=f"target {plan.ratio:.0%}")
+    ax.set_xlabel("targeted compression (%)")
+    ax.set_ylabel(plan.score_kind)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_output(png_path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return json_path, png_path
 
 def projected_params(model: onnx.ModelProto) -> int:
     """Numbers stored by the projected pairs: each distinct P (K·L, shared by siblings) and each PᵀW (L·N)."""

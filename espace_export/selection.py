@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
 
 from espace_export.errors import EspaceError
 
@@ -47,3 +51,80 @@ def choose_rank(K: int, N: int, ratio: float, *, rule: str | int = "pow2", min_r
 def check_ratio(ratio: float) -> None:
     if not (0.0 < ratio < 1.0) or math.isnan(ratio):
         raise EspaceError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}", "try --ratio 0.5")
+
+
+# ---- per-layer selection (paper §4.2, appendix C) ------------------------------------------------------
+
+
+def relative_increase(loss: float, baseline: float) -> float:
+    """``(loss − baseline)/baseline``; a loss whose baseline is 0 (distillation) is its own increase."""
+    return (loss - baseline) / baseline if baseline > 0 else loss
+
+
+def best_method(scores: dict[str, float]) -> str:
+    """The method with the lowest score (ties: the first listed)."""
+    return min(scores, key=lambda m: (scores[m], list(scores).index(m)))
+
+
+def rank_layers(harm: dict[str, float], max_layer_loss: float | None = None) -> tuple[list[str], list[str]]:
+    """Layers from least to most harmful, and those skipped because their alone-harm exceeds the limit."""
+    order = sorted(harm, key=lambda name: (harm[name], name))
+    if max_layer_loss is None:
+        return order, []
+    return [n for n in order if harm[n] <= max_layer_loss], [n for n in order if harm[n] > max_layer_loss]
+
+
+def progressive_selection(
+    order: Sequence[str],
+    saved: dict[str, int],
+    targeted_params: int,
+    ratio: float,
+    *,
+    evaluate: Callable[[list[str]], float] | None = None,
+    estimate: dict[str, float] | None = None,
+    baseline: float = 0.0,
+    full_curve: bool = True,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Apply layers in ``order`` one by one until ``ratio`` of the targeted parameters is saved.
+
+    ``saved[name]`` is the parameter count a layer saves. Each step of the curve records the layers applied,
+    the achieved targeted compression and the loss: measured by ``evaluate(applied_layers)`` when given,
+    else ``baseline`` plus the sum of the per-layer ``estimate`` (a proxy). With ``full_curve`` the curve goes
+    on past the ratio to every layer (for the plot and the inflection point); the selection stops at it.
+    """
+    curve: list[dict[str, Any]] = [{"layers": 0, "layer": None, "compression": 0.0, "loss": baseline}]
+    applied: list[str] = []
+    selected: list[str] | None = None
+    total_saved = 0
+    running = baseline
+    for name in order:
+        if selected is not None and not full_curve:
+            break
+        applied.append(name)
+        total_saved += saved[name]
+        if evaluate is not None:
+            running = evaluate(list(applied))
+        else:
+            running += (estimate or {}).get(name, 0.0)
+        compression = total_saved / targeted_params
+        curve.append({"layers": len(applied), "layer": name, "compression": compression, "loss": running})
+        if selected is None and compression >= ratio - 1e-12:
+            selected = list(applied)
+    return (selected if selected is not None else list(applied)), curve
+
+
+def inflection_point(curve: Sequence[dict[str, Any]]) -> int:
+    """Index of the curve's knee: the point farthest below the chord from first to last (Kneedle).
+
+    Loss vs compression bends upward once the harmful layers start to be applied; before the knee each
+    layer buys compression cheaply, after it each costs more than the average.
+    """
+    if len(curve) < 3:
+        return len(curve) - 1
+    x = np.array([p["compression"] for p in curve], dtype=np.float64)
+    y = np.array([p["loss"] for p in curve], dtype=np.float64)
+    span_x, span_y = x[-1] - x[0], y.max() - y.min()
+    if span_x <= 0 or span_y <= 0:
+        return len(curve) - 1
+    gap = (x - x[0]) / span_x - (y - y.min()) / span_y
+    return int(np.argmax(gap))

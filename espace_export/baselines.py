@@ -1,0 +1,154 @@
+"""Two-factor approximations of one weight GEMM: ESPACE's projections and the SVD baselines.
+
+Every method returns a :class:`Factorization` ``W ≈ A·B`` with A: K×L and B: L×N, so every method
+produces the same two-MatMul graph ``(X·A)·B`` at the same parameter count L(K+N):
+
+| method | A | B | minimises |
+|---|---|---|---|
+| ESPACE candidate (``mse`` … ``nl-mse-l2``) | P (orthonormal) | PᵀW | the candidate's objective (paper §3) |
+| ``svd`` | U_L (orthonormal) | Σ_L V_Lᵀ = U_LᵀW | ‖W − AB‖_F (Eckart–Young): activation-blind |
+| ``asvd`` | S⁻¹U_L | Σ_L V_Lᵀ | ‖S(W − AB)‖_F, S = diag(rms(x_k))^α, α = ½ (ASVD, Yuan et al. 2023) |
+| ``whitened-svd`` | R⁻ᵀU_L | Σ_L V_Lᵀ | E‖x(W − AB)‖² exactly (SVD-LLM, Wang et al. 2024); C_X = RRᵀ |
+
+Truncated SVD is itself an orthonormal input projection (U_L U_Lᵀ W), so it fits
+:func:`graph_passes.project` as is; ASVD and whitened SVD have a non-orthonormal A with B ≠ AᵀW, which
+:func:`apply_factorizations` handles by rewriting with A and then storing B as the second factor.
+
+Whitened SVD regulariser: C_X + λI with λ = 1e-6·trace(C_X)/K (relative to the mean activation energy,
+so it is scale-free); it only matters for activations with (near-)dead channels, where the Cholesky of
+the plain C_X would fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import scipy.linalg
+from onnx import numpy_helper
+
+from espace_export.candidates import CANDIDATES, candidate_matrix, eigen_decomposition
+
+BASELINES = ("svd", "asvd", "whitened-svd")
+METHODS = (*CANDIDATES, *BASELINES)
+WHITENING_REGULARISER = 1e-6
+ASVD_ALPHA = 0.5
+
+
+@dataclass(frozen=True)
+class Factorization:
+    """``W ≈ A·B``: A is K×L (the input projection), B is L×N (the folded weight)."""
+
+    method: str
+    A: np.ndarray
+    B: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[1])
+
+    def weight(self) -> np.ndarray:
+        """The effective K×N weight A·B (what the pair computes, for validation)."""
+        return self.A @ self.B
+
+
+def espace_projection(P: np.ndarray, W: np.ndarray, method: str) -> Factorization:
+    """ESPACE: A = P, B = PᵀW."""
+    P = np.asarray(P, dtype=np.float64)
+    return Factorization(method, P, P.T @ np.asarray(W, dtype=np.float64))
+
+
+def truncated_svd(W: np.ndarray, L: int) -> Factorization:
+    U, s, Vt = np.linalg.svd(np.asarray(W, dtype=np.float64), full_matrices=False)
+    return Factorization("svd", U[:, :L], s[:L, None] * Vt[:L])
+
+
+def _scaled_svd(method: str, W: np.ndarray, S: np.ndarray, S_inv: np.ndarray, L: int) -> Factorization:
+    """Best rank-L fit of S·W, mapped back: A = S⁻¹U_L, B = Σ_L V_Lᵀ."""
+    U, s, Vt = np.linalg.svd(S @ np.asarray(W, dtype=np.float64), full_matrices=False)
+    return Factorization(method, S_inv @ U[:, :L], s[:L, None] * Vt[:L])
+
+
+def activation_aware_svd(W: np.ndarray, C_X: np.ndarray, L: int, alpha: float = ASVD_ALPHA) -> Factorization:
+    """ASVD: scale input channel k by rms(x_k)^α before the SVD (channels with large activations kept better)."""
+    rms = np.sqrt(np.maximum(np.diag(C_X), 0.0))
+    scale = np.power(np.maximum(rms, 1e-8 * max(float(rms.max()), 1e-30)), alpha)
+    return _scaled_svd("asvd", W, np.diag(scale), np.diag(1.0 / scale), L)
+
+
+def whitened_svd(W: np.ndarray, C_X: np.ndarray, L: int) -> Factorization:
+    """SVD-LLM-style: with C_X + λI = R Rᵀ (Cholesky), E‖x(W − AB)‖² = ‖Rᵀ(W − AB)‖_F², minimised by the
+    truncated SVD of RᵀW."""
+    C = np.asarray(C_X, dtype=np.float64)
+    K = C.shape[0]
+    regulariser = WHITENING_REGULARISER * max(float(np.trace(C)) / K, 1e-30)
+    R = scipy.linalg.cholesky(C + regulariser * np.eye(K), lower=True)
+    R_inv_T = scipy.linalg.solve_triangular(R.T, np.eye(K), lower=False)
+    return _scaled_svd("whitened-svd", W, R.T, R_inv_T, L)
+
+
+def factorize(
+    method: str,
+    W: np.ndarray,
+    L: int,
+    *,
+    C_X: np.ndarray,
+    C_X_normalized: np.ndarray | None = None,
+    C_XG: np.ndarray | None = None,
+    C_XG_normalized: np.ndarray | None = None,
+    eigenvectors: np.ndarray | None = None,
+) -> Factorization:
+    """The rank-L factorization of ``W`` (K×N) by ``method`` (an ESPACE candidate or a baseline).
+
+    ``eigenvectors`` (K×≥L, leading first) may be passed for an ESPACE candidate already decomposed
+    (siblings share the weight-free ones).
+    """
+    if method == "svd":
+        return truncated_svd(W, L)
+    if method == "asvd":
+        return activation_aware_svd(W, C_X, L)
+    if method == "whitened-svd":
+        return whitened_svd(W, C_X, L)
+    if eigenvectors is None:
+        C, by_magnitude = candidate_matrix(
+            method,  # type: ignore[arg-type]
+            C_X=C_X,
+            C_X_normalized=C_X_normalized,
+            W=W,
+            C_XG=C_XG,
+            C_XG_normalized=C_XG_normalized,
+        )
+        eigenvectors = eigen_decomposition(C, by_magnitude=by_magnitude, top=L)[1]
+    return espace_projection(np.ascontiguousarray(eigenvectors[:, :L]), W, method)
+
+
+def output_error(W: np.ndarray, factorization: Factorization, C_X: np.ndarray) -> float:
+    """``E‖x(W − AB)‖² / E‖xW‖²``: the relative output error on the calibration statistics."""
+    D = np.asarray(W, dtype=np.float64) - factorization.weight()
+    energy = float(np.sum(W * (C_X @ W)))
+    return float(np.sum(D * (C_X @ D))) / energy if energy > 0 else 0.0
+
+
+def apply_factorizations(model: onnx.ModelProto, chosen: Sequence[tuple[object, Factorization]]) -> onnx.ModelProto:
+    """Rewrite each ``(target, factorization)`` into the pair ``(X·A)·B`` (in place; returns ``model``).
+
+    Uses :func:`graph_passes.project` with A as the projection, then replaces the folded AᵀW it stored with
+    B where they differ (ASVD, whitened SVD). Sibling sharing of ``X·A`` applies as in ``project``.
+    """
+    from graph_passes import Projection, find_projected_pairs, project
+
+    project(model, [Projection(target, f.A) for target, f in chosen])  # type: ignore[arg-type]
+    expand_nodes = {pair.name: pair.expand_node for pair in find_projected_pairs(model)}
+    nodes = {node.name: node for node in model.graph.node}
+    initializers = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    for target, factorization in chosen:
+        # each layer has its own folded initializer, so overwriting it with B touches no other layer
+        index = initializers[nodes[expand_nodes[target.name]].input[1]]  # type: ignore[attr-defined]
+        stored = model.graph.initializer[index]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(stored.data_type)
+        B = factorization.B
+        value = B.T if target.pattern == "gemm" and target.stored_transposed else B  # type: ignore[attr-defined]
+        stored.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), stored.name))
+    return model

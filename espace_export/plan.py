@@ -1,0 +1,434 @@
+"""Plans and calibration statistics as artifacts, and the planner that makes a plan.
+
+``calibrate`` → statistics (``.npz``: activation and gradient sums, and the model's fingerprint)
+``plan``      → per-layer decisions (``plan.json``, reviewable, + ``plan.npz`` with the chosen factors A, B)
+``apply``     → the compressed model.
+
+Each may run on another day or machine. A fingerprint of the targeted GEMMs (name, K, N and a SHA-1 of
+each weight) travels in both artifacts; a plan or statistics file that does not match the model it is
+applied to is rejected with an :class:`EspaceError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from espace_export.baselines import BASELINES, METHODS, Factorization, factorize, output_error
+from espace_export.calibration import ActivationStats
+from espace_export.candidates import NORMALIZED_CANDIDATES, candidate_matrix, eigen_decomposition
+from espace_export.errors import EspaceError
+from espace_export.gradients import GradientStats
+from espace_export.model_io import atomic_output
+from espace_export.selection import (
+    best_method,
+    inflection_point,
+    layer_compression,
+    progressive_selection,
+    rank_layers,
+    relative_increase,
+)
+from graph_passes.find import GemmTarget, weight_matrix
+
+PLAN_FORMAT = "espace-plan/1"
+STATS_FORMAT = "espace-stats/1"
+GRADIENT_METHODS = ("nl-mse", "nl-mse-l2")
+WEIGHT_FREE = ("mse", "nmse", "nl-mse", "nl-mse-l2")
+
+
+def fingerprint(model: onnx.ModelProto, targets: Sequence[GemmTarget]) -> list[dict[str, Any]]:
+    """What a plan must match: each target's name, K, N and a SHA-1 of its weight."""
+    return [
+        {
+            "name": t.name,
+            "K": t.K,
+            "N": t.N,
+            "sha1": hashlib.sha1(np.ascontiguousarray(weight_matrix(model, t)).tobytes()).hexdigest(),
+        }
+        for t in targets
+    ]
+
+
+def check_fingerprint(expected: Sequence[dict[str, Any]], model_print: Sequence[dict[str, Any]], what: str) -> None:
+    by_name = {entry["name"]: entry for entry in model_print}
+    for entry in expected:
+        found = by_name.get(entry["name"])
+        if found is None:
+            raise EspaceError(
+                f"the {what} names layer {entry['name']}, which this model does not have",
+                f"use the model the {what} was made for, or make a new {what} for this one",
+            )
+        if (found["K"], found["N"]) != (entry["K"], entry["N"]):
+            raise EspaceError(
+                f"the {what} has layer {entry['name']} as {entry['K']}×{entry['N']}, this model has it "
+                f"{found['K']}×{found['N']}",
+                f"make a new {what} for this model",
+            )
+        if found["sha1"] != entry["sha1"]:
+            raise EspaceError(
+                f"the weights of {entry['name']} differ from those the {what} was made for",
+                f"make a new {what} for this model (a plan is only valid for the exact weights it was calibrated on)",
+            )
+
+
+# ---- calibration statistics ---------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """Activation (and optionally gradient) statistics of a model, with its fingerprint."""
+
+    stats: dict[str, ActivationStats]
+    gradients: dict[str, GradientStats] | None
+    fingerprint: list[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def save_calibration(calibration: Calibration, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"format": STATS_FORMAT, "fingerprint": calibration.fingerprint, "info": calibration.info}
+    meta["activations"] = []
+    for i, (name, s) in enumerate(calibration.stats.items()):
+        meta["activations"].append(
+            {"name": name, "K": s.K, "normalized": s.normalized, "rows": s.rows, "rows_normalized": s.rows_normalized}
+        )
+        arrays[f"xx.{i}"] = s.sum_xx
+        if s.normalized:
+            arrays[f"xxn.{i}"] = s.sum_xx_normalized
+        if calibration.gradients is not None and name in calibration.gradients:
+            g = calibration.gradients[name]
+            meta["activations"][-1].update({"sequences": g.sequences, "gradients_normalized": g.normalized})
+            arrays[f"xg.{i}"] = g.sum_xg
+            if g.normalized:
+                arrays[f"xgn.{i}"] = g.sum_xg_normalized
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+def load_calibration(path: str | os.PathLike[str]) -> Calibration:
+    path = Path(path)
+    if not path.is_file():
+        raise EspaceError(f"statistics file not found: {path}", "run `espace-export calibrate` first")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+        meta = json.loads(arrays.pop("meta").tobytes())
+    except Exception as exc:
+        raise EspaceError(
+            f"cannot read statistics {path}: {exc}", "pass a file written by `espace-export calibrate`"
+        ) from None
+    if meta.get("format") != STATS_FORMAT:
+        raise EspaceError(f"{path} is not an espace-export statistics file", "run `espace-export calibrate`")
+    stats: dict[str, ActivationStats] = {}
+    gradients: dict[str, GradientStats] = {}
+    for i, entry in enumerate(meta["activations"]):
+        s = ActivationStats(entry["K"], entry["normalized"])
+        s.sum_xx, s.rows, s.rows_normalized = arrays[f"xx.{i}"], entry["rows"], entry["rows_normalized"]
+        if entry["normalized"]:
+            s.sum_xx_normalized = arrays[f"xxn.{i}"]
+        stats[entry["name"]] = s
+        if f"xg.{i}" in arrays:
+            g = GradientStats(entry["K"], entry["gradients_normalized"])
+            g.sum_xg, g.sequences = arrays[f"xg.{i}"], entry["sequences"]
+            if g.normalized:
+                g.sum_xg_normalized = arrays[f"xgn.{i}"]
+            gradients[entry["name"]] = g
+    return Calibration(stats, gradients or None, meta["fingerprint"], meta.get("info", {}))
+
+
+# ---- plans --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    K: int
+    N: int
+    L: int | None  # None: not compressible at the layer ratio
+    method: str | None = None  # the chosen method (best score when selecting)
+    selected: bool = False
+    scores: dict[str, float] = field(default_factory=dict)  # method → validation loss (or proxy)
+    harm: float | None = None  # relative loss increase of the chosen method applied alone
+    order: int | None = None  # position in the progressive order
+
+
+@dataclass
+class Plan:
+    ratio: float
+    select: str  # "none" | "validate" | "proxy"
+    methods: list[str]
+    score_kind: str  # "validation loss (next-token)" | ... | "relative output error (proxy)"
+    baseline_loss: float | None
+    layers: list[LayerPlan]
+    fingerprint: list[dict[str, Any]]
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    knee: int | None = None
+    skipped: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    factors: dict[str, Factorization] = field(default_factory=dict)  # selected layers only
+
+    def selected_layers(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if layer.selected]
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("factors")
+        return {"format": PLAN_FORMAT, **data}
+
+
+def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
+    """``path`` (JSON) and ``path`` with suffix ``.npz`` (the factors A, B of the selected layers)."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(plan.as_json(), indent=2) + "\n")
+    arrays: dict[str, np.ndarray] = {}
+    for i, layer in enumerate(plan.layers):
+        if layer.name in plan.factors:
+            arrays[f"A.{i}"] = plan.factors[layer.name].A
+            arrays[f"B.{i}"] = plan.factors[layer.name].B
+    with atomic_output(path.with_suffix(".npz")) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise EspaceError(f"plan not found: {path}", "run `espace-export plan` first")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EspaceError(
+            f"plan {path} is not valid JSON: {exc}", "pass a plan written by `espace-export plan`"
+        ) from None
+    if not isinstance(data, dict) or data.pop("format", None) != PLAN_FORMAT:
+        raise EspaceError(f"{path} is not an espace-export plan", "pass a plan written by `espace-export plan`")
+    factors_path = path.with_suffix(".npz")
+    if not factors_path.is_file():
+        raise EspaceError(f"the plan's factors {factors_path} are missing", "keep plan.json and plan.npz together")
+    with np.load(factors_path, allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    layers = [LayerPlan(**entry) for entry in data.pop("layers")]
+    plan = Plan(layers=layers, **data)
+    for i, layer in enumerate(layers):
+        if f"A.{i}" in arrays:
+            plan.factors[layer.name] = Factorization(layer.method or "?", arrays[f"A.{i}"], arrays[f"B.{i}"])
+    missing = [layer.name for layer in plan.selected_layers() if layer.name not in plan.factors]
+    if missing:
+        raise EspaceError(f"the plan's factors lack layer {missing[0]}", "re-run `espace-export plan`")
+    return plan
+
+
+# ---- the planner ---------------------------------------------------------------------------------------
+
+
+def needs_normalized(methods: Sequence[str]) -> bool:
+    return any(m in NORMALIZED_CANDIDATES for m in methods)
+
+
+def needs_gradients(methods: Sequence[str]) -> bool:
+    return any(m in GRADIENT_METHODS for m in methods)
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    for method in methods:
+        if method not in METHODS:
+            raise EspaceError(f"unknown method {method!r}", f"choose from {', '.join(METHODS)}")
+
+
+class Factorizer:
+    """Every method's factorization of every layer, with weight-free eigenvectors shared per activation."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        calibration: Calibration,
+        ranks: dict[str, int],
+        targets: Sequence[GemmTarget],
+    ) -> None:
+        self.model = model
+        self.calibration = calibration
+        self.targets = {t.name: t for t in targets}
+        self.ranks = ranks
+        self._eigen: dict[tuple[str, str], np.ndarray] = {}
+        self._largest: dict[str, int] = {}
+        for name, L in ranks.items():
+            activation = self.targets[name].activation
+            self._largest[activation] = max(self._largest.get(activation, 0), L)
+
+    def __call__(self, name: str, method: str) -> Factorization:
+        target = self.targets[name]
+        L = self.ranks[name]
+        stats = self.calibration.stats[target.activation]
+        grads = (self.calibration.gradients or {}).get(target.activation)
+        if method in GRADIENT_METHODS and grads is None:
+            raise EspaceError(f"{method} needs gradient statistics", "calibrate with gradients (--gradients)")
+        W = weight_matrix(self.model, target).astype(np.float64)
+        statistics = {
+            "C_X": stats.C_X,
+            "C_X_normalized": stats.C_X_normalized if stats.normalized else None,
+            "C_XG": grads.C_XG if grads is not None else None,
+            "C_XG_normalized": grads.C_XG_normalized if grads is not None and grads.normalized else None,
+        }
+        if method in WEIGHT_FREE:
+            key = (target.activation, method)
+            if key not in self._eigen:
+                C, by_magnitude = candidate_matrix(method, W=W, **statistics)  # type: ignore[arg-type]
+                top = self._largest[target.activation]
+                self._eigen[key] = eigen_decomposition(C, by_magnitude=by_magnitude, top=top)[1]
+            return factorize(method, W, L, eigenvectors=self._eigen[key], **statistics)  # type: ignore[arg-type]
+        return factorize(method, W, L, **statistics)  # type: ignore[arg-type]
+
+
+def make_plan(
+    model: onnx.ModelProto,
+    targets: Sequence[GemmTarget],
+    ranks: dict[str, int | None],
+    calibration: Calibration,
+    *,
+    ratio: float,
+    methods: Sequence[str],
+    select: str = "validate",
+    validator: Any = None,
+    max_layer_loss: float | None = None,
+    stop: str = "ratio",
+    full_curve: bool = True,
+    on_step: Callable[[str, int], None] | None = None,
+) -> Plan:
+    """Decide, per targeted layer, whether and how it is compressed.
+
+    ``select``:
+    * ``none`` — every compressible layer with ``methods[0]`` (the classic fixed-candidate run);
+    * ``validate`` — each layer × method applied alone and scored by ``validator`` (validation loss);
+      layers ranked by their best method's loss increase and applied progressively until ``ratio`` of the
+      targeted weights is saved (or to the curve's inflection point with ``stop="knee"``), skipping layers
+      whose alone-increase exceeds ``max_layer_loss`` (relative; the paper uses 0.02);
+    * ``proxy`` — the same with the relative output error ``E‖x(W − AB)‖²/E‖xW‖²`` as the score: no extra
+      model passes, blind to how the rest of the network amplifies a layer's error.
+
+    ``on_step(phase, total)`` is called before each scored trial (for progress bars).
+    """
+    check_methods(methods)
+    if select not in ("none", "validate", "proxy"):
+        raise EspaceError(f"unknown selection {select!r}", "use none, validate or proxy")
+    if select == "validate" and validator is None:
+        raise EspaceError("--select validate needs validation data", "give calibration data with enough batches")
+    by_name = {t.name: t for t in targets}
+    compressible = {name: L for name, L in ranks.items() if L is not None}
+    factorizer = Factorizer(model, calibration, compressible, targets)  # type: ignore[arg-type]
+    layers = {t.name: LayerPlan(t.name, t.K, t.N, ranks.get(t.name)) for t in targets}
+    baseline = validator.baseline if validator is not None else None
+    score_kind = f"validation loss ({validator.loss})" if select == "validate" else "relative output error (proxy)"
+    plan = Plan(ratio, select, list(methods), score_kind, baseline, list(layers.values()), fingerprint(model, targets))
+
+    if select == "none":
+        for name in compressible:
+            layer = layers[name]
+            layer.method, layer.selected = methods[0], True
+            plan.factors[name] = factorizer(name, methods[0])
+        plan.score_kind = "none"
+        return plan
+
+    candidates: dict[str, dict[str, Factorization]] = {}
+    total_trials = len(compressible) * len(methods)
+    for name in compressible:
+        layer = layers[name]
+        candidates[name] = {}
+        W = weight_matrix(model, by_name[name]).astype(np.float64)
+        for method in methods:
+            if on_step is not None:
+                on_step("scoring", total_trials)
+            factorization = factorizer(name, method)
+            candidates[name][method] = factorization
+            if select == "validate":
+                override = {name: validator.effective(name, factorization.weight())}
+                layer.scores[method] = float(validator.evaluate(override))
+            else:
+                C_X = calibration.stats[by_name[name].activation].C_X
+                layer.scores[method] = output_error(W, factorization, C_X)
+        layer.method = best_method(layer.scores)
+        best = layer.scores[layer.method]
+        layer.harm = relative_increase(best, baseline) if select == "validate" else best
+
+    harm = {name: float(layers[name].harm) for name in compressible}  # type: ignore[arg-type]
+    order, plan.skipped = rank_layers(harm, max_layer_loss if select == "validate" else None)
+    for position, name in enumerate(order):
+        layers[name].order = position
+    saved = {
+        name: by_name[name].K * by_name[name].N - compressible[name] * (by_name[name].K + by_name[name].N)
+        for name in order
+    }
+    targeted = sum(t.K * t.N for t in targets)
+
+    def evaluate(applied: list[str]) -> float:
+        if on_step is not None:
+            on_step("progressive", len(order))
+        chosen = candidates
+        return float(
+            validator.evaluate(
+                {n: validator.effective(n, chosen[n][layers[n].method].weight()) for n in applied}  # type: ignore[index]
+            )
+        )
+
+    selected, plan.curve = progressive_selection(
+        order,
+        saved,
+        targeted,
+        ratio,
+        evaluate=evaluate if select == "validate" else None,
+        estimate=harm,
+        baseline=baseline if baseline is not None else 0.0,
+        full_curve=full_curve or stop == "knee",
+    )
+    plan.knee = inflection_point(plan.curve)
+    if stop == "knee":
+        selected = [p["layer"] for p in plan.curve[1 : plan.knee + 1]]
+    for name in selected:
+        layers[name].selected = True
+        plan.factors[name] = candidates[name][layers[name].method]  # type: ignore[index]
+    return plan
+
+
+def plan_summary(plan: Plan, targets: Sequence[GemmTarget]) -> dict[str, Any]:
+    """Targeted compression the plan achieves (unshared P counted per layer) and method counts."""
+    before = sum(t.K * t.N for t in targets)
+    after = before
+    methods: dict[str, int] = {}
+    for layer in plan.selected_layers():
+        assert layer.L is not None and layer.method is not None
+        after -= layer.K * layer.N - layer.L * (layer.K + layer.N)
+        methods[layer.method] = methods.get(layer.method, 0) + 1
+    return {
+        "targeted_compression_planned": 1 - after / before,
+        "layers_selected": len(plan.selected_layers()),
+        "methods": methods,
+        "layer_compression": {
+            layer.name: layer_compression(layer.K, layer.N, layer.L) for layer in plan.selected_layers() if layer.L
+        },
+    }
+
+
+__all__ = [
+    "BASELINES",
+    "Calibration",
+    "LayerPlan",
+    "Plan",
+    "check_fingerprint",
+    "fingerprint",
+    "load_calibration",
+    "load_plan",
+    "make_plan",
+    "save_calibration",
+    "save_plan",
+]

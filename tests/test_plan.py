@@ -1,0 +1,80 @@
+"""Plans and calibration statistics as artifacts: round trips, and rejection on the wrong model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import espace_export
+from espace_export.errors import EspaceError
+from espace_export.plan import check_fingerprint, fingerprint, load_calibration, load_plan, save_plan
+
+
+@pytest.fixture(scope="module")
+def planned(sample_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan")
+    path = sample_model("llama", "torchscript")
+    result = espace_export.compress(
+        path, ratio=0.3, method="best", select="proxy", num_batches=4, seq_len=16, output=out / "m.onnx",
+        plan_path=out / "plan.json", statistics=out / "stats.npz", curve_path=out / "curve",
+    )  # fmt: skip
+    return path, out, result
+
+
+def test_plan_round_trips(planned, tmp_path) -> None:
+    _, out, _ = planned
+    plan = load_plan(out / "plan.json")
+    assert plan.select == "proxy" and len(plan.methods) == 6
+    assert plan.factors and all(layer.name in plan.factors for layer in plan.selected_layers())
+    again = save_plan(plan, tmp_path / "again.json")
+    reloaded = load_plan(again)
+    assert reloaded.as_json() == plan.as_json()
+    for name, f in plan.factors.items():
+        np.testing.assert_array_equal(reloaded.factors[name].A, f.A)
+        np.testing.assert_array_equal(reloaded.factors[name].B, f.B)
+    assert json.loads((out / "curve.json").read_text())["curve"][0]["compression"] == 0.0
+    assert (out / "curve.png").stat().st_size > 1000
+
+
+def test_statistics_round_trip_with_gradients(sample_model, tmp_path) -> None:
+    from espace_export.data import input_specs, random_token_batches
+    from espace_export.pipeline import calibrate_model
+    from espace_export.plan import save_calibration
+    from graph_passes import find_targets
+
+    model = onnx.load(sample_model("llama", "torchscript"))
+    targets = find_targets(model)
+    with pytest.warns(UserWarning):
+        batches = random_token_batches(input_specs(model), 256, batch_size=2, seq_len=8, num_batches=2, seed=0)
+    calibration = calibrate_model(model, targets, batches, methods=["nl-mse-l2"])
+    assert calibration.gradients is not None
+    loaded = load_calibration(save_calibration(calibration, tmp_path / "stats.npz"))
+    assert loaded.fingerprint == calibration.fingerprint
+    for name, stats in calibration.stats.items():
+        np.testing.assert_array_equal(loaded.stats[name].sum_xx_normalized, stats.sum_xx_normalized)
+        np.testing.assert_array_equal(loaded.gradients[name].sum_xg, calibration.gradients[name].sum_xg)
+        assert loaded.gradients[name].sequences == calibration.gradients[name].sequences == 4
+
+
+def test_a_plan_for_other_weights_is_rejected(planned, sample_model) -> None:
+    path, out, _ = planned
+    plan = load_plan(out / "plan.json")
+    from graph_passes import find_targets
+
+    other = onnx.load(sample_model("llama", "torchscript", seed=1))  # same shapes, other weights
+    with pytest.raises(EspaceError, match="weights of .* differ"):
+        check_fingerprint(plan.fingerprint, fingerprint(other, find_targets(other)), "plan")
+    wider = onnx.load(sample_model("gpt2", "torchscript"))
+    with pytest.raises(EspaceError, match="does not have"):
+        check_fingerprint(plan.fingerprint, fingerprint(wider, find_targets(wider)), "plan")
+
+
+def test_bad_plan_files_are_user_errors(tmp_path) -> None:
+    with pytest.raises(EspaceError, match="not found"):
+        load_plan(tmp_path / "missing.json")
+    (tmp_path / "p.json").write_text("{}")
+    with pytest.raises(EspaceError, match="not an espace-export plan"):
+        load_plan(tmp_path / "p.json")

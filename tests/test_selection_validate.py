@@ -1,0 +1,77 @@
+"""Per-layer validation, progressive application, the inflection point."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import espace_export
+from espace_export.selection import inflection_point, progressive_selection, rank_layers
+
+
+def test_progressive_curve_is_monotone_in_compression_and_stops_at_the_ratio() -> None:
+    order = ["a", "b", "c", "d"]
+    saved = {"a": 10, "b": 30, "c": 20, "d": 40}
+    losses = iter([1.1, 1.3, 1.2, 2.0])
+    selected, curve = progressive_selection(
+        order, saved, 100, 0.35, evaluate=lambda applied: next(losses), baseline=1.0
+    )
+    assert selected == ["a", "b"]  # 40 % ≥ 35 % after two layers
+    compressions = [p["compression"] for p in curve]
+    assert compressions == sorted(compressions) and len(set(compressions)) == len(compressions)
+    assert compressions[-1] == pytest.approx(1.0) and curve[0]["loss"] == 1.0
+    # the proxy path: cumulative estimates, no evaluation
+    _, proxy = progressive_selection(order, saved, 100, 0.35, estimate={"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4})
+    assert [p["loss"] for p in proxy] == pytest.approx([0.0, 0.1, 0.3, 0.6, 1.0])
+
+
+def test_rank_layers_skips_harmful_ones_and_knee_sits_where_the_curve_bends() -> None:
+    order, skipped = rank_layers({"x": 0.03, "y": 0.001, "z": 0.01}, max_layer_loss=0.02)
+    assert order == ["y", "z"] and skipped == ["x"]
+    curve = [{"compression": c, "loss": v} for c, v in [(0, 0), (0.2, 0.01), (0.4, 0.02), (0.6, 0.05), (0.8, 0.5)]]
+    assert inflection_point(curve) == 3
+
+
+def test_validator_scores_one_layer_as_the_rewritten_model_does(sample_model) -> None:
+    from espace_export.baselines import apply_factorizations, truncated_svd
+    from espace_export.build import ort_session
+    from espace_export.data import complete_feed, input_specs
+    from espace_export.validation import Validator, validation_loss
+    from graph_passes import find_targets, weight_matrix
+
+    path = sample_model("llama", "torchscript")
+    model = onnx.load(path)
+    targets = find_targets(model)
+    rng = np.random.default_rng(0)
+    batches = [{"input_ids": rng.integers(0, 256, (2, 12)).astype(np.int64)} for _ in range(2)]
+    validator = Validator(model, targets, batches)
+    assert validator.loss == "next-token" and validator.baseline > 0
+    target = targets[4]
+    f = truncated_svd(weight_matrix(model, target).astype(np.float64), 16)
+    trial = validator.evaluate({target.name: validator.effective(target.name, f.weight())})
+    rewritten = apply_factorizations(onnx.load(path), [(target, f)])
+    session = ort_session(rewritten)
+    total = count = 0
+    for batch in batches:
+        feed = complete_feed(batch, input_specs(model))
+        value, n = validation_loss("next-token", session.run(None, feed)[0], feed, None)
+        total, count = total + value, count + n
+    assert trial == pytest.approx(total / count, rel=1e-5)
+    assert trial != pytest.approx(validator.baseline, rel=1e-7)
+
+
+@pytest.mark.slow
+def test_compress_with_validation_meets_the_ratio_and_records_every_score(sample_model, tmp_path) -> None:
+    path = sample_model("bert", "torchscript")
+    result = espace_export.compress(
+        path, ratio=0.3, method="auto", select="validate", num_batches=6, seq_len=16, output=tmp_path / "m.onnx",
+        max_layer_loss=0.5,
+    )  # fmt: skip
+    report = result.report
+    assert report["selection"]["score"] == "validation loss (distill)"
+    assert result.targeted_compression >= 0.3 - 1e-9
+    scored = [layer for layer in report["layers"] if layer.get("scores")]
+    assert scored and all(len(layer["scores"]) == 7 for layer in scored)
+    passes = report["selection"]["validation"]["passes"]
+    assert passes == 1 + 7 * len(scored) + len(report["selection"]["curve"]) - 1
