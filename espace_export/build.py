@@ -11,7 +11,15 @@ from pathlib import Path
 
 import onnx
 
-from espace_export.model_io import PROTOBUF_LIMIT, model_bytes, save_model
+from espace_export.model_io import (
+    PROTOBUF_LIMIT,
+    external_initializers,
+    model_bytes,
+    runtime_source,
+    save_model,
+    without_loader_metadata,
+)
+from graph_passes.find import external_data_dir
 
 
 def ort_session(
@@ -29,7 +37,7 @@ def ort_session(
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures surface as exceptions; logging them too only adds noise
     options.graph_optimization_level = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -40,6 +48,18 @@ def ort_session(
         options.intra_op_num_threads = threads
     providers = providers or ["CPUExecutionProvider"]
     if isinstance(model, onnx.ModelProto):
+        if external_data_dir(model):  # weights still on disk: load the graph from beside them
+            with runtime_source(model) as source:
+                if isinstance(source, Path):
+                    return ort.InferenceSession(str(source), options, providers=providers)
+        names, arrays = external_initializers(model)
+        if names:  # the data's directory is read-only: run on memory maps of the data file
+            values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
+            options.add_external_initializers(names, values)
+            graph = without_loader_metadata(model)
+            session = ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
+            session._espace_keepalive = (arrays, values)  # the session reads these buffers for its lifetime
+            return session
         if model_bytes(model) <= PROTOBUF_LIMIT:
             return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         with tempfile.TemporaryDirectory(prefix="espace-session-") as tmp:

@@ -22,6 +22,7 @@ from graph_passes.find import GemmTarget
 from graph_passes.statistics import MIN_OPSET, add_gram_outputs, default_opset
 
 StatsPrecision = Literal["float32", "float64"]
+_LOAD_FIX = "check that the model runs in onnxruntime (re-export it if not)"
 _BATCH_FIX = "check the calibration inputs against the model (token ids below the vocabulary size, --seq-len within its positions)"
 
 
@@ -144,8 +145,9 @@ def collect_statistics(
                 raise
     activations = distinct_activations(targets)
     names = list(activations)
-    with runtime_errors("to load the model", "check that the model runs in onnxruntime (re-export it if not)"):
-        session = session_factory(with_outputs(model, names, {n: t for n, (_, t) in activations.items()}))
+    augmented = with_outputs(model, names, {n: t for n, (_, t) in activations.items()})
+    with runtime_errors("to load the model", _LOAD_FIX):
+        session = session_factory(augmented)
     stats = {name: ActivationStats(K, normalized) for name, (K, _) in activations.items()}
     for batch in batches:
         feed = complete_feed(batch, specs)

@@ -181,6 +181,34 @@ def external_initializers(model: onnx.ModelProto) -> tuple[list[str], list[np.nd
     return names, arrays
 
 
+@contextlib.contextmanager
+def runtime_source(model: onnx.ModelProto) -> Iterator[onnx.ModelProto | Path]:
+    """What to hand ONNX Runtime for ``model``, for the duration of the block.
+
+    A model whose weights are still on disk becomes a hidden temporary ``.onnx`` of its graph written
+    beside the original data files (relative locations resolve, ONNX Runtime reads the weights once, as
+    for the original model) and removed when the block ends — a session made inside keeps working. If
+    that directory is not writable, the proto itself is returned and :func:`espace_export.build.ort_session`
+    maps the weights instead (no write, but the runtime then holds the mapped pages and a copy).
+    """
+    base = external_data_dir(model)
+    if not base:
+        yield model
+        return
+    try:
+        handle, name = tempfile.mkstemp(prefix=".espace-graph-", suffix=".onnx", dir=base)
+    except OSError:
+        yield model
+        return
+    path = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(without_loader_metadata(model).SerializeToString())
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def without_loader_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with this package's loader bookkeeping removed (a shallow proto copy only when needed)."""
     if not external_data_dir(model):
