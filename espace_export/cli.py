@@ -32,6 +32,79 @@ class Candidate(str, Enum):
     nmse = "nmse"
     go_mse = "go-mse"
     go_mse_l2 = "go-mse-l2"
+    nl_mse = "nl-mse"
+    nl_mse_l2 = "nl-mse-l2"
+
+
+class Method(str, Enum):
+    mse = "mse"
+    nmse = "nmse"
+    go_mse = "go-mse"
+    go_mse_l2 = "go-mse-l2"
+    nl_mse = "nl-mse"
+    nl_mse_l2 = "nl-mse-l2"
+    best = "best"
+    svd = "svd"
+    asvd = "asvd"
+    whitened_svd = "whitened-svd"
+    auto = "auto"
+
+
+class Select(str, Enum):
+    none = "none"
+    validate = "validate"
+    proxy = "proxy"
+
+
+class Stop(str, Enum):
+    ratio = "ratio"
+    knee = "knee"
+
+
+_SELECT = "Selection"
+MethodOption = Annotated[
+    Method | None,
+    typer.Option(
+        help="best: the six candidates, best per layer; svd/asvd/whitened-svd: baselines; auto: six + whitened-svd "
+        "[default: --candidate].",
+        rich_help_panel=_SELECT,
+    ),
+]
+SelectOption = Annotated[
+    Select,
+    typer.Option(
+        help="none: every layer at --ratio; validate: score each layer x method on validation batches, then apply "
+        "progressively to --ratio; proxy: same, scored by the calibrated output error (no extra passes).",
+        rich_help_panel=_SELECT,
+    ),
+]
+LayerRatioOption = Annotated[
+    float | None,
+    typer.Option(
+        help="With selection: compression of each chosen layer [default: max(ratio, 0.5)].", rich_help_panel=_SELECT
+    ),
+]
+MaxLayerLossOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Skip layers whose alone loss increase exceeds this (relative; paper 0.02).", rich_help_panel=_SELECT
+    ),
+]
+StopOption = Annotated[Stop, typer.Option(help="Stop at --ratio or at the curve's knee.", rich_help_panel=_SELECT)]
+ValidTextOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Validation text for --select validate (default: part of the calibration batches).",
+        rich_help_panel=_SELECT,
+    ),
+]
+ValidDataOption = Annotated[
+    Path | None, typer.Option(help="Validation .npz for --select validate.", rich_help_panel=_SELECT)
+]
+CurveOption = Annotated[
+    Path | None,
+    typer.Option(help="Write the loss-vs-compression curve here (.json and .png).", rich_help_panel=_SELECT),
+]
 
 
 class Precision(str, Enum):
@@ -138,16 +211,46 @@ def compress(
             help="Store weights in OUTPUT.data [default: only past 2 GB].",
         ),
     ] = None,
+    method: MethodOption = None,
+    select: SelectOption = Select.none,
+    layer_ratio: LayerRatioOption = None,
+    max_layer_loss: MaxLayerLossOption = None,
+    stop: StopOption = Stop.ratio,
+    valid_text: ValidTextOption = None,
+    valid_data: ValidDataOption = None,
+    curve: CurveOption = None,
+    statistics: Annotated[
+        Path | None, typer.Option(help="Also write the calibration statistics (.npz).", rich_help_panel=_SELECT)
+    ] = None,
+    plan: Annotated[
+        Path | None, typer.Option(help="Also write the plan (.json + .npz).", rich_help_panel=_SELECT)
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the JSON report to stdout instead of tables.")
     ] = False,
+    stage: Annotated[str, typer.Option(hidden=True)] = "apply",
+    statistics_in: Annotated[Path | None, typer.Option(hidden=True)] = None,
+    plan_in: Annotated[Path | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Calibrate ESPACE projections and write a compressed ONNX model plus a report."""
     from espace_export.pipeline import compress as run_compress
 
     result = run_compress(
         model,
+        method=method.value if method else None,
+        select=select.value,
+        layer_ratio=layer_ratio,
+        max_layer_loss=max_layer_loss,
+        stop=stop.value,
+        valid_text=valid_text,
+        valid_data=valid_data,
+        curve_path=curve,
+        statistics=statistics,
+        plan_path=plan,
+        stage=stage,
+        statistics_in=statistics_in,
+        plan_in=plan_in,
         ratio=ratio,
         output=output,
         report_path=report,
@@ -169,9 +272,60 @@ def compress(
         seed=seed,
         progress=not (quiet or json_out) and sys.stderr.isatty(),
     )
+    if stage != "apply":
+        import json
+
+        typer.echo(json.dumps(result.report, indent=2) if json_out else f"wrote {result.output}")
+        return
     _emit(result.report, quiet=quiet, json_out=json_out)
     if not (quiet or json_out):
         typer.echo(f"wrote {result.output} and {result.report_path}")
+
+
+def _forward(ctx: typer.Context, model: Path, extra: list[str]) -> None:
+    """Run ``compress`` with ``extra`` options (the staged commands share its options and validation)."""
+    from typer.main import get_command
+
+    command = get_command(app).get_command(ctx, "compress")  # type: ignore[attr-defined]
+    assert command is not None
+    command.main(args=[str(model), *extra, *ctx.args], prog_name="espace-export compress", standalone_mode=False)
+
+
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def calibrate(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="The exported transformer (.onnx).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Statistics file (.npz) to write.")],
+) -> None:
+    """Stage 1: collect activation (and, for nl-mse, gradient) statistics. Takes compress's calibration
+    options (--calib-text, --tokenizer, --num-batches, --method, ...)."""
+    _forward(ctx, model, ["--stage", "calibrate", "--statistics", str(output)])
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def plan(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="The exported transformer (.onnx).")],
+    statistics: Annotated[Path, typer.Option(help="Statistics from `espace-export calibrate`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Plan to write (.json; factors in .npz beside it).")],
+) -> None:
+    """Stage 2: decide per layer (method, rank, selected) from saved statistics. Takes compress's selection
+    options (--ratio, --method, --select, --max-layer-loss, --valid-text, --curve, ...)."""
+    _forward(ctx, model, ["--stage", "plan", "--statistics-in", str(statistics), "--plan", str(output)])
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def apply(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="The exported transformer (.onnx) the plan was made for.")],
+    plan_file: Annotated[Path, typer.Option("--plan", help="Plan from `espace-export plan`.")],
+) -> None:
+    """Stage 3: rewrite the model by a plan (rejected if made for other weights) and write it with a report.
+    Takes compress's output options (-o, --report, --external-data, and data for the fidelity check)."""
+    _forward(ctx, model, ["--plan-in", str(plan_file)])
 
 
 def _emit(report: dict[str, Any], *, quiet: bool, json_out: bool) -> None:
@@ -208,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
 def _terminate_like_interrupt() -> None:
     """SIGTERM unwinds like Ctrl-C, so temporary outputs are removed and earlier outputs stay intact."""
     import signal
@@ -226,7 +382,6 @@ def _quiet_onnxruntime() -> None:
         onnxruntime.set_default_logger_severity(4)
     except ImportError:
         pass
-
 
     _quiet_onnxruntime()
     _terminate_like_interrupt()

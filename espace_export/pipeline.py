@@ -43,9 +43,12 @@ from espace_export.plan import (
     Plan,
     check_fingerprint,
     fingerprint,
+    load_calibration,
+    load_plan,
     make_plan,
     needs_gradients,
     needs_normalized,
+    plan_summary,
     save_calibration,
     save_plan,
 )
@@ -289,6 +292,9 @@ def compress(
     statistics: str | os.PathLike[str] | None = None,
     plan_path: str | os.PathLike[str] | None = None,
     curve_path: str | os.PathLike[str] | None = None,
+    stage: str = "apply",
+    statistics_in: str | os.PathLike[str] | None = None,
+    plan_in: str | os.PathLike[str] | None = None,
 ) -> CompressionResult:
     """Compress the weight GEMMs of an ONNX model with ESPACE projections and write the result.
 
@@ -327,6 +333,10 @@ def compress(
         statistics: write the calibration statistics here (``.npz``; what ``espace-export calibrate`` writes).
         plan_path: write the plan here (``.json`` + ``.npz``; what ``espace-export plan`` writes).
         curve_path: write the progressive curve here (``.json`` + ``.png``).
+        stage: stop after ``calibrate`` (write ``statistics``), after ``plan`` (write ``plan_path``), or
+            ``apply`` (the whole chain, default). The result's ``output`` is then what that stage wrote.
+        statistics_in: reuse statistics written by an earlier ``calibrate`` (checked against the model).
+        plan_in: apply a plan written by an earlier ``plan`` (checked against the model); no calibration.
 
     Raises:
         EspaceError: for bad input, with a one-line message naming the problem and the fix.
@@ -337,8 +347,10 @@ def compress(
         check_ratio(ratio)
     parse_rank_rule(rank_rule)
     methods = resolve_methods(method if method is not None else candidate)
-    if select == "none" and len(methods) > 1:
-        raise EspaceError(f"method {method!r} chooses per layer and needs a selection", "add --select validate or proxy")
+    if select == "none" and len(methods) > 1 and stage != "calibrate" and plan_in is None:
+        raise EspaceError(
+            f"method {method!r} chooses per layer and needs a selection", "add --select validate or proxy"
+        )
     if not 0.0 <= holdout < 1.0:
         raise EspaceError(f"--holdout must be in [0, 1), got {holdout}", "try --holdout 0.25")
     model_path = Path(model_path)
@@ -346,9 +358,15 @@ def compress(
     report_file = check_writable(Path(report_path) if report_path else default_report(output_path))
     if output_path.resolve() == model_path.resolve():
         raise EspaceError("the output would overwrite the input model", "choose another path with -o")
+    if stage not in ("calibrate", "plan", "apply"):
+        raise EspaceError(f"unknown stage {stage!r}", "use calibrate, plan or apply")
+    if stage == "calibrate" and statistics is None:
+        raise EspaceError("the calibrate stage needs a statistics path", "pass -o stats.npz")
+    if stage == "plan" and plan_path is None:
+        raise EspaceError("the plan stage needs a plan path", "pass -o plan.json")
     patterns = [re.compile(p) for p in exclude]
 
-    model = load_model(model_path)
+    model = load_model(model_path, load_weights=False)  # external weights stay on disk until written
     targets = find_targets(model, include_heads=include_heads)
     if not targets:
         raise EspaceError(
@@ -398,41 +416,63 @@ def compress(
 
     with _Progress(progress) as bars:
         tick = time.perf_counter()
-        calibration = calibrate_model(
-            model, [d.target for d in compressed], calibration_batches, methods=methods, specs=specs,
-            precision=stats_precision, bars=bars, seed=seed,
-        )  # fmt: skip
-        calibration.info = {"source": source, "batches": len(calibration_batches)}
-        if statistics is not None:
-            save_calibration(calibration, statistics)
-        timings["calibrate"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        validator = None
-        if select == "validate":
-            from espace_export.validation import Validator
+        calibration: Calibration | None = None
+        if plan_in is not None:
+            plan = load_plan(plan_in)
+        else:
+            if statistics_in is not None:
+                calibration = load_calibration(statistics_in)
+                check_fingerprint(
+                    [e for e in calibration.fingerprint if e["name"] in {d.target.name for d in compressed}],
+                    fingerprint(model, [d.target for d in compressed]),
+                    "statistics file",
+                )
+            else:
+                calibration = calibrate_model(
+                    model, [d.target for d in compressed], calibration_batches, methods=methods, specs=specs,
+                    precision=stats_precision, bars=bars, seed=seed,
+                )  # fmt: skip
+                calibration.info = {"source": source, "batches": len(calibration_batches)}
+            if statistics is not None:
+                save_calibration(calibration, statistics)
+            timings["calibrate"] = time.perf_counter() - tick
+            if stage == "calibrate":
+                assert statistics is not None
+                summary = {"statistics": str(statistics), "activations": len(calibration.stats),
+                           "gradients": calibration.gradients is not None, **calibration.info}  # fmt: skip
+                return CompressionResult(Path(statistics), Path(statistics), summary)
+            tick = time.perf_counter()
+            validator = None
+            if select == "validate":
+                from espace_export.validation import Validator
 
-            validator = Validator(model, [d.target for d in compressed], validation_batches, specs=specs)
-        plan = make_plan(
-            model,
-            targets,
-            {d.target.name: d.L for d in decisions},
-            calibration,
-            ratio=ratio,
-            methods=methods,
-            select=select,
-            validator=validator,
-            max_layer_loss=max_layer_loss,
-            stop=stop,
-            on_step=bars.stepper(),
-        )
-        plan.info = {"model": str(model_path), "layer_ratio": per_layer, "rank_rule": str(rank_rule)}
-        if validator is not None:
-            plan.info["validation"] = {"batches": len(validation_batches), "passes": validator.passes}
-        timings["select"] = time.perf_counter() - tick
-    if plan_path is not None:
+                validator = Validator(model, [d.target for d in compressed], validation_batches, specs=specs)
+            plan = make_plan(
+                model,
+                targets,
+                {d.target.name: d.L for d in decisions},
+                calibration,
+                ratio=ratio,
+                methods=methods,
+                select=select,
+                validator=validator,
+                max_layer_loss=max_layer_loss,
+                stop=stop,
+                on_step=bars.stepper(),
+            )
+            plan.info = {"model": str(model_path), "layer_ratio": per_layer, "rank_rule": str(rank_rule)}
+            if validator is not None:
+                plan.info["validation"] = {"batches": len(validation_batches), "passes": validator.passes}
+            timings["select"] = time.perf_counter() - tick
+    if plan_path is not None and plan_in is None:
         save_plan(plan, plan_path)
     if curve_path is not None and plan.curve:
         write_curve(plan, curve_path)
+    if stage == "plan":
+        assert plan_path is not None
+        return CompressionResult(
+            Path(plan_path), Path(plan_path), {"plan": str(plan_path), **plan_summary(plan, targets)}
+        )
     return apply_plan_to_model(
         model, model_path, targets, decisions, plan, calibration,
         output_path=output_path, report_file=report_file, eval_batches=eval_batches, holdout=holdout,
@@ -514,7 +554,9 @@ def apply_plan_to_model(
 
     by_name = {t.name: t for t in targets}
     planned = [entry for entry in plan.fingerprint if entry["name"] in plan.factors]
-    check_fingerprint(planned, fingerprint(model, [by_name[e["name"]] for e in planned if e["name"] in by_name]), "plan")
+    check_fingerprint(
+        planned, fingerprint(model, [by_name[e["name"]] for e in planned if e["name"] in by_name]), "plan"
+    )
     layer_plans = {layer.name: layer for layer in plan.layers}
     for decision in decisions:
         layer = layer_plans.get(decision.target.name)
@@ -549,8 +591,8 @@ def apply_plan_to_model(
         "ratio_requested": settings["ratio_requested"],
         "rank_forced": settings["rank_forced"],
         "candidate": settings["candidate"],
-        "method": settings["method"],
-        "select": settings["select"],
+        "method": settings["method"] if plan.select == "none" else "+".join(plan.methods),
+        "select": plan.select,
         "rank_rule": settings["rank_rule"],
         "min_rank": settings["min_rank"],
         "targeted_params_before": targeted_before,
@@ -614,7 +656,12 @@ def write_curve(plan: Plan, path: str | os.PathLike[str]) -> tuple[Path, Path]:
     json_path = path.with_suffix(".json")
     png_path = path.with_suffix(".png")
     with atomic_output(json_path) as tmp:
-        tmp.write_text(json.dumps({"score": plan.score_kind, "knee": plan.knee, "ratio": plan.ratio, "curve": plan.curve}, indent=2) + "\n")
+        tmp.write_text(
+            json.dumps(
+                {"score": plan.score_kind, "knee": plan.knee, "ratio": plan.ratio, "curve": plan.curve}, indent=2
+            )
+            + "\n"
+        )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -636,6 +683,7 @@ def write_curve(plan: Plan, path: str | os.PathLike[str]) -> tuple[Path, Path]:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return json_path, png_path
+
 
 def projected_params(model: onnx.ModelProto) -> int:
     """Numbers stored by the projected pairs: each distinct P (K·L, shared by siblings) and each PᵀW (L·N)."""

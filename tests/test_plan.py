@@ -78,3 +78,26 @@ def test_bad_plan_files_are_user_errors(tmp_path) -> None:
     (tmp_path / "p.json").write_text("{}")
     with pytest.raises(EspaceError, match="not an espace-export plan"):
         load_plan(tmp_path / "p.json")
+
+
+def _exit_code(args: list[str]) -> int:
+    from espace_export.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return int(exit_info.value.code or 0)
+
+
+def test_calibrate_plan_apply_commands_chain(sample_model, tmp_path, capsys) -> None:
+    model = str(sample_model("llama", "torchscript"))
+    common = ["--num-batches", "6", "--seq-len", "16", "-q"]
+    stats, plan = str(tmp_path / "s.npz"), str(tmp_path / "p.json")
+    with pytest.warns(UserWarning):
+        assert _exit_code(["calibrate", model, "-o", stats, "--method", "auto", *common]) == 0
+        plan_args = ["--method", "auto", "--select", "proxy", "--ratio", "0.3"]
+        assert _exit_code(["plan", model, "--statistics", stats, "-o", plan, *plan_args, *common]) == 0
+        assert _exit_code(["apply", model, "--plan", plan, "-o", str(tmp_path / "m.onnx"), *common]) == 0
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    assert report["select"] == "proxy" and report["targeted_compression"] >= 0.3
+    assert _exit_code(["apply", str(sample_model("gpt2", "torchscript")), "--plan", plan, "-q"]) == 2
+    assert "which this model does not have" in capsys.readouterr().err
