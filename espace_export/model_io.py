@@ -138,8 +138,11 @@ def check_model(path: str | os.PathLike[str]) -> None:
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size, without serializing (which fails past 2 GB)."""
-    return int(model.ByteSize())
+    """Serialized size, without serializing; past 2 GB protobuf cannot even size it, which says enough."""
+    try:
+        return int(model.ByteSize())
+    except Exception:  # EncodeError: the message is over the protobuf limit
+        return PROTOBUF_LIMIT + 1
 
 
 def check_writable(path: str | os.PathLike[str]) -> Path:
