@@ -14,13 +14,13 @@ Backend: ``gloo`` on CPU; ``nccl`` when CUDA is available (ONNX Runtime's CUDA p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
-from espace_export.calibration import ActivationStats
 from espace_export.errors import EspaceError
 
 T = TypeVar("T")
@@ -71,8 +71,13 @@ def shard(batches: Sequence[T], rank: int, world: int) -> list[T]:
     return list(batches[rank::world])
 
 
-def all_reduce_statistics(stats: dict[str, ActivationStats]) -> dict[str, ActivationStats]:
-    """Sum every rank's statistics in place (float64 matrices, integer row counts); returns ``stats``."""
+def all_reduce_statistics(stats: dict[str, Any]) -> dict[str, Any]:
+    """Sum every rank's statistics in place and return them.
+
+    Works on any statistics dataclass (:class:`~espace_export.calibration.ActivationStats`, the gradient
+    sums of NL-MSE): every ndarray field is summed in float64, every integer count field too (``K`` and
+    flags are configuration, not sums, and are left alone).
+    """
     if not requested():
         return stats
     import torch
@@ -81,15 +86,20 @@ def all_reduce_statistics(stats: dict[str, ActivationStats]) -> dict[str, Activa
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     for name in sorted(stats):  # the same order on every rank
         entry = stats[name]
-        for attribute in ("sum_xx", "sum_xx_normalized"):
-            if attribute == "sum_xx_normalized" and not entry.normalized:
-                continue
-            tensor = torch.from_numpy(np.ascontiguousarray(getattr(entry, attribute))).to(device)
+        counts = []
+        for item in dataclasses.fields(entry):
+            value = getattr(entry, item.name)
+            if isinstance(value, np.ndarray):
+                tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64)).to(device)
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+                setattr(entry, item.name, tensor.cpu().numpy())
+            elif isinstance(value, int) and not isinstance(value, bool) and item.name != "K":
+                counts.append(item.name)
+        if counts:
+            tensor = torch.tensor([getattr(entry, c) for c in counts], dtype=torch.int64, device=device)
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-            setattr(entry, attribute, tensor.cpu().numpy())
-        counts = torch.tensor([entry.rows, entry.rows_normalized], dtype=torch.int64, device=device)
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        entry.rows, entry.rows_normalized = (int(v) for v in counts.cpu().tolist())
+            for count, value in zip(counts, tensor.cpu().tolist(), strict=True):
+                setattr(entry, count, int(value))
     return stats
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from espace_export import __version__
+from espace_export import __version__, distributed
 from espace_export.baselines import METHODS
 from espace_export.build import ort_session
 from espace_export.calibration import StatsPrecision, collect_statistics
@@ -433,6 +433,8 @@ def compress(
                     precision=stats_precision, bars=bars, seed=seed,
                 )  # fmt: skip
                 calibration.info = {"source": source, "batches": len(calibration_batches)}
+                if not distributed.is_main_rank():  # rank 0 selects and writes; the others are done
+                    return CompressionResult(output_path, report_file, {"rank": distributed.init()[0]})
             if statistics is not None:
                 save_calibration(calibration, statistics)
             timings["calibrate"] = time.perf_counter() - tick
@@ -513,6 +515,8 @@ def calibrate_model(
     """Activation statistics (and gradient statistics when a method needs them, or ``gradients=True``)."""
     bars = bars or _Progress(False)
     normalized = needs_normalized(methods)
+    rank, world = distributed.init()  # under torchrun: this rank's share of the batches, sums all-reduced
+    batches = distributed.shard(batches, rank, world) if world > 1 else batches
     with bars.task("calibrating", len(batches)) as advance:
         stats = collect_statistics(
             ort_session, model, targets, batches, precision=precision, specs=specs, on_batch=advance,
@@ -527,6 +531,9 @@ def calibrate_model(
                 model, targets, batches, normalized=normalized, specs=specs, on_batch=advance, seed=seed,
                 torch_module=torch_module,
             )  # fmt: skip
+    distributed.all_reduce_statistics(stats)
+    if grads is not None:
+        distributed.all_reduce_statistics(grads)
     return Calibration(stats, grads, fingerprint(model, targets))
 
 

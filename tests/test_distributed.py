@@ -57,3 +57,30 @@ def test_two_processes_match_one(sample_model: Callable[..., Path], tmp_path: Pa
             # eigenvectors agree up to the conditioning of the eigen-gap: float64 round-off amplified
             np.testing.assert_allclose(two[key], one[key], atol=1e-8)
     print(f"max relative difference of the statistics, 2 ranks vs 1: {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_matches_one_process(sample_model: Callable[..., Path], tmp_path: Path) -> None:
+    """`torchrun -m espace_export`: ranks share the calibration, rank 0 writes the same model as one process."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = sample_model("llama", "torchscript")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    common = ["--ratio", "0.5", "--min-rank", "4", "--num-batches", "6", "--stats-precision", "float64", "-q"]
+    subprocess.run([sys.executable, "-m", "espace_export", str(model), "-o", str(tmp_path / "one.onnx"), *common],
+                   check=True, env=env, timeout=300)  # fmt: skip
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    done = subprocess.run(
+        [*launcher, "--standalone", "--nproc-per-node", "2", "-m", "espace_export", str(model),
+         "-o", str(tmp_path / "two.onnx"), *common],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "one.onnx")).graph.initializer}
+    two = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "two.onnx")).graph.initializer}
+    assert one.keys() == two.keys() and any("espace_P" in name for name in one)
+    for name, value in one.items():
+        np.testing.assert_allclose(two[name], value, rtol=1e-5, atol=1e-6)
