@@ -17,7 +17,7 @@ import onnx
 from scipy.linalg import blas
 
 from espace_export.data import InputSpec, complete_feed, input_specs
-from espace_export.errors import runtime_errors
+from espace_export.errors import EspaceError, runtime_errors
 from graph_passes.find import GemmTarget
 from graph_passes.statistics import MIN_OPSET, add_gram_outputs, default_opset
 
@@ -139,7 +139,9 @@ def collect_statistics(
     specs = list(specs) if specs is not None else input_specs(model)
     if reduce != "host" and default_opset(model) >= MIN_OPSET:
         try:
-            return _collect_in_graph(session_factory, model, targets, batches, precision, specs, on_batch, normalized)
+            return check_finite(
+                _collect_in_graph(session_factory, model, targets, batches, precision, specs, on_batch, normalized)
+            )
         except _GraphReductionUnavailable:
             if reduce == "graph":
                 raise
@@ -159,6 +161,17 @@ def collect_statistics(
             stats[name].add(rows if mask is None else rows[mask], precision)
         if on_batch is not None:
             on_batch()
+    return check_finite(stats)
+
+
+def check_finite(stats: dict[str, ActivationStats]) -> dict[str, ActivationStats]:
+    """Fail clearly when the model produced inf/NaN activations (an FP16 overflow, a broken export)."""
+    for name, entry in stats.items():
+        if not np.isfinite(entry.sum_xx).all() or (entry.normalized and not np.isfinite(entry.sum_xx_normalized).all()):
+            raise EspaceError(
+                f"activation '{name}' reached inf/NaN during calibration: the model overflows on these inputs",
+                "calibrate a float32 export of the model, or --exclude the layers reading it",
+            )
     return stats
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ from espace_export.plan import (
 from espace_export.selection import check_ratio, choose_rank, layer_compression, parse_rank_rule
 from graph_passes import GemmTarget, find_targets
 from graph_passes.find import find_projected_pairs, parameter_count
+from graph_passes.project import FoldedRangeWarning
 
 
 @dataclass
@@ -584,7 +586,12 @@ def apply_plan_to_model(
     total_before = parameter_count(model)
     original_session = ort_session(model)
     tick = time.perf_counter()
-    apply_factorizations(model, [(by_name[d.target.name], plan.factors[d.target.name]) for d in compressed])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FoldedRangeWarning)
+        apply_factorizations(model, [(by_name[d.target.name], plan.factors[d.target.name]) for d in compressed])
+    range_warnings = [str(w.message) for w in caught if issubclass(w.category, FoldedRangeWarning)]
+    for w in caught:  # still shown to the user, once each
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     timings["rewrite"] = time.perf_counter() - tick
     total_after = parameter_count(model)
 
@@ -653,6 +660,7 @@ def apply_plan_to_model(
         timings["fidelity"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - started
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        report["warnings"] = range_warnings
         write_report(report, report_file)
     return CompressionResult(output_path, report_file, report)
 

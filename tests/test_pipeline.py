@@ -132,3 +132,56 @@ def test_same_inputs_give_byte_identical_models(sample_model: Callable[..., Path
     first = espace_export.compress(source, output=tmp_path / "a.onnx", min_rank=4, num_batches=3)
     second = espace_export.compress(source, output=tmp_path / "b.onnx", min_rank=4, num_batches=3)
     assert first.output.read_bytes() == second.output.read_bytes()
+
+
+def test_folded_values_beyond_float16_are_reported(tmp_path: Path) -> None:
+    from onnx import numpy_helper
+
+    from graph_passes.project import FoldedRangeWarning
+    from tests._graphs import pattern_zoo
+
+    model = pattern_zoo(dtype=np.float16)
+    noise = np.random.default_rng(1).standard_normal((50, 16)) * 0.01
+    # The forward pass stays finite (q = Σ 0.01 · 20000 ≈ 3200) while the fold overflows (Pᵀ𝟙 ≈ 4: ≈ 80000).
+    for tensor in model.graph.initializer:
+        if tensor.name == "Wq":  # large constant weights ...
+            tensor.CopyFrom(
+                numpy_helper.from_array(np.full(numpy_helper.to_array(tensor).shape, 20000, np.float16), "Wq")
+            )
+        if tensor.name == "E":  # ... and small activations along the all-ones direction
+            tensor.CopyFrom(numpy_helper.from_array((0.01 * (1.0 + noise)).astype(np.float16), "E"))
+    source = tmp_path / "fp16.onnx"
+    onnx.save(model, source)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", ids=rng.integers(0, 50, (8, 5)), x2=rng.standard_normal((8, 16)).astype(np.float16))
+    with pytest.warns(FoldedRangeWarning):
+        result = espace_export.compress(
+            source, output=tmp_path / "out.onnx", calib_data=tmp_path / "c.npz", rank=4, batch_size=2
+        )
+    assert any("layers.0.attn.q_proj" in w and "float16" in w for w in result.report["warnings"])
+    assert json.loads(result.report_path.read_text())["warnings"] == result.report["warnings"]
+
+
+def test_overflowing_model_gives_a_clear_error(tmp_path: Path) -> None:
+    from onnx import numpy_helper
+
+    from espace_export.errors import EspaceError
+    from tests._graphs import pattern_zoo
+
+    model = pattern_zoo(dtype=np.float16)
+    for tensor in model.graph.initializer:
+        if tensor.name == "Wq":  # q = Σ_k x_k · 60000 overflows float16 in the original model itself
+            tensor.CopyFrom(
+                numpy_helper.from_array(np.full(numpy_helper.to_array(tensor).shape, 60000, np.float16), "Wq")
+            )
+        if tensor.name == "E":
+            tensor.CopyFrom(numpy_helper.from_array(np.ones((50, 16), np.float16), "E"))
+    source = tmp_path / "overflow.onnx"
+    onnx.save(model, source)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", ids=rng.integers(0, 50, (8, 5)), x2=rng.standard_normal((8, 16)).astype(np.float16))
+    with pytest.raises(EspaceError, match="inf/NaN during calibration"):
+        espace_export.compress(
+            source, output=tmp_path / "out.onnx", calib_data=tmp_path / "c.npz", rank=4, batch_size=2
+        )
+    assert not (tmp_path / "out.onnx").exists()
