@@ -43,6 +43,7 @@ from torch import nn
 
 from espace_export.calibration import ActivationStats, StatsPrecision, token_mask
 from espace_export.candidates import (
+    CANDIDATES,
     FORWARD_CANDIDATES,
     NORMALIZED_CANDIDATES,
     candidate_matrix,
@@ -459,20 +460,43 @@ def save_projections(projections: Mapping[str, np.ndarray | torch.Tensor], path:
 
 
 def load_projections(source: str | Path | onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Layer name → P from a ``.npz`` (:func:`save_projections`) or from a compressed ONNX model.
+    """Layer name → P from a ``.npz`` (:func:`save_projections`), a plan (``espace-export plan``'s ``.json``
+    with its ``.npz``) or a compressed ONNX model.
 
-    From ONNX, P is the second input of each ``espace.role = project`` node that
-    :func:`graph_passes.project.project` wrote (``espace-export`` output), keyed by its ``espace.layer``.
+    From a plan, P is the input factor A of each selected layer (ESPACE methods only: a weight
+    factorisation such as ``svd`` has no static projection to heal through). From ONNX, P is the second
+    input of each ``espace.role = project`` node that :func:`graph_passes.project.project` wrote
+    (``espace-export`` output), keyed by its ``espace.layer``.
     """
     if isinstance(source, onnx.ModelProto):
         return _projections_in_graph(source)
     path = Path(source)
+    if path.suffix == ".json":
+        return _projections_in_plan(path)
     if path.suffix == ".npz":
         if not path.is_file():
             raise EspaceError(f"projections not found: {path}", "pass a .npz written by save_projections")
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
     return _projections_in_graph(load_model(path), str(path))
+
+
+def _projections_in_plan(path: Path) -> dict[str, np.ndarray]:
+    from espace_export.plan import load_plan
+
+    plan = load_plan(path)
+    found = {}
+    for layer in plan.selected_layers():
+        factors = plan.factors[layer.name]
+        if factors.method not in CANDIDATES:
+            raise EspaceError(
+                f"plan {path} compresses {layer.name} with {factors.method}, a weight factorisation with no static projection",
+                f"make the plan with ESPACE methods only ({', '.join(FORWARD_CANDIDATES)}, nl-mse, nl-mse-l2)",
+            )
+        found[layer.name] = np.ascontiguousarray(factors.A, dtype=np.float32)
+    if not found:
+        raise EspaceError(f"plan {path} selects no layer", "make a plan that compresses at least one layer")
+    return found
 
 
 def _projections_in_graph(model: onnx.ModelProto, where: str = "the model") -> dict[str, np.ndarray]:

@@ -142,14 +142,24 @@ def test_exported_graph_reproduces_the_healed_model(arch: str, tmp_path: Path) -
 
 
 @pytest.mark.filterwarnings("ignore:calibrating on random token ids")
-def test_projections_from_the_onnx_path_attach_by_layer_name(tmp_path: Path) -> None:
+def test_projections_from_the_onnx_path_and_its_plan_attach_by_layer_name(tmp_path: Path) -> None:
     wrapper = build_model("llama")
     dense = export_model(wrapper, "llama", "torchscript", tmp_path / "llama.onnx")
     result = espace_export.compress(
-        dense, output=tmp_path / "llama.espace.onnx", ratio=0.5, min_rank=4, num_batches=2, batch_size=2, seq_len=16
+        dense,
+        output=tmp_path / "llama.espace.onnx",
+        ratio=0.5,
+        min_rank=4,
+        num_batches=2,
+        batch_size=2,
+        seq_len=16,
+        plan_path=tmp_path / "plan.json",
     )
     projections = heal.load_projections(result.output)
     assert set(projections) == {layer["name"] for layer in result.report["layers"] if layer["L"]}
+    from_plan = heal.load_projections(tmp_path / "plan.json")  # the plan artifact holds the same P
+    assert all(np.allclose(from_plan[name], P, atol=1e-6) for name, P in projections.items())
+    assert set(from_plan) == set(projections)
 
     hf_model = wrapper.model  # names lack the wrapper's "model." prefix: matched all the same
     attached = heal.attach_projections(hf_model, projections)
