@@ -159,6 +159,13 @@ def test_good_float_calibration_arrays_work(tmp_path: Path, capsys: pytest.Captu
     onnx.checker.check_model(str(output))
 
 
+def _clean_signal_state() -> None:
+    """In the child, before exec: nothing inherited from the test process may block or ignore the signals."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_keeps_the_previous_output(
@@ -172,11 +179,15 @@ def test_interrupted_run_keeps_the_previous_output(
     subprocess.run(command + ["--ratio", "0.5"], check=True, capture_output=True, env=env, timeout=300)
     previous = digest(output)
     interrupted = 0
+    outcomes = []
     for delay in (1.5, 3.0, 4.5):
-        process = subprocess.Popen(command + ["--ratio", "0.3"], stderr=subprocess.PIPE, env=env)
+        process = subprocess.Popen(
+            command + ["--ratio", "0.3"], stderr=subprocess.PIPE, env=env, preexec_fn=_clean_signal_state
+        )
         time.sleep(delay)
         process.send_signal(signum)
         _, err = process.communicate(timeout=300)
+        outcomes.append((delay, process.returncode, err.decode(errors="replace")[-300:]))
         if process.returncode == 0:  # finished before the signal: a complete new model
             onnx.checker.check_model(str(output))
             previous = digest(output)
@@ -187,4 +198,4 @@ def test_interrupted_run_keeps_the_previous_output(
         assert process.returncode != 0
         assert digest(output) == previous
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    assert interrupted >= 1  # the signal really did land mid-run
+    assert interrupted >= 1, outcomes  # the signal really did land mid-run
