@@ -43,6 +43,7 @@ from espace_export.plan import (
     Calibration,
     Plan,
     check_fingerprint,
+    check_plan_factors,
     fingerprint,
     load_calibration,
     load_plan,
@@ -562,6 +563,7 @@ def apply_plan_to_model(
     from espace_export.baselines import apply_factorizations
 
     by_name = {t.name: t for t in targets}
+    check_plan_factors(plan, targets)
     planned = [entry for entry in plan.fingerprint if entry["name"] in plan.factors]
     check_fingerprint(
         planned, fingerprint(model, [by_name[e["name"]] for e in planned if e["name"] in by_name]), "plan"

@@ -202,6 +202,58 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+_LAYER_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "K": (int,), "N": (int,), "L": (int, type(None)), "method": (str, type(None)),
+    "selected": (bool,), "scores": (dict,), "harm": (float, int, type(None)), "order": (int, type(None)),
+}  # fmt: skip
+
+
+def _check_plan_fields(data: dict[str, Any]) -> None:
+    """Types of the fields a plan is read by; raises ValueError naming the first that is off."""
+    layers = data.get("layers")
+    if not isinstance(layers, list):
+        raise ValueError("'layers' is not a list")
+    for entry in layers:
+        if not isinstance(entry, dict):
+            raise ValueError("a layer entry is not an object")
+        for key, value in entry.items():
+            allowed = _LAYER_TYPES.get(key)
+            if allowed is None:
+                raise ValueError(f"unknown layer field {key!r}")
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise ValueError(f"layer field {key!r} has the wrong type")
+    fingerprint = data.get("fingerprint")
+    if not isinstance(fingerprint, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("K"), int)
+        and isinstance(e.get("N"), int) and isinstance(e.get("sha1"), str)
+        for e in fingerprint
+    ):  # fmt: skip
+        raise ValueError("'fingerprint' is not a list of {name, K, N, sha1}")
+
+
+def check_plan_factors(plan: Plan, targets: Sequence[GemmTarget]) -> None:
+    """Every factorised layer exists in the model, is fingerprinted, and has finite factors of its K×N."""
+    by_name = {t.name: t for t in targets}
+    printed = {entry["name"] for entry in plan.fingerprint}
+    for name, factors in plan.factors.items():
+        target = by_name.get(name)
+        if target is None:
+            raise EspaceError(f"the plan names layer {name}, which this model does not have",
+                              "use the model the plan was made for, or make a new plan for this one")  # fmt: skip
+        if name not in printed:
+            raise EspaceError(f"the plan carries no fingerprint for layer {name}", "re-run `espace-export plan`")
+        A, B = factors.A, factors.B
+        if (A.ndim != 2 or B.ndim != 2 or A.shape[0] != target.K or B.shape[1] != target.N
+                or A.shape[1] != B.shape[0] or A.shape[1] < 1):  # fmt: skip
+            raise EspaceError(
+                f"the plan's factors for {name} are {A.shape} and {B.shape}, the layer is {target.K}×{target.N}",
+                "re-run `espace-export plan` for this model",
+            )
+        if not (np.issubdtype(A.dtype, np.floating) and np.issubdtype(B.dtype, np.floating)
+                and np.isfinite(A).all() and np.isfinite(B).all()):  # fmt: skip
+            raise EspaceError(f"the plan's factors for {name} are not finite numbers", "re-run `espace-export plan`")
+
+
 def load_plan(path: str | os.PathLike[str]) -> Plan:
     path = Path(path)
     if not path.is_file():
@@ -217,12 +269,21 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     factors_path = path.with_suffix(".npz")
     if not factors_path.is_file():
         raise EspaceError(f"the plan's factors {factors_path} are missing", "keep plan.json and plan.npz together")
-    with np.load(factors_path, allow_pickle=False) as archive:
-        arrays = {k: archive[k] for k in archive.files}
-    layers = [LayerPlan(**entry) for entry in data.pop("layers")]
-    plan = Plan(layers=layers, **data)
+    try:
+        with np.load(factors_path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except Exception as exc:  # BadZipFile, pickled objects, truncation: all "not our factors file"
+        raise EspaceError(
+            f"the plan's factors {factors_path} cannot be read ({type(exc).__name__})", "re-run `espace-export plan`"
+        ) from None
+    try:
+        _check_plan_fields(data)
+        layers = [LayerPlan(**entry) for entry in data.pop("layers")]
+        plan = Plan(layers=layers, **data)
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise EspaceError(f"plan {path} is malformed ({exc})", "pass a plan written by `espace-export plan`") from None
     for i, layer in enumerate(layers):
-        if f"A.{i}" in arrays:
+        if f"A.{i}" in arrays and f"B.{i}" in arrays:
             plan.factors[layer.name] = Factorization(layer.method or "?", arrays[f"A.{i}"], arrays[f"B.{i}"])
     missing = [layer.name for layer in plan.selected_layers() if layer.name not in plan.factors]
     if missing:

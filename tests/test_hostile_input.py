@@ -199,3 +199,88 @@ def test_interrupted_run_keeps_the_previous_output(
         assert digest(output) == previous
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert interrupted >= 1, outcomes  # the signal really did land mid-run
+
+
+@pytest.fixture(scope="module")
+def plan_files(tmp_path_factory: pytest.TempPathFactory, sample_model: Callable[..., Path]) -> dict[str, Path]:
+    """A model, and a valid plan made for it by the calibrate → plan stages."""
+    base = tmp_path_factory.mktemp("plans")
+    model = base / "model.onnx"
+    model.write_bytes(sample_model("llama", "torchscript").read_bytes())
+    for args in (
+        ["calibrate", str(model), "-o", str(base / "stats.npz"), "--num-batches", "3", "--seq-len", "16", "-q"],
+        ["plan", str(model), "--statistics", str(base / "stats.npz"), "-o", str(base / "plan.json"),
+         "--min-rank", "4", "-q"],
+    ):  # fmt: skip
+        try:
+            main(args)
+        except SystemExit as exit_:
+            assert not exit_.code
+    return {"model": model, "plan": base / "plan.json", "factors": base / "plan.npz"}
+
+
+def _mutate_json(value: object, data: st.DataObject, depth: int = 0) -> object:
+    """Replace, drop or retype one field somewhere in the plan."""
+    if isinstance(value, dict) and value and depth < 4:
+        key = data.draw(st.sampled_from(sorted(value)))
+        action = data.draw(st.sampled_from(["recurse", "drop", "replace", "add"]))
+        copy = dict(value)
+        if action == "recurse":
+            copy[key] = _mutate_json(copy[key], data, depth + 1)
+        elif action == "drop":
+            del copy[key]
+        elif action == "replace":
+            copy[key] = data.draw(
+                st.one_of(st.none(), st.integers(-5, 10**6), st.text(max_size=8), st.lists(st.integers(), max_size=2))
+            )
+        else:
+            copy["unexpected_" + data.draw(st.text("abc", min_size=1, max_size=3))] = 1
+        return copy
+    if isinstance(value, list) and value and depth < 4:
+        index = data.draw(st.integers(0, len(value) - 1))
+        copy = list(value)
+        if data.draw(st.booleans()):
+            copy[index] = _mutate_json(copy[index], data, depth + 1)
+        else:
+            del copy[index]
+        return copy
+    return data.draw(st.one_of(st.none(), st.integers(-3, 5000), st.floats(allow_nan=True), st.text(max_size=6)))
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mismatched_or_corrupted_plans(
+    data: st.DataObject, plan_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    case = tmp_path / f"plan{len(list(tmp_path.iterdir()))}"
+    case.mkdir()
+    plan, factors = case / "plan.json", case / "plan.npz"
+    original = json.loads(plan_files["plan"].read_text())
+    target = data.draw(st.sampled_from(["json", "factors", "both"]))
+    plan.write_text(json.dumps(_mutate_json(original, data)) if target != "factors" else json.dumps(original))
+    if target == "json":
+        factors.write_bytes(plan_files["factors"].read_bytes())
+    else:
+        with np.load(plan_files["factors"]) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+        key = data.draw(st.sampled_from(sorted(arrays)))
+        change = data.draw(st.sampled_from(["drop", "transpose", "shrink", "nan", "garbage"]))
+        if change == "drop":
+            del arrays[key]
+        elif change == "transpose":
+            arrays[key] = arrays[key].T.copy()
+        elif change == "shrink":
+            arrays[key] = arrays[key][:-1]
+        elif change == "nan":
+            arrays[key] = np.full_like(arrays[key], np.nan)
+        if change == "garbage":
+            factors.write_bytes(data.draw(st.binary(max_size=64)))
+        else:
+            np.savez(factors, **arrays)
+    inputs = {p: digest(p) for p in (plan_files["model"], plan, factors)}
+    output = case / "out.onnx"
+    code, err = run_cli(["apply", str(plan_files["model"]), "--plan", str(plan), "-o", str(output), "-q"], capsys)
+    assert_clean_outcome(code, err, output, inputs)
