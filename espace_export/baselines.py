@@ -15,8 +15,8 @@ Truncated SVD is itself an orthonormal input projection (U_L U_Lᵀ W), so it fi
 :func:`apply_factorizations` handles by rewriting with A and then storing B as the second factor.
 
 Whitened SVD regulariser: C_X + λI with λ = 1e-6·trace(C_X)/K (relative to the mean activation energy,
-so it is scale-free); it only matters for activations with (near-)dead channels, where the Cholesky of
-the plain C_X would fail.
+so it is scale-free), raised tenfold until the Cholesky succeeds; it only matters for activations with
+(near-)dead channels or fewer calibration rows than K, where the Cholesky of the plain C_X would fail.
 """
 
 from __future__ import annotations
@@ -84,7 +84,12 @@ def whitened_svd(W: np.ndarray, C_X: np.ndarray, L: int) -> Factorization:
     C = np.asarray(C_X, dtype=np.float64)
     K = C.shape[0]
     regulariser = WHITENING_REGULARISER * max(float(np.trace(C)) / K, 1e-30)
-    R = scipy.linalg.cholesky(C + regulariser * np.eye(K), lower=True)
+    while True:  # rank-deficient statistics (fewer rows than K) can defeat the first try: raise λ tenfold
+        try:
+            R = scipy.linalg.cholesky(C + regulariser * np.eye(K), lower=True)
+            break
+        except np.linalg.LinAlgError:
+            regulariser *= 10
     R_inv_T = scipy.linalg.solve_triangular(R.T, np.eye(K), lower=False)
     return _scaled_svd("whitened-svd", W, R.T, R_inv_T, L)
 

@@ -123,3 +123,10 @@ def test_two_factor_rewrite_computes_A_times_B(sample_model) -> None:
     assert len(find_projected_pairs(model)) == 4
     got = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
     np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-3)
+
+
+def test_whitened_svd_survives_rank_deficient_statistics() -> None:
+    X, W = _data(M=10)  # 10 rows for K = 32: C_X is singular
+    f = whitened_svd(W, autocorrelation(X), 8)
+    assert np.isfinite(f.A).all() and np.isfinite(f.B).all()
+    assert _relative_output_error(X, W, f.A, f.B) < 1e-3  # 10 rows span ≤ 10 directions: rank 8 nearly fits
