@@ -8,6 +8,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import onnx.external_data_helper
 from espace_export.errors import EspaceError
 from graph_passes.find import EXTERNAL_DIR_KEY, external_data_dir
 
+# Tests set this (seconds) to hold a finished temporary output before its rename, to signal the run there.
+_PAUSE_ENV = "ESPACE_TEST_PAUSE_BEFORE_RENAME"
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of it.
 PROTOBUF_LIMIT = 2**31 - 2**26
 
@@ -239,6 +242,11 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         main = workdir / path.name
         if not main.exists():
             raise RuntimeError(f"nothing was written to {main}")
+        pause = os.environ.get(_PAUSE_ENV)
+        if pause:  # fault injection for tests: a window in which everything is written but nothing renamed
+            (workdir / ".complete").touch()
+            time.sleep(float(pause))
+            (workdir / ".complete").unlink()
         with _signals_deferred():  # the data file and the model move together, or not at all
             for extra in sorted(workdir.iterdir()):
                 if extra != main:
