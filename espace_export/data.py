@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from espace_export.errors import EspaceError
+from espace_export.model_io import read_arrays
 
 BUILTIN_PYDOC = "builtin:pydoc"
 
@@ -88,14 +89,7 @@ def read_npz(path: str | Path, specs: Sequence[InputSpec], batch_size: int) -> l
     path = Path(path)
     if not path.is_file():
         raise EspaceError(f"calibration data not found: {path}", "pass an existing .npz with --calib-data")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except Exception as exc:  # zipfile/ValueError/OSError all mean the same to the user
-        raise EspaceError(
-            f"cannot read calibration data {path}: {exc}",
-            "save it with numpy.savez(path, input_ids=..., ...)",
-        ) from None
+    arrays = read_arrays(path, "calibration data", "save it with numpy.savez(path, input_ids=..., ...)")
     by_name = {spec.name: spec for spec in specs}
     if not arrays:
         raise EspaceError(f"calibration data {path} holds no arrays", f"save arrays named {', '.join(by_name)}")

@@ -103,11 +103,6 @@ def all_reduce_statistics(stats: dict[str, Any]) -> dict[str, Any]:
     return stats
 
 
-def barrier() -> None:
-    if requested():
-        _dist().barrier()
-
-
 def finish() -> None:
     if requested() and _dist().is_initialized():
         _dist().destroy_process_group()

@@ -50,7 +50,7 @@ from espace_export.candidates import (
     eigen_decomposition,
 )
 from espace_export.errors import EspaceError
-from espace_export.model_io import atomic_output, check_model, check_writable, load_model, save_model
+from espace_export.model_io import atomic_output, check_model, check_writable, load_model, read_arrays, save_model
 from espace_export.selection import check_ratio, choose_rank, parse_rank_rule
 from graph_passes import Projection, find_projected_pairs, find_targets, project
 from graph_passes.find import _HEAD_NAME_HINTS, ConstantTable
@@ -476,8 +476,7 @@ def load_projections(source: str | Path | onnx.ModelProto) -> dict[str, np.ndarr
     if path.suffix == ".npz":
         if not path.is_file():
             raise EspaceError(f"projections not found: {path}", "pass a .npz written by save_projections")
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
+        return read_arrays(path, "projections", "pass a .npz written by save_projections")
     return _projections_in_graph(load_model(path), str(path))
 
 

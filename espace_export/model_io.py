@@ -80,11 +80,6 @@ def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
-def external_files(model: onnx.ModelProto) -> list[str]:
-    """Relative locations of the external data files the model's unloaded tensors point into."""
-    return sorted({_external_entries(t)["location"] for t in _tensors(model) if _is_external(t)})
-
-
 def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     """Each external tensor's file exists inside ``base_dir`` and holds its bytes (nothing is read)."""
     base = base_dir.resolve()
@@ -122,10 +117,25 @@ def load_remaining_weights(model: onnx.ModelProto) -> None:
     base = external_data_dir(model)
     if base:
         onnx.external_data_helper.load_external_data_for_model(model, base)
+    _drop_loader_metadata(model)
+
+
+def _drop_loader_metadata(model: onnx.ModelProto) -> None:
+    """Remove the loader's bookkeeping entry (never part of a model we hand on)."""
     keep = [p for p in model.metadata_props if p.key != EXTERNAL_DIR_KEY]
     if len(keep) != len(model.metadata_props):
         del model.metadata_props[:]
         model.metadata_props.extend(keep)
+
+
+def read_arrays(path: str | os.PathLike[str], what: str, fix: str) -> dict[str, np.ndarray]:
+    """Every array of a ``.npz``, read without unpickling; a file that cannot be read (not a zip, truncated,
+    pickled objects) is an :class:`EspaceError` naming ``what``."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except Exception as exc:  # zipfile/ValueError/OSError all mean the same to the user
+        raise EspaceError(f"cannot read {what} {path}: {exc}", fix) from None
 
 
 def check_model(path: str | os.PathLike[str]) -> None:
@@ -216,14 +226,13 @@ def runtime_source(model: onnx.ModelProto) -> Iterator[onnx.ModelProto | Path]:
 
 
 def without_loader_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with this package's loader bookkeeping removed (a shallow proto copy only when needed)."""
+    """The model without the loader's bookkeeping: a copy when there is some (small: its weights are still
+    on disk), the model itself otherwise."""
     if not external_data_dir(model):
         return model
     copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # graph-only: the weights are on disk, so this is small
-    keep = [p for p in copy.metadata_props if p.key != EXTERNAL_DIR_KEY]
-    del copy.metadata_props[:]
-    copy.metadata_props.extend(keep)
+    copy.CopyFrom(model)
+    _drop_loader_metadata(copy)
     return copy
 
 

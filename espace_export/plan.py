@@ -27,7 +27,7 @@ from espace_export.calibration import ActivationStats
 from espace_export.candidates import NORMALIZED_CANDIDATES, candidate_matrix, eigen_decomposition
 from espace_export.errors import EspaceError
 from espace_export.gradients import GradientStats
-from espace_export.model_io import atomic_output
+from espace_export.model_io import atomic_output, read_arrays
 from espace_export.selection import (
     best_method,
     inflection_point,
@@ -120,9 +120,8 @@ def load_calibration(path: str | os.PathLike[str]) -> Calibration:
     path = Path(path)
     if not path.is_file():
         raise EspaceError(f"statistics file not found: {path}", "run `espace-export calibrate` first")
+    arrays = read_arrays(path, "statistics", "pass a file written by `espace-export calibrate`")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
         meta = json.loads(arrays.pop("meta").tobytes())
     except Exception as exc:
         raise EspaceError(
@@ -269,13 +268,7 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     factors_path = path.with_suffix(".npz")
     if not factors_path.is_file():
         raise EspaceError(f"the plan's factors {factors_path} are missing", "keep plan.json and plan.npz together")
-    try:
-        with np.load(factors_path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except Exception as exc:  # BadZipFile, pickled objects, truncation: all "not our factors file"
-        raise EspaceError(
-            f"the plan's factors {factors_path} cannot be read ({type(exc).__name__})", "re-run `espace-export plan`"
-        ) from None
+    arrays = read_arrays(factors_path, "the plan's factors", "re-run `espace-export plan`")
     try:
         _check_plan_fields(data)
         layers = [LayerPlan(**entry) for entry in data.pop("layers")]

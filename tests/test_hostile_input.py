@@ -281,3 +281,24 @@ def test_mismatched_or_corrupted_plans(
     output = case / "out.onnx"
     code, err = run_cli(["apply", str(plan_files["model"]), "--plan", str(plan), "-o", str(output), "-q"], capsys)
     assert_clean_outcome(code, err, output, inputs)
+
+
+@pytest.mark.parametrize("content", ["garbage", "pickled", "truncated"])
+def test_unreadable_npz_files_are_one_line_errors(content: str, tmp_path: Path) -> None:
+    """Calibration data, statistics, plan factors and projection files share one reader."""
+    from espace_export.errors import EspaceError
+    from espace_export.heal import load_projections
+    from espace_export.model_io import read_arrays
+
+    path = tmp_path / "bad.npz"
+    if content == "garbage":
+        path.write_bytes(b"not a zip at all")
+    elif content == "pickled":
+        np.savez(path, objects=np.array([{"a": 1}], dtype=object))
+    else:
+        np.savez(path, x=np.arange(1000))
+        path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(EspaceError, match="cannot read projections"):
+        read_arrays(path, "projections", "fix")
+    with pytest.raises(EspaceError, match="cannot read projections"):
+        load_projections(path)
