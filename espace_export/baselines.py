@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import scipy.linalg
-from onnx import numpy_helper
 
 from espace_export.candidates import CANDIDATES, candidate_matrix, eigen_decomposition
 
@@ -139,21 +138,9 @@ def output_error(W: np.ndarray, factorization: Factorization, C_X: np.ndarray) -
 def apply_factorizations(model: onnx.ModelProto, chosen: Sequence[tuple[object, Factorization]]) -> onnx.ModelProto:
     """Rewrite each ``(target, factorization)`` into the pair ``(X·A)·B`` (in place; returns ``model``).
 
-    Uses :func:`graph_passes.project` with A as the projection, then replaces the folded AᵀW it stored with
-    B where they differ (ASVD, whitened SVD). Sibling sharing of ``X·A`` applies as in ``project``.
+    :func:`graph_passes.project` with A as the projection and B as the folded factor (B = AᵀW for ESPACE,
+    the SVD's second factor for the baselines). Sibling sharing of ``X·A`` applies as in ``project``.
     """
-    from graph_passes import Projection, find_projected_pairs, project
+    from graph_passes import Projection, project
 
-    project(model, [Projection(target, f.A) for target, f in chosen])  # type: ignore[arg-type]
-    expand_nodes = {pair.name: pair.expand_node for pair in find_projected_pairs(model)}
-    nodes = {node.name: node for node in model.graph.node}
-    initializers = {t.name: i for i, t in enumerate(model.graph.initializer)}
-    for target, factorization in chosen:
-        # each layer has its own folded initializer, so overwriting it with B touches no other layer
-        index = initializers[nodes[expand_nodes[target.name]].input[1]]  # type: ignore[attr-defined]
-        stored = model.graph.initializer[index]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(stored.data_type)
-        B = factorization.B
-        value = B.T if target.pattern == "gemm" and target.stored_transposed else B  # type: ignore[attr-defined]
-        stored.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), stored.name))
-    return model
+    return project(model, [Projection(target, f.A, folded=f.B) for target, f in chosen])  # type: ignore[arg-type]

@@ -35,10 +35,15 @@ from graph_passes.find import ESPACE_LAYER_KEY, ESPACE_ROLE_KEY, GemmTarget, san
 
 @dataclass(frozen=True)
 class Projection:
-    """Project ``target``'s input onto the orthonormal columns of ``P`` (K×L)."""
+    """Project ``target``'s input onto the columns of ``P`` (K×L, orthonormal for ESPACE).
+
+    ``folded`` is the second factor (L×N) when the caller has it already — an ESPACE plan's PᵀW, or the B
+    of a weight factorisation W ≈ P·B whose P is not orthonormal; by default it is folded as PᵀW.
+    """
 
     target: GemmTarget
     P: np.ndarray
+    folded: np.ndarray | None = None
 
     @property
     def rank(self) -> int:
@@ -75,7 +80,12 @@ def project(model: onnx.ModelProto, projections: Sequence[Projection]) -> onnx.M
         node = nodes[target.node]
         dtype = np.dtype(target.dtype)
         p_stored = projection.P.astype(dtype)
-        folded_exact = fold_weight(projection.P, weight_matrix(model, target))
+        if projection.folded is None:
+            folded_exact = fold_weight(projection.P, weight_matrix(model, target))
+        elif projection.folded.shape == (L, target.N):
+            folded_exact = projection.folded
+        else:
+            raise ValueError(f"{target.name}: folded factor is {projection.folded.shape}, expected {(L, target.N)}")
         _warn_if_out_of_range(target.name, folded_exact, dtype)
         folded = folded_exact.astype(dtype)
         stem = sanitize(target.name)
