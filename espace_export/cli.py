@@ -107,6 +107,11 @@ CurveOption = Annotated[
 ]
 
 
+class Siblings(str, Enum):
+    separate = "separate"
+    shared = "shared"
+
+
 class Precision(str, Enum):
     float32 = "float32"
     float64 = "float64"
@@ -196,6 +201,14 @@ def compress(
         int | None,
         typer.Option(help="Force this rank L on every layer (L >= K: exact rewrite).", rich_help_panel="Projection"),
     ] = None,
+    siblings: Annotated[
+        Siblings,
+        typer.Option(
+            help="Layers reading one activation (Q/K/V, gate/up): one projection each, or one shared (fitted and "
+            "ranked as their fused GEMM, like the paper's fused QKV).",
+            rich_help_panel="Projection",
+        ),
+    ] = Siblings.separate,
     include_heads: Annotated[
         bool,
         typer.Option(help="Also compress LM head / pooler / embedding projections.", rich_help_panel="Projection"),
@@ -251,6 +264,7 @@ def compress(
         stage=stage,
         statistics_in=statistics_in,
         plan_in=plan_in,
+        siblings=siblings.value,
         ratio=ratio,
         output=output,
         report_path=report,

@@ -220,6 +220,45 @@ def decide_layers(
     return decisions
 
 
+SIBLING_MODES = ("separate", "shared")
+
+
+def share_siblings(
+    decisions: Sequence[LayerDecision],
+    *,
+    ratio: float,
+    rank_rule: str | int,
+    min_rank: int,
+    rank: int | None,
+    excluded: set[str] = frozenset(),  # type: ignore[assignment]
+) -> list[list[str]]:
+    """Group the layers that read one activation (Q/K/V, gate/up) to share one projection.
+
+    A group is ranked as the paper's fused layer: one GEMM of K×ΣN, so its rank follows the ratio rule on
+    ΣN (or the forced ``rank``) and every member gets it — also a narrow member (K/V under GQA) too small
+    to be compressed alone. ``excluded`` layers stay out. Returns the groups (two or more layers each).
+    """
+    by_activation: dict[str, list[LayerDecision]] = {}
+    for decision in decisions:
+        if decision.target.name not in excluded:
+            by_activation.setdefault(decision.target.activation, []).append(decision)
+    groups = []
+    for members in by_activation.values():
+        if len(members) < 2:
+            continue
+        K = members[0].target.K
+        if rank is not None:
+            L: int | None = min(rank, K)
+        else:
+            L = choose_rank(K, sum(d.target.N for d in members), ratio, rule=rank_rule, min_rank=min_rank)
+        if L is None:
+            continue
+        for decision in members:
+            decision.L = L
+        groups.append([d.target.name for d in members])
+    return groups
+
+
 def output_fidelity(
     original: object, compressed: object, batches: Sequence[dict[str, np.ndarray]], specs: Sequence[Any]
 ) -> dict[str, dict[str, float]]:
@@ -298,6 +337,7 @@ def compress(
     stage: str = "apply",
     statistics_in: str | os.PathLike[str] | None = None,
     plan_in: str | os.PathLike[str] | None = None,
+    siblings: str = "separate",
 ) -> CompressionResult:
     """Compress the weight GEMMs of an ONNX model with ESPACE projections and write the result.
 
@@ -340,6 +380,9 @@ def compress(
             ``apply`` (the whole chain, default). The result's ``output`` is then what that stage wrote.
         statistics_in: reuse statistics written by an earlier ``calibrate`` (checked against the model).
         plan_in: apply a plan written by an earlier ``plan`` (checked against the model); no calibration.
+        siblings: ``separate`` (one projection per layer) or ``shared`` (layers reading one activation —
+            Q/K/V, gate/up — share one projection, fitted and ranked as their fused GEMM, as the paper's
+            fused QKV layer; selected or skipped together).
 
     Raises:
         EspaceError: for bad input, with a one-line message naming the problem and the fix.
@@ -361,6 +404,8 @@ def compress(
     report_file = check_writable(Path(report_path) if report_path else default_report(output_path))
     if output_path.resolve() == model_path.resolve():
         raise EspaceError("the output would overwrite the input model", "choose another path with -o")
+    if siblings not in SIBLING_MODES:
+        raise EspaceError(f"unknown sibling mode {siblings!r}", "use separate or shared")
     if stage not in ("calibrate", "plan", "apply"):
         raise EspaceError(f"unknown stage {stage!r}", "use calibrate, plan or apply")
     if stage == "calibrate" and statistics is None:
@@ -380,9 +425,15 @@ def compress(
     decisions = decide_layers(
         targets, ratio=per_layer, candidate=methods[0], rank_rule=rank_rule, min_rank=min_rank, rank=rank
     )
+    excluded = {d.target.name for d in decisions if any(p.search(d.target.name) for p in patterns)}
     for decision in decisions:  # excluded layers stay dense but still count as targeted weights
-        if any(p.search(decision.target.name) for p in patterns):
+        if decision.target.name in excluded:
             decision.L = None
+    groups = (
+        share_siblings(decisions, ratio=per_layer, rank_rule=rank_rule, min_rank=min_rank, rank=rank, excluded=excluded)
+        if siblings == "shared"
+        else []
+    )
     compressed = [d for d in decisions if d.L is not None]
     if not compressed:
         raise EspaceError(
@@ -430,9 +481,19 @@ def compress(
                     fingerprint(model, [d.target for d in compressed]),
                     "statistics file",
                 )
+                missing = [d.target.name for d in compressed if d.target.activation not in calibration.stats]
+                if missing:
+                    raise EspaceError(
+                        f"the statistics file has no statistics for the input of {missing[0]}"
+                        f" ({len(missing)} layer(s) missing)",
+                        "re-run `espace-export calibrate` with the same --exclude/--include-heads as this run",
+                    )
             else:
+                # the calibrate stage covers every layer not excluded, so a later plan may use any ratio
+                measured = [d.target for d in decisions if d.target.name not in excluded]
                 calibration = calibrate_model(
-                    model, [d.target for d in compressed], calibration_batches, methods=methods, specs=specs,
+                    model, measured if stage == "calibrate" else [d.target for d in compressed], calibration_batches,
+                    methods=methods, specs=specs,
                     precision=stats_precision, bars=bars, seed=seed,
                 )  # fmt: skip
                 calibration.info = {"source": source, "batches": len(calibration_batches)}
@@ -463,9 +524,10 @@ def compress(
                 validator=validator,
                 max_layer_loss=max_layer_loss,
                 stop=stop,
+                groups=groups,
                 on_step=bars.stepper(),
             )
-            plan.info = {"model": str(model_path), "layer_ratio": per_layer, "rank_rule": str(rank_rule)}
+            plan.info.update({"model": str(model_path), "layer_ratio": per_layer, "rank_rule": str(rank_rule)})
             if validator is not None:
                 plan.info["validation"] = {"batches": len(validation_batches), "passes": validator.passes}
             timings["select"] = time.perf_counter() - tick
@@ -486,7 +548,7 @@ def compress(
         settings={
             "ratio_requested": ratio if rank is None else None, "rank_forced": rank, "candidate": methods[0],
             "method": method or candidate, "select": select, "rank_rule": str(rank_rule), "min_rank": min_rank,
-            "source": source, "stats_precision": stats_precision,
+            "source": source, "stats_precision": stats_precision, "siblings": siblings,
         },
     )  # fmt: skip
 
@@ -609,6 +671,7 @@ def apply_plan_to_model(
         "candidate": settings["candidate"],
         "method": settings["method"] if plan.select == "none" else "+".join(plan.methods),
         "select": plan.select,
+        "siblings": plan.info.get("siblings", settings["siblings"]),
         "rank_rule": settings["rank_rule"],
         "min_rank": settings["min_rank"],
         "targeted_params_before": targeted_before,
@@ -628,6 +691,10 @@ def apply_plan_to_model(
         },
         "layers": [d.as_json() for d in decisions],
     }
+    for entry in report["layers"]:
+        layer = layer_plans.get(entry["name"])
+        if layer is not None and layer.group is not None and layer.selected:
+            entry["shares_projection_with"] = layer.group
     if plan.select != "none":
         report["selection"] = {
             "select": plan.select,

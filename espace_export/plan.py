@@ -160,6 +160,7 @@ class LayerPlan:
     scores: dict[str, float] = field(default_factory=dict)  # method → validation loss (or proxy)
     harm: float | None = None  # relative loss increase of the chosen method applied alone
     order: int | None = None  # position in the progressive order
+    group: str | None = None  # shared-P siblings: the name of the group's first layer (None: own P)
 
 
 @dataclass
@@ -204,6 +205,7 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
 _LAYER_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "K": (int,), "N": (int,), "L": (int, type(None)), "method": (str, type(None)),
     "selected": (bool,), "scores": (dict,), "harm": (float, int, type(None)), "order": (int, type(None)),
+    "group": (str, type(None)),
 }  # fmt: skip
 
 
@@ -221,6 +223,12 @@ def _check_plan_fields(data: dict[str, Any]) -> None:
                 raise ValueError(f"unknown layer field {key!r}")
             if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
                 raise ValueError(f"layer field {key!r} has the wrong type")
+    names = {entry.get("name") for entry in layers}
+    for entry in layers:
+        if entry.get("group") is not None and entry["group"] not in names:
+            raise ValueError(
+                f"layer {entry.get('name')!r} shares the P of {entry['group']!r}, which is not in the plan"
+            )
     fingerprint = data.get("fingerprint")
     if not isinstance(fingerprint, list) or not all(
         isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("K"), int)
@@ -322,27 +330,69 @@ class Factorizer:
             self._largest[activation] = max(self._largest.get(activation, 0), L)
 
     def __call__(self, name: str, method: str) -> Factorization:
-        target = self.targets[name]
-        L = self.ranks[name]
-        stats = self.calibration.stats[target.activation]
-        grads = (self.calibration.gradients or {}).get(target.activation)
+        return self.unit([name], method)[name]
+
+    def unit(self, names: Sequence[str], method: str) -> dict[str, Factorization]:
+        """Each layer of ``names`` factorised by ``method``; more than one name: siblings sharing one A.
+
+        Siblings read the same activation, so a shared A is the factorisation of their fused weight
+        ``[W₁ | W₂ | …]`` (K×ΣN, the paper's fused QKV GEMM) at the group's rank; each keeps its own
+        columns of B.
+        """
+        targets = [self.targets[name] for name in names]
+        activation = targets[0].activation
+        if any(t.activation != activation for t in targets):
+            raise ValueError(f"layers {list(names)} do not read one activation and cannot share a projection")
+        L = self.ranks[names[0]]
+        stats = self.calibration.stats[activation]
+        grads = (self.calibration.gradients or {}).get(activation)
         if method in GRADIENT_METHODS and grads is None:
             raise EspaceError(f"{method} needs gradient statistics", "calibrate with gradients (--gradients)")
-        W = weight_matrix(self.model, target).astype(np.float64)
+        weights = [weight_matrix(self.model, t).astype(np.float64) for t in targets]
+        W = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
         statistics = {
             "C_X": stats.C_X,
             "C_X_normalized": stats.C_X_normalized if stats.normalized else None,
             "C_XG": grads.C_XG if grads is not None else None,
             "C_XG_normalized": grads.C_XG_normalized if grads is not None and grads.normalized else None,
         }
+        eigenvectors = None
         if method in WEIGHT_FREE:
-            key = (target.activation, method)
+            key = (activation, method)
             if key not in self._eigen:
                 C, by_magnitude = candidate_matrix(method, W=W, **statistics)  # type: ignore[arg-type]
-                top = self._largest[target.activation]
+                top = self._largest[activation]
                 self._eigen[key] = eigen_decomposition(C, by_magnitude=by_magnitude, top=top)[1]
-            return factorize(method, W, L, eigenvectors=self._eigen[key], **statistics)  # type: ignore[arg-type]
-        return factorize(method, W, L, **statistics)  # type: ignore[arg-type]
+            eigenvectors = self._eigen[key]
+        fused = factorize(method, W, L, eigenvectors=eigenvectors, **statistics)  # type: ignore[arg-type]
+        if len(targets) == 1:
+            return {names[0]: fused}
+        split = np.cumsum([w.shape[1] for w in weights])[:-1]
+        return {
+            name: Factorization(method, fused.A, np.ascontiguousarray(B))
+            for name, B in zip(names, np.split(fused.B, split, axis=1), strict=True)
+        }
+
+
+def sibling_units(
+    compressible: dict[str, int], targets: Sequence[GemmTarget], groups: Sequence[Sequence[str]] | None
+) -> list[list[str]]:
+    """The units a plan decides on: each compressible layer alone, or the given shared-P sibling groups
+    (each a list of compressible layers reading one activation, at one rank) with the rest alone."""
+    by_name = {t.name: t for t in targets}
+    units: list[list[str]] = []
+    grouped: set[str] = set()
+    for group in groups or ():
+        members = [name for name in group if name in compressible]
+        if len(members) < 2:
+            continue
+        if len({by_name[n].activation for n in members}) != 1 or len({compressible[n] for n in members}) != 1:
+            raise ValueError(f"sibling group {members} must read one activation at one rank")
+        units.append(members)
+        grouped.update(members)
+    units += [[name] for name in compressible if name not in grouped]
+    order = {t.name: i for i, t in enumerate(targets)}
+    return sorted(units, key=lambda unit: order[unit[0]])
 
 
 def make_plan(
@@ -358,6 +408,8 @@ def make_plan(
     max_layer_loss: float | None = None,
     stop: str = "ratio",
     full_curve: bool = True,
+    groups: Sequence[Sequence[str]] | None = None,
+    progressive: bool = True,
     on_step: Callable[[str, int], None] | None = None,
 ) -> Plan:
     """Decide, per targeted layer, whether and how it is compressed.
@@ -371,6 +423,12 @@ def make_plan(
     * ``proxy`` — the same with the relative output error ``E‖x(W − AB)‖²/E‖xW‖²`` as the score: no extra
       model passes, blind to how the rest of the network amplifies a layer's error.
 
+    ``groups``: sibling layers (reading one activation, given one rank in ``ranks``) that share one
+    projection; each group is scored, ranked and applied as one unit (see :meth:`Factorizer.unit`).
+
+    ``progressive=False`` keeps the scoring but applies every compressible layer with its best method
+    (the "best candidate per layer" plan at a uniform rank; ``ratio`` is then only recorded).
+
     ``on_step(phase, total)`` is called before each scored trial (for progress bars).
     """
     check_methods(methods)
@@ -380,60 +438,71 @@ def make_plan(
         raise EspaceError("--select validate needs validation data", "give calibration data with enough batches")
     by_name = {t.name: t for t in targets}
     compressible = {name: L for name, L in ranks.items() if L is not None}
+    units = sibling_units(compressible, targets, groups)
     factorizer = Factorizer(model, calibration, compressible, targets)  # type: ignore[arg-type]
     layers = {t.name: LayerPlan(t.name, t.K, t.N, ranks.get(t.name)) for t in targets}
+    for unit in units:
+        if len(unit) > 1:
+            for name in unit:
+                layers[name].group = unit[0]
     baseline = validator.baseline if validator is not None else None
     score_kind = f"validation loss ({validator.loss})" if select == "validate" else "relative output error (proxy)"
     plan = Plan(ratio, select, list(methods), score_kind, baseline, list(layers.values()), fingerprint(model, targets))
+    plan.info["siblings"] = "shared" if any(len(unit) > 1 for unit in units) else "separate"
 
     if select == "none":
-        for name in compressible:
-            layer = layers[name]
-            layer.method, layer.selected = methods[0], True
-            plan.factors[name] = factorizer(name, methods[0])
+        for unit in units:
+            for name, factorization in factorizer.unit(unit, methods[0]).items():
+                layers[name].method, layers[name].selected = methods[0], True
+                plan.factors[name] = factorization
         plan.score_kind = "none"
         return plan
 
-    candidates: dict[str, dict[str, Factorization]] = {}
-    total_trials = len(compressible) * len(methods)
-    for name in compressible:
-        layer = layers[name]
-        candidates[name] = {}
-        W = weight_matrix(model, by_name[name]).astype(np.float64)
+    candidates: dict[str, dict[str, dict[str, Factorization]]] = {}  # unit → method → layer → factors
+    total_trials = len(units) * len(methods)
+    for unit in units:
+        key = unit[0]
+        candidates[key] = {}
+        scores: dict[str, float] = {}
         for method in methods:
             if on_step is not None:
                 on_step("scoring", total_trials)
-            factorization = factorizer(name, method)
-            candidates[name][method] = factorization
+            factorizations = factorizer.unit(unit, method)
+            candidates[key][method] = factorizations
             if select == "validate":
-                override = {name: validator.effective(name, factorization.weight())}
-                layer.scores[method] = float(validator.evaluate(override))
+                override = {name: validator.effective(name, f.weight()) for name, f in factorizations.items()}
+                scores[method] = float(validator.evaluate(override))
             else:
-                C_X = calibration.stats[by_name[name].activation].C_X
-                layer.scores[method] = output_error(W, factorization, C_X)
-        layer.method = best_method(layer.scores)
-        best = layer.scores[layer.method]
-        layer.harm = relative_increase(best, baseline) if select == "validate" else best
+                scores[method] = _unit_output_error(model, [by_name[n] for n in unit], factorizations, calibration)
+        method = best_method(scores)
+        harm = relative_increase(scores[method], baseline) if select == "validate" else scores[method]
+        for name in unit:
+            layers[name].scores, layers[name].method, layers[name].harm = dict(scores), method, harm
 
-    harm = {name: float(layers[name].harm) for name in compressible}  # type: ignore[arg-type]
-    order, plan.skipped = rank_layers(harm, max_layer_loss if select == "validate" else None)
-    for position, name in enumerate(order):
-        layers[name].order = position
-    saved = {
-        name: by_name[name].K * by_name[name].N - compressible[name] * (by_name[name].K + by_name[name].N)
-        for name in order
-    }
+    unit_of = {unit[0]: unit for unit in units}
+    if not progressive:
+        for key in unit_of:
+            for name, factorization in candidates[key][layers[key].method].items():  # type: ignore[index]
+                layers[name].selected = True
+                plan.factors[name] = factorization
+        return plan
+    harm = {key: float(layers[key].harm) for key in unit_of}  # type: ignore[arg-type]
+    order, skipped = rank_layers(harm, max_layer_loss if select == "validate" else None)
+    plan.skipped = [name for key in skipped for name in unit_of[key]]
+    for position, key in enumerate(order):
+        for name in unit_of[key]:
+            layers[name].order = position
+    saved = {key: unit_saving([by_name[n] for n in unit_of[key]], compressible[key]) for key in order}
     targeted = sum(t.K * t.N for t in targets)
+
+    def chosen(key: str) -> dict[str, Factorization]:
+        return candidates[key][layers[key].method]  # type: ignore[index]
 
     def evaluate(applied: list[str]) -> float:
         if on_step is not None:
             on_step("progressive", len(order))
-        chosen = candidates
-        return float(
-            validator.evaluate(
-                {n: validator.effective(n, chosen[n][layers[n].method].weight()) for n in applied}  # type: ignore[index]
-            )
-        )
+        override = {n: validator.effective(n, f.weight()) for key in applied for n, f in chosen(key).items()}
+        return float(validator.evaluate(override))
 
     selected, plan.curve = progressive_selection(
         order,
@@ -448,24 +517,52 @@ def make_plan(
     plan.knee = inflection_point(plan.curve)
     if stop == "knee":
         selected = [p["layer"] for p in plan.curve[1 : plan.knee + 1]]
-    for name in selected:
-        layers[name].selected = True
-        plan.factors[name] = candidates[name][layers[name].method]  # type: ignore[index]
+    for key in selected:
+        for name, factorization in chosen(key).items():
+            layers[name].selected = True
+            plan.factors[name] = factorization
     return plan
 
 
+def unit_saving(members: Sequence[GemmTarget], L: int) -> int:
+    """Weights saved by compressing ``members`` at rank L: one K×L projection for the group, L×N each."""
+    K = members[0].K
+    N = sum(t.N for t in members)
+    return K * N - L * (K + N)
+
+
+def _unit_output_error(
+    model: onnx.ModelProto,
+    members: Sequence[GemmTarget],
+    factorizations: dict[str, Factorization],
+    calibration: Calibration,
+) -> float:
+    """Relative output error of a unit: of its fused weight, so siblings count by their output energy."""
+    W = np.concatenate([weight_matrix(model, t).astype(np.float64) for t in members], axis=1)
+    fused = Factorization(
+        "fused", factorizations[members[0].name].A, np.concatenate([factorizations[t.name].B for t in members], axis=1)
+    )
+    return output_error(W, fused, calibration.stats[members[0].activation].C_X)
+
+
 def plan_summary(plan: Plan, targets: Sequence[GemmTarget]) -> dict[str, Any]:
-    """Targeted compression the plan achieves (unshared P counted per layer) and method counts."""
+    """Targeted compression the plan achieves (a shared P counted once per group) and method counts."""
     before = sum(t.K * t.N for t in targets)
     after = before
     methods: dict[str, int] = {}
+    groups_seen: set[str] = set()
     for layer in plan.selected_layers():
         assert layer.L is not None and layer.method is not None
-        after -= layer.K * layer.N - layer.L * (layer.K + layer.N)
+        after -= layer.K * layer.N - layer.L * layer.N
+        if layer.group is None or layer.group not in groups_seen:
+            after += layer.K * layer.L
+            if layer.group is not None:
+                groups_seen.add(layer.group)
         methods[layer.method] = methods.get(layer.method, 0) + 1
     return {
         "targeted_compression_planned": 1 - after / before,
         "layers_selected": len(plan.selected_layers()),
+        "shared_groups": len(groups_seen),
         "methods": methods,
         "layer_compression": {
             layer.name: layer_compression(layer.K, layer.N, layer.L) for layer in plan.selected_layers() if layer.L

@@ -101,3 +101,26 @@ def test_calibrate_plan_apply_commands_chain(sample_model, tmp_path, capsys) -> 
     assert report["select"] == "proxy" and report["targeted_compression"] >= 0.3
     assert _exit_code(["apply", str(sample_model("gpt2", "torchscript")), "--plan", plan, "-q"]) == 2
     assert "which this model does not have" in capsys.readouterr().err
+
+
+def test_statistics_cover_every_layer_whatever_the_ratio(sample_model, tmp_path, capsys) -> None:
+    from graph_passes import find_targets
+
+    model = str(sample_model("llama", "torchscript"))
+    common = ["--num-batches", "4", "--seq-len", "16", "-q"]
+    stats = str(tmp_path / "s.npz")
+    with pytest.warns(UserWarning):
+        assert _exit_code(["calibrate", model, "-o", stats, "--ratio", "0.7", "--min-rank", "8", *common]) == 0
+    activations = {t.activation for t in find_targets(onnx.load(model))}
+    assert set(load_calibration(stats).stats) == activations  # not only the layers compressible at 0.7
+    plan = str(tmp_path / "p.json")
+    with pytest.warns(UserWarning):
+        args = ["--ratio", "0.3", "--siblings", "shared", *common]
+        assert _exit_code(["plan", model, "--statistics", stats, "-o", plan, *args]) == 0
+    assert load_plan(plan).selected_layers()
+
+    partial = str(tmp_path / "partial.npz")
+    with pytest.warns(UserWarning):
+        assert _exit_code(["calibrate", model, "-o", partial, "--exclude", "mlp", *common]) == 0
+        assert _exit_code(["plan", model, "--statistics", partial, "-o", plan, *common]) == 2
+    assert "has no statistics for the input of" in capsys.readouterr().err
