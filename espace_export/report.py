@@ -18,6 +18,9 @@ def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("layers", f"{report['layers_compressed']} compressed, {report['layers_dense']} dense"),
         ("calibration", f"{report['calibration']['source']}, {report['calibration']['batches']} batches"),
     ]
+    if report.get("siblings") == "shared":
+        groups = {layer["shares_projection_with"] for layer in report["layers"] if "shares_projection_with" in layer}
+        rows.append(("siblings", f"shared: {len(groups)} groups read one projection each"))
     for name, fid in report.get("fidelity", {}).get("outputs", {}).items():
         rows.append(
             (

@@ -96,6 +96,8 @@ def test_shared_siblings_store_one_projection_per_group_and_count_it_once(sample
     summary = plan_summary(plan, find_targets(onnx.load(path)))
     assert summary["targeted_compression_planned"] == pytest.approx(report["targeted_compression"], abs=1e-12)
     assert summary["shared_groups"] == len(groups)
+    markdown = result.report_path.with_suffix(".md").read_text()
+    assert f"shared: {len(groups)} groups read one projection each" in markdown
 
 
 def test_shared_siblings_at_full_rank_rewrite_exactly(sample_model, tmp_path) -> None:
