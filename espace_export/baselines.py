@@ -32,17 +32,22 @@ from espace_export.candidates import CANDIDATES, candidate_matrix, eigen_decompo
 
 BASELINES = ("svd", "asvd", "whitened-svd")
 METHODS = (*CANDIDATES, *BASELINES)
+PROJECTIONS = (*CANDIDATES, "svd")  # methods whose B is AᵀW (A orthonormal): B follows from A and the weight
 WHITENING_REGULARISER = 1e-6
 ASVD_ALPHA = 0.5
 
 
 @dataclass(frozen=True)
 class Factorization:
-    """``W ≈ A·B``: A is K×L (the input projection), B is L×N (the folded weight)."""
+    """``W ≈ A·B``: A is K×L (the input projection), B is L×N (the folded weight).
+
+    ``B`` is None in a factorisation read back from a plan file when it is ``AᵀW`` (the methods of
+    :data:`PROJECTIONS`): the rewrite folds it from the model's own weight, so plans stay small.
+    """
 
     method: str
     A: np.ndarray
-    B: np.ndarray
+    B: np.ndarray | None
 
     @property
     def rank(self) -> int:
@@ -50,6 +55,8 @@ class Factorization:
 
     def weight(self) -> np.ndarray:
         """The effective K×N weight A·B (what the pair computes, for validation)."""
+        if self.B is None:
+            raise ValueError(f"{self.method} factorisation read without B; fold AᵀW from the weight first")
         return self.A @ self.B
 
 
@@ -139,7 +146,8 @@ def apply_factorizations(model: onnx.ModelProto, chosen: Sequence[tuple[object, 
     """Rewrite each ``(target, factorization)`` into the pair ``(X·A)·B`` (in place; returns ``model``).
 
     :func:`graph_passes.project` with A as the projection and B as the folded factor (B = AᵀW for ESPACE,
-    the SVD's second factor for the baselines). Sibling sharing of ``X·A`` applies as in ``project``.
+    the SVD's second factor for the baselines; a missing B is folded as AᵀW from the model's weight).
+    Sibling sharing of ``X·A`` applies as in ``project``.
     """
     from graph_passes import Projection, project
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from espace_export.baselines import BASELINES, METHODS, Factorization, factorize, output_error
+from espace_export.baselines import BASELINES, METHODS, PROJECTIONS, Factorization, factorize, output_error
 from espace_export.calibration import ActivationStats
 from espace_export.candidates import NORMALIZED_CANDIDATES, candidate_matrix, eigen_decomposition
 from espace_export.errors import EspaceError
@@ -188,15 +188,18 @@ class Plan:
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
-    """``path`` (JSON) and ``path`` with suffix ``.npz`` (the factors A, B of the selected layers)."""
+    """``path`` (JSON) and ``path`` with suffix ``.npz``: the factors of the selected layers — A, and B only
+    where it is not AᵀW (ASVD, whitened SVD); ``apply`` folds AᵀW from the fingerprinted weight itself."""
     path = Path(path)
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(plan.as_json(), indent=2) + "\n")
     arrays: dict[str, np.ndarray] = {}
     for i, layer in enumerate(plan.layers):
         if layer.name in plan.factors:
-            arrays[f"A.{i}"] = plan.factors[layer.name].A
-            arrays[f"B.{i}"] = plan.factors[layer.name].B
+            factors = plan.factors[layer.name]
+            arrays[f"A.{i}"] = factors.A
+            if factors.B is not None and factors.method not in PROJECTIONS:
+                arrays[f"B.{i}"] = factors.B
     with atomic_output(path.with_suffix(".npz")) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
     return path
@@ -250,14 +253,16 @@ def check_plan_factors(plan: Plan, targets: Sequence[GemmTarget]) -> None:
         if name not in printed:
             raise EspaceError(f"the plan carries no fingerprint for layer {name}", "re-run `espace-export plan`")
         A, B = factors.A, factors.B
-        if (A.ndim != 2 or B.ndim != 2 or A.shape[0] != target.K or B.shape[1] != target.N
-                or A.shape[1] != B.shape[0] or A.shape[1] < 1):  # fmt: skip
+        rank = A.shape[1] if A.ndim == 2 else 0
+        b_shape = B.shape if B is not None else (rank, target.N)  # no B: folded from the weight at apply
+        if A.ndim != 2 or len(b_shape) != 2 or A.shape[0] != target.K or b_shape != (rank, target.N) or rank < 1:
+            shapes = f"{A.shape} and {b_shape}" if B is not None else f"{A.shape}"
             raise EspaceError(
-                f"the plan's factors for {name} are {A.shape} and {B.shape}, the layer is {target.K}×{target.N}",
+                f"the plan's factors for {name} are {shapes}, the layer is {target.K}×{target.N}",
                 "re-run `espace-export plan` for this model",
             )
-        if not (np.issubdtype(A.dtype, np.floating) and np.issubdtype(B.dtype, np.floating)
-                and np.isfinite(A).all() and np.isfinite(B).all()):  # fmt: skip
+        finite = [A] if B is None else [A, B]
+        if not all(np.issubdtype(x.dtype, np.floating) and np.isfinite(x).all() for x in finite):
             raise EspaceError(f"the plan's factors for {name} are not finite numbers", "re-run `espace-export plan`")
 
 
@@ -284,8 +289,8 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise EspaceError(f"plan {path} is malformed ({exc})", "pass a plan written by `espace-export plan`") from None
     for i, layer in enumerate(layers):
-        if f"A.{i}" in arrays and f"B.{i}" in arrays:
-            plan.factors[layer.name] = Factorization(layer.method or "?", arrays[f"A.{i}"], arrays[f"B.{i}"])
+        if f"A.{i}" in arrays and (f"B.{i}" in arrays or layer.method in PROJECTIONS):
+            plan.factors[layer.name] = Factorization(layer.method or "?", arrays[f"A.{i}"], arrays.get(f"B.{i}"))
     missing = [layer.name for layer in plan.selected_layers() if layer.name not in plan.factors]
     if missing:
         raise EspaceError(f"the plan's factors lack layer {missing[0]}", "re-run `espace-export plan`")

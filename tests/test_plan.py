@@ -34,9 +34,21 @@ def test_plan_round_trips(planned, tmp_path) -> None:
     assert reloaded.as_json() == plan.as_json()
     for name, f in plan.factors.items():
         np.testing.assert_array_equal(reloaded.factors[name].A, f.A)
-        np.testing.assert_array_equal(reloaded.factors[name].B, f.B)
+        assert f.B is None and reloaded.factors[name].B is None  # ESPACE: B = PᵀW is folded at apply
     assert json.loads((out / "curve.json").read_text())["curve"][0]["compression"] == 0.0
     assert (out / "curve.png").stat().st_size > 1000
+
+
+def test_a_plan_applied_from_its_files_writes_the_one_shot_model(planned, tmp_path) -> None:
+    path, out, _ = planned
+    with np.load(out / "plan.npz") as arrays:
+        assert arrays.files and not [k for k in arrays.files if k.startswith("B.")]  # plans hold P, not PᵀW
+    espace_export.compress(path, plan_in=out / "plan.json", num_batches=4, seq_len=16, output=tmp_path / "m.onnx")
+    one_shot = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out / "m.onnx").graph.initializer}
+    applied = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "m.onnx").graph.initializer}
+    assert one_shot.keys() == applied.keys()
+    for name, value in one_shot.items():
+        np.testing.assert_allclose(applied[name], value, rtol=1e-6, atol=1e-7)
 
 
 def test_statistics_round_trip_with_gradients(sample_model, tmp_path) -> None:
