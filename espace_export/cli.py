@@ -107,6 +107,13 @@ CurveOption = Annotated[
 ]
 
 
+class ValidLoss(str, Enum):
+    auto = "auto"
+    next_token = "next-token"
+    kl = "kl"
+    distill = "distill"
+
+
 class Siblings(str, Enum):
     separate = "separate"
     shared = "shared"
@@ -208,7 +215,7 @@ def compress(
             "ranked as their fused GEMM, like the paper's fused QKV).",
             rich_help_panel="Projection",
         ),
-    ] = Siblings.separate,
+    ] = Siblings.shared,
     include_heads: Annotated[
         bool,
         typer.Option(help="Also compress LM head / pooler / embedding projections.", rich_help_panel="Projection"),
@@ -232,6 +239,14 @@ def compress(
     valid_text: ValidTextOption = None,
     valid_data: ValidDataOption = None,
     curve: CurveOption = None,
+    valid_loss: Annotated[
+        ValidLoss,
+        typer.Option(
+            help="What --select validate scores: auto (next-token loss for causal LMs, 1 - cosine to the original "
+            "outputs otherwise), kl (causal LMs: KL to the original next-token distribution), next-token, distill.",
+            rich_help_panel=_SELECT,
+        ),
+    ] = ValidLoss.auto,
     statistics: Annotated[
         Path | None, typer.Option(help="Also write the calibration statistics (.npz).", rich_help_panel=_SELECT)
     ] = None,
@@ -265,6 +280,7 @@ def compress(
         statistics_in=statistics_in,
         plan_in=plan_in,
         siblings=siblings.value,
+        validation_loss=valid_loss.value,
         ratio=ratio,
         output=output,
         report_path=report,

@@ -383,14 +383,16 @@ def calibrate(
     include_heads: bool = False,
     exclude: Sequence[str] = (),
     precision: StatsPrecision = "float32",
+    siblings: str = "shared",
 ) -> dict[str, np.ndarray]:
     """ESPACE projections for ``model``'s GEMM layers, calibrated on ``batches``: layer name → P (K×L, float32).
 
     The same rules as ``espace_export.compress``: L per layer by :func:`~espace_export.selection.choose_rank`
     (or a forced ``rank``, clipped to K); layers where no L ≥ ``min_rank`` fits are absent (stay dense);
-    ``candidate`` is one of the forward candidates (``mse``, ``nmse``, ``go-mse``, ``go-mse-l2``). Siblings
-    that read one tensor share its weight-free candidate, so their P are identical and the exported graph
-    computes ``X·P`` once for them.
+    ``candidate`` is one of the forward candidates (``mse``, ``nmse``, ``go-mse``, ``go-mse-l2``).
+    ``siblings="shared"`` (default, as ``compress``): layers that read one tensor (Q/K/V, gate/up) get one P,
+    ranked and fitted as their fused GEMM; ``"separate"``: one each (weight-free candidates at equal rank
+    still coincide). Identical P let the exported graph compute ``X·P`` once.
     """
     if candidate not in FORWARD_CANDIDATES:
         raise EspaceError(
@@ -399,47 +401,56 @@ def calibrate(
     if rank is None:
         check_ratio(ratio)
     parse_rank_rule(rank_rule)
+    if siblings not in ("separate", "shared"):
+        raise EspaceError(f"unknown sibling mode {siblings!r}", "use separate or shared")
     modules = target_modules(model, include_heads=include_heads, exclude=exclude)
+    if not modules:
+        raise EspaceError(
+            "the model has no nn.Linear or Conv1D layer to project", "pass include_heads=True or another model"
+        )
+    stats, owner = collect_statistics(
+        model, modules, batches, normalized=candidate in NORMALIZED_CANDIDATES, precision=precision
+    )
+    groups: dict[str, list[str]] = {}
+    for name in modules:
+        if name in owner:  # modules that never ran on these batches stay dense
+            groups.setdefault(owner[name] if siblings == "shared" else name, []).append(name)
+
+    def choose(K: int, N: int) -> int | None:
+        return min(rank, K) if rank is not None else choose_rank(K, N, ratio, rule=rank_rule, min_rank=min_rank)
+
     ranks: dict[str, int] = {}
-    for name, module in modules.items():
-        K, N = layer_shape(module)
-        L = min(rank, K) if rank is not None else choose_rank(K, N, ratio, rule=rank_rule, min_rank=min_rank)
+    for members in groups.values():
+        K = layer_shape(modules[members[0]])[0]
+        L = choose(K, sum(layer_shape(modules[n])[1] for n in members))
         if L is not None:
-            ranks[name] = L
+            ranks.update(dict.fromkeys(members, L))
     if not ranks:
         raise EspaceError(
-            f"no layer can reach ratio {ratio} with a rank of at least {min_rank}"
-            if modules
-            else "the model has no nn.Linear or Conv1D layer to project",
-            "lower min_rank, use rank_rule=16, or lower the ratio"
-            if modules
-            else "pass include_heads=True or another model",
+            f"no layer can reach ratio {ratio} with a rank of at least {min_rank}",
+            "lower min_rank, use rank_rule=16, or lower the ratio",
         )
-    chosen = {name: modules[name] for name in ranks}
-    stats, owner = collect_statistics(
-        model, chosen, batches, normalized=candidate in NORMALIZED_CANDIDATES, precision=precision
-    )
 
-    def key(name: str) -> str:
-        return owner.get(name, name) if candidate in WEIGHT_FREE_CANDIDATES else name
+    def key(name: str) -> str:  # layers whose P is one: weight-free candidates per input, or a shared group
+        return owner[name] if candidate in WEIGHT_FREE_CANDIDATES or siblings == "shared" else name
 
-    largest: dict[str, int] = {}
-    for name, L in ranks.items():
-        largest[key(name)] = max(largest.get(key(name), 0), L)
+    members_of: dict[str, list[str]] = {}
+    for name in ranks:
+        members_of.setdefault(key(name), []).append(name)
     vectors: dict[str, np.ndarray] = {}
     projections = {}
     for name, L in ranks.items():
-        if name not in owner:
-            continue  # never ran on these batches
         if key(name) not in vectors:
             activation = stats[owner[name]]
+            weights = [weight_kn(modules[n]) for n in members_of[key(name)]]
             C, by_magnitude = candidate_matrix(
                 candidate,  # type: ignore[arg-type]
                 C_X=activation.C_X,
                 C_X_normalized=activation.C_X_normalized if activation.normalized else None,
-                W=None if candidate in WEIGHT_FREE_CANDIDATES else weight_kn(chosen[name]),
+                W=None if candidate in WEIGHT_FREE_CANDIDATES else np.concatenate(weights, axis=1),
             )
-            vectors[key(name)] = eigen_decomposition(C, by_magnitude=by_magnitude, top=largest[key(name)])[1]
+            top = max(ranks[n] for n in members_of[key(name)])
+            vectors[key(name)] = eigen_decomposition(C, by_magnitude=by_magnitude, top=top)[1]
         projections[name] = np.ascontiguousarray(vectors[key(name)][:, :L], dtype=np.float32)
     return projections
 

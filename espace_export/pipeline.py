@@ -337,7 +337,8 @@ def compress(
     stage: str = "apply",
     statistics_in: str | os.PathLike[str] | None = None,
     plan_in: str | os.PathLike[str] | None = None,
-    siblings: str = "separate",
+    siblings: str = "shared",
+    validation_loss: str = "auto",
 ) -> CompressionResult:
     """Compress the weight GEMMs of an ONNX model with ESPACE projections and write the result.
 
@@ -380,6 +381,9 @@ def compress(
             ``apply`` (the whole chain, default). The result's ``output`` is then what that stage wrote.
         statistics_in: reuse statistics written by an earlier ``calibrate`` (checked against the model).
         plan_in: apply a plan written by an earlier ``plan`` (checked against the model); no calibration.
+        validation_loss: what ``select="validate"`` scores: ``auto`` (``next-token`` cross-entropy for causal
+            LMs, ``distill`` — 1 − cosine to the original outputs — otherwise) or ``kl`` (causal LMs: KL of
+            the next-token distributions to the original model's).
         siblings: ``separate`` (one projection per layer) or ``shared`` (layers reading one activation —
             Q/K/V, gate/up — share one projection, fitted and ranked as their fused GEMM, as the paper's
             fused QKV layer; selected or skipped together).
@@ -512,7 +516,9 @@ def compress(
             if select == "validate":
                 from espace_export.validation import Validator
 
-                validator = Validator(model, [d.target for d in compressed], validation_batches, specs=specs)
+                validator = Validator(
+                    model, [d.target for d in compressed], validation_batches, specs=specs, loss=validation_loss
+                )
             plan = make_plan(
                 model,
                 targets,
@@ -709,7 +715,15 @@ def apply_plan_to_model(
         for entry in report["layers"]:
             layer = layer_plans.get(entry["name"])
             if layer is not None:
-                entry.update({"scores": layer.scores, "harm": layer.harm, "order": layer.order, "method": layer.method})
+                entry.update(
+                    {
+                        "scores": layer.scores,
+                        "harm": layer.harm,
+                        "order": layer.order,
+                        "method": layer.method,
+                        "group": layer.group,
+                    }
+                )
 
     with atomic_output(output_path) as tmp_output:
         save_model(model, tmp_output, external_data=external_data)

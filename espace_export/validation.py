@@ -11,6 +11,10 @@ Losses (:func:`validation_loss`):
 
 * ``next-token`` for causal LMs (first output ``logits``): mean next-token cross-entropy over the valid
   tokens of the validation batches (exp of it is the perplexity).
+* ``kl`` for causal LMs on request: mean KL(original ‖ trial) of the next-token distributions over the
+  valid tokens — zero for the uncompressed model, and blind to the model's own errors on the text, so a
+  trial that happens to fit the validation text better (a low-rank weight acting as a regulariser)
+  scores as a change, not as a gain.
 * ``distill`` otherwise: mean ``1 − cos`` between each output row (token or sentence embedding) and the
   original model's, so the uncompressed model scores 0.
 """
@@ -26,16 +30,30 @@ import onnx
 from espace_export.data import InputSpec, complete_feed, input_specs
 from graph_passes.find import GemmTarget, weight_matrix
 
-ValidationLoss = Literal["next-token", "distill"]
+ValidationLoss = Literal["next-token", "kl", "distill"]
 WEIGHT_INPUT = "espace.weight.{}"
 
 
+VALIDATION_LOSSES = ("auto", "next-token", "kl", "distill")
+
+
 def resolve_validation_loss(model: onnx.ModelProto, loss: str = "auto") -> ValidationLoss:
-    if loss != "auto":
-        return loss  # type: ignore[return-value]
+    """``auto``: ``next-token`` for a causal LM (first output ``logits``, rank 3), else ``distill``."""
+    from espace_export.errors import EspaceError
+
+    if loss not in VALIDATION_LOSSES:
+        raise EspaceError(f"unknown validation loss {loss!r}", f"use one of {', '.join(VALIDATION_LOSSES)}")
     output = model.graph.output[0]
     rank = len(output.type.tensor_type.shape.dim)
-    return "next-token" if "logits" in output.name.lower() and rank in (0, 3) else "distill"
+    causal = "logits" in output.name.lower() and rank in (0, 3)
+    if loss == "auto":
+        return "next-token" if causal else "distill"
+    if loss in ("next-token", "kl") and not causal:
+        raise EspaceError(
+            f"validation loss {loss} needs a causal LM whose first output is logits [batch, seq, vocab]",
+            "use --valid-loss distill (or auto) for this model",
+        )
+    return loss  # type: ignore[return-value]
 
 
 def node_view(target: GemmTarget, W: np.ndarray) -> np.ndarray:
@@ -86,7 +104,7 @@ class Validator:
         self.output = model.graph.output[0].name
         self.passes = 0
         self.references: list[np.ndarray] = []
-        if self.loss == "distill":
+        if self.loss in ("distill", "kl"):
             self.references = [self._run(feed, {}) for feed in self.feeds]
         self.baseline = self.evaluate({})
 
@@ -128,6 +146,12 @@ def validation_loss(
         valid = np.ones_like(nll, dtype=bool) if mask is None else (mask[:, 1:] * mask[:, :-1]).astype(bool)
         return float(nll[valid].sum()), int(valid.sum())
     assert reference is not None
+    if kind == "kl":
+        log_q = _log_softmax(output)
+        log_p = _log_softmax(reference)
+        kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+        valid = np.ones(kl.shape, dtype=bool) if mask is None else mask.astype(bool).reshape(kl.shape)
+        return float(kl[valid].sum()), int(valid.sum())
     a = np.asarray(reference, dtype=np.float64).reshape(-1, reference.shape[-1])
     b = np.asarray(output, dtype=np.float64).reshape(a.shape)
     cos = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
@@ -135,3 +159,9 @@ def validation_loss(
     if mask is not None and output.ndim == 3 and mask.size == len(cos):
         valid = mask.reshape(-1).astype(bool)
     return float((1.0 - cos[valid]).sum()), int(valid.sum())
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.asarray(logits, dtype=np.float64)
+    shifted = shifted - shifted.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

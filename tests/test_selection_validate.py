@@ -61,6 +61,34 @@ def test_validator_scores_one_layer_as_the_rewritten_model_does(sample_model) ->
     assert trial != pytest.approx(validator.baseline, rel=1e-7)
 
 
+def test_kl_validation_is_zero_for_the_original_and_matches_its_definition(sample_model) -> None:
+    from espace_export.baselines import truncated_svd
+    from espace_export.validation import Validator
+    from graph_passes import find_targets, weight_matrix
+
+    model = onnx.load(sample_model("llama", "torchscript"))
+    targets = find_targets(model)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 256, (2, 10)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0  # padding tokens are not scored
+    validator = Validator(model, targets, [{"input_ids": ids, "attention_mask": mask}], loss="kl")
+    assert validator.baseline == pytest.approx(0.0, abs=1e-12)
+    target = targets[0]
+    override = {target.name: validator.effective(target.name, truncated_svd(weight_matrix(model, target), 8).weight())}
+    trial = validator.evaluate(override)
+    feed = validator.feeds[0]
+    p = _softmax(validator._run(feed, {}))
+    q = _softmax(validator._run(feed, override))
+    kl = np.sum(p * (np.log(p) - np.log(q)), axis=-1)
+    assert trial == pytest.approx(kl[mask.astype(bool)].mean(), rel=1e-4) and trial > 0
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
 @pytest.mark.slow
 def test_compress_with_validation_meets_the_ratio_and_records_every_score(sample_model, tmp_path) -> None:
     path = sample_model("bert", "torchscript")
@@ -73,5 +101,25 @@ def test_compress_with_validation_meets_the_ratio_and_records_every_score(sample
     assert result.targeted_compression >= 0.3 - 1e-9
     scored = [layer for layer in report["layers"] if layer.get("scores")]
     assert scored and all(len(layer["scores"]) == 7 for layer in scored)
+    # siblings share a projection by default: Q/K/V is one unit, scored once per method
+    units = {layer["group"] or layer["name"] for layer in scored}
+    assert len(units) < len(scored)
     passes = report["selection"]["validation"]["passes"]
-    assert passes == 1 + 7 * len(scored) + len(report["selection"]["curve"]) - 1
+    assert passes == 1 + 7 * len(units) + len(report["selection"]["curve"]) - 1
+
+
+def test_kl_selection_runs_on_an_lm_and_is_refused_on_an_encoder(sample_model, tmp_path) -> None:
+    from espace_export.errors import EspaceError
+
+    result = espace_export.compress(
+        sample_model("llama", "torchscript"), ratio=0.3, method="best", select="validate", validation_loss="kl",
+        num_batches=6, seq_len=16, output=tmp_path / "m.onnx",
+    )  # fmt: skip
+    assert result.report["selection"]["score"] == "validation loss (kl)"
+    assert result.report["selection"]["baseline_loss"] == pytest.approx(0.0, abs=1e-9)
+    assert all(layer["harm"] >= 0 for layer in result.report["layers"] if layer.get("harm") is not None)
+    with pytest.raises(EspaceError, match="needs a causal LM"):
+        espace_export.compress(
+            sample_model("bert", "torchscript"), ratio=0.3, select="validate", validation_loss="kl",
+            num_batches=6, seq_len=16, output=tmp_path / "b.onnx",
+        )  # fmt: skip
