@@ -20,7 +20,13 @@ Rows, two blocks:
 * progressive — layers at max(ratio, 50 %) each, ranked by validation loss alone and applied until the
   ratio is met (the paper's §4.2 procedure; the last layer overshoots the ratio a little): best of six
   (``progressive``), with shared siblings, with truncated SVD as the only method (``progressive svd``:
-  the same layer selection without ESPACE), and ``auto`` (six + whitened SVD).
+  the same layer selection without ESPACE), and ``auto`` (six + whitened SVD). For the LM also
+  ``progressive (kl)`` and ``progressive, shared P (kl)``: layers scored by the KL of the next-token
+  distribution to the dense model's (``--valid-loss kl``) instead of the validation cross-entropy.
+
+The LM's cells also give the test KL to the dense model (nats per token): perplexity rewards any change that
+happens to fit the test text better — on this small, overfit LM a low-rank weight can act as a regulariser —
+while the KL says how far the compressed model moved from the original.
 
 Every row has the same two-GEMM structure at L(K+N) parameters per compressed layer (a shared projection
 counted once). Ranks use granularity 1 by default, so the uniform rows meet the ratio within a fraction of a
@@ -92,13 +98,16 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
     validator.evaluate({})
     pass_s = time.perf_counter() - tick
     tester = Validator(model, targets, test)
+    # for the LM also the KL of its next-token distribution to the dense model's: perplexity rewards any
+    # change that happens to fit the test text better, KL measures how far the model moved
+    drift = Validator(model, targets, test, loss="kl") if tester.loss == "next-token" else None
 
     def metric(loss: float) -> float:
         return math.exp(loss) if tester.loss == "next-token" else 1.0 - loss
 
     label = "test perplexity" if tester.loss == "next-token" else "test cosine to original"
     rows: dict[str, dict[str, Any]] = {
-        "dense": {str(r): {"metric": metric(tester.baseline), "compression": 0.0} for r in RATIOS}
+        "dense": {str(r): {"metric": metric(tester.baseline), "compression": 0.0, "kl": 0.0} for r in RATIOS}
     }
     cost: dict[str, Any] = {}
     six = list(CANDIDATES)
@@ -116,8 +125,16 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
         ("progressive svd", "validate", ["svd"], "progressive", "separate"),
         ("auto (+whitened-svd)", "validate", [*CANDIDATES, "whitened-svd"], "progressive", "separate"),
     ]
+    validators = {"": validator}
+    if tester.loss == "next-token":  # LMs: the same selections scored by KL to the dense model instead
+        validators["kl"] = Validator(model, targets, valid, loss="kl")
+        configs += [
+            ("progressive (kl)", "validate", six, "progressive", "separate"),
+            ("progressive, shared P (kl)", "validate", six, "progressive", "shared"),
+        ]
     for ratio in RATIOS:
         for row, select, methods, layers, siblings in configs:
+            scorer = validators["kl" if row.endswith("(kl)") else ""]
             if args.rows and row not in args.rows:
                 continue
             layer_ratio = ratio if layers == "uniform" else max(0.5, ratio)
@@ -127,7 +144,7 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
             groups = []
             if siblings == "shared":
                 groups = share_siblings(decisions, ratio=layer_ratio, rank_rule=args.rank_rule, min_rank=16, rank=None)
-            passes_before = validator.passes
+            passes_before = scorer.passes
             tick = time.perf_counter()
             plan = make_plan(
                 model,
@@ -137,7 +154,7 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
                 ratio=ratio,
                 methods=methods,
                 select=select,
-                validator=validator if select == "validate" else None,
+                validator=scorer if select == "validate" else None,
                 full_curve=False,
                 groups=groups,
                 progressive=layers == "progressive",
@@ -145,22 +162,25 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
             seconds = time.perf_counter() - tick
             overrides = {n: tester.effective(n, f.weight()) for n, f in plan.factors.items()}
             loss = tester.evaluate(overrides)
+            kl = drift.evaluate(overrides) if drift is not None else None
             summary = plan_summary(plan, targets)
             rows.setdefault(row, {})[str(ratio)] = {
                 "metric": metric(loss),
+                "kl": kl,
                 "compression": summary["targeted_compression_planned"],
                 "methods": summary["methods"],
             }
             if select == "validate":
-                passes = validator.passes - passes_before
+                passes = scorer.passes - passes_before
                 cost[f"{row} @ {ratio}"] = {
                     "passes": passes,
                     "seconds": round(seconds, 1),
                     "in_passes": round(seconds / pass_s, 1),
                 }
             print(
-                f"[{name}] {row:>22} @ {ratio}: {label} {metric(loss):.4f} "
-                f"(compression {summary['targeted_compression_planned']:.3f})",
+                f"[{name}] {row:>22} @ {ratio}: {label} {metric(loss):.4f}"
+                + (f", KL to dense {kl:.5f} " if kl is not None else " ")
+                + f"(compression {summary['targeted_compression_planned']:.3f})",
                 file=sys.stderr,
             )
     return {
@@ -176,11 +196,18 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"### {result['model']} — {result['metric']} ({result['targets']} targeted GEMMs)", ""]
+    with_kl = any(cell.get("kl") is not None for by_ratio in result["rows"].values() for cell in by_ratio.values())
+    metric = result["metric"] + (" / KL to dense (nats per token)" if with_kl else "")
+    lines = [f"### {result['model']} — {metric} ({result['targets']} targeted GEMMs)", ""]
     lines.append("| method | " + " | ".join(f"≈{int(r * 100)} % (achieved)" for r in RATIOS) + " |")
     lines.append("|---|" + "---|" * len(RATIOS))
     for row, by_ratio in result["rows"].items():
-        cells = [f"{by_ratio[str(r)]['metric']:.4f} ({by_ratio[str(r)]['compression']:.1%})" for r in RATIOS]
+        cells = [
+            f"{by_ratio[str(r)]['metric']:.4f}"
+            + (f" / {by_ratio[str(r)]['kl']:.4f}" if by_ratio[str(r)].get("kl") is not None else "")
+            + f" ({by_ratio[str(r)]['compression']:.1%})"
+            for r in RATIOS
+        ]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines.append("")
     one = result["validation"]["pass_seconds"]
@@ -199,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minilm", type=Path, default=ROOT / "samples" / "out" / "minilm.onnx")
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--valid-batches", type=int, default=2)
-    parser.add_argument("--test-batches", type=int, default=8)
+    parser.add_argument("--test-batches", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--rank-rule", default="1", help="rank granularity (1: every row lands on the ratio)")
