@@ -23,7 +23,7 @@ Output directory (default ``samples/out/tiny-lm-heal-<ratio>/``)::
 
 Usage::
 
-    python samples/train_lm.py                          # once, ~8 minutes
+    python samples/train_lm.py                          # once, ~2 minutes on 2 idle cores
     python samples/heal_lm.py --ratio 0.5 --steps 200   # a few minutes on 2 cores
     python samples/heal_lm.py --ratio 0.2 --steps 200 --trainer
 """
