@@ -20,9 +20,10 @@ Rows, two blocks:
 * progressive — layers at max(ratio, 50 %) each, ranked by validation loss alone and applied until the
   ratio is met (the paper's §4.2 procedure; the last layer overshoots the ratio a little): best of six
   (``progressive``), with shared siblings, with truncated SVD as the only method (``progressive svd``:
-  the same layer selection without ESPACE), and ``auto`` (six + whitened SVD). For the LM also
-  ``progressive (kl)`` and ``progressive, shared P (kl)``: layers scored by the KL of the next-token
-  distribution to the dense model's (``--valid-loss kl``) instead of the validation cross-entropy.
+  the same layer selection without ESPACE), and ``auto`` (six + whitened SVD). Validation scores are the
+  tool's default: KL of the next-token distribution to the dense model's for the LM, 1 − cosine for
+  MiniLM. For the LM also ``progressive (next-token)`` and ``progressive, shared P (next-token)``: layers
+  scored by the validation cross-entropy instead (``--valid-loss next-token``, the paper's perplexity).
 
 The LM's cells also give the test KL to the dense model (nats per token): perplexity rewards any change that
 happens to fit the test text better — on this small, overfit LM a low-rank weight can act as a regulariser —
@@ -93,21 +94,25 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
     tick = time.perf_counter()
     calibration = calibrate_model(model, targets, calib, methods=[*CANDIDATES, "whitened-svd"], gradients=True)
     calibrate_s = time.perf_counter() - tick
-    validator = Validator(model, targets, valid)
+    validator = Validator(model, targets, valid)  # the tool's default score: KL (LM) or 1 - cos (encoder)
     tick = time.perf_counter()
     validator.evaluate({})
     pass_s = time.perf_counter() - tick
-    tester = Validator(model, targets, test)
+    causal = validator.loss == "kl"
+    tester = Validator(model, targets, test, loss="next-token" if causal else "distill")
     # for the LM also the KL of its next-token distribution to the dense model's: perplexity rewards any
     # change that happens to fit the test text better, KL measures how far the model moved
-    drift = Validator(model, targets, test, loss="kl") if tester.loss == "next-token" else None
+    drift = Validator(model, targets, test, loss="kl") if causal else None
 
     def metric(loss: float) -> float:
         return math.exp(loss) if tester.loss == "next-token" else 1.0 - loss
 
     label = "test perplexity" if tester.loss == "next-token" else "test cosine to original"
     rows: dict[str, dict[str, Any]] = {
-        "dense": {str(r): {"metric": metric(tester.baseline), "compression": 0.0, "kl": 0.0} for r in RATIOS}
+        "dense": {
+            str(r): {"metric": metric(tester.baseline), "compression": 0.0, "kl": 0.0 if causal else None}
+            for r in RATIOS
+        }
     }
     cost: dict[str, Any] = {}
     six = list(CANDIDATES)
@@ -126,15 +131,15 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
         ("auto (+whitened-svd)", "validate", [*CANDIDATES, "whitened-svd"], "progressive", "separate"),
     ]
     validators = {"": validator}
-    if tester.loss == "next-token":  # LMs: the same selections scored by KL to the dense model instead
-        validators["kl"] = Validator(model, targets, valid, loss="kl")
+    if causal:  # LMs: the same selections scored by the validation cross-entropy (the paper's choice)
+        validators["next-token"] = Validator(model, targets, valid, loss="next-token")
         configs += [
-            ("progressive (kl)", "validate", six, "progressive", "separate"),
-            ("progressive, shared P (kl)", "validate", six, "progressive", "shared"),
+            ("progressive (next-token)", "validate", six, "progressive", "separate"),
+            ("progressive, shared P (next-token)", "validate", six, "progressive", "shared"),
         ]
     for ratio in RATIOS:
         for row, select, methods, layers, siblings in configs:
-            scorer = validators["kl" if row.endswith("(kl)") else ""]
+            scorer = validators["next-token" if row.endswith("(next-token)") else ""]
             if args.rows and row not in args.rows:
                 continue
             layer_ratio = ratio if layers == "uniform" else max(0.5, ratio)

@@ -242,8 +242,9 @@ def compress(
     valid_loss: Annotated[
         ValidLoss,
         typer.Option(
-            help="What --select validate scores: auto (next-token loss for causal LMs, 1 - cosine to the original "
-            "outputs otherwise), kl (causal LMs: KL to the original next-token distribution), next-token, distill.",
+            help="What --select validate scores: auto = distance to the original model (kl: KL of the next-token "
+            "distribution for causal LMs; distill: 1 - cosine of the outputs otherwise); next-token: validation "
+            "cross-entropy (the paper's perplexity).",
             rich_help_panel=_SELECT,
         ),
     ] = ValidLoss.auto,

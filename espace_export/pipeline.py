@@ -381,9 +381,9 @@ def compress(
             ``apply`` (the whole chain, default). The result's ``output`` is then what that stage wrote.
         statistics_in: reuse statistics written by an earlier ``calibrate`` (checked against the model).
         plan_in: apply a plan written by an earlier ``plan`` (checked against the model); no calibration.
-        validation_loss: what ``select="validate"`` scores: ``auto`` (``next-token`` cross-entropy for causal
-            LMs, ``distill`` — 1 − cosine to the original outputs — otherwise) or ``kl`` (causal LMs: KL of
-            the next-token distributions to the original model's).
+        validation_loss: what ``select="validate"`` scores: ``auto`` — the distance to the original model:
+            ``kl`` (KL of the next-token distributions) for causal LMs, ``distill`` (1 − cosine of the
+            outputs) otherwise — or ``next-token`` (validation cross-entropy, the paper's choice).
         siblings: ``separate`` (one projection per layer) or ``shared`` (layers reading one activation —
             Q/K/V, gate/up — share one projection, fitted and ranked as their fused GEMM, as the paper's
             fused QKV layer; selected or skipped together).

@@ -45,7 +45,8 @@ def test_validator_scores_one_layer_as_the_rewritten_model_does(sample_model) ->
     targets = find_targets(model)
     rng = np.random.default_rng(0)
     batches = [{"input_ids": rng.integers(0, 256, (2, 12)).astype(np.int64)} for _ in range(2)]
-    validator = Validator(model, targets, batches)
+    assert Validator(model, targets, batches[:1]).loss == "kl"  # the default for a causal LM
+    validator = Validator(model, targets, batches, loss="next-token")
     assert validator.loss == "next-token" and validator.baseline > 0
     target = targets[4]
     f = truncated_svd(weight_matrix(model, target).astype(np.float64), 16)
