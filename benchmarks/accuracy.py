@@ -209,7 +209,7 @@ def to_markdown(result: dict) -> str:
     for row, by_ratio in result["rows"].items():
         cells = [
             f"{by_ratio[str(r)]['metric']:.4f}"
-            + (f" / {by_ratio[str(r)]['kl']:.4f}" if by_ratio[str(r)].get("kl") is not None else "")
+            + (f" / {by_ratio[str(r)]['kl']:.5f}" if by_ratio[str(r)].get("kl") is not None else "")
             + f" ({by_ratio[str(r)]['compression']:.1%})"
             for r in RATIOS
         ]
