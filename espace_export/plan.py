@@ -212,8 +212,24 @@ _LAYER_TYPES: dict[str, tuple[type, ...]] = {
 }  # fmt: skip
 
 
+_PLAN_TYPES: dict[str, tuple[type, ...]] = {
+    "ratio": (float, int), "select": (str,), "methods": (list,), "score_kind": (str,),
+    "baseline_loss": (float, int, type(None)), "curve": (list,), "knee": (int, type(None)), "skipped": (list,),
+    "info": (dict,),
+}  # fmt: skip
+
+
 def _check_plan_fields(data: dict[str, Any]) -> None:
     """Types of the fields a plan is read by; raises ValueError naming the first that is off."""
+    for key, allowed in _PLAN_TYPES.items():
+        if key in data and (not isinstance(data[key], allowed) or isinstance(data[key], bool)):
+            raise ValueError(f"{key!r} has the wrong type")
+    if not all(isinstance(m, str) for m in data.get("methods", [])) or not all(
+        isinstance(n, str) for n in data.get("skipped", [])
+    ):
+        raise ValueError("'methods' and 'skipped' must be lists of names")
+    if not all(isinstance(p, dict) for p in data.get("curve", [])):
+        raise ValueError("'curve' must be a list of points")
     layers = data.get("layers")
     if not isinstance(layers, list):
         raise ValueError("'layers' is not a list")
