@@ -711,6 +711,8 @@ def apply_plan_to_model(
             "knee": plan.knee,
             "curve": plan.curve,
             **plan.info,
+            # how often each method was the best one, over the layers that were compressed
+            "wins": plan_summary(plan, targets)["methods"],
         }
         for entry in report["layers"]:
             layer = layer_plans.get(entry["name"])

@@ -18,6 +18,10 @@ def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("layers", f"{report['layers_compressed']} compressed, {report['layers_dense']} dense"),
         ("calibration", f"{report['calibration']['source']}, {report['calibration']['batches']} batches"),
     ]
+    wins = report.get("selection", {}).get("wins")
+    if wins:
+        ranked = sorted(wins.items(), key=lambda item: -item[1])
+        rows.append(("methods chosen", ", ".join(f"{method} {count}" for method, count in ranked)))
     if report.get("siblings") == "shared":
         groups = {layer["shares_projection_with"] for layer in report["layers"] if "shares_projection_with" in layer}
         rows.append(("siblings", f"shared: {len(groups)} groups read one projection each"))

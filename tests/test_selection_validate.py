@@ -85,6 +85,13 @@ def test_kl_validation_is_zero_for_the_original_and_matches_its_definition(sampl
     assert trial == pytest.approx(kl[mask.astype(bool)].mean(), rel=1e-4) and trial > 0
 
 
+def _count(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits.astype(np.float64) - logits.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
@@ -107,6 +114,10 @@ def test_compress_with_validation_meets_the_ratio_and_records_every_score(sample
     assert len(units) < len(scored)
     passes = report["selection"]["validation"]["passes"]
     assert passes == 1 + 7 * len(units) + len(report["selection"]["curve"]) - 1
+    wins = report["selection"]["wins"]  # how often each method won, over the compressed layers
+    assert sum(wins.values()) == report["layers_compressed"]
+    assert wins == _count(layer["method"] for layer in report["layers"] if layer["compressed"])
+    assert "methods chosen" in result.report_path.with_suffix(".md").read_text()
 
 
 def test_kl_selection_runs_on_an_lm_and_is_refused_on_an_encoder(sample_model, tmp_path) -> None:
