@@ -51,7 +51,7 @@ from espace_export.candidates import (
 )
 from espace_export.errors import EspaceError
 from espace_export.model_io import atomic_output, check_model, check_writable, load_model, read_arrays, save_model
-from espace_export.selection import check_ratio, choose_rank, parse_rank_rule
+from espace_export.selection import check_ratio, check_siblings, layer_rank, parse_rank_rule
 from graph_passes import Projection, find_projected_pairs, find_targets, project
 from graph_passes.find import _HEAD_NAME_HINTS, ConstantTable
 
@@ -401,8 +401,7 @@ def calibrate(
     if rank is None:
         check_ratio(ratio)
     parse_rank_rule(rank_rule)
-    if siblings not in ("separate", "shared"):
-        raise EspaceError(f"unknown sibling mode {siblings!r}", "use separate or shared")
+    check_siblings(siblings)
     modules = target_modules(model, include_heads=include_heads, exclude=exclude)
     if not modules:
         raise EspaceError(
@@ -416,13 +415,11 @@ def calibrate(
         if name in owner:  # modules that never ran on these batches stay dense
             groups.setdefault(owner[name] if siblings == "shared" else name, []).append(name)
 
-    def choose(K: int, N: int) -> int | None:
-        return min(rank, K) if rank is not None else choose_rank(K, N, ratio, rule=rank_rule, min_rank=min_rank)
-
     ranks: dict[str, int] = {}
     for members in groups.values():
         K = layer_shape(modules[members[0]])[0]
-        L = choose(K, sum(layer_shape(modules[n])[1] for n in members))
+        N = sum(layer_shape(modules[n])[1] for n in members)
+        L = layer_rank(K, N, ratio, rule=rank_rule, min_rank=min_rank, rank=rank)
         if L is not None:
             ranks.update(dict.fromkeys(members, L))
     if not ranks:

@@ -54,7 +54,7 @@ from espace_export.plan import (
     save_calibration,
     save_plan,
 )
-from espace_export.selection import check_ratio, choose_rank, layer_compression, parse_rank_rule
+from espace_export.selection import check_ratio, check_siblings, layer_compression, layer_rank, parse_rank_rule
 from graph_passes import GemmTarget, find_targets
 from graph_passes.find import find_projected_pairs, parameter_count
 from graph_passes.project import FoldedRangeWarning
@@ -212,15 +212,9 @@ def decide_layers(
     """The rank of each target: a fixed ``rank`` (clipped to K), or the ratio rule of :func:`choose_rank`."""
     decisions = []
     for target in targets:
-        if rank is not None:
-            L: int | None = min(rank, target.K)
-        else:
-            L = choose_rank(target.K, target.N, ratio, rule=rank_rule, min_rank=min_rank)
+        L = layer_rank(target.K, target.N, ratio, rule=rank_rule, min_rank=min_rank, rank=rank)
         decisions.append(LayerDecision(target, L, candidate))
     return decisions
-
-
-SIBLING_MODES = ("separate", "shared")
 
 
 def share_siblings(
@@ -246,11 +240,8 @@ def share_siblings(
     for members in by_activation.values():
         if len(members) < 2:
             continue
-        K = members[0].target.K
-        if rank is not None:
-            L: int | None = min(rank, K)
-        else:
-            L = choose_rank(K, sum(d.target.N for d in members), ratio, rule=rank_rule, min_rank=min_rank)
+        N = sum(d.target.N for d in members)
+        L = layer_rank(members[0].target.K, N, ratio, rule=rank_rule, min_rank=min_rank, rank=rank)
         if L is None:
             continue
         for decision in members:
@@ -408,8 +399,7 @@ def compress(
     report_file = check_writable(Path(report_path) if report_path else default_report(output_path))
     if output_path.resolve() == model_path.resolve():
         raise EspaceError("the output would overwrite the input model", "choose another path with -o")
-    if siblings not in SIBLING_MODES:
-        raise EspaceError(f"unknown sibling mode {siblings!r}", "use separate or shared")
+    check_siblings(siblings)
     if stage not in ("calibrate", "plan", "apply"):
         raise EspaceError(f"unknown stage {stage!r}", "use calibrate, plan or apply")
     if stage == "calibrate" and statistics is None:

@@ -48,6 +48,21 @@ def choose_rank(K: int, N: int, ratio: float, *, rule: str | int = "pow2", min_r
     return L if max(min_rank, 1) <= L else None
 
 
+def layer_rank(
+    K: int, N: int, ratio: float, *, rule: str | int = "pow2", min_rank: int = 16, rank: int | None = None
+) -> int | None:
+    """A forced ``rank`` (clipped to K), or else the ratio rule of :func:`choose_rank`."""
+    return min(rank, K) if rank is not None else choose_rank(K, N, ratio, rule=rule, min_rank=min_rank)
+
+
+SIBLING_MODES = ("separate", "shared")
+
+
+def check_siblings(mode: str) -> None:
+    if mode not in SIBLING_MODES:
+        raise EspaceError(f"unknown sibling mode {mode!r}", "use separate or shared")
+
+
 def check_ratio(ratio: float) -> None:
     if not (0.0 < ratio < 1.0) or math.isnan(ratio):
         raise EspaceError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}", "try --ratio 0.5")
