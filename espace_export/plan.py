@@ -345,6 +345,7 @@ class Factorizer:
         self.targets = {t.name: t for t in targets}
         self.ranks = ranks
         self._eigen: dict[tuple[str, str], np.ndarray] = {}
+        self._weight: tuple[tuple[str, ...], list[np.ndarray]] | None = None  # the last unit's weights
         self._largest: dict[str, int] = {}
         for name, L in ranks.items():
             activation = self.targets[name].activation
@@ -352,6 +353,16 @@ class Factorizer:
 
     def __call__(self, name: str, method: str) -> Factorization:
         return self.unit([name], method)[name]
+
+    def weights(self, names: Sequence[str]) -> list[np.ndarray]:
+        """The float64 K×N weights of ``names``, read once for all the methods tried on one unit in a row
+        (a weight kept in external data is read from disk)."""
+        if self._weight is None or self._weight[0] != tuple(names):
+            self._weight = (
+                tuple(names),
+                [weight_matrix(self.model, self.targets[n]).astype(np.float64) for n in names],
+            )
+        return self._weight[1]
 
     def unit(self, names: Sequence[str], method: str) -> dict[str, Factorization]:
         """Each layer of ``names`` factorised by ``method``; more than one name: siblings sharing one A.
@@ -369,7 +380,7 @@ class Factorizer:
         grads = (self.calibration.gradients or {}).get(activation)
         if method in GRADIENT_METHODS and grads is None:
             raise EspaceError(f"{method} needs gradient statistics", "calibrate with gradients (--gradients)")
-        weights = [weight_matrix(self.model, t).astype(np.float64) for t in targets]
+        weights = self.weights(names)
         W = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
         statistics = {
             "C_X": stats.C_X,
@@ -494,7 +505,9 @@ def make_plan(
                 override = {name: validator.effective(name, f.weight()) for name, f in factorizations.items()}
                 scores[method] = float(validator.evaluate(override))
             else:
-                scores[method] = _unit_output_error(model, [by_name[n] for n in unit], factorizations, calibration)
+                scores[method] = _unit_output_error(
+                    factorizer.weights(unit), unit, factorizations, calibration, by_name[unit[0]].activation
+                )
         method = best_method(scores)
         harm = relative_increase(scores[method], baseline) if select == "validate" else scores[method]
         for name in unit:
@@ -545,45 +558,41 @@ def make_plan(
     return plan
 
 
-def unit_saving(members: Sequence[GemmTarget], L: int) -> int:
-    """Weights saved by compressing ``members`` at rank L: one K×L projection for the group, L×N each."""
+def unit_saving(members: Sequence[Any], L: int) -> int:
+    """Weights saved by compressing ``members`` (anything with K and N: targets, layer plans) at rank L:
+    one K×L projection for the group, L×N each."""
     K = members[0].K
     N = sum(t.N for t in members)
     return K * N - L * (K + N)
 
 
 def _unit_output_error(
-    model: onnx.ModelProto,
-    members: Sequence[GemmTarget],
+    weights: Sequence[np.ndarray],
+    names: Sequence[str],
     factorizations: dict[str, Factorization],
     calibration: Calibration,
+    activation: str,
 ) -> float:
     """Relative output error of a unit: of its fused weight, so siblings count by their output energy."""
-    W = np.concatenate([weight_matrix(model, t).astype(np.float64) for t in members], axis=1)
-    fused = Factorization(
-        "fused", factorizations[members[0].name].A, np.concatenate([factorizations[t.name].B for t in members], axis=1)
-    )
-    return output_error(W, fused, calibration.stats[members[0].activation].C_X)
+    W = np.concatenate(weights, axis=1)
+    B = np.concatenate([factorizations[n].B for n in names], axis=1)  # type: ignore[misc]
+    return output_error(W, Factorization("fused", factorizations[names[0]].A, B), calibration.stats[activation].C_X)
 
 
 def plan_summary(plan: Plan, targets: Sequence[GemmTarget]) -> dict[str, Any]:
     """Targeted compression the plan achieves (a shared P counted once per group) and method counts."""
     before = sum(t.K * t.N for t in targets)
-    after = before
+    units: dict[str, list[LayerPlan]] = {}
     methods: dict[str, int] = {}
-    groups_seen: set[str] = set()
     for layer in plan.selected_layers():
         assert layer.L is not None and layer.method is not None
-        after -= layer.K * layer.N - layer.L * layer.N
-        if layer.group is None or layer.group not in groups_seen:
-            after += layer.K * layer.L
-            if layer.group is not None:
-                groups_seen.add(layer.group)
+        units.setdefault(layer.group or layer.name, []).append(layer)
         methods[layer.method] = methods.get(layer.method, 0) + 1
+    saved = sum(unit_saving(members, members[0].L) for members in units.values())  # type: ignore[arg-type]
     return {
-        "targeted_compression_planned": 1 - after / before,
+        "targeted_compression_planned": saved / before,
         "layers_selected": len(plan.selected_layers()),
-        "shared_groups": len(groups_seen),
+        "shared_groups": sum(len(members) > 1 for members in units.values()),
         "methods": methods,
         "layer_compression": {
             layer.name: layer_compression(layer.K, layer.N, layer.L) for layer in plan.selected_layers() if layer.L
