@@ -6,11 +6,12 @@ Every reader follows onnxruntime's quantization convention: ``get_next() -> dict
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -166,41 +167,57 @@ def read_text(
         if not path.is_file():
             raise EspaceError(f"calibration text not found: {path}", f"pass an existing text file or {BUILTIN_PYDOC}")
         text = path.read_text(encoding="utf-8", errors="replace")
-    tokenizer = load_tokenizer(tokenizer_dir)
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    if not paragraphs:
+    tokenizer: Any = load_tokenizer(tokenizer_dir)
+    documents = [d.strip() for d in text.split("\n\n") if d.strip()]
+    if not documents:
         raise EspaceError(f"calibration text {path} is empty", "give it some representative text")
-    chunks = chunk_paragraphs(paragraphs, tokenizer, seq_len, batch_size * max_batches)
+    windows = token_windows(documents, tokenizer, seq_len, batch_size * max_batches)
     names = {spec.name: spec for spec in specs}
     batches = []
-    for start in range(0, len(chunks), batch_size):
-        encoded = tokenizer(
-            chunks[start : start + batch_size],
-            truncation=True,
-            max_length=seq_len,
-            padding="max_length",
-            return_tensors="np",
-        )
-        batches.append({k: np.asarray(v).astype(names[k].dtype) for k, v in encoded.items() if k in names})
+    for start in range(0, len(windows), batch_size):
+        ids = np.asarray(windows[start : start + batch_size], dtype=np.int64)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        mask = (ids != -1).astype(np.int64)
+        ids[ids == -1] = pad if pad is not None else 0
+        encoded = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        batches.append({k: v.astype(names[k].dtype) for k, v in encoded.items() if k in names})
     return batches
 
 
-def chunk_paragraphs(paragraphs: Sequence[str], tokenizer: object, seq_len: int, count: int) -> list[str]:
-    """Consecutive paragraphs joined into up to ``count`` chunks of roughly ``seq_len`` tokens."""
-    chunks: list[str] = []
-    current: list[str] = []
-    tokens = 0
-    for paragraph in paragraphs:
-        current.append(paragraph)
-        tokens += len(tokenizer(paragraph, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
-        if tokens >= seq_len:
-            chunks.append("\n\n".join(current))
-            current, tokens = [], 0
-            if len(chunks) == count:
-                break
-    if current and len(chunks) < count:
-        chunks.append("\n\n".join(current))
-    return chunks
+def token_windows(documents: Sequence[str], tokenizer: Any, seq_len: int, count: int) -> list[list[int]]:
+    """Up to ``count`` windows of ``seq_len`` token ids cut from the whole token stream of ``documents``.
+
+    The documents are tokenized one after another (only as many as the windows need) and joined by the
+    tokenizer's separator (EOS, else SEP); each window carries the tokenizer's own special tokens (BOS, or
+    CLS … SEP). A corpus with one document per line is one long stream, not one window. Only when the
+    text is shorter than one window is a single, shorter window returned, padded with ``-1`` to ``seq_len``.
+    """
+    prefix, suffix = special_tokens(tokenizer)
+    body = max(1, seq_len - len(prefix) - len(suffix))
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    stream: list[int] = []
+    for document in documents:
+        if len(stream) >= body * count:
+            break
+        if stream and separator is not None:
+            stream.append(int(separator))
+        stream.extend(int(t) for t in tokenizer(document, add_special_tokens=False)["input_ids"])
+    starts = range(0, max(len(stream) - body + 1, 1), body)
+    windows = []
+    for start in list(starts)[:count]:
+        window = [*prefix, *stream[start : start + body], *suffix][:seq_len]
+        windows.append(window + [-1] * (seq_len - len(window)))
+    return windows
+
+
+def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (BOS; CLS … SEP), found by encoding one word."""
+    plain = [int(t) for t in tokenizer("a", add_special_tokens=False)["input_ids"]]
+    full = [int(t) for t in tokenizer("a", add_special_tokens=True)["input_ids"]]
+    for at in range(len(full) - len(plain) + 1):
+        if full[at : at + len(plain)] == plain:
+            return full[:at], full[at + len(plain) :]
+    return [], []
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> object:
@@ -210,10 +227,36 @@ def load_tokenizer(tokenizer_dir: str | Path) -> object:
         raise EspaceError("--calib-text needs the transformers package", "pip install 'espace-export[text]'") from None
     if not Path(tokenizer_dir).is_dir():
         raise EspaceError(f"tokenizer directory not found: {tokenizer_dir}", "pass a HuggingFace tokenizer directory")
+    refuse_custom_code(Path(tokenizer_dir))
     try:
-        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        # trust_remote_code=False: transformers raises instead of asking on stdin whether to run the folder's code
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
-        raise EspaceError(f"cannot load a tokenizer from {tokenizer_dir}: {exc}", "check the directory") from None
+        detail = " ".join(str(exc).split())[:200]
+        raise EspaceError(f"cannot load a tokenizer from {tokenizer_dir}: {detail}", "check the directory") from None
+
+
+def refuse_custom_code(tokenizer_dir: Path) -> None:
+    """Refuse a tokenizer folder whose configuration maps a class to Python code shipped in the folder.
+
+    Such code (``auto_map`` in ``tokenizer_config.json`` or ``config.json``) would be imported, that is run,
+    by ``AutoTokenizer``; espace-export never runs code it did not ship.
+    """
+    for name in ("tokenizer_config.json", "config.json"):
+        path = tokenizer_dir / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            continue  # unreadable configuration: transformers reports it below
+        auto_map = config.get("auto_map") if isinstance(config, dict) else None
+        if auto_map:
+            raise EspaceError(
+                f"the tokenizer in {tokenizer_dir} needs custom Python code ({name} has an auto_map), "
+                "which espace-export never runs",
+                "save the tokenizer as a standard HuggingFace tokenizer (tokenizer.json) and pass that folder",
+            )
 
 
 def random_token_batches(

@@ -1,0 +1,105 @@
+"""Calibration text: the whole token stream cut into windows, and tokenizer folders that ship code refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests._models import VOCAB, run_cli, tiny_decoder
+
+pytest.importorskip("transformers", reason="text calibration needs transformers")
+
+
+def word_level_tokenizer(directory: Path) -> Path:
+    """A real HuggingFace fast tokenizer (word level, the tiny decoder's vocabulary), saved to ``directory``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("config_name", ["tokenizer_config.json", "config.json"])
+def test_tokenizer_with_custom_code_is_refused(
+    tmp_path: Path, config_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnx
+
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny_decoder(), model)
+    tok = word_level_tokenizer(tmp_path / "tok")
+    marker = tmp_path / "foreign-code-ran"
+    (tok / "evil_tokenizer.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config_path = tok / config_name
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config["auto_map"] = {"AutoTokenizer": ["evil_tokenizer.EvilTokenizer", "evil_tokenizer.EvilTokenizer"]}
+    config_path.write_text(json.dumps(config))
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(f"w{i % (VOCAB - 1) + 1}" for i in range(4000)))
+
+    code, _, err = run_cli([str(model), "--calib-text", str(text), "--tokenizer", str(tok), "--rank", "16", "-q"], capsys)
+
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert len(lines) == 1 and "custom Python code" in lines[0], err
+    assert not marker.exists()
+    assert not (tmp_path / "m.espace.onnx").exists()
+
+
+def test_standard_tokenizer_still_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny_decoder(), model)
+    tok = word_level_tokenizer(tmp_path / "tok")
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(" ".join(f"w{(i + j) % (VOCAB - 1) + 1}" for j in range(200)) for i in range(40)))
+    code, _, err = run_cli(
+        [str(model), "--calib-text", str(text), "--tokenizer", str(tok), "--seq-len", "16", "--num-batches", "4",
+         "--rank", "16", "-q"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "m.espace.onnx").exists()
+
+
+@pytest.mark.parametrize("layout", ["one document per line", "paragraphs"])
+def test_text_is_cut_into_full_windows_from_the_whole_stream(tmp_path: Path, layout: str) -> None:
+    from espace_export.data import InputSpec, read_text
+
+    tok = word_level_tokenizer(tmp_path / "tok")
+    words = [f"w{i % (VOCAB - 1) + 1}" for i in range(6000)]
+    documents = [" ".join(words[i : i + 30]) for i in range(0, len(words), 30)]
+    text = tmp_path / "corpus.txt"
+    text.write_text(("\n" if layout == "one document per line" else "\n\n").join(documents))
+    specs = [InputSpec("input_ids", np.dtype("int64"), ("batch", "seq")), InputSpec("attention_mask", np.dtype("int64"), ("batch", "seq"))]
+
+    batches = read_text(text, tok, specs, batch_size=4, seq_len=64, max_batches=10)
+
+    assert len(batches) == 10
+    ids = np.concatenate([b["input_ids"] for b in batches])
+    assert ids.shape == (40, 64) and (np.concatenate([b["attention_mask"] for b in batches]) == 1).all()
+    # consecutive windows continue the stream: word ids cycle 1..VOCAB-1
+    stream = ids.reshape(-1)
+    assert np.all((np.diff(stream) == 1) | (stream[1:] == 1))
+
+
+def test_short_text_gives_one_padded_window(tmp_path: Path) -> None:
+    from espace_export.data import InputSpec, read_text
+
+    tok = word_level_tokenizer(tmp_path / "tok")
+    text = tmp_path / "short.txt"
+    text.write_text("w1 w2 w3")
+    specs = [InputSpec("input_ids", np.dtype("int64"), ("batch", "seq")), InputSpec("attention_mask", np.dtype("int64"), ("batch", "seq"))]
+    (batch,) = read_text(text, tok, specs, batch_size=4, seq_len=8, max_batches=2)
+    assert batch["input_ids"].shape == (1, 8)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]]
