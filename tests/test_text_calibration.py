@@ -46,7 +46,9 @@ def test_tokenizer_with_custom_code_is_refused(
     text = tmp_path / "corpus.txt"
     text.write_text(" ".join(f"w{i % (VOCAB - 1) + 1}" for i in range(4000)))
 
-    code, _, err = run_cli([str(model), "--calib-text", str(text), "--tokenizer", str(tok), "--rank", "16", "-q"], capsys)
+    code, _, err = run_cli(
+        [str(model), "--calib-text", str(text), "--tokenizer", str(tok), "--rank", "16", "-q"], capsys
+    )
 
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
@@ -81,7 +83,10 @@ def test_text_is_cut_into_full_windows_from_the_whole_stream(tmp_path: Path, lay
     documents = [" ".join(words[i : i + 30]) for i in range(0, len(words), 30)]
     text = tmp_path / "corpus.txt"
     text.write_text(("\n" if layout == "one document per line" else "\n\n").join(documents))
-    specs = [InputSpec("input_ids", np.dtype("int64"), ("batch", "seq")), InputSpec("attention_mask", np.dtype("int64"), ("batch", "seq"))]
+    specs = [
+        InputSpec("input_ids", np.dtype("int64"), ("batch", "seq")),
+        InputSpec("attention_mask", np.dtype("int64"), ("batch", "seq")),
+    ]
 
     batches = read_text(text, tok, specs, batch_size=4, seq_len=64, max_batches=10)
 
@@ -99,7 +104,10 @@ def test_short_text_gives_one_padded_window(tmp_path: Path) -> None:
     tok = word_level_tokenizer(tmp_path / "tok")
     text = tmp_path / "short.txt"
     text.write_text("w1 w2 w3")
-    specs = [InputSpec("input_ids", np.dtype("int64"), ("batch", "seq")), InputSpec("attention_mask", np.dtype("int64"), ("batch", "seq"))]
+    specs = [
+        InputSpec("input_ids", np.dtype("int64"), ("batch", "seq")),
+        InputSpec("attention_mask", np.dtype("int64"), ("batch", "seq")),
+    ]
     (batch,) = read_text(text, tok, specs, batch_size=4, seq_len=8, max_batches=2)
     assert batch["input_ids"].shape == (1, 8)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]]
