@@ -59,11 +59,12 @@ import onnx  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from espace_export.candidates import CANDIDATES  # noqa: E402
-from espace_export.data import input_specs, read_text  # noqa: E402
-from espace_export.pipeline import calibrate_model, decide_layers, share_siblings  # noqa: E402
-from espace_export.plan import make_plan, plan_summary  # noqa: E402
-from espace_export.validation import Validator  # noqa: E402
+import espace_export  # noqa: E402
+from espace_export.io.data import input_specs, read_text  # noqa: E402
+from espace_export.pipeline import Run  # noqa: E402
+from espace_export.selection.candidates import CANDIDATES  # noqa: E402
+from espace_export.selection.planner import plan_summary  # noqa: E402
+from espace_export.selection.validation import Validator  # noqa: E402
 from graph_passes import find_targets  # noqa: E402
 
 RATIOS = (0.2, 0.5)
@@ -84,16 +85,31 @@ def _split_files(directory: Path) -> dict[str, Path]:
     return paths
 
 
+def _method(methods: list[str]) -> str:
+    """The --method that names a list of methods."""
+    if methods == list(CANDIDATES):
+        return "best"
+    return "auto" if methods == [*CANDIDATES, "whitened-svd"] else methods[0]
+
+
+def _run(path: Path, tokenizer: Path, texts: dict[str, Path], args: argparse.Namespace, **settings: Any) -> Run:
+    """A run on the train text (calibration) and the validation text, nothing held out (the test split is)."""
+    data = {"calib_text": texts["train"], "valid_text": texts["validation"], "tokenizer": tokenizer, "holdout": 0.0,
+            "num_batches": args.calib_batches, "valid_batches": args.valid_batches, "batch_size": args.batch_size,
+            "seq_len": args.seq_len, "rank_rule": args.rank_rule, "min_rank": 16}  # fmt: skip
+    return Run(path, espace_export.CompressOptions.from_settings(**data, **settings))
+
+
 def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path], args: argparse.Namespace) -> dict:
     model = onnx.load(path)
     targets = find_targets(model)
-    calib = _batches(model, texts["train"], tokenizer, args.calib_batches, args.batch_size, args.seq_len)
     valid = _batches(model, texts["validation"], tokenizer, args.valid_batches, args.batch_size, args.seq_len)
     test = _batches(model, texts["test"], tokenizer, args.test_batches, args.batch_size, args.seq_len)
 
-    tick = time.perf_counter()
-    calibration = calibrate_model(model, targets, calib, methods=[*CANDIDATES, "whitened-svd"], gradients=True)
+    tick = time.perf_counter()  # every layer, every method's statistics (gradients too), once
+    calibration = espace_export.calibrate(_run(path, tokenizer, texts, args, method="auto"), every_layer=True)
     calibrate_s = time.perf_counter() - tick
+    calib = calibration.info
     validator = Validator(model, targets, valid)  # the tool's default score: KL (LM) or 1 - cos (encoder)
     tick = time.perf_counter()
     validator.evaluate({})
@@ -130,40 +146,22 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
         ("progressive svd", "validate", ["svd"], "progressive", "separate"),
         ("auto (+whitened-svd)", "validate", [*CANDIDATES, "whitened-svd"], "progressive", "separate"),
     ]
-    validators = {"": validator}
     if causal:  # LMs: the same selections scored by the validation cross-entropy (the paper's choice)
-        validators["next-token"] = Validator(model, targets, valid, loss="next-token")
         configs += [
             ("progressive (next-token)", "validate", six, "progressive", "separate"),
             ("progressive, shared P (next-token)", "validate", six, "progressive", "shared"),
         ]
     for ratio in RATIOS:
         for row, select, methods, layers, siblings in configs:
-            scorer = validators["next-token" if row.endswith("(next-token)") else ""]
             if args.rows and row not in args.rows:
                 continue
-            layer_ratio = ratio if layers == "uniform" else max(0.5, ratio)
-            decisions = decide_layers(
-                targets, ratio=layer_ratio, candidate=methods[0], rank_rule=args.rank_rule, min_rank=16, rank=None
-            )
-            groups = []
-            if siblings == "shared":
-                groups = share_siblings(decisions, ratio=layer_ratio, rank_rule=args.rank_rule, min_rank=16, rank=None)
-            passes_before = scorer.passes
+            run = _run(
+                path, tokenizer, texts, args, ratio=ratio, layer_ratio=ratio if layers == "uniform" else None,
+                method=_method(methods), select=select, siblings=siblings, valid_loss="next-token" if row.endswith("(next-token)") else "auto",
+                progressive=layers == "progressive", full_curve=False,
+            )  # fmt: skip
             tick = time.perf_counter()
-            plan = make_plan(
-                model,
-                targets,
-                {d.target.name: d.L for d in decisions},
-                calibration,
-                ratio=ratio,
-                methods=methods,
-                select=select,
-                validator=scorer if select == "validate" else None,
-                full_curve=False,
-                groups=groups,
-                progressive=layers == "progressive",
-            )
+            plan = espace_export.plan(run, calibration)
             seconds = time.perf_counter() - tick
             overrides = {n: tester.effective(n, f.weight()) for n, f in plan.factors.items()}
             loss = tester.evaluate(overrides)
@@ -176,7 +174,7 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
                 "methods": summary["methods"],
             }
             if select == "validate":
-                passes = scorer.passes - passes_before
+                passes = plan.info["validation"]["passes"] - 1  # not its validator's baseline pass
                 cost[f"{row} @ {ratio}"] = {
                     "passes": passes,
                     "seconds": round(seconds, 1),
@@ -192,7 +190,7 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
         "model": name,
         "metric": label,
         "targets": len(targets),
-        "calibration": {"batches": len(calib), "seconds": round(calibrate_s, 1)},
+        "calibration": {"batches": calib["batches"], "tokens": calib["tokens"], "seconds": round(calibrate_s, 1)},
         "validation": {"batches": len(valid), "pass_seconds": round(pass_s, 3)},
         "test": {"batches": len(test)},
         "rows": rows,

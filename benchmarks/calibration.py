@@ -27,10 +27,10 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from espace_export.build import ort_session  # noqa: E402
-from espace_export.calibration import collect_statistics, distinct_activations  # noqa: E402
-from espace_export.candidates import NORMALIZED_CANDIDATES  # noqa: E402
-from espace_export.data import complete_feed, input_specs, random_token_batches, vocab_size  # noqa: E402
+from espace_export.calibration.statistics import collect_statistics, distinct_activations  # noqa: E402
+from espace_export.io.data import complete_feed, input_specs, random_token_batches, vocab_size  # noqa: E402
+from espace_export.runtime import ort_session  # noqa: E402
+from espace_export.selection.candidates import NORMALIZED_CANDIDATES  # noqa: E402
 from graph_passes import find_targets  # noqa: E402
 
 

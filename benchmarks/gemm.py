@@ -23,10 +23,10 @@ from pathlib import Path
 
 import onnx
 
-from espace_export.build import BACKENDS, BuildSettings
+from espace_export.deploy.build import BACKENDS, BuildSettings
+from espace_export.deploy.profile import GemmGroup, ProfileSettings, gemm_graph, gemm_weights, profile_gemms
 from espace_export.errors import EspaceError
-from espace_export.profile import GemmGroup, ProfileSettings, gemm_graph, gemm_weights, profile_gemms
-from espace_export.selection import choose_rank
+from espace_export.selection.ranks import choose_rank
 
 LLAMA2_7B_BLOCK = "4096x4096:4,4096x11008:2,11008x4096:1"
 TARGET_SLACK = 0.10  # the target: measured ratio within 10% of the FLOP ratio

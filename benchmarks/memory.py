@@ -38,10 +38,10 @@ def child(model_path: str, batch_size: int, seq: int, batches: int, mode: str) -
     import numpy as np  # noqa: F401  (imports count in the baseline, not in the peak)
     import onnxruntime  # noqa: F401
 
-    from espace_export.build import ort_session
-    from espace_export.calibration import collect_statistics, distinct_activations
-    from espace_export.data import input_specs, random_token_batches, vocab_size
-    from espace_export.model_io import load_model
+    from espace_export.calibration.statistics import collect_statistics, distinct_activations
+    from espace_export.io.data import input_specs, random_token_batches, vocab_size
+    from espace_export.io.models import load_model
+    from espace_export.runtime import ort_session
     from graph_passes import find_targets
 
     baseline = status_bytes("VmHWM")
@@ -52,7 +52,7 @@ def child(model_path: str, batch_size: int, seq: int, batches: int, mode: str) -
         specs, vocab_size(model) or 1000, batch_size=batch_size, seq_len=seq, num_batches=batches, seed=0
     )
     if mode == "plain":  # what running the model on one batch costs, weights included
-        from espace_export.data import complete_feed
+        from espace_export.io.data import complete_feed
 
         session = ort_session(model_path)
         for batch in data:  # the same batches: ONNX Runtime's arena keeps growing after the first run

@@ -3,7 +3,7 @@
 Builds (once, cached in ``--workdir``) a Llama with Llama-2-7B's hidden sizes (hidden 4096, MLP 11008,
 32 heads, no grouped KV) and a few blocks, random weights, exported with the TorchScript exporter and
 stored with external data; compresses it with ``espace_export.compress(ratio=0.5)`` calibrated on random
-token ids (the values of P do not change latency); then runs ``espace_export.profile`` on it: every
+token ids (the values of P do not change latency); then runs ``espace_export.deploy.profile`` on it: every
 targeted GEMM at M = seq (original vs pair, interleaved) and the whole prefill of one prompt of
 ``--seq`` tokens (batch 1, interleaved), all in one run. The GEMM share of the original prefill gives
 the Amdahl bound ``1 − share × (1 − FLOP ratio)`` on the TTFT ratio.
@@ -31,7 +31,7 @@ def export_llama(path: Path, *, blocks: int, vocab: int, seed: int = 0) -> None:
     import torch
     import transformers
 
-    from espace_export.model_io import atomic_output, save_model
+    from espace_export.io.models import atomic_output, save_model
 
     transformers.logging.set_verbosity_error()
     config = transformers.LlamaConfig(
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import espace_export
-    from espace_export.build import BuildSettings
-    from espace_export.profile import ProfileSettings, headline, profile
+    from espace_export.deploy.build import BuildSettings
+    from espace_export.deploy.profile import ProfileSettings, headline, profile
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     stem = f"llama2-7b-widths-{args.blocks}blocks-v{args.vocab}"

@@ -8,7 +8,7 @@ writes.
 This module, in the order a user meets it:
 
 - :func:`calibrate` — P per layer from activation statistics collected on the PyTorch model itself
-  (forward hooks, the same :class:`~espace_export.calibration.ActivationStats` and candidates as the
+  (forward hooks, the same :class:`~espace_export.calibration.statistics.ActivationStats` and candidates as the
   ONNX path), L per layer from :func:`~espace_export.selection.choose_rank`.
 - :func:`load_projections` — or P from the ONNX path: a compressed ``.onnx`` (its tagged pairs) or a
   ``.npz`` written by :func:`save_projections`.
@@ -37,23 +37,26 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-from espace_export.calibration import ActivationStats, StatsPrecision, token_mask
-from espace_export.candidates import (
+from espace_export._optional import require
+from espace_export.calibration.statistics import ActivationStats, StatsPrecision, token_mask
+from espace_export.errors import EspaceError
+from espace_export.io.models import atomic_output, check_model, check_writable, load_model, read_arrays, save_model
+from espace_export.selection.candidates import (
     CANDIDATES,
     FORWARD_CANDIDATES,
     NORMALIZED_CANDIDATES,
     candidate_matrix,
     eigen_decomposition,
 )
-from espace_export.errors import EspaceError
-from espace_export.model_io import atomic_output, check_model, check_writable, load_model, read_arrays, save_model
-from espace_export.selection import check_ratio, check_siblings, layer_rank, parse_rank_rule
+from espace_export.selection.ranks import check_ratio, check_siblings, layer_rank, parse_rank_rule
 from graph_passes import Projection, find_projected_pairs, find_targets, project
 from graph_passes.find import _HEAD_NAME_HINTS, ConstantTable
+
+require("torch", extra="torch", purpose="healing (espace_export.heal)")  # one line, not a traceback
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 PROJECTION_BUFFER = "espace_P"
 WEIGHT_FREE_CANDIDATES = ("mse", "nmse")
@@ -489,7 +492,7 @@ def load_projections(source: str | Path | onnx.ModelProto) -> dict[str, np.ndarr
 
 
 def _projections_in_plan(path: Path) -> dict[str, np.ndarray]:
-    from espace_export.plan import load_plan
+    from espace_export.io.artifacts import load_plan
 
     plan = load_plan(path)
     found = {}

@@ -6,7 +6,7 @@ figures measured on them mean little. This script makes a *trained* model small 
 perplexity 111 against 652 for the unigram baseline) so that accuracy comparisons mean something.
 
 Data and splits
-    The text is :func:`espace_export.data.pydoc_text` (the ``pydoc_data.topics`` help pages shipped
+    The text is :func:`espace_export.io.data.pydoc_text` (the ``pydoc_data.topics`` help pages shipped
     with CPython, ~0.5 MB). It is cut into paragraphs on blank lines (stripped, empty ones dropped).
     Each paragraph goes to a split by the SHA-1 of its UTF-8 text: ``int(sha1[:8], 16) % 20`` is
     0–15 → ``train`` (80 %), 16–17 → ``validation`` (10 %), 18–19 → ``test`` (10 %). Identical
@@ -102,7 +102,7 @@ def split_of(paragraph: str) -> str:
 def split_paragraphs(text: str | None = None) -> dict[str, list[str]]:
     """The pydoc paragraphs (or ``text``'s) by split, each in document order."""
     if text is None:
-        from espace_export.data import pydoc_text
+        from espace_export.io.data import pydoc_text
 
         text = pydoc_text()
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
@@ -297,7 +297,7 @@ def train_lm(
     _write_json(
         out / "splits.json",
         {
-            "source": "espace_export.data.pydoc_text() split on blank lines, paragraphs stripped",
+            "source": "espace_export.io.data.pydoc_text() split on blank lines, paragraphs stripped",
             "rule": "int(sha1(paragraph.encode('utf-8')).hexdigest()[:8], 16) % 20: 0-15 train, 16-17 validation, 18-19 test",
             "paragraphs": {name: len(splits[name]) for name in SPLITS},
             "tokens": {name: int(len(streams[name])) for name in SPLITS},

@@ -14,10 +14,10 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from espace_export import distributed  # noqa: E402
-from espace_export.build import ort_session  # noqa: E402
-from espace_export.calibration import collect_statistics  # noqa: E402
-from espace_export.candidates import principal_components  # noqa: E402
+from espace_export.calibration import distributed  # noqa: E402
+from espace_export.calibration.statistics import collect_statistics  # noqa: E402
+from espace_export.runtime import ort_session  # noqa: E402
+from espace_export.selection.candidates import principal_components  # noqa: E402
 from graph_passes import find_targets  # noqa: E402
 from samples.make_models import sample_inputs  # noqa: E402
 

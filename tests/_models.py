@@ -103,16 +103,3 @@ def compress_tiny(model: onnx.ModelProto, *, rank: int = 8, dense: tuple[str, ..
         P = shared.setdefault(target.activation, orthonormal(target.K, rank, seed=index))
         projections.append(Projection(target, P))
     return project(compressed, projections)
-
-
-def run_cli(args: list[str], capsys: object) -> tuple[int, str, str]:
-    """``espace-export ARGS`` in-process: (exit status, stdout, stderr)."""
-    from espace_export.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()  # type: ignore[attr-defined]
-    return code, out, err

@@ -6,16 +6,9 @@ import numpy as np
 import onnx
 import pytest
 
-from espace_export.baselines import (
-    activation_aware_svd,
-    apply_factorizations,
-    espace_projection,
-    factorize,
-    output_error,
-    truncated_svd,
-    whitened_svd,
-)
-from espace_export.candidates import (
+from espace_export.calibration.gradients import sequence_statistic
+from espace_export.projection.rewrite import apply_factorizations
+from espace_export.selection.candidates import (
     CANDIDATES,
     autocorrelation,
     candidate_matrix,
@@ -24,7 +17,14 @@ from espace_export.candidates import (
     principal_components,
     weight_autocorrelation,
 )
-from espace_export.gradients import sequence_statistic
+from espace_export.selection.factorizations import (
+    activation_aware_svd,
+    espace_projection,
+    factorize,
+    output_error,
+    truncated_svd,
+    whitened_svd,
+)
 
 
 def _data(K: int = 32, N: int = 24, M: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +100,7 @@ def test_truncated_svd_is_an_orthonormal_projection_and_asvd_scales_columns() ->
 def test_two_factor_rewrite_computes_A_times_B(sample_model) -> None:
     import onnxruntime as ort
 
-    from espace_export.data import complete_feed, input_specs
+    from espace_export.io.data import complete_feed, input_specs
     from graph_passes import find_projected_pairs, find_targets, weight_matrix
 
     path = sample_model("gpt2", "torchscript")  # Gemm layers: the stored-transposed case too
@@ -113,7 +113,7 @@ def test_two_factor_rewrite_computes_A_times_B(sample_model) -> None:
         C_X = autocorrelation(rng.standard_normal((200, target.K)) * rng.uniform(0.1, 3, target.K))
         chosen.append((target, whitened_svd(W, C_X, 16)))
     reference = onnx.load(path)
-    from espace_export.validation import WEIGHT_INPUT, node_view, with_weight_inputs
+    from espace_export.selection.validation import WEIGHT_INPUT, node_view, with_weight_inputs
 
     switched = with_weight_inputs(reference, targets)
     feed = complete_feed({"input_ids": rng.integers(0, 256, (2, 9)).astype(np.int64)}, input_specs(model))

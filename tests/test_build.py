@@ -10,16 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from espace_export.build import (
-    BuildSettings,
-    build_model,
-    build_runner,
-    ort_providers,
-    ort_session,
-    synthetic_feed,
-)
-from espace_export.data import InputSpec, input_specs
-from espace_export.engines import (
+from espace_export.deploy.build import BuildSettings, build_model, build_runner, ort_providers, synthetic_feed
+from espace_export.deploy.tensorrt import (
     EngineOptions,
     ShapeProfile,
     build_engine,
@@ -31,7 +23,10 @@ from espace_export.engines import (
     profile_for_model,
 )
 from espace_export.errors import EspaceError
-from tests._models import VOCAB, run_cli, tiny_decoder
+from espace_export.io.data import InputSpec, input_specs
+from espace_export.runtime import ort_session
+from tests._cli import run_cli
+from tests._models import VOCAB, tiny_decoder
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -271,7 +266,7 @@ def test_tensorrt_missing_is_one_clear_error(tiny_path: Path) -> None:
 @pytest.mark.gpu
 def test_tensorrt_engine_matches_onnxruntime(tmp_path: Path, tiny_path: Path) -> None:
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'espace-export[tensorrt]')")
-    from espace_export.engines import TensorRTRunner
+    from espace_export.deploy.tensorrt import TensorRTRunner
 
     profile = profile_for_model(tiny_path, seq=16, max_seq=32)
     plan_path = tmp_path / "tiny.plan"

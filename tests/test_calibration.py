@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
-from espace_export.build import ort_session
-from espace_export.calibration import ActivationStats, collect_statistics
-from espace_export.candidates import autocorrelation, normalized_autocorrelation
+from espace_export.calibration.statistics import ActivationStats, collect_statistics
+from espace_export.runtime import ort_session
+from espace_export.selection.candidates import autocorrelation, normalized_autocorrelation
 from graph_passes import find_targets
 from graph_passes.statistics import add_gram_outputs
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from espace_export.candidates import (
+from espace_export.selection.candidates import (
     autocorrelation,
     candidate_matrix,
     eigen_decomposition,

@@ -14,17 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from espace_export.cli import main
-
-
-def invoke(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests._cli import run_cli
 
 
 def listing(directory: Path) -> set[str]:
@@ -43,11 +33,11 @@ def no_gemm_model(path: Path) -> Path:
 
 
 def test_help_lists_commands_and_options(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = invoke(["--help"], capsys)
+    code, out, _ = run_cli(["--help"], capsys)
     assert code == 0 and "compress" in out
-    code, out, _ = invoke(["compress", "--help"], capsys)
+    code, out, _ = run_cli(["compress", "--help"], capsys)
     assert code == 0 and "--ratio" in out and "--calib-data" in out
-    code, out, _ = invoke(["--version"], capsys)
+    code, out, _ = run_cli(["--version"], capsys)
     assert code == 0 and out.startswith("espace-export ")
 
 
@@ -58,13 +48,13 @@ def test_main_job_runs_and_prints_the_summary(
     source = tmp_path / "llama.onnx"
     source.write_bytes(sample_model("llama", "torchscript", hidden=128, intermediate=256).read_bytes())
     with pytest.warns(UserWarning, match="random token ids"):  # the smoke-run warning
-        code, out, err = invoke([str(source), "--ratio", "0.5", "--num-batches", "3", "--seq-len", "32"], capsys)
+        code, out, err = run_cli([str(source), "--ratio", "0.5", "--num-batches", "3", "--seq-len", "32"], capsys)
     assert code == 0, err
     assert "targeted compression" in out and "wrote" in out
     output = tmp_path / "llama.espace.onnx"
     report = json.loads((tmp_path / "llama.espace.report.json").read_text())
     assert output.exists() and report["targeted_compression"] >= 0.5
-    code, out, _ = invoke([str(source), "-o", str(tmp_path / "j.onnx"), "--json", "--num-batches", "2"], capsys)
+    code, out, _ = run_cli([str(source), "-o", str(tmp_path / "j.onnx"), "--json", "--num-batches", "2"], capsys)
     assert code == 0 and json.loads(out)["output"] == str(tmp_path / "j.onnx")
 
 
@@ -120,7 +110,7 @@ def test_bad_input_gives_one_line_exit_2_and_no_file(
     args = bad_inputs[case]
     directory = Path(args[0]).parent
     before = listing(directory)
-    code, out, err = invoke(args + ["-q"], capsys)
+    code, out, err = run_cli(args + ["-q"], capsys)
     assert code == 2, (case, out, err)
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("error: "), err

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from espace_export.distributed import shard
+from espace_export.calibration.distributed import shard
 from espace_export.errors import EspaceError
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")

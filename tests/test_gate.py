@@ -10,11 +10,12 @@ from typing import Any
 import onnx
 import pytest
 
-from espace_export.build import BuildSettings
+from espace_export.deploy.build import BuildSettings
+from espace_export.deploy.gate import compare, gate_metrics, load_report, to_markdown
+from espace_export.deploy.profile import ProfileSettings, profile
 from espace_export.errors import EspaceError
-from espace_export.gate import compare, gate_metrics, load_report, to_markdown
-from espace_export.profile import ProfileSettings, profile
-from tests._models import compress_tiny, run_cli, tiny_decoder
+from tests._cli import run_cli
+from tests._models import compress_tiny, tiny_decoder
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from espace_export.data import complete_feed, input_specs
+from espace_export.io.data import complete_feed, input_specs
 from graph_passes import find_targets
 
 torch = pytest.importorskip("torch")
@@ -24,7 +24,7 @@ def _feed(model: onnx.ModelProto, batch: int = 2, seq: int = 7, vocab: int = 256
 def test_interpreter_matches_onnxruntime(sample_model, arch: str, exporter: str) -> None:
     import onnxruntime as ort
 
-    from espace_export.onnx_torch import TorchGraph
+    from espace_export.calibration.onnx_torch import TorchGraph
 
     path = sample_model(arch, exporter)
     model = onnx.load(path)
@@ -36,8 +36,8 @@ def test_interpreter_matches_onnxruntime(sample_model, arch: str, exporter: str)
 
 @pytest.mark.parametrize(("arch", "loss"), [("llama", "next-token"), ("bert", "probe")])
 def test_activation_gradients_match_finite_differences(sample_model, arch: str, loss: str) -> None:
-    from espace_export.gradients import _graph_forward, output_loss
-    from espace_export.onnx_torch import TorchGraph
+    from espace_export.calibration.gradients import _graph_forward, output_loss
+    from espace_export.calibration.onnx_torch import TorchGraph
 
     model = onnx.load(sample_model(arch, "torchscript"))
     graph = TorchGraph(model, float64=True)
@@ -66,7 +66,7 @@ def test_activation_gradients_match_finite_differences(sample_model, arch: str, 
 
 
 def test_sequence_statistic_on_a_hand_checkable_case() -> None:
-    from espace_export.gradients import GradientStats, sequence_statistic
+    from espace_export.calibration.gradients import GradientStats, sequence_statistic
 
     X = np.array([[1.0, 0.0], [0.0, 2.0]])  # XᵀX = diag(1, 4)
     G = np.array([[3.0, 0.0], [0.0, 1.0]])  # GᵀG = diag(9, 1)
@@ -79,7 +79,7 @@ def test_sequence_statistic_on_a_hand_checkable_case() -> None:
 
 
 def test_onnx_graph_and_pytorch_module_give_the_same_statistics(sample_model) -> None:
-    from espace_export.gradients import collect_gradient_statistics
+    from espace_export.calibration.gradients import collect_gradient_statistics
     from samples.make_models import build_model
 
     model = onnx.load(sample_model("llama", "torchscript"))

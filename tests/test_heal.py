@@ -16,8 +16,8 @@ pytest.importorskip("transformers", reason="the sample models need transformers"
 
 import espace_export  # noqa: E402
 from espace_export import heal  # noqa: E402
-from espace_export.candidates import projection_mse  # noqa: E402
 from espace_export.errors import EspaceError  # noqa: E402
+from espace_export.selection.candidates import projection_mse  # noqa: E402
 from graph_passes import find_projected_pairs  # noqa: E402
 from samples.make_models import build_model, export_model, sample_inputs  # noqa: E402
 

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from espace_export.cli import main
+from tests import _cli as cli
 from tests._graphs import HIDDEN, VOCAB, pattern_zoo
 
 CASES_TRIED: dict[str, int] = {}
@@ -32,12 +33,8 @@ def digest(path: Path) -> str:
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    _, err = capsys.readouterr()
+    """(exit status, stderr) of ``espace-export ARGS``: all a hostile case looks at."""
+    code, _, err = cli.run_cli(args, capsys)
     return code, err
 
 
@@ -288,7 +285,7 @@ def test_unreadable_npz_files_are_one_line_errors(content: str, tmp_path: Path) 
     """Calibration data, statistics, plan factors and projection files share one reader."""
     from espace_export.errors import EspaceError
     from espace_export.heal import load_projections
-    from espace_export.model_io import read_arrays
+    from espace_export.io.models import read_arrays
 
     path = tmp_path / "bad.npz"
     if content == "garbage":

@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 
 import espace_export
-from espace_export.build import ort_session
-from espace_export.calibration import collect_statistics, with_outputs
-from espace_export.candidates import eigen_decomposition
-from espace_export.data import complete_feed, input_specs
+from espace_export.calibration.statistics import collect_statistics, with_outputs
+from espace_export.io.data import complete_feed, input_specs
+from espace_export.runtime import ort_session
+from espace_export.selection.candidates import eigen_decomposition
 from graph_passes import find_projected_pairs, find_targets
 
 ARCHS = ("llama", "llama-tied", "gpt2", "bert")

@@ -10,9 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from espace_export.build import BuildSettings
-from espace_export.errors import EspaceError
-from espace_export.profile import (
+from espace_export.deploy.build import BuildSettings
+from espace_export.deploy.profile import (
     GemmGroup,
     ProfileSettings,
     distinct_groups,
@@ -28,7 +27,9 @@ from espace_export.profile import (
     summarize,
     torch_gemm,
 )
-from tests._models import HIDDEN, INTER, compress_tiny, run_cli, tiny_decoder
+from espace_export.errors import EspaceError
+from tests._cli import run_cli
+from tests._models import HIDDEN, INTER, compress_tiny, tiny_decoder
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from espace_export.errors import EspaceError
-from espace_export.selection import choose_rank, layer_compression
+from espace_export.selection.ranks import choose_rank, layer_compression
 
 
 @pytest.mark.parametrize(

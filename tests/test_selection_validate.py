@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 import espace_export
-from espace_export.selection import inflection_point, progressive_selection, rank_layers
+from espace_export.selection.ranks import inflection_point, progressive_selection, rank_layers
 
 
 def test_progressive_curve_is_monotone_in_compression_and_stops_at_the_ratio() -> None:
@@ -34,10 +34,11 @@ def test_rank_layers_skips_harmful_ones_and_knee_sits_where_the_curve_bends() ->
 
 
 def test_validator_scores_one_layer_as_the_rewritten_model_does(sample_model) -> None:
-    from espace_export.baselines import apply_factorizations, truncated_svd
-    from espace_export.build import ort_session
-    from espace_export.data import complete_feed, input_specs
-    from espace_export.validation import Validator, validation_loss
+    from espace_export.io.data import complete_feed, input_specs
+    from espace_export.projection.rewrite import apply_factorizations
+    from espace_export.runtime import ort_session
+    from espace_export.selection.factorizations import truncated_svd
+    from espace_export.selection.validation import Validator, validation_loss
     from graph_passes import find_targets, weight_matrix
 
     path = sample_model("llama", "torchscript")
@@ -63,8 +64,8 @@ def test_validator_scores_one_layer_as_the_rewritten_model_does(sample_model) ->
 
 
 def test_kl_validation_is_zero_for_the_original_and_matches_its_definition(sample_model) -> None:
-    from espace_export.baselines import truncated_svd
-    from espace_export.validation import Validator
+    from espace_export.selection.factorizations import truncated_svd
+    from espace_export.selection.validation import Validator
     from graph_passes import find_targets, weight_matrix
 
     model = onnx.load(sample_model("llama", "torchscript"))

@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from espace_export.build import synthetic_feed
+from espace_export.deploy.build import synthetic_feed
+from espace_export.deploy.serving import data_type_name, parse_config, triton_config, write_triton_repo
 from espace_export.errors import EspaceError
-from espace_export.model_io import save_model
-from espace_export.serving import data_type_name, parse_config, triton_config, write_triton_repo
+from espace_export.io.models import save_model
 from tests._models import compress_tiny, tiny_decoder
 
 ONNX_TO_TRITON = {TensorProto.INT64: "TYPE_INT64", TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16"}

@@ -9,18 +9,19 @@ import onnx
 import pytest
 
 import espace_export
-from espace_export.baselines import whitened_svd
-from espace_export.candidates import candidate_matrix, eigen_decomposition
 from espace_export.errors import EspaceError
-from espace_export.plan import Factorizer, load_plan, plan_summary, save_plan
+from espace_export.io.artifacts import load_plan, save_plan
+from espace_export.selection.candidates import candidate_matrix, eigen_decomposition
+from espace_export.selection.factorizations import whitened_svd
+from espace_export.selection.planner import Factorizer, plan_summary
 from graph_passes import find_targets
 from graph_passes.find import find_projected_pairs, group_by_activation, weight_matrix
 
 
 @pytest.fixture(scope="module")
 def calibrated(sample_model):
-    from espace_export.data import input_specs, random_token_batches
-    from espace_export.pipeline import calibrate_model
+    from espace_export.calibration.collect import calibrate_model
+    from espace_export.io.data import input_specs, random_token_batches
 
     model = onnx.load(sample_model("llama", "torchscript"))
     targets = find_targets(model)

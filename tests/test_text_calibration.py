@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests._models import VOCAB, run_cli, tiny_decoder
+from tests._cli import run_cli
+from tests._models import VOCAB, tiny_decoder
 
 pytest.importorskip("transformers", reason="text calibration needs transformers")
 
@@ -76,7 +77,7 @@ def test_standard_tokenizer_still_loads(tmp_path: Path, capsys: pytest.CaptureFi
 
 @pytest.mark.parametrize("layout", ["one document per line", "paragraphs"])
 def test_text_is_cut_into_full_windows_from_the_whole_stream(tmp_path: Path, layout: str) -> None:
-    from espace_export.data import InputSpec, read_text
+    from espace_export.io.data import InputSpec, read_text
 
     tok = word_level_tokenizer(tmp_path / "tok")
     words = [f"w{i % (VOCAB - 1) + 1}" for i in range(6000)]
@@ -99,7 +100,7 @@ def test_text_is_cut_into_full_windows_from_the_whole_stream(tmp_path: Path, lay
 
 
 def test_short_text_gives_one_padded_window(tmp_path: Path) -> None:
-    from espace_export.data import InputSpec, read_text
+    from espace_export.io.data import InputSpec, read_text
 
     tok = word_level_tokenizer(tmp_path / "tok")
     text = tmp_path / "short.txt"

@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from espace_export.data import InputSpec, input_specs
+from espace_export._optional import require
 from espace_export.errors import EspaceError
-from espace_export.model_io import atomic_output
+from espace_export.io.data import InputSpec, input_specs
+from espace_export.io.models import atomic_output
 
 Shape = tuple[int, ...]
 TENSORRT_EXTRA = "pip install 'espace-export[tensorrt]'"
@@ -357,13 +358,7 @@ def model_float_dtype(model: onnx.ModelProto) -> str:
 
 def import_tensorrt() -> Any:
     """``import tensorrt``, or an :class:`EspaceError` naming the extra to install."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise EspaceError(
-            "the tensorrt backend needs TensorRT, which is not installed", f"{TENSORRT_EXTRA} (needs an NVIDIA GPU)"
-        ) from None
-    return trt
+    return require("tensorrt", extra="tensorrt", purpose="the tensorrt backend (an NVIDIA GPU)")
 
 
 def tensorrt_major(trt: Any) -> int:
@@ -460,7 +455,7 @@ def build_engine(
 class TensorRTRunner:
     """Runs a serialized engine through polygraphy's ``TrtRunner`` (device buffers, shapes, streams).
 
-    Satisfies :class:`espace_export.build.Runner`.
+    Satisfies :class:`espace_export.deploy.build.Runner`.
     """
 
     backend = "tensorrt"

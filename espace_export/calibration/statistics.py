@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from scipy.linalg import blas
 
-from espace_export.data import InputSpec, complete_feed, input_specs
 from espace_export.errors import EspaceError, runtime_errors
+from espace_export.io.data import InputSpec, complete_feed, input_specs
 from graph_passes.find import GemmTarget
 from graph_passes.statistics import MIN_OPSET, add_gram_outputs, default_opset
 

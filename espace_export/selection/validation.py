@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from espace_export.data import InputSpec, complete_feed, input_specs
+from espace_export.io.data import InputSpec, complete_feed, input_specs
 from graph_passes.find import GemmTarget, weight_matrix
 
 ValidationLoss = Literal["next-token", "kl", "distill"]
@@ -94,7 +94,7 @@ class Validator:
         specs: Sequence[InputSpec] | None = None,
         session_factory: Callable[[onnx.ModelProto], Any] | None = None,
     ) -> None:
-        from espace_export.build import ort_session
+        from espace_export.runtime import ort_session
 
         specs = list(specs) if specs is not None else input_specs(model)
         self.targets = list(targets)

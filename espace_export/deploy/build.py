@@ -5,11 +5,10 @@ Backends (``--backend``):
 - ``ort-cpu``: ONNX Runtime on the CPU (the default; ``onnxruntime``).
 - ``ort-cuda``: ONNX Runtime's CUDA execution provider (``onnxruntime-gpu``, which replaces ``onnxruntime``).
 - ``ort-tensorrt``: ONNX Runtime's TensorRT execution provider, FP16, with CUDA and CPU as fallbacks.
-- ``tensorrt``: a TensorRT engine built by :func:`espace_export.engines.build_engine`.
-- ``torch-cuda``: FP16 GEMMs through PyTorch/cuBLAS; times GEMM shapes only (see :mod:`espace_export.profile`).
+- ``tensorrt``: a TensorRT engine built by :func:`espace_export.deploy.tensorrt.build_engine`.
+- ``torch-cuda``: FP16 GEMMs through PyTorch/cuBLAS; times GEMM shapes only (see :mod:`espace_export.deploy.profile`).
 
-Every heavy backend is imported lazily; a missing one is an :class:`EspaceError` naming the extra.
-"""
+Every heavy backend is imported lazily; a missing one is an :class:`EspaceError` naming the extra."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from espace_export.data import InputSpec, complete_feed, input_specs, vocab_size
-from espace_export.engines import (
+from espace_export.deploy.tensorrt import (
     BuildPlan,
     EngineOptions,
     ShapeProfile,
@@ -36,77 +34,25 @@ from espace_export.engines import (
     derive_profile,
 )
 from espace_export.errors import EspaceError
-from espace_export.model_io import (
-    PROTOBUF_LIMIT,
-    external_initializers,
-    model_bytes,
-    runtime_source,
+from espace_export.io.data import InputSpec, complete_feed, input_specs, vocab_size
+from espace_export.io.models import (
     save_model,
-    without_loader_metadata,
 )
-from graph_passes.find import external_data_dir
+from espace_export.runtime import ort_session
 
 GRAPH_BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
+
+
 GEMM_ONLY_BACKENDS = ("torch-cuda",)
+
+
 BACKENDS = GRAPH_BACKENDS + GEMM_ONLY_BACKENDS
+
+
 GPU_EXTRA = "pip uninstall -y onnxruntime && pip install 'espace-export[gpu]' (onnxruntime-gpu replaces onnxruntime)"
 
+
 ProviderList = Sequence[str | tuple[str, dict[str, Any]]]
-
-
-def ort_session(
-    model: onnx.ModelProto | str | os.PathLike[str],
-    *,
-    providers: ProviderList | None = None,
-    threads: int | None = None,
-    optimization: str = "all",
-) -> Any:
-    """An ``onnxruntime.InferenceSession`` for a model given by path (preferred) or in memory.
-
-    ``providers`` are names or ``(name, options)`` pairs, as ``InferenceSession`` takes them.
-    An in-memory model past the protobuf limit is written to a temporary directory with external
-    data first, since ONNX Runtime can only read such a model from a path.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # failures surface as exceptions; logging them too only adds noise
-    options.graph_optimization_level = {
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
-    if threads:
-        options.intra_op_num_threads = threads
-    providers = list(providers or ["CPUExecutionProvider"])
-    if isinstance(model, onnx.ModelProto):
-        if external_data_dir(model):  # weights still on disk: load the graph from beside them
-            with runtime_source(model) as source:
-                if isinstance(source, Path):
-                    return ort.InferenceSession(str(source), options, providers=providers)
-        names, arrays = external_initializers(model)
-        if names:  # the data's directory is read-only: run on memory maps of the data file
-            values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
-            options.add_external_initializers(names, values)
-            graph = without_loader_metadata(model)
-            session = ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
-            session._espace_keepalive = (arrays, values)  # the session reads these buffers for its lifetime
-            return session
-        if _fits_in_protobuf(model):
-            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-        with tempfile.TemporaryDirectory(prefix="espace-session-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            save_model(model, path, external_data=True)
-            return ort.InferenceSession(str(path), options, providers=providers)
-    return ort.InferenceSession(str(model), options, providers=providers)
-
-
-def _fits_in_protobuf(model: onnx.ModelProto) -> bool:
-    try:
-        return model_bytes(model) <= PROTOBUF_LIMIT
-    except Exception:  # protobuf's upb runtime raises EncodeError instead of sizing a message past 2 GB
-        return False
 
 
 class Runner(Protocol):
@@ -299,7 +245,7 @@ def build_runner(
 
 def synthetic_feed(model: onnx.ModelProto, *, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A prompt of ``seq`` random tokens per batch row, with masks/positions filled in the way exporters
-    expect (:func:`espace_export.data.complete_feed`); float inputs get standard normals."""
+    expect (:func:`espace_export.io.data.complete_feed`); float inputs get standard normals."""
     specs = input_specs(model)
     try:
         shapes = derive_profile(specs, seq=seq, batch=batch).shapes("opt")
@@ -357,13 +303,13 @@ def build_model(
 
     ``settings.profile`` is the TensorRT optimisation profile (``tensorrt`` and ``ort-tensorrt``);
     when None it is derived from the model's inputs with ``seq`` and ``batch``
-    (:func:`espace_export.engines.derive_profile`).
+    (:func:`espace_export.deploy.tensorrt.derive_profile`).
 
     Raises:
         EspaceError: bad options, a missing extra, an existing Triton model without ``overwrite``,
             or a build the backend refused.
     """
-    from espace_export.serving import model_name
+    from espace_export.deploy.serving import model_name
 
     settings = settings or BuildSettings()
     model = Path(model)
@@ -414,7 +360,7 @@ def build_model(
 
     triton = None
     if triton_repo is not None:
-        from espace_export.serving import write_triton_repo
+        from espace_export.deploy.serving import write_triton_repo
 
         instance = triton_instance or ("cpu" if backend == "ort-cpu" else "gpu")
         triton = write_triton_repo(

@@ -10,7 +10,7 @@ accumulates ``E[XᵀX GᵀG]/M²`` (one triangle of the symmetric sum; :func:`ca
 adds the transpose) in float64.
 
 Where the gradient comes from: the ONNX graph itself, evaluated with torch ops
-(:mod:`espace_export.onnx_torch`) so autograd works — or the user's own PyTorch module, hooked by layer
+(:mod:`espace_export.calibration.onnx_torch`) so autograd works — or the user's own PyTorch module, hooked by layer
 name, when they have it.
 
 The loss (``loss=``):
@@ -34,9 +34,9 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from espace_export.calibration import distinct_activations
-from espace_export.data import InputSpec, complete_feed, input_specs
+from espace_export.calibration.statistics import distinct_activations
 from espace_export.errors import EspaceError
+from espace_export.io.data import InputSpec, complete_feed, input_specs
 from graph_passes.find import GemmTarget
 
 GradientLoss = Literal["auto", "next-token", "probe"]
@@ -72,7 +72,7 @@ class GradientStats:
 
     @property
     def C_XG(self) -> np.ndarray:
-        """``E[XᵀX GᵀG] / M²`` (pass to :func:`espace_export.candidates.nl_mse_matrix`)."""
+        """``E[XᵀX GᵀG] / M²`` (pass to :func:`espace_export.selection.candidates.nl_mse_matrix`)."""
         return self.sum_xg / max(self.sequences, 1)
 
     @property
@@ -155,7 +155,7 @@ def collect_gradient_statistics(
     if torch_module is not None:
         forward = _module_forward(torch_module, targets)
     else:
-        from espace_export.onnx_torch import TorchGraph
+        from espace_export.calibration.onnx_torch import TorchGraph
 
         forward = _graph_forward(TorchGraph(model), set(widths))
     for index, batch in enumerate(batches):

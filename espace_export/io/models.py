@@ -204,7 +204,7 @@ def runtime_source(model: onnx.ModelProto) -> Iterator[onnx.ModelProto | Path]:
     A model whose weights are still on disk becomes a hidden temporary ``.onnx`` of its graph written
     beside the original data files (relative locations resolve, ONNX Runtime reads the weights once, as
     for the original model) and removed when the block ends — a session made inside keeps working. If
-    that directory is not writable, the proto itself is returned and :func:`espace_export.build.ort_session`
+    that directory is not writable, the proto itself is returned and :func:`espace_export.runtime.ort_session`
     maps the weights instead (no write, but the runtime then holds the mapped pages and a copy).
     """
     base = external_data_dir(model)

@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto
 
 from espace_export.errors import EspaceError
-from espace_export.model_io import save_model
+from espace_export.io.models import save_model
 
 # ONNX element type → Triton DataType (model_config.proto).
 TRITON_DATA_TYPES: dict[int, str] = {

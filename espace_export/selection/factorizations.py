@@ -16,24 +16,29 @@ Truncated SVD is itself an orthonormal input projection (U_L U_Lᵀ W), so it fi
 
 Whitened SVD regulariser: C_X + λI with λ = 1e-6·trace(C_X)/K (relative to the mean activation energy,
 so it is scale-free), raised tenfold until the Cholesky succeeds; it only matters for activations with
-(near-)dead channels or fewer calibration rows than K, where the Cholesky of the plain C_X would fail.
-"""
+(near-)dead channels or fewer calibration rows than K, where the Cholesky of the plain C_X would fail."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import scipy.linalg
 
-from espace_export.candidates import CANDIDATES, candidate_matrix, eigen_decomposition
+from espace_export.selection.candidates import CANDIDATES, candidate_matrix, eigen_decomposition
 
 BASELINES = ("svd", "asvd", "whitened-svd")
+
+
 METHODS = (*CANDIDATES, *BASELINES)
+
+
 PROJECTIONS = (*CANDIDATES, "svd")  # methods whose B is AᵀW (A orthonormal): B follows from A and the weight
+
+
 WHITENING_REGULARISER = 1e-6
+
+
 ASVD_ALPHA = 0.5
 
 
@@ -140,15 +145,3 @@ def output_error(W: np.ndarray, factorization: Factorization, C_X: np.ndarray) -
     D = np.asarray(W, dtype=np.float64) - factorization.weight()
     energy = float(np.sum(W * (C_X @ W)))
     return float(np.sum(D * (C_X @ D))) / energy if energy > 0 else 0.0
-
-
-def apply_factorizations(model: onnx.ModelProto, chosen: Sequence[tuple[object, Factorization]]) -> onnx.ModelProto:
-    """Rewrite each ``(target, factorization)`` into the pair ``(X·A)·B`` (in place; returns ``model``).
-
-    :func:`graph_passes.project` with A as the projection and B as the folded factor (B = AᵀW for ESPACE,
-    the SVD's second factor for the baselines; a missing B is folded as AᵀW from the model's weight).
-    Sibling sharing of ``X·A`` applies as in ``project``.
-    """
-    from graph_passes import Projection, project
-
-    return project(model, [Projection(target, f.A, folded=f.B) for target, f in chosen])  # type: ignore[arg-type]

@@ -20,15 +20,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from espace_export._optional import require
 from espace_export.errors import EspaceError
 
 
 def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise EspaceError("gradients (nl-mse candidates) need PyTorch", "pip install 'espace-export[torch]'") from None
-    return torch
+    return require("torch", extra="torch", purpose="gradients (nl-mse candidates)")
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Distributed calibration: shard batches over ``torch.distributed`` ranks, all-reduce the statistics.
 
 Each rank runs ONNX Runtime on its share of the calibration batches (``batches[rank::world]``) and
-reduces them into :class:`~espace_export.calibration.ActivationStats`; the float64 sums and row counts
+reduces them into :class:`~espace_export.calibration.statistics.ActivationStats`; the float64 sums and row counts
 are then summed across ranks, so every rank ends with the statistics of the whole calibration set and
 projections are computed once from them. Sums are exact up to float64 round-off in the order of addition.
 
@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from espace_export._optional import require
 from espace_export.errors import EspaceError
 
 T = TypeVar("T")
@@ -32,13 +33,7 @@ def requested() -> bool:
 
 
 def _dist() -> Any:
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        raise EspaceError(
-            "distributed calibration needs PyTorch (torch.distributed)", "pip install 'espace-export[torch]'"
-        ) from None
-    return dist
+    return require("torch.distributed", extra="torch", purpose="distributed calibration")
 
 
 def init(backend: str | None = None) -> tuple[int, int]:
@@ -74,7 +69,7 @@ def shard(batches: Sequence[T], rank: int, world: int) -> list[T]:
 def all_reduce_statistics(stats: dict[str, Any]) -> dict[str, Any]:
     """Sum every rank's statistics in place and return them.
 
-    Works on any statistics dataclass (:class:`~espace_export.calibration.ActivationStats`, the gradient
+    Works on any statistics dataclass (:class:`~espace_export.calibration.statistics.ActivationStats`, the gradient
     sums of NL-MSE): every ndarray field is summed in float64, every integer count field too (``K`` and
     flags are configuration, not sums, and are left alone).
     """

@@ -30,7 +30,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from espace_export import __version__
-from espace_export.build import (
+from espace_export._optional import require
+from espace_export.deploy.build import (
     GRAPH_BACKENDS,
     BuildSettings,
     Runner,
@@ -39,10 +40,10 @@ from espace_export.build import (
     cpu_description,
     synthetic_feed,
 )
-from espace_export.data import input_specs
-from espace_export.engines import cuda_device_name, derive_profile, fixed_profile
+from espace_export.deploy.tensorrt import cuda_device_name, derive_profile, fixed_profile
 from espace_export.errors import EspaceError
-from espace_export.model_io import atomic_output
+from espace_export.io.data import input_specs
+from espace_export.io.models import atomic_output
 from graph_passes.find import find_projected_pairs, find_targets
 
 Log = Callable[[str], None]
@@ -185,11 +186,7 @@ def gemm_graph(group: GemmGroup, weights: Mapping[str, Any], *, compressed: bool
 
 
 def import_torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise EspaceError("--backend torch-cuda needs PyTorch, which is not installed", TORCH_EXTRA) from None
-    return torch
+    return require("torch", extra="torch", purpose="--backend torch-cuda")
 
 
 def require_torch_cuda() -> Any:
@@ -293,6 +290,9 @@ def paired_ratios(original: Sequence[float], compressed: Sequence[float]) -> dic
     ratios = np.asarray(compressed, dtype=np.float64) / np.asarray(original, dtype=np.float64)
     p25, median, p75 = np.percentile(ratios, [25, 50, 75])
     return {"median": float(median), "p25": float(p25), "p75": float(p75)}
+
+
+GEMM_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -469,7 +469,7 @@ def profile(
     Raises:
         EspaceError: unreadable or mismatched models, an unknown backend, a missing extra or device.
     """
-    from espace_export.model_io import check_writable
+    from espace_export.io.models import check_writable
 
     settings = settings or ProfileSettings()
     check_backend(settings.backend)

@@ -1,8 +1,14 @@
-"""Human-readable renderings of a compression report: a rich table for the terminal, Markdown for files."""
+"""Compression reports: JSON for machines, Markdown and a rich table for people, the selection curve as PNG."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
+
+from espace_export.io.artifacts import Plan
+from espace_export.io.models import atomic_output
 
 
 def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -82,3 +88,48 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"| {layer['candidate'] or '-'} | {layer['compression']:.3f} | {mse} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def write_curve(plan: Plan, path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The progressive curve as JSON and as a PNG (matplotlib, Agg) with the inflection point marked."""
+    path = Path(path)
+    json_path = path.with_suffix(".json")
+    png_path = path.with_suffix(".png")
+    with atomic_output(json_path) as tmp:
+        tmp.write_text(
+            json.dumps(
+                {"score": plan.score_kind, "knee": plan.knee, "ratio": plan.ratio, "curve": plan.curve}, indent=2
+            )
+            + "\n"
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [100 * p["compression"] for p in plan.curve]
+    y = [p["loss"] for p in plan.curve]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, y, marker="o", markersize=3, label="progressive application")
+    if plan.knee is not None:
+        ax.plot([x[plan.knee]], [y[plan.knee]], "r*", markersize=14, label="inflection point")
+    ax.axvline(100 * plan.ratio, color="gray", linestyle="--", linewidth=1, label=f"target {plan.ratio:.0%}")
+    ax.set_xlabel("targeted compression (%)")
+    ax.set_ylabel(plan.score_kind)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_output(png_path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return json_path, png_path
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """The JSON report and its Markdown twin (``.md``), each written atomically."""
+    from espace_export.io.reports import to_markdown
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_output(path.with_suffix(".md")) as tmp:
+        tmp.write_text(to_markdown(report))

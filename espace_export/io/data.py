@@ -11,13 +11,16 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnx
 
 from espace_export.errors import EspaceError
-from espace_export.model_io import read_arrays
+from espace_export.io.models import read_arrays
+
+if TYPE_CHECKING:
+    from espace_export.options import DataOptions
 
 BUILTIN_PYDOC = "builtin:pydoc"
 
@@ -337,3 +340,83 @@ def split_holdout(
         return batches, batches
     held = min(len(batches) - 1, max(1, round(len(batches) * holdout)))
     return batches[:-held], batches[-held:]
+
+
+@dataclass
+class Batches:
+    """The batches of one run: calibration, validation (for ``--select validate``) and held-out (fidelity)."""
+
+    calibration: list[dict[str, np.ndarray]]
+    validation: list[dict[str, np.ndarray]]
+    held_out: list[dict[str, np.ndarray]]
+    source: str  # "random-token-ids", "text:...", "npz:..."
+    specs: list[InputSpec]
+
+    @property
+    def separate_holdout(self) -> bool:
+        """Whether fidelity is measured on batches the calibration did not see."""
+        return self.held_out is not self.calibration
+
+    @property
+    def tokens(self) -> int:
+        """Calibration tokens (padding excluded): what the statistics were measured on."""
+        total = 0
+        for batch in self.calibration:
+            mask = batch.get("attention_mask")
+            ids = next((v for k, v in batch.items() if "input_ids" in k), None)
+            total += int(mask.sum()) if mask is not None else int(ids.size) if ids is not None else 0
+        return total
+
+
+def read_batches(
+    model: onnx.ModelProto, data: DataOptions, *, text: Any, array: Any, seed: int, count: int | None = None
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Up to ``count`` (default ``num_batches``) batches from one source (``array`` a .npz, ``text`` a text
+    file), else random ids; and the source's description."""
+    specs = input_specs(model)
+    count = count or data.num_batches
+    if array is not None:
+        batches = read_npz(array, specs, data.batch_size)[:count]
+        source = f"npz:{array}"
+    elif text is not None:
+        batches = read_text(
+            text, data.tokenizer, specs, batch_size=data.batch_size, seq_len=data.seq_len, max_batches=count
+        )
+        source = "text:pydoc_data" if str(text) == BUILTIN_PYDOC else f"text:{text}"
+    else:
+        vocab = vocab_size(model)
+        if vocab is None:
+            raise EspaceError(
+                "no calibration data given and no token embedding found to generate random ids",
+                "pass --calib-data FILE.npz or --calib-text FILE --tokenizer DIR",
+            )
+        batches = random_token_batches(
+            specs, vocab, batch_size=data.batch_size, seq_len=data.seq_len, num_batches=count, seed=seed
+        )
+        source = "random-token-ids"
+    if not batches:
+        raise EspaceError("the calibration source produced no batches", "give more calibration data")
+    for batch in batches:
+        complete_feed(batch, specs)  # fail now, not after the first batch ran
+    return batches, source
+
+
+def load_batches(model: onnx.ModelProto, data: DataOptions, *, validate: bool = False) -> Batches:
+    """The run's batches from the sources ``data`` names: the last ``holdout`` fraction held out for fidelity;
+    with ``validate``, validation batches from ``valid_text``/``valid_data`` or split off the calibration ones."""
+    batches, source = read_batches(model, data, text=data.calib_text, array=data.calib_data, seed=data.seed)
+    calibration, held_out = split_holdout(batches, data.holdout) if data.holdout > 0 else (batches, batches)
+    validation: list[dict[str, np.ndarray]] = []
+    if validate:
+        if data.valid_data is not None or data.valid_text is not None:
+            validation, _ = read_batches(
+                model, data, text=data.valid_text, array=data.valid_data, seed=data.seed + 1, count=data.valid_batches
+            )
+        else:
+            if len(calibration) < 2:
+                raise EspaceError(
+                    "--select validate needs at least 2 non-held-out batches (calibration + validation)",
+                    "raise --num-batches or pass --valid-text/--valid-data",
+                )
+            calibration, validation = split_holdout(calibration, data.validation)
+    return Batches(calibration, validation, held_out, source, input_specs(model))

@@ -1,0 +1,1 @@
+"""Stage 2, calibrate: activation statistics (in-graph, float64), gradient statistics for NL-MSE, sharding under torchrun."""

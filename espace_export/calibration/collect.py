@@ -1,0 +1,61 @@
+"""One calibration: activation statistics, and gradient statistics when a method needs them, of some targets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from espace_export._optional import require
+from espace_export.calibration import distributed
+from espace_export.calibration.statistics import StatsPrecision, collect_statistics
+from espace_export.io.artifacts import Calibration, fingerprint
+from espace_export.io.data import input_specs
+from espace_export.progress import Progress
+from espace_export.runtime import ort_session
+from espace_export.selection.planner import needs_gradients, needs_normalized
+from graph_passes import GemmTarget
+
+
+def calibrate_model(
+    model: onnx.ModelProto,
+    targets: Sequence[GemmTarget],
+    batches: Sequence[dict[str, np.ndarray]],
+    *,
+    methods: Sequence[str],
+    precision: StatsPrecision = "float32",
+    bars: Progress | None = None,
+    gradients: bool | None = None,
+    seed: int = 0,
+    torch_module: Any = None,
+) -> Calibration:
+    """Activation statistics (and gradient statistics when a method needs them, or ``gradients=True``).
+
+    Under ``torchrun`` this rank reduces its share of ``batches`` and the sums are all-reduced over the ranks.
+    """
+    bars = bars or Progress(False)
+    specs = input_specs(model)
+    normalized = needs_normalized(methods)
+    rank, world = distributed.init()
+    batches = distributed.shard(batches, rank, world) if world > 1 else batches
+    with bars.task("calibrating", len(batches)) as advance:
+        stats = collect_statistics(
+            ort_session, model, targets, batches, precision=precision, specs=specs, on_batch=advance,
+            normalized=normalized,
+        )  # fmt: skip
+    grads = None
+    if gradients or (gradients is None and needs_gradients(methods)):
+        require("torch", extra="torch", purpose="the nl-mse candidates (activation gradients)")
+        from espace_export.calibration.gradients import collect_gradient_statistics
+
+        with bars.task("gradients (backward)", len(batches)) as advance:
+            grads = collect_gradient_statistics(
+                model, targets, batches, normalized=normalized, specs=specs, on_batch=advance, seed=seed,
+                torch_module=torch_module,
+            )  # fmt: skip
+    distributed.all_reduce_statistics(stats)
+    if grads is not None:
+        distributed.all_reduce_statistics(grads)
+    return Calibration(stats, grads, fingerprint(model, targets))

@@ -1,0 +1,98 @@
+"""``compress`` and its stages ``calibrate``, ``plan``, ``apply``: parse, call the library, print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from espace_export.cli.app import app, emit
+from espace_export.cli.groups import JsonOption, ModelArgument, QuietOption, command, progress_wanted
+
+LIBRARY = ("data", "ranks", "selection")
+
+
+@command(app, groups=(*LIBRARY, "output"))
+def compress(
+    model: ModelArgument, settings: dict[str, Any], quiet: QuietOption = False, json_out: JsonOption = False
+) -> None:
+    """Calibrate ESPACE projections and write a compressed ONNX model plus a report."""
+    from espace_export.pipeline import compress as run
+
+    result = run(model, **settings, progress=progress_wanted(quiet, json_out))
+    emit(result.report, quiet=quiet, json_out=json_out)
+    if not (quiet or json_out):
+        typer.echo(f"wrote {result.output} and {result.report_path}")
+
+
+@command(app, groups=LIBRARY)
+def calibrate(
+    model: ModelArgument,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Statistics file (.npz) to write.")],
+    settings: dict[str, Any],
+    quiet: QuietOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Stage 1: collect activation (and, for nl-mse, gradient) statistics of every layer not excluded."""
+    from espace_export.calibration import distributed
+    from espace_export.io.artifacts import save_calibration
+    from espace_export.io.models import check_writable
+    from espace_export.pipeline import calibrate as run
+
+    check_writable(output)
+    calibration = run(model, every_layer=True, **settings, progress=progress_wanted(quiet, json_out))
+    if not distributed.is_main_rank():  # rank 0 writes the all-reduced statistics
+        return
+    save_calibration(calibration, output)
+    summary = {"statistics": str(output), "activations": len(calibration.stats),
+               "gradients": calibration.gradients is not None, **calibration.info}  # fmt: skip
+    typer.echo(json.dumps(summary, indent=2) if json_out else f"wrote {output}")
+
+
+@command(app, groups=(*LIBRARY, ("output", ["curve"])))
+def plan(
+    model: ModelArgument,
+    statistics: Annotated[Path, typer.Option(help="Statistics from `espace-export calibrate`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Plan to write (.json; factors in .npz beside it).")],
+    settings: dict[str, Any],
+    quiet: QuietOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Stage 2: decide per layer (method, rank, selected) from saved statistics."""
+    from espace_export.io.artifacts import save_plan
+    from espace_export.io.models import check_writable
+    from espace_export.io.reports import write_curve
+    from espace_export.pipeline import plan as run
+    from espace_export.selection.planner import plan_summary
+
+    check_writable(output)
+    curve = settings.pop("curve", None)
+    chosen = run(model, statistics, **settings, progress=progress_wanted(quiet, json_out))
+    save_plan(chosen, output)
+    if curve is not None and chosen.curve:
+        write_curve(chosen, curve)
+    from espace_export.io.models import load_model
+    from graph_passes import find_targets
+
+    targets = find_targets(load_model(model, load_weights=False), include_heads=settings.get("include_heads", False))
+    summary = {"plan": str(output), **plan_summary(chosen, targets)}
+    typer.echo(json.dumps(summary, indent=2) if json_out else f"wrote {output}")
+
+
+@command(app, groups=(*LIBRARY, ("output", ["output", "report", "external_data"])))
+def apply(
+    model: Annotated[Path, typer.Argument(help="The exported transformer (.onnx) the plan was made for.")],
+    plan_file: Annotated[Path, typer.Option("--plan", help="Plan from `espace-export plan`.")],
+    settings: dict[str, Any],
+    quiet: QuietOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Stage 3: rewrite the model by a plan (rejected if made for other weights) and write it with a report."""
+    from espace_export.pipeline import apply as run
+
+    result = run(model, plan_file, **settings, progress=progress_wanted(quiet, json_out))
+    emit(result.report, quiet=quiet, json_out=json_out)
+    if not (quiet or json_out):
+        typer.echo(f"wrote {result.output} and {result.report_path}")

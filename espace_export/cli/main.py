@@ -1,0 +1,67 @@
+"""The ``espace-export`` command line: parses, calls the library, prints. Nothing else.
+
+``espace-export model.onnx --ratio 0.5`` is short for ``espace-export compress model.onnx --ratio 0.5``.
+Commands live by stage: :mod:`espace_export.cli.compress` (compress, calibrate, plan, apply) and
+:mod:`espace_export.cli.deploy` (build, profile, check); their options come from the option groups of
+:mod:`espace_export.cli.groups`.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import typer
+
+from espace_export.cli import compress as _compress_commands  # noqa: F401 — registers the commands
+from espace_export.cli import deploy as _deploy_commands  # noqa: F401
+from espace_export.cli.app import app
+from espace_export.errors import EspaceError
+
+
+def _format_warning(message: Any, category: Any, filename: str, lineno: int, line: str | None = None) -> str:
+    return f"warning: {message}\n"
+
+
+def _terminate_like_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary outputs are removed and earlier outputs stay intact."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime logs its own errors to stderr; the CLI reports them once, as one line."""
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(4)
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: maps EspaceError to one line on stderr and exit status 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        command.name or (command.callback.__name__ if command.callback else "") for command in app.registered_commands
+    }
+    if args and not args[0].startswith("-") and args[0] not in commands:
+        args.insert(0, "compress")
+    warnings.formatwarning = _format_warning  # type: ignore[assignment]
+    _quiet_onnxruntime()
+    _terminate_like_interrupt()
+    try:
+        # standalone mode: typer/click print usage errors their usual way (exit 2) and map Ctrl-C to exit 1
+        app(args=args, prog_name="espace-export", standalone_mode=True)
+    except EspaceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,268 @@
+"""The options of a compression run: one frozen dataclass per concern, validated once where it is built.
+
+``CompressOptions`` composes four groups — where the data comes from (:class:`DataOptions`), how much each
+layer is compressed (:class:`RankOptions`), how methods and layers are chosen (:class:`SelectionOptions`) and
+what is written (:class:`OutputOptions`). Each field carries its command-line help in its metadata, so the
+CLI builds its option groups from these classes (Polygraphy's argument groups): an option is declared here
+once, and ``compress``, ``calibrate``, ``plan`` and ``apply`` share it.
+
+>>> options = CompressOptions.from_settings(ratio=0.3, calib_text="builtin:pydoc", method="auto", select="proxy")
+>>> options.ranks.ratio, options.selection.methods[-1]
+(0.3, 'whitened-svd')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from espace_export.errors import EspaceError
+from espace_export.selection.candidates import CANDIDATES
+from espace_export.selection.factorizations import METHODS
+from espace_export.selection.ranks import SIBLING_MODES, check_ratio, check_siblings, parse_rank_rule
+from espace_export.selection.validation import VALIDATION_LOSSES
+
+METHOD_CHOICES = (*METHODS, "best", "auto")
+SELECT_MODES = ("none", "validate", "proxy")
+STOP_RULES = ("ratio", "knee")
+STATS_PRECISIONS = ("float32", "float64")
+MAX_BATCHES = 1_000_000  # far beyond any calibration set; catches a typo such as --num-batches 10**12
+
+_CALIBRATION, _PROJECTION, _SELECTION = "Calibration", "Projection", "Selection"
+
+
+def option(default: Any, help: str, *flags: str, panel: str | None = None, **cli: Any) -> Any:
+    """A dataclass field with its command-line declaration in the metadata (``cli=False``: library only)."""
+    return field(default=default, metadata={"help": help, "flags": flags, "panel": panel, **cli})
+
+
+def resolve_methods(method: str) -> list[str]:
+    """``best``: the six candidates; ``auto``: those and whitened SVD; otherwise the one method."""
+    if method == "best":
+        return list(CANDIDATES)
+    if method == "auto":
+        return [*CANDIDATES, "whitened-svd"]
+    if method not in METHODS:
+        raise EspaceError(f"unknown candidate or method {method!r}", f"choose from {', '.join(METHODS)}, best, auto")
+    return [method]
+
+
+def _choice(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise EspaceError(f"unknown {what} {value!r}", f"use one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Calibration, validation and held-out batches: their source and their sizes."""
+
+    calib_data: Path | None = option(
+        None, "Calibration inputs: .npz of arrays keyed by model input name.", panel=_CALIBRATION
+    )
+    calib_text: str | None = option(
+        None, "Calibration text file (or builtin:pydoc for CPython's docs); needs --tokenizer.", panel=_CALIBRATION
+    )
+    tokenizer: Path | None = option(None, "HuggingFace tokenizer directory for --calib-text.", panel=_CALIBRATION)
+    batch_size: int = option(4, "Sequences per calibration batch.", panel=_CALIBRATION)
+    seq_len: int = option(128, "Tokens per sequence (text and random sources).", panel=_CALIBRATION)
+    num_batches: int = option(16, "Calibration batches to use (held-out ones included).", panel=_CALIBRATION)
+    holdout: float = option(0.25, "Fraction of batches held out to measure output fidelity.", panel=_CALIBRATION)
+    stats_precision: str = option(
+        "float32", "Dtype of each batch's XᵀX (sums are float64).", panel=_CALIBRATION, choices=STATS_PRECISIONS
+    )
+    seed: int = option(0, "Seed for random calibration ids.", panel=_CALIBRATION)
+    valid_text: str | None = option(
+        None, "Validation text for --select validate (default: part of the calibration batches).", panel=_SELECTION
+    )
+    valid_data: Path | None = option(None, "Validation .npz for --select validate.", panel=_SELECTION)
+    valid_batches: int | None = option(
+        None, "Validation batches read from --valid-text/--valid-data [default: --num-batches].", panel=_SELECTION
+    )
+    validation: float = option(
+        0.25, "Without --valid-*: the fraction of non-held-out batches used to validate.", cli=False
+    )
+
+    def __post_init__(self) -> None:
+        if min(self.batch_size, self.seq_len, self.num_batches) < 1:
+            raise EspaceError("--batch-size, --seq-len and --num-batches must be at least 1", "use positive sizes")
+        if self.valid_batches is not None and self.valid_batches < 1:
+            raise EspaceError("--valid-batches must be at least 1", "use a positive count")
+        if self.num_batches > MAX_BATCHES:
+            raise EspaceError(f"--num-batches {self.num_batches} is beyond any calibration set", "use at most 1000000")
+        if not 0.0 <= self.holdout < 1.0:
+            raise EspaceError(f"--holdout must be in [0, 1), got {self.holdout}", "try --holdout 0.25")
+        if self.calib_data is not None and self.calib_text is not None:
+            raise EspaceError("both --calib-data and --calib-text given", "choose one calibration source")
+        if self.seed < 0:
+            raise EspaceError(f"--seed must be 0 or more, got {self.seed}", "use a non-negative seed")
+        _choice(self.stats_precision, STATS_PRECISIONS, "statistics precision")
+
+
+@dataclass(frozen=True)
+class RankOptions:
+    """Which GEMMs are targeted and the rank L each one gets."""
+
+    ratio: float = option(0.5, "Target compression of the targeted weights, in (0, 1).", "--ratio", "-r")
+    rank_rule: str | int = option(
+        "pow2", "pow2 (paper, tensor cores) or a granularity such as 16 or 64.", panel=_PROJECTION, type=str
+    )
+    min_rank: int = option(16, "Layers whose rank would fall below this stay dense.", panel=_PROJECTION)
+    rank: int | None = option(None, "Force this rank L on every layer (L >= K: exact rewrite).", panel=_PROJECTION)
+    siblings: str = option(
+        "shared",
+        "Layers reading one activation (Q/K/V, gate/up): one projection each, or one shared (fitted and ranked as "
+        "their fused GEMM, like the paper's fused QKV).",
+        panel=_PROJECTION,
+        choices=SIBLING_MODES,
+    )
+    include_heads: bool = option(False, "Also compress LM head / pooler / embedding projections.", panel=_PROJECTION)
+    exclude: tuple[str, ...] = option(
+        (), "Regex of layer names to keep dense (repeatable).", panel=_PROJECTION, multiple=True
+    )
+    layer_ratio: float | None = option(
+        None, "With selection: compression of each chosen layer [default: max(ratio, 0.5)].", panel=_SELECTION
+    )
+
+    def __post_init__(self) -> None:
+        if self.rank is None:
+            check_ratio(self.ratio)
+        elif self.rank < 1:
+            raise EspaceError(f"--rank must be at least 1, got {self.rank}", "use a positive rank")
+        if self.layer_ratio is not None:
+            check_ratio(self.layer_ratio)
+        parse_rank_rule(self.rank_rule)
+        check_siblings(self.siblings)
+        if self.min_rank < 1:
+            raise EspaceError(f"--min-rank must be at least 1, got {self.min_rank}", "use a positive rank")
+        self.patterns  # noqa: B018 — compiles every --exclude now, so a bad one fails before any work
+
+    @property
+    def patterns(self) -> list[re.Pattern[str]]:
+        compiled = []
+        for pattern in self.exclude:
+            try:
+                compiled.append(re.compile(pattern))
+            except re.error as exc:
+                raise EspaceError(
+                    f"--exclude {pattern!r} is not a regular expression ({exc})", "escape special characters"
+                ) from None
+        return compiled
+
+    def per_layer(self, select: str) -> float:
+        """The compression each compressed layer gets: ``ratio`` itself, or with selection ``layer_ratio``
+        (default max(ratio, 0.5), the paper's "at least 50 %"), the target then met by choosing layers."""
+        if select == "none":
+            return self.ratio
+        return self.layer_ratio if self.layer_ratio is not None else max(self.ratio, 0.5)
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    """What factorizes each layer and how layers are chosen to meet the ratio."""
+
+    candidate: str = option("mse", "Projection candidate (paper §3).", panel=_PROJECTION, choices=CANDIDATES)
+    method: str | None = option(
+        None,
+        "best: the six candidates, best per layer; svd/asvd/whitened-svd: baselines; auto: six + whitened-svd "
+        "[default: --candidate].",
+        panel=_SELECTION,
+        choices=METHOD_CHOICES,
+    )
+    select: str = option(
+        "none",
+        "none: every layer at --ratio; validate: score each layer x method on validation batches, then apply "
+        "progressively to --ratio; proxy: same, scored by the calibrated output error (no extra passes).",
+        panel=_SELECTION,
+        choices=SELECT_MODES,
+    )
+    max_layer_loss: float | None = option(
+        None, "Skip layers whose alone loss increase exceeds this (relative; paper 0.02).", panel=_SELECTION
+    )
+    stop: str = option("ratio", "Stop at --ratio or at the curve's knee.", panel=_SELECTION, choices=STOP_RULES)
+    valid_loss: str = option(
+        "auto",
+        "What --select validate scores: auto = distance to the original model (kl: KL of the next-token "
+        "distribution for causal LMs; distill: 1 - cosine of the outputs otherwise); next-token: validation "
+        "cross-entropy (the paper's perplexity).",
+        panel=_SELECTION,
+        choices=VALIDATION_LOSSES,
+    )
+    progressive: bool = option(
+        True,
+        "With selection: apply layers in order of harm until the ratio (False: every layer, best method).",
+        cli=False,
+    )
+    full_curve: bool = option(
+        True, "Trace the progressive curve past the target (for --curve and --stop knee).", cli=False
+    )
+
+    def __post_init__(self) -> None:
+        _choice(self.candidate, CANDIDATES, "candidate")
+        resolve_methods(self.method_name)
+        _choice(self.select, SELECT_MODES, "selection")
+        _choice(self.stop, STOP_RULES, "stop rule")
+        _choice(self.valid_loss, VALIDATION_LOSSES, "validation loss")
+
+    @property
+    def method_name(self) -> str:
+        return self.method if self.method is not None else self.candidate
+
+    @property
+    def methods(self) -> list[str]:
+        return resolve_methods(self.method_name)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What a run writes, and how it shows progress."""
+
+    output: Path | None = option(None, "Compressed model path [default: MODEL.espace.onnx].", "--output", "-o")
+    report: Path | None = option(None, "JSON report path [default: OUTPUT.report.json; a .md twin is written too].")
+    external_data: bool | None = option(
+        None, "Store weights in OUTPUT.data [default: only past 2 GB].", "--external-data/--no-external-data"
+    )
+    statistics: Path | None = option(None, "Also write the calibration statistics (.npz).", panel=_SELECTION)
+    plan: Path | None = option(None, "Also write the plan (.json + .npz).", panel=_SELECTION)
+    curve: Path | None = option(None, "Write the loss-vs-compression curve here (.json and .png).", panel=_SELECTION)
+    progress: bool = option(False, "Show progress bars.", cli=False)
+
+
+_LEGACY_NAMES = {"report_path": "report", "plan_path": "plan", "curve_path": "curve", "validation_loss": "valid_loss"}
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """Every setting of a compression run, by concern."""
+
+    data: DataOptions = field(default_factory=DataOptions)
+    ranks: RankOptions = field(default_factory=RankOptions)
+    selection: SelectionOptions = field(default_factory=SelectionOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+    GROUPS = ("data", "ranks", "selection", "output")
+
+    @classmethod
+    def from_settings(cls, base: CompressOptions | None = None, **settings: Any) -> CompressOptions:
+        """Options from flat keyword settings (``ratio=0.3, calib_text=...``: the CLI's option names with
+        underscores), each routed to its group; ``base`` supplies the rest. Unknown names raise TypeError."""
+        base = base or cls()
+        routed: dict[str, dict[str, Any]] = {group: {} for group in cls.GROUPS}
+        for name, value in settings.items():
+            name = _LEGACY_NAMES.get(name, name)
+            group = _FIELD_GROUP.get(name)
+            if group is None:
+                raise TypeError(f"unknown compression option {name!r}")
+            if name == "exclude":
+                value = tuple(value or ())
+            routed[group][name] = value
+        return cls(**{group: dataclasses.replace(getattr(base, group), **routed[group]) for group in cls.GROUPS})
+
+
+def group_class(group: str) -> type:
+    return {"data": DataOptions, "ranks": RankOptions, "selection": SelectionOptions, "output": OutputOptions}[group]
+
+
+_FIELD_GROUP = {f.name: group for group in CompressOptions.GROUPS for f in dataclasses.fields(group_class(group))}

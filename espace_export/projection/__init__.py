@@ -1,0 +1,1 @@
+"""Stage 4, project: rewrite the model by a plan (folded pairs) and measure its fidelity."""

@@ -1,0 +1,374 @@
+"""The planner: every method's factorization of every unit, scored, ranked and applied progressively (paper §4.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from espace_export.errors import EspaceError
+from espace_export.io.artifacts import Calibration, LayerPlan, Plan, fingerprint
+from espace_export.selection.candidates import NORMALIZED_CANDIDATES, candidate_matrix, eigen_decomposition
+from espace_export.selection.factorizations import (
+    METHODS,
+    Factorization,
+    factorize,
+    output_error,
+)
+from espace_export.selection.ranks import (
+    best_method,
+    inflection_point,
+    layer_compression,
+    progressive_selection,
+    rank_layers,
+    relative_increase,
+)
+from graph_passes.find import GemmTarget, weight_matrix
+
+GRADIENT_METHODS = ("nl-mse", "nl-mse-l2")
+
+
+WEIGHT_FREE = ("mse", "nmse", "nl-mse", "nl-mse-l2")
+
+
+def needs_normalized(methods: Sequence[str]) -> bool:
+    return any(m in NORMALIZED_CANDIDATES for m in methods)
+
+
+def needs_gradients(methods: Sequence[str]) -> bool:
+    return any(m in GRADIENT_METHODS for m in methods)
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    for method in methods:
+        if method not in METHODS:
+            raise EspaceError(f"unknown method {method!r}", f"choose from {', '.join(METHODS)}")
+
+
+class Factorizer:
+    """Every method's factorization of every layer, with weight-free eigenvectors shared per activation."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        calibration: Calibration,
+        ranks: dict[str, int],
+        targets: Sequence[GemmTarget],
+    ) -> None:
+        self.model = model
+        self.calibration = calibration
+        self.targets = {t.name: t for t in targets}
+        self.ranks = ranks
+        self._eigen: dict[tuple[str, str], np.ndarray] = {}
+        self._weight: tuple[tuple[str, ...], list[np.ndarray]] | None = None  # the last unit's weights
+        self._largest: dict[str, int] = {}
+        for name, L in ranks.items():
+            activation = self.targets[name].activation
+            self._largest[activation] = max(self._largest.get(activation, 0), L)
+
+    def __call__(self, name: str, method: str) -> Factorization:
+        return self.unit([name], method)[name]
+
+    def weights(self, names: Sequence[str]) -> list[np.ndarray]:
+        """The float64 K×N weights of ``names``, read once for all the methods tried on one unit in a row
+        (a weight kept in external data is read from disk)."""
+        if self._weight is None or self._weight[0] != tuple(names):
+            self._weight = (
+                tuple(names),
+                [weight_matrix(self.model, self.targets[n]).astype(np.float64) for n in names],
+            )
+        return self._weight[1]
+
+    def unit(self, names: Sequence[str], method: str) -> dict[str, Factorization]:
+        """Each layer of ``names`` factorised by ``method``; more than one name: siblings sharing one A.
+
+        Siblings read the same activation, so a shared A is the factorisation of their fused weight
+        ``[W₁ | W₂ | …]`` (K×ΣN, the paper's fused QKV GEMM) at the group's rank; each keeps its own
+        columns of B.
+        """
+        targets = [self.targets[name] for name in names]
+        activation = targets[0].activation
+        if any(t.activation != activation for t in targets):
+            raise ValueError(f"layers {list(names)} do not read one activation and cannot share a projection")
+        L = self.ranks[names[0]]
+        stats = self.calibration.stats[activation]
+        grads = (self.calibration.gradients or {}).get(activation)
+        if method in GRADIENT_METHODS and grads is None:
+            raise EspaceError(f"{method} needs gradient statistics", "calibrate with gradients (--gradients)")
+        weights = self.weights(names)
+        W = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=1)
+        statistics = {
+            "C_X": stats.C_X,
+            "C_X_normalized": stats.C_X_normalized if stats.normalized else None,
+            "C_XG": grads.C_XG if grads is not None else None,
+            "C_XG_normalized": grads.C_XG_normalized if grads is not None and grads.normalized else None,
+        }
+        eigenvectors = None
+        if method in WEIGHT_FREE:
+            key = (activation, method)
+            if key not in self._eigen:
+                C, by_magnitude = candidate_matrix(method, W=W, **statistics)  # type: ignore[arg-type]
+                top = self._largest[activation]
+                self._eigen[key] = eigen_decomposition(C, by_magnitude=by_magnitude, top=top)[1]
+            eigenvectors = self._eigen[key]
+        fused = factorize(method, W, L, eigenvectors=eigenvectors, **statistics)  # type: ignore[arg-type]
+        if len(targets) == 1:
+            return {names[0]: fused}
+        split = np.cumsum([w.shape[1] for w in weights])[:-1]
+        return {
+            name: Factorization(method, fused.A, np.ascontiguousarray(B))
+            for name, B in zip(names, np.split(fused.B, split, axis=1), strict=True)
+        }
+
+
+def sibling_units(
+    compressible: dict[str, int], targets: Sequence[GemmTarget], groups: Sequence[Sequence[str]] | None
+) -> list[list[str]]:
+    """The units a plan decides on: each compressible layer alone, or the given shared-P sibling groups
+    (each a list of compressible layers reading one activation, at one rank) with the rest alone."""
+    by_name = {t.name: t for t in targets}
+    units: list[list[str]] = []
+    grouped: set[str] = set()
+    for group in groups or ():
+        members = [name for name in group if name in compressible]
+        if len(members) < 2:
+            continue
+        if len({by_name[n].activation for n in members}) != 1 or len({compressible[n] for n in members}) != 1:
+            raise ValueError(f"sibling group {members} must read one activation at one rank")
+        units.append(members)
+        grouped.update(members)
+    units += [[name] for name in compressible if name not in grouped]
+    order = {t.name: i for i, t in enumerate(targets)}
+    return sorted(units, key=lambda unit: order[unit[0]])
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """How a plan decides (the selection options of a run, and its target ratio).
+
+    ``select``:
+    * ``none`` — every compressible layer with ``methods[0]`` (the classic fixed-candidate run);
+    * ``validate`` — each unit × method applied alone and scored by a validator (validation loss); units
+      ranked by their best method's loss increase and applied progressively until ``ratio`` of the targeted
+      weights is saved (or to the curve's inflection point with ``stop="knee"``), skipping units whose
+      alone-increase exceeds ``max_layer_loss`` (relative; the paper uses 0.02);
+    * ``proxy`` — the same with the relative output error ``E‖x(W − AB)‖²/E‖xW‖²`` as the score: no extra
+      model passes, blind to how the rest of the network amplifies a layer's error.
+
+    ``progressive=False`` keeps the scoring but applies every compressible unit with its best method (the
+    "best candidate per layer" plan at a uniform rank; ``ratio`` is then only recorded). ``full_curve`` traces
+    the progressive curve past the target (for ``--curve`` and ``stop="knee"``).
+    """
+
+    ratio: float
+    methods: tuple[str, ...]
+    select: str = "validate"
+    max_layer_loss: float | None = None
+    stop: str = "ratio"
+    full_curve: bool = True
+    progressive: bool = True
+
+
+@dataclass
+class PlanInputs:
+    """What a plan is made from: the model, its targets, each target's rank (None: not compressible), the
+    statistics, and the sibling groups sharing one projection (each scored, ranked and applied as one unit)."""
+
+    model: onnx.ModelProto
+    targets: Sequence[GemmTarget]
+    ranks: dict[str, int | None]
+    calibration: Calibration
+    groups: Sequence[Sequence[str]] | None = None
+
+
+def make_plan(
+    inputs: PlanInputs,
+    settings: PlanSettings,
+    *,
+    validator: Any = None,
+    on_step: Callable[[str, int], None] | None = None,
+) -> Plan:
+    """Decide, per targeted layer, whether and how it is compressed (see :class:`PlanSettings`).
+
+    ``validator`` scores trials for ``select="validate"``; ``on_step(phase, total)`` is called before each
+    scored trial (for progress bars).
+    """
+    check_methods(settings.methods)
+    if settings.select not in ("none", "validate", "proxy"):
+        raise EspaceError(f"unknown selection {settings.select!r}", "use none, validate or proxy")
+    if settings.select == "validate" and validator is None:
+        raise EspaceError("--select validate needs validation data", "give calibration data with enough batches")
+    compressible = {name: L for name, L in inputs.ranks.items() if L is not None}
+    units = sibling_units(compressible, inputs.targets, inputs.groups)
+    factorizer = Factorizer(inputs.model, inputs.calibration, compressible, inputs.targets)
+    plan = _empty_plan(inputs, settings, units, validator)
+    if settings.select == "none":
+        for unit in units:
+            _choose(plan, factorizer.unit(unit, settings.methods[0]), settings.methods[0])
+        plan.score_kind = "none"
+        return plan
+    candidates = _score_units(plan, units, factorizer, settings, validator, on_step)
+    if not settings.progressive:
+        for unit in units:
+            _choose(plan, candidates[unit[0]][plan.layer(unit[0]).method])  # type: ignore[index]
+        return plan
+    _apply_progressively(plan, units, candidates, inputs, settings, validator, on_step)
+    return plan
+
+
+def _empty_plan(inputs: PlanInputs, settings: PlanSettings, units: list[list[str]], validator: Any) -> Plan:
+    """The plan with every target undecided; sibling groups marked."""
+    layers = {t.name: LayerPlan(t.name, t.K, t.N, inputs.ranks.get(t.name)) for t in inputs.targets}
+    for unit in units:
+        if len(unit) > 1:
+            for name in unit:
+                layers[name].group = unit[0]
+    baseline = validator.baseline if validator is not None else None
+    kind = f"validation loss ({validator.loss})" if settings.select == "validate" else "relative output error (proxy)"
+    plan = Plan(settings.ratio, settings.select, list(settings.methods), kind, baseline, list(layers.values()),
+                fingerprint(inputs.model, inputs.targets))  # fmt: skip
+    plan.info["siblings"] = "shared" if any(len(unit) > 1 for unit in units) else "separate"
+    return plan
+
+
+def _choose(plan: Plan, factorizations: dict[str, Factorization], method: str | None = None) -> None:
+    """Select each layer of a unit with its factorization (and, given, the method that made it)."""
+    for name, factorization in factorizations.items():
+        layer = plan.layer(name)
+        layer.selected = True
+        if method is not None:
+            layer.method = method
+        plan.factors[name] = factorization
+
+
+def _score_units(
+    plan: Plan,
+    units: list[list[str]],
+    factorizer: Factorizer,
+    settings: PlanSettings,
+    validator: Any,
+    on_step: Callable[[str, int], None] | None,
+) -> dict[str, dict[str, dict[str, Factorization]]]:
+    """Every unit × method applied alone and scored; each unit's best method and harm recorded in the plan.
+    Returns unit → method → layer → factors."""
+    candidates: dict[str, dict[str, dict[str, Factorization]]] = {}
+    total_trials = len(units) * len(settings.methods)
+    for unit in units:
+        candidates[unit[0]] = {}
+        scores: dict[str, float] = {}
+        for method in settings.methods:
+            if on_step is not None:
+                on_step("scoring", total_trials)
+            factorizations = factorizer.unit(unit, method)
+            candidates[unit[0]][method] = factorizations
+            if settings.select == "validate":
+                override = {name: validator.effective(name, f.weight()) for name, f in factorizations.items()}
+                scores[method] = float(validator.evaluate(override))
+            else:
+                activation = factorizer.targets[unit[0]].activation
+                scores[method] = _unit_output_error(
+                    factorizer.weights(unit), unit, factorizations, factorizer.calibration, activation
+                )
+        method = best_method(scores)
+        harm = (
+            relative_increase(scores[method], plan.baseline_loss) if settings.select == "validate" else scores[method]
+        )  # type: ignore[arg-type]
+        for name in unit:
+            layer = plan.layer(name)
+            layer.scores, layer.method, layer.harm = dict(scores), method, harm
+    return candidates
+
+
+def _apply_progressively(
+    plan: Plan,
+    units: list[list[str]],
+    candidates: dict[str, dict[str, dict[str, Factorization]]],
+    inputs: PlanInputs,
+    settings: PlanSettings,
+    validator: Any,
+    on_step: Callable[[str, int], None] | None,
+) -> None:
+    """Units from least to most harmful until the ratio (or the curve's knee); the curve kept in the plan."""
+    by_name = {t.name: t for t in inputs.targets}
+    unit_of = {unit[0]: unit for unit in units}
+    harm = {key: float(plan.layer(key).harm) for key in unit_of}  # type: ignore[arg-type]
+    order, skipped = rank_layers(harm, settings.max_layer_loss if settings.select == "validate" else None)
+    plan.skipped = [name for key in skipped for name in unit_of[key]]
+    for position, key in enumerate(order):
+        for name in unit_of[key]:
+            plan.layer(name).order = position
+    rank = {name: L for name, L in inputs.ranks.items() if L is not None}
+    saved = {key: unit_saving([by_name[n] for n in unit_of[key]], rank[key]) for key in order}
+    targeted = sum(t.K * t.N for t in inputs.targets)
+
+    def chosen(key: str) -> dict[str, Factorization]:
+        return candidates[key][plan.layer(key).method]  # type: ignore[index]
+
+    def evaluate(applied: list[str]) -> float:
+        if on_step is not None:
+            on_step("progressive", len(order))
+        override = {n: validator.effective(n, f.weight()) for key in applied for n, f in chosen(key).items()}
+        return float(validator.evaluate(override))
+
+    selected, plan.curve = progressive_selection(
+        order,
+        saved,
+        targeted,
+        settings.ratio,
+        evaluate=evaluate if settings.select == "validate" else None,
+        estimate=harm,
+        baseline=plan.baseline_loss if plan.baseline_loss is not None else 0.0,
+        full_curve=settings.full_curve or settings.stop == "knee",
+    )
+    plan.knee = inflection_point(plan.curve)
+    if settings.stop == "knee":
+        selected = [p["layer"] for p in plan.curve[1 : plan.knee + 1]]
+    for key in selected:
+        _choose(plan, chosen(key))
+
+
+def unit_saving(members: Sequence[Any], L: int) -> int:
+    """Weights saved by compressing ``members`` (anything with K and N: targets, layer plans) at rank L:
+    one K×L projection for the group, L×N each."""
+    K = members[0].K
+    N = sum(t.N for t in members)
+    return K * N - L * (K + N)
+
+
+def _unit_output_error(
+    weights: Sequence[np.ndarray],
+    names: Sequence[str],
+    factorizations: dict[str, Factorization],
+    calibration: Calibration,
+    activation: str,
+) -> float:
+    """Relative output error of a unit: of its fused weight, so siblings count by their output energy."""
+    W = np.concatenate(weights, axis=1)
+    B = np.concatenate([factorizations[n].B for n in names], axis=1)  # type: ignore[misc]
+    return output_error(W, Factorization("fused", factorizations[names[0]].A, B), calibration.stats[activation].C_X)
+
+
+def plan_summary(plan: Plan, targets: Sequence[Any]) -> dict[str, Any]:
+    """Targeted compression the plan achieves (a shared P counted once per group) and method counts.
+
+    ``targets``: every targeted layer, anything with K and N (targets, or the plan's own layers)."""
+    before = sum(t.K * t.N for t in targets)
+    units: dict[str, list[LayerPlan]] = {}
+    methods: dict[str, int] = {}
+    for layer in plan.selected_layers():
+        assert layer.L is not None and layer.method is not None
+        units.setdefault(layer.group or layer.name, []).append(layer)
+        methods[layer.method] = methods.get(layer.method, 0) + 1
+    saved = sum(unit_saving(members, members[0].L) for members in units.values())  # type: ignore[arg-type]
+    return {
+        "targeted_compression_planned": saved / before,
+        "layers_selected": len(plan.selected_layers()),
+        "shared_groups": sum(len(members) > 1 for members in units.values()),
+        "methods": methods,
+        "layer_compression": {
+            layer.name: layer_compression(layer.K, layer.N, layer.L) for layer in plan.selected_layers() if layer.L
+        },
+    }
