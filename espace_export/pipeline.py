@@ -20,13 +20,14 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from espace_export import __version__
 from espace_export.calibration import distributed
 from espace_export.calibration.collect import calibrate_model
+from espace_export.calibration.statistics import StatsPrecision
 from espace_export.errors import EspaceError
 from espace_export.io.artifacts import (
     Calibration,
@@ -253,7 +254,7 @@ def calibrate(
     with run.timed("calibrate") as bars:
         calibration = calibrate_model(
             run.model, [r.target for r in layers], batches.calibration, methods=run.options.selection.methods,
-            precision=run.options.data.stats_precision, bars=bars, seed=run.options.data.seed,
+            precision=cast(StatsPrecision, run.options.data.stats_precision), bars=bars, seed=run.options.data.seed,
             torch_module=torch_module,
         )  # fmt: skip
     calibration.info = {"source": batches.source, "batches": len(batches.calibration), "tokens": batches.tokens}
@@ -285,11 +286,11 @@ def plan(
         )
     with run.timed("select") as bars:
         inputs = PlanInputs(run.model, run.targets, {r.name: r.L for r in run.layers}, calibration, run.groups)
-        settings = PlanSettings(
+        plan_settings = PlanSettings(
             run.options.ranks.ratio, tuple(selection.methods), selection.select, selection.max_layer_loss,
             selection.stop, selection.full_curve, selection.progressive,
         )  # fmt: skip
-        chosen = make_plan(inputs, settings, validator=validator, on_step=bars.stepper())
+        chosen = make_plan(inputs, plan_settings, validator=validator, on_step=bars.stepper())
     chosen.info.update(
         {"model": str(run.model_path), "layer_ratio": run.options.ranks.per_layer(selection.select),
          "rank_rule": str(run.options.ranks.rank_rule)}

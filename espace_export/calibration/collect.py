@@ -27,11 +27,10 @@ def calibrate_model(
     methods: Sequence[str],
     precision: StatsPrecision = "float32",
     bars: Progress | None = None,
-    gradients: bool | None = None,
     seed: int = 0,
     torch_module: Any = None,
 ) -> Calibration:
-    """Activation statistics (and gradient statistics when a method needs them, or ``gradients=True``).
+    """Activation statistics, and gradient statistics when a method needs them (``nl-mse``, ``nl-mse-l2``).
 
     Under ``torchrun`` this rank reduces its share of ``batches`` and the sums are all-reduced over the ranks.
     """
@@ -46,7 +45,7 @@ def calibrate_model(
             normalized=normalized,
         )  # fmt: skip
     grads = None
-    if gradients or (gradients is None and needs_gradients(methods)):
+    if needs_gradients(methods):
         require("torch", extra="torch", purpose="the nl-mse candidates (activation gradients)")
         from espace_export.calibration.gradients import collect_gradient_statistics
 

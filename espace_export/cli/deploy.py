@@ -14,11 +14,11 @@ from espace_export.deploy.serving import INSTANCE_KINDS
 from espace_export.errors import EspaceError
 from espace_export.runtime import OPTIMIZATION_LEVELS
 
-Backend = Literal[BACKENDS]  # typer offers a Literal's values as the choices
-GraphBackend = Literal[GRAPH_BACKENDS]
-GemmDtype = Literal[GEMM_DTYPES]
-Optimization = Literal[OPTIMIZATION_LEVELS]
-Instance = Literal[tuple(INSTANCE_KINDS)]
+Backend: Any = Literal[BACKENDS]  # typer offers a Literal's values as the choices
+GraphBackend: Any = Literal[GRAPH_BACKENDS]
+GemmDtype: Any = Literal[GEMM_DTYPES]
+Optimization: Any = Literal[OPTIMIZATION_LEVELS]
+Instance: Any = Literal[tuple(INSTANCE_KINDS)]
 
 
 _ENGINE = "TensorRT engine"

@@ -36,7 +36,7 @@ def _annotation(hint: Any, meta: typing.Mapping[str, Any]) -> Any:
     if "type" in meta:
         return meta["type"]
     if meta.get("choices"):
-        choices = typing.Literal[tuple(meta["choices"])]  # typer offers a Literal's values as the choices
+        choices: Any = typing.Literal[tuple(meta["choices"])]  # typer offers a Literal's values as the choices
         return typing.Optional[choices] if type(None) in typing.get_args(hint) else choices  # noqa: UP045
     return hint
 
@@ -58,7 +58,7 @@ def group_parameters(group: Group) -> list[inspect.Parameter]:
             show_default=not meta.get("multiple"),
         )
         default = None if meta.get("multiple") else field.default
-        annotation = Annotated[_annotation(hints[field.name], meta), info]
+        annotation: Any = Annotated[_annotation(hints[field.name], meta), info]  # type: ignore[misc]
         parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                             annotation=annotation))  # fmt: skip
     return parameters

@@ -99,7 +99,7 @@ def save_calibration(calibration: Calibration, path: str | os.PathLike[str]) -> 
                 arrays[f"xgn.{i}"] = g.sum_xg_normalized
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with atomic_output(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
     return path
 
 
@@ -192,7 +192,7 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
             if factors.B is not None and factors.method not in PROJECTIONS:
                 arrays[f"B.{i}"] = factors.B
     with atomic_output(path.with_suffix(".npz")) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
     return path
 
 
@@ -228,10 +228,10 @@ def _check_plan_fields(data: dict[str, Any]) -> None:
         if not isinstance(entry, dict):
             raise ValueError("a layer entry is not an object")
         for key, value in entry.items():
-            allowed = _LAYER_TYPES.get(key)
-            if allowed is None:
+            found = _LAYER_TYPES.get(key)
+            if found is None:
                 raise ValueError(f"unknown layer field {key!r}")
-            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            if not isinstance(value, found) or (isinstance(value, bool) and bool not in found):
                 raise ValueError(f"layer field {key!r} has the wrong type")
     names = {entry.get("name") for entry in layers}
     for entry in layers:

@@ -120,7 +120,7 @@ class Factorizer:
         split = np.cumsum([w.shape[1] for w in weights])[:-1]
         return {
             name: Factorization(method, fused.A, np.ascontiguousarray(B))
-            for name, B in zip(names, np.split(fused.B, split, axis=1), strict=True)
+            for name, B in zip(names, np.split(fused.B, split, axis=1), strict=True)  # type: ignore[arg-type]
         }
 
 
@@ -273,9 +273,9 @@ def _score_units(
                     factorizer.weights(unit), unit, factorizations, factorizer.calibration, activation
                 )
         method = best_method(scores)
-        harm = (
-            relative_increase(scores[method], plan.baseline_loss) if settings.select == "validate" else scores[method]
-        )  # type: ignore[arg-type]
+        harm = scores[method]
+        if settings.select == "validate":
+            harm = relative_increase(harm, float(plan.baseline_loss))  # type: ignore[arg-type]
         for name in unit:
             layer = plan.layer(name)
             layer.scores, layer.method, layer.harm = dict(scores), method, harm
@@ -362,7 +362,7 @@ def plan_summary(plan: Plan, targets: Sequence[Any]) -> dict[str, Any]:
         assert layer.L is not None and layer.method is not None
         units.setdefault(layer.group or layer.name, []).append(layer)
         methods[layer.method] = methods.get(layer.method, 0) + 1
-    saved = sum(unit_saving(members, members[0].L) for members in units.values())  # type: ignore[arg-type]
+    saved = sum((unit_saving(members, int(members[0].L or 0)) for members in units.values()), 0)
     return {
         "targeted_compression_planned": saved / before,
         "layers_selected": len(plan.selected_layers()),
