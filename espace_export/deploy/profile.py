@@ -17,7 +17,6 @@ and the interquartile range are reported. Beside the measured ratios: the FLOP r
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +42,7 @@ from espace_export.deploy.build import (
 from espace_export.deploy.tensorrt import cuda_device_name, derive_profile, fixed_profile
 from espace_export.errors import EspaceError
 from espace_export.io.data import input_specs
-from espace_export.io.models import atomic_output
+from espace_export.io.reports import write_report_files
 from graph_passes.find import find_projected_pairs, find_targets
 
 Log = Callable[[str], None]
@@ -694,18 +693,7 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
 
 def write_profile(report: Mapping[str, Any], json_path: Path) -> dict[str, Path]:
     """The JSON report, its Markdown twin and the PNG chart, each written atomically."""
-    paths = {
-        "json": json_path,
-        "markdown": json_path.with_suffix(".md"),
-        "chart": json_path.with_suffix(".png"),
-    }
-    with atomic_output(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    with atomic_output(paths["markdown"]) as tmp:
-        tmp.write_text(to_markdown(report))
-    with atomic_output(paths["chart"]) as tmp:
-        write_chart(report, tmp)
-    return paths
+    return write_report_files(report, json_path, to_markdown, write_chart)
 
 
 __all__ = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +126,26 @@ def write_curve(plan: Plan, path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return json_path, png_path
 
 
-def write_report(report: dict[str, Any], path: Path) -> None:
-    """The JSON report and its Markdown twin (``.md``), each written atomically."""
-    from espace_export.io.reports import to_markdown
-
-    with atomic_output(path) as tmp:
+def write_report_files(
+    report: Mapping[str, Any],
+    json_path: Path,
+    markdown: Callable[[Mapping[str, Any]], str],
+    chart: Callable[[Mapping[str, Any], Path], None] | None = None,
+) -> dict[str, Path]:
+    """A report as JSON, its Markdown twin (``.md``) and optionally a PNG chart (``.png``), each written
+    atomically: the one writer of compression and profile reports."""
+    paths = {"json": json_path, "markdown": json_path.with_suffix(".md")}
+    with atomic_output(paths["json"]) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
-    with atomic_output(path.with_suffix(".md")) as tmp:
-        tmp.write_text(to_markdown(report))
+    with atomic_output(paths["markdown"]) as tmp:
+        tmp.write_text(markdown(report))
+    if chart is not None:
+        paths["chart"] = json_path.with_suffix(".png")
+        with atomic_output(paths["chart"]) as tmp:
+            chart(report, tmp)
+    return paths
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """The compression report: JSON and its Markdown twin."""
+    write_report_files(report, path, to_markdown)  # type: ignore[arg-type]
