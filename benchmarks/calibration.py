@@ -115,7 +115,9 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", choices=["float32", "float64"])
     parser.add_argument("--reduce", default="auto", choices=["auto", "graph", "host"], help="where XᵀX is formed")
     parser.add_argument("--gradients", action="store_true", help="also time the NL-MSE gradient path (torch)")
-    parser.add_argument("--grad-precision", default="float64", choices=["float32", "float64"])
+    parser.add_argument(
+        "--grad-precision", nargs="+", default=["float64"], choices=["float32", "float64"], help="one timing each"
+    )
     parser.add_argument("--text", help="calibration text (or builtin:pydoc) instead of random ids; needs --tokenizer")
     parser.add_argument("--tokenizer", type=Path, help="HuggingFace tokenizer directory for --text")
     args = parser.parse_args()
@@ -163,12 +165,13 @@ def main() -> None:
 
             forward, forward_backward = torch_passes(model, feeds)
 
-            def gradient_pass() -> None:
-                collect_gradient_statistics(
-                    model, targets, batches, normalized=normalized, specs=specs, precision=args.grad_precision
+            def gradient_pass(precision: str) -> Callable[[], None]:
+                return lambda: collect_gradient_statistics(
+                    model, targets, batches, normalized=normalized, specs=specs, precision=precision
                 )
 
-            runs |= {"torch forward": forward, "torch forward+backward": forward_backward, "gradients": gradient_pass}
+            runs |= {"torch forward": forward, "torch forward+backward": forward_backward}
+            runs |= {f"gradients {p}": gradient_pass(p) for p in args.grad_precision}
         times = timed(runs, args.repeats)
         median = {name: statistics.median(values) for name, values in times.items()}
         forward_flops = forward_flops_per_token(model, args.seq)
@@ -185,19 +188,23 @@ def main() -> None:
             ("floor 1 + stats/forward FLOPs", floor, ""),
         ]
         if args.gradients:
+            forward_time, forward_backward_time = median["torch forward"], median["torch forward+backward"]
             grad_floor = 1.0 + gradient_flops_per_token(model, args.seq, normalized) / (2 * forward_flops)
-            total = median["calibration"] + median["gradients"]
             rows += [
-                ("torch fwd+bwd / torch forward", median["torch forward+backward"] / median["torch forward"], ""),
-                ("gradients / torch forward", median["gradients"] / median["torch forward"], ""),
-                ("gradients / torch fwd+bwd", median["gradients"] / median["torch forward+backward"], ""),
-                ("floor 1 + grad stats/(fwd+bwd)", grad_floor, f"FLOPs; products in {args.grad_precision}"),
-                (
-                    "(calibration + gradients) / fwd+bwd",
-                    total / median["torch forward+backward"],
-                    "what --method auto pays",
-                ),
+                ("torch fwd+bwd / torch forward", forward_backward_time / forward_time, ""),
+                ("floor 1 + grad stats/(fwd+bwd)", grad_floor, "FLOPs"),
             ]
+            for precision in args.grad_precision:
+                gradients = median[f"gradients {precision}"]
+                rows += [
+                    ("gradients / torch forward", gradients / forward_time, f"products in {precision}"),
+                    ("gradients / torch fwd+bwd", gradients / forward_backward_time, f"products in {precision}"),
+                    (
+                        "(calibration + gradients) / fwd+bwd",
+                        (median["calibration"] + gradients) / forward_backward_time,
+                        f"products in {precision}: what --method auto pays",
+                    ),
+                ]
         for label, value, note in rows:
             print(f"{label:<38}{value:8.2f}   {note}".rstrip())
         for name, values in times.items():
