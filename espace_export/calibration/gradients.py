@@ -9,6 +9,13 @@ averaged over sequences; the ``-l2`` variant L2-normalises each row of X and of 
 accumulates ``E[XᵀX GᵀG]/M²`` (one triangle of the symmetric sum; :func:`candidates.nl_mse_matrix`
 adds the transpose) in float64.
 
+How it is reduced: a batch at a time, in torch, on the device that holds the tensors. Per sequence
+``XᵀX GᵀG = Xᵀ (X Gᵀ) G``: the M×M matrix ``X Gᵀ``, then ``W = (X Gᵀ) G / M²`` (M×K), and the sum over
+the batch's sequences ``Σᵢ XᵢᵀWᵢ`` is one (K × ΣM)·(ΣM × K) GEMM — ``4M²K + 2MK²`` FLOPs per sequence
+instead of the ``4MK² + 2K³`` of forming the two K×K products (which :func:`batch_statistic` still
+uses when M is so much larger than K that it is cheaper). :func:`sequence_statistic` is the
+per-sequence reference the tests hold the batched form to.
+
 Where the gradient comes from: the ONNX graph itself, evaluated with torch ops
 (:mod:`espace_export.calibration.onnx_torch`) so autograd works — or the user's own PyTorch module, hooked by layer
 name, when they have it.
@@ -34,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from espace_export.calibration.statistics import distinct_activations
+from espace_export.calibration.statistics import StatsPrecision, distinct_activations
 from espace_export.errors import EspaceError
 from espace_export.io.data import InputSpec, complete_feed, input_specs
 from graph_passes.find import GemmTarget
@@ -65,6 +72,19 @@ class GradientStats:
             self.sum_xg_normalized += sequence_statistic(_unit_rows(X), _unit_rows(G))
         self.sequences += 1
 
+    def add_batch(self, X: Any, G: Any, mask: Any = None, *, precision: StatsPrecision = "float64") -> None:
+        """A batch of sequences at once: X and G ``[batch, seq, K]`` (torch tensors or arrays).
+
+        ``mask`` (``[batch, seq]``, 0 for padding) leaves padding rows out; M is each sequence's count
+        of valid rows, and sequences without one are not counted. ``precision``: the dtype of the
+        batch's products (``float64`` matches :meth:`add` to round-off); the sums are float64 either way.
+        """
+        plain, normalized, sequences = batch_statistic(X, G, mask, normalized=self.normalized, precision=precision)
+        _accumulate(self.sum_xg, plain)
+        if normalized is not None:
+            _accumulate(self.sum_xg_normalized, normalized)
+        self.sequences += sequences
+
     def merge(self, other: GradientStats) -> None:
         self.sum_xg += other.sum_xg
         self.sum_xg_normalized += other.sum_xg_normalized
@@ -88,6 +108,66 @@ def sequence_statistic(X: np.ndarray, G: np.ndarray) -> np.ndarray:
     G = np.asarray(G, dtype=np.float64)
     M = X.shape[0]
     return (X.T @ X) @ (G.T @ G) / (M * M)
+
+
+def batch_statistic(
+    X: Any, G: Any, mask: Any = None, *, normalized: bool = False, precision: StatsPrecision = "float64"
+) -> tuple[Any, Any, int]:
+    """``Σᵢ XᵢᵀXᵢ GᵢᵀGᵢ / Mᵢ²`` over the sequences of a batch, with batched GEMMs.
+
+    ``X``, ``G``: ``[batch, seq, K]``; ``mask``: ``[batch, seq]`` or None (every row valid). Returns the
+    plain sum, the sum over L2-normalised rows (None unless ``normalized``) — both K×K float64 torch
+    tensors on X's device — and the number of sequences with at least one valid row.
+    """
+    import torch
+
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    X = torch.as_tensor(X).to(dtype)
+    G = torch.as_tensor(G).to(device=X.device, dtype=dtype)
+    if mask is None:
+        lengths = torch.full((X.shape[0],), X.shape[1], dtype=dtype, device=X.device)
+    else:
+        valid = torch.as_tensor(mask).to(X.device) != 0
+        # where, not a product: activations at padded positions may be inf or NaN
+        X = torch.where(valid[..., None], X, X.new_zeros(()))
+        G = torch.where(valid[..., None], G, G.new_zeros(()))
+        lengths = valid.sum(dim=1).to(dtype)
+    sequences = int((lengths > 0).sum())
+    scale = torch.where(lengths > 0, 1.0 / lengths.clamp(min=1) ** 2, lengths.new_zeros(()))
+    plain = _sum_of_products(X, G, scale)
+    if not normalized:
+        return plain, None, sequences
+    return plain, _sum_of_products(_unit_rows_torch(X), _unit_rows_torch(G), scale), sequences
+
+
+def _sum_of_products(X: Any, G: Any, scale: Any) -> Any:
+    """``Σᵢ scaleᵢ XᵢᵀXᵢ GᵢᵀGᵢ`` (padding rows already zero), in float64, by the cheaper association."""
+    import torch
+
+    batch, M, K = X.shape
+    if 4 * M * M * K + 2 * M * K * K <= 4 * M * K * K + 2 * K**3:
+        W = torch.bmm(torch.bmm(X, G.transpose(1, 2)), G) * scale[:, None, None]  # (X Gᵀ) G / M², batch×M×K
+        return (X.reshape(-1, K).T @ W.reshape(-1, K)).to(torch.float64)
+    total = X.new_zeros((K, K), dtype=torch.float64)
+    for x, g, s in zip(X, G, scale, strict=True):  # M ≫ K: the two K×K products are cheaper
+        total += ((x.T @ x) @ (g.T @ g) * s).to(torch.float64)
+    return total
+
+
+def _unit_rows_torch(A: Any) -> Any:
+    """Each row over its L2 norm; zero rows (padding) stay zero."""
+    import torch
+
+    norms = A.norm(dim=-1, keepdim=True)
+    positive = norms > 0
+    return torch.where(positive, A / torch.where(positive, norms, norms.new_ones(())), A.new_zeros(()))
+
+
+def _accumulate(total: np.ndarray, value: Any) -> None:
+    """Add a float64 torch tensor into a float64 numpy array in place (no copy on the CPU)."""
+    import torch
+
+    torch.from_numpy(total).add_(value.detach().to("cpu", torch.float64))
 
 
 def _unit_rows(A: np.ndarray) -> np.ndarray:
@@ -139,12 +219,17 @@ def collect_gradient_statistics(
     on_batch: Callable[[], None] | None = None,
     torch_module: Any = None,
     seed: int = 0,
+    precision: StatsPrecision = "float64",
 ) -> dict[str, GradientStats]:
     """NL-MSE statistics of every distinct activation the ``targets`` read, over ``batches``.
 
     ``torch_module``: the original PyTorch model (called as ``module(**feed)`` with the ONNX input names,
     returning the ONNX output or an object with ``.logits``); its submodules named like the targets are
     hooked. Without it the ONNX graph is evaluated with torch ops.
+
+    One forward and one backward pass per batch (``autograd.grad`` of the batch's loss with respect to
+    every tracked activation at once); each batch is reduced by :meth:`GradientStats.add_batch` while
+    its tensors are in memory. ``precision``: dtype of each batch's products (sums are float64).
     """
     import torch
 
@@ -165,10 +250,12 @@ def collect_gradient_statistics(
         names = [n for n in widths if n in tracked]
         grads = torch.autograd.grad(objective, [tracked[n] for n in names], allow_unused=True)
         mask = feed.get("attention_mask")
-        for name, value, grad in zip(names, (tracked[n] for n in names), grads, strict=True):
-            if grad is None:
-                grad = torch.zeros_like(value)
-            _reduce_sequences(stats[name], value.detach().numpy(), grad.numpy(), mask)
+        with torch.no_grad():
+            for name, value, grad in zip(names, (tracked[n] for n in names), grads, strict=True):
+                value = value.detach()
+                _reduce_sequences(
+                    stats[name], value, torch.zeros_like(value) if grad is None else grad, mask, precision
+                )
         if on_batch is not None:
             on_batch()
     missing = [n for n, s in stats.items() if s.sequences == 0]
@@ -180,21 +267,17 @@ def collect_gradient_statistics(
     return stats
 
 
-def _reduce_sequences(stats: GradientStats, X: np.ndarray, G: np.ndarray, mask: np.ndarray | None) -> None:
-    """Split a batch's activation into sequences (by the attention mask when it lines up) and add each."""
+def _reduce_sequences(stats: GradientStats, X: Any, G: Any, mask: Any, precision: StatsPrecision = "float64") -> None:
+    """Split a batch's activation into sequences (by the attention mask when it lines up) and add them."""
     K = stats.K
-    if mask is not None and X.size == mask.size * K:
-        X3 = X.reshape(*mask.shape, K)
-        G3 = G.reshape(*mask.shape, K)
-        for row in range(mask.shape[0]):
-            valid = np.asarray(mask[row]).astype(bool)
-            stats.add(X3[row][valid], G3[row][valid])
-        return
-    if X.ndim >= 3:  # [batch, seq, K] without a usable mask
-        for x, g in zip(X.reshape(X.shape[0], -1, K), G.reshape(G.shape[0], -1, K), strict=True):
-            stats.add(x, g)
-        return
-    stats.add(X.reshape(-1, K), G.reshape(-1, K))
+    size = X.numel() if hasattr(X, "numel") else X.size
+    if mask is not None and size == np.asarray(mask).size * K:
+        shape = (*np.asarray(mask).shape, K)
+        stats.add_batch(X.reshape(shape), G.reshape(shape), mask, precision=precision)
+    elif X.ndim >= 3:  # [batch, seq, K] without a usable mask
+        stats.add_batch(X.reshape(X.shape[0], -1, K), G.reshape(G.shape[0], -1, K), precision=precision)
+    else:  # one sequence
+        stats.add_batch(X.reshape(1, -1, K), G.reshape(1, -1, K), precision=precision)
 
 
 def _graph_forward(graph: Any, watched: set[str]) -> Callable[[dict[str, np.ndarray]], tuple[Any, dict[str, Any]]]:
