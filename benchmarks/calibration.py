@@ -35,13 +35,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from espace_export.build import ort_session  # noqa: E402
-from espace_export.calibration import collect_statistics, distinct_activations  # noqa: E402
+from espace_export.calibration import StatsPrecision, collect_statistics, distinct_activations  # noqa: E402
 from espace_export.candidates import NORMALIZED_CANDIDATES  # noqa: E402
 from espace_export.data import complete_feed, input_specs, random_token_batches, read_text, vocab_size  # noqa: E402
 from graph_passes import find_targets  # noqa: E402
@@ -165,13 +166,16 @@ def main() -> None:
 
             forward, forward_backward = torch_passes(model, feeds)
 
-            def gradient_pass(precision: str) -> Callable[[], None]:
-                return lambda: collect_gradient_statistics(
-                    model, targets, batches, normalized=normalized, specs=specs, precision=precision
-                )
+            def gradient_pass(precision: StatsPrecision) -> Callable[[], None]:
+                def run() -> None:
+                    collect_gradient_statistics(
+                        model, targets, batches, normalized=normalized, specs=specs, precision=precision
+                    )
+
+                return run
 
             runs |= {"torch forward": forward, "torch forward+backward": forward_backward}
-            runs |= {f"gradients {p}": gradient_pass(p) for p in args.grad_precision}
+            runs |= {f"gradients {p}": gradient_pass(cast(StatsPrecision, p)) for p in args.grad_precision}
         times = timed(runs, args.repeats)
         median = {name: statistics.median(values) for name, values in times.items()}
         forward_flops = forward_flops_per_token(model, args.seq)
