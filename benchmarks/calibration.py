@@ -35,19 +35,18 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from espace_export.calibration.statistics import collect_statistics, distinct_activations  # noqa: E402
-from espace_export.io.data import (  # noqa: E402
-    complete_feed,
-    input_specs,
-    random_token_batches,
-    read_text,  # noqa: E402
-    vocab_size,
+from espace_export.calibration.statistics import (  # noqa: E402
+    StatsPrecision,
+    collect_statistics,
+    distinct_activations,
 )
+from espace_export.io.data import complete_feed, input_specs, random_token_batches, read_text, vocab_size  # noqa: E402
 from espace_export.runtime import ort_session  # noqa: E402
 from espace_export.selection.candidates import NORMALIZED_CANDIDATES  # noqa: E402
 from graph_passes import find_targets  # noqa: E402
@@ -171,13 +170,16 @@ def main() -> None:
 
             forward, forward_backward = torch_passes(model, feeds)
 
-            def gradient_pass(precision: str) -> Callable[[], None]:
-                return lambda: collect_gradient_statistics(
-                    model, targets, batches, normalized=normalized, specs=specs, precision=precision
-                )
+            def gradient_pass(precision: StatsPrecision) -> Callable[[], None]:
+                def run() -> None:
+                    collect_gradient_statistics(
+                        model, targets, batches, normalized=normalized, specs=specs, precision=precision
+                    )
+
+                return run
 
             runs |= {"torch forward": forward, "torch forward+backward": forward_backward}
-            runs |= {f"gradients {p}": gradient_pass(p) for p in args.grad_precision}
+            runs |= {f"gradients {p}": gradient_pass(cast(StatsPrecision, p)) for p in args.grad_precision}
         times = timed(runs, args.repeats)
         median = {name: statistics.median(values) for name, values in times.items()}
         forward_flops = forward_flops_per_token(model, args.seq)
