@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
+from espace_export._optional import require_onnxruntime
 from espace_export.data import InputSpec, complete_feed, input_specs, vocab_size
 from espace_export.engines import (
     BuildPlan,
@@ -67,7 +68,7 @@ def ort_session(
     An in-memory model past the protobuf limit is written to a temporary directory with external
     data first, since ONNX Runtime can only read such a model from a path.
     """
-    import onnxruntime as ort
+    ort = require_onnxruntime("running the model")
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures surface as exceptions; logging them too only adds noise
@@ -188,7 +189,7 @@ def _provider_name(provider: str | tuple[str, dict[str, Any]]) -> str:
 
 def require_providers(backend: str, providers: ProviderList) -> None:
     """Fail before building a session when this onnxruntime lacks the backend's first provider."""
-    import onnxruntime as ort
+    ort = require_onnxruntime(f"--backend {backend}")
 
     wanted = _provider_name(providers[0])
     if wanted not in ort.get_available_providers():
