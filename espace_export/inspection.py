@@ -120,7 +120,7 @@ def inspect_model(
     ]
 
     group_of: dict[str, str] = {}
-    groups = []
+    groups: list[dict[str, Any]] = []
     if siblings == "shared":
         for activation, members in group_by_activation([t for t in targets if t.name not in matched]).items():
             if len(members) > 1:
@@ -153,7 +153,11 @@ def inspect_model(
                 key = (d.target.activation, d.L) if method in WEIGHT_FREE else (d.target.name, None)
                 alone.setdefault(key, []).append(d.target)
         units += list(alone.values())
-        saved = sum(unit_saving(members, ranks[members[0].name]) for members in units)  # type: ignore[arg-type]
+        saved = 0
+        for members in units:
+            L = ranks[members[0].name]
+            assert L is not None  # every unit is compressed
+            saved += unit_saving(members, L)
         compressed = sum(L is not None for L in ranks.values())
         per_ratio.append(
             {

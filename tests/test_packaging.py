@@ -143,3 +143,13 @@ def test_without_a_runtime_the_package_imports_and_the_cli_says_which_extra(tmp_
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert "needs the onnxruntime package" in lines[0] and "espace-export[cpu]" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "m.onnx"]
+
+
+def test_a_half_removed_runtime_is_reported_as_broken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uninstalling onnxruntime after onnxruntime-gpu leaves an empty `onnxruntime` folder (a namespace package)."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.ModuleType("onnxruntime"))
+    with pytest.raises(EspaceError, match="incomplete") as caught:
+        require_onnxruntime()
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in str(caught.value)
