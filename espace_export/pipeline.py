@@ -17,7 +17,7 @@ import contextlib
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -43,7 +43,7 @@ from espace_export.io.artifacts import (
 from espace_export.io.data import Batches, load_batches
 from espace_export.io.models import atomic_output, check_model, check_writable, load_model, save_model
 from espace_export.io.reports import write_curve, write_report
-from espace_export.options import CompressOptions
+from espace_export.options import CompressOptions, RankOptions
 from espace_export.progress import Progress
 from espace_export.projection.fidelity import output_fidelity
 from espace_export.projection.rewrite import apply_factorizations, projected_params
@@ -119,6 +119,49 @@ def default_report(output: Path) -> Path:
     return output.with_name(output.name.removesuffix(".onnx") + ".report.json")
 
 
+def decide_layers(
+    targets: Sequence[GemmTarget], ranks: RankOptions, method: str, select: str = "none"
+) -> list[LayerRecord]:
+    """The rank of each target at the per-layer ratio (or the forced rank); excluded layers stay dense."""
+    per_layer = ranks.per_layer(select)
+    patterns = ranks.patterns
+    records = []
+    for target in targets:
+        excluded = any(p.search(target.name) for p in patterns)
+        L = layer_rank(target.K, target.N, per_layer, rule=ranks.rank_rule, min_rank=ranks.min_rank, rank=ranks.rank)
+        records.append(LayerRecord(target, None if excluded else L, method, excluded=excluded))
+    return records
+
+
+def share_siblings(records: Sequence[LayerRecord], ranks: RankOptions, select: str = "none") -> list[list[str]]:
+    """Group the layers that read one activation (Q/K/V, gate/up) to share one projection (``siblings=shared``).
+
+    A group is ranked as the paper's fused layer: one GEMM of K×ΣN, so its rank follows the ratio rule on
+    ΣN (or the forced rank) and every member gets it — also a narrow member (K/V under GQA) too small to be
+    compressed alone. Excluded layers stay out. Returns the groups (two or more layers each).
+    """
+    if ranks.siblings != "shared":
+        return []
+    per_layer = ranks.per_layer(select)
+    by_activation: dict[str, list[LayerRecord]] = {}
+    for record in records:
+        if not record.excluded:
+            by_activation.setdefault(record.target.activation, []).append(record)
+    groups = []
+    for members in by_activation.values():
+        if len(members) < 2:
+            continue
+        N = sum(r.target.N for r in members)
+        L = layer_rank(members[0].target.K, N, per_layer, rule=ranks.rank_rule, min_rank=ranks.min_rank,
+                       rank=ranks.rank)  # fmt: skip
+        if L is None:
+            continue
+        for record in members:
+            record.L = L
+        groups.append([r.name for r in members])
+    return groups
+
+
 class Run:
     """What the stages share: the model (external weights stay on disk until written), its targets, the rank of
     each, the sibling groups, the batches (read on first use) and the timings of the run.
@@ -139,8 +182,9 @@ class Run:
                 f"{self.model_path} has no compressible GEMM (MatMul/Gemm with a 2-D constant weight)",
                 "check that weights are initializers (export with do_constant_folding) or use --include-heads",
             )
-        self.layers = self._decide()
-        self.groups = self._share_siblings() if ranks.siblings == "shared" else []
+        select = self.options.selection.select
+        self.layers = decide_layers(self.targets, ranks, self.options.selection.methods[0], select)
+        self.groups = share_siblings(self.layers, ranks, select)
         if not self.compressed:
             per_layer = ranks.per_layer(self.options.selection.select)
             raise EspaceError(
@@ -158,47 +202,6 @@ class Run:
                 raise TypeError("options belong to the Run; pass them when opening it")
             return model
         return cls(model, CompressOptions.from_settings(options, **settings))
-
-    def _decide(self) -> list[LayerRecord]:
-        """The rank of each target at the per-layer ratio (or the forced rank); excluded layers stay dense."""
-        ranks, method = self.options.ranks, self.options.selection.methods[0]
-        per_layer = ranks.per_layer(self.options.selection.select)
-        patterns = ranks.patterns
-        records = []
-        for target in self.targets:
-            excluded = any(p.search(target.name) for p in patterns)
-            L = layer_rank(
-                target.K, target.N, per_layer, rule=ranks.rank_rule, min_rank=ranks.min_rank, rank=ranks.rank
-            )
-            records.append(LayerRecord(target, None if excluded else L, method, excluded=excluded))
-        return records
-
-    def _share_siblings(self) -> list[list[str]]:
-        """Group the layers that read one activation (Q/K/V, gate/up) to share one projection.
-
-        A group is ranked as the paper's fused layer: one GEMM of K×ΣN, so its rank follows the ratio rule on
-        ΣN (or the forced rank) and every member gets it — also a narrow member (K/V under GQA) too small to be
-        compressed alone. Excluded layers stay out. Returns the groups (two or more layers each).
-        """
-        ranks = self.options.ranks
-        per_layer = ranks.per_layer(self.options.selection.select)
-        by_activation: dict[str, list[LayerRecord]] = {}
-        for record in self.layers:
-            if not record.excluded:
-                by_activation.setdefault(record.target.activation, []).append(record)
-        groups = []
-        for members in by_activation.values():
-            if len(members) < 2:
-                continue
-            N = sum(r.target.N for r in members)
-            L = layer_rank(members[0].target.K, N, per_layer, rule=ranks.rank_rule, min_rank=ranks.min_rank,
-                           rank=ranks.rank)  # fmt: skip
-            if L is None:
-                continue
-            for record in members:
-                record.L = L
-            groups.append([r.name for r in members])
-        return groups
 
     @property
     def compressed(self) -> list[LayerRecord]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import onnx
 
+from espace_export._optional import require_onnxruntime
 from espace_export.io.models import (
     PROTOBUF_LIMIT,
     external_initializers,
@@ -38,7 +39,7 @@ def ort_session(
     An in-memory model past the protobuf limit is written to a temporary directory with external
     data first, since ONNX Runtime can only read such a model from a path.
     """
-    import onnxruntime as ort
+    ort = require_onnxruntime("running the model")
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures surface as exceptions; logging them too only adds noise

@@ -88,7 +88,14 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory, sample_model: Callable[
         "calib shape": [str(good), "--calib-data", str(base / "wrong_rank.npz")],
         "calib empty": [str(good), "--calib-data", str(base / "empty.npz")],
         "calib missing": [str(good), "--calib-data", str(base / "absent.npz")],
-        "output dir missing": [str(good), "-o", str(base / "no" / "such" / "dir" / "m.onnx")],
+        # a missing output directory is created, but only when the run commits: bad input leaves none behind
+        "output dir missing, input bad": [
+            str(good),
+            "--calib-data",
+            str(base / "wrong_dtype.npz"),
+            "-o",
+            str(base / "no" / "such" / "m.onnx"),
+        ],
         "output under a file": [str(good), "-o", str(base / "file_not_dir" / "m.onnx")],
         "output is a directory": [str(good), "-o", str(base)],
         "text without tokenizer": [str(good), "--calib-text", "builtin:pydoc"],
@@ -99,7 +106,7 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory, sample_model: Callable[
 CASES = [
     "missing path", "not onnx", "truncated", "no compressible gemm", "ratio zero", "ratio one", "ratio negative",
     "ratio above one", "calib name", "calib dtype", "calib shape", "calib empty", "calib missing",
-    "output dir missing", "output under a file", "output is a directory", "text without tokenizer", "bad rank rule",
+    "output dir missing, input bad", "output under a file", "output is a directory", "text without tokenizer", "bad rank rule",
 ]  # fmt: skip
 
 
@@ -116,6 +123,26 @@ def test_bad_input_gives_one_line_exit_2_and_no_file(
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     assert listing(directory) == before
+
+
+@pytest.mark.slow
+def test_output_parent_directories_are_created(
+    sample_model: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``-o build/sub/model.onnx`` works as in Polygraphy and most converters: the parents are made."""
+    source = tmp_path / "llama.onnx"
+    source.write_bytes(sample_model("llama", "torchscript").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    args = [str(source), "-o", "build/sub/model.onnx", "--num-batches", "2", "--seq-len", "16", "-q"]
+    with pytest.warns(UserWarning, match="random token ids"):
+        code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    written = sorted(str(p.relative_to(tmp_path / "build")) for p in (tmp_path / "build").rglob("*"))
+    assert written == ["sub", "sub/model.onnx", "sub/model.report.json", "sub/model.report.md"]
+    onnx.checker.check_model(str(tmp_path / "build" / "sub" / "model.onnx"))
 
 
 def test_bad_input_through_the_installed_entry_point(tmp_path: Path) -> None:

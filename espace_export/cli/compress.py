@@ -96,3 +96,25 @@ def apply(
     emit(result.report, quiet=quiet, json_out=json_out)
     if not (quiet or json_out):
         typer.echo(f"wrote {result.output} and {result.report_path}")
+
+
+@command(
+    app, name="inspect", groups=(("ranks", ["rank_rule", "min_rank", "rank", "siblings", "include_heads", "exclude"]),)
+)
+def inspect_command(
+    model: ModelArgument,
+    settings: dict[str, Any],
+    ratio: Annotated[
+        list[float] | None,
+        typer.Option("--ratio", "-r", help="Ratios to evaluate (repeatable) [default: 0.3 0.5 0.7]."),
+    ] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Look before calibrating: targets, K×N, sibling groups, dense heads and why, compression per ratio."""
+    from espace_export.inspection import DEFAULT_RATIOS, inspect_model, print_inspection
+
+    result = inspect_model(model, ratios=tuple(ratio or DEFAULT_RATIOS), **settings)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        print_inspection(result)

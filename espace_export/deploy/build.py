@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
+from espace_export._optional import require_onnxruntime
 from espace_export.deploy.tensorrt import (
     BuildPlan,
     EngineOptions,
@@ -134,7 +135,7 @@ def _provider_name(provider: str | tuple[str, dict[str, Any]]) -> str:
 
 def require_providers(backend: str, providers: ProviderList) -> None:
     """Fail before building a session when this onnxruntime lacks the backend's first provider."""
-    import onnxruntime as ort
+    ort = require_onnxruntime(f"--backend {backend}")
 
     wanted = _provider_name(providers[0])
     if wanted not in ort.get_available_providers():

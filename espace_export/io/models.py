@@ -158,15 +158,32 @@ def model_bytes(model: onnx.ModelProto) -> int:
         return PROTOBUF_LIMIT + 1
 
 
+def existing_ancestor(directory: Path) -> Path:
+    """``directory`` itself if it exists, else its nearest ancestor that does (``.`` for a relative path)."""
+    directory = directory if str(directory) else Path(".")
+    for candidate in (directory, *directory.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
 def check_writable(path: str | os.PathLike[str]) -> Path:
-    """Fail early, before any long work, when ``path`` cannot be written."""
+    """Fail early, before any long work, when ``path`` cannot be written.
+
+    A missing parent directory is fine when it can be created (as ``mkdir -p`` would): it is created by
+    :func:`atomic_output` when the output is committed, so a run that fails before then leaves no
+    directory behind. Nothing is created here.
+    """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise EspaceError(f"output path {path} is a directory", "pass a file name such as model.espace.onnx")
-    if not parent.is_dir():
-        raise EspaceError(f"output directory {parent} does not exist", f"create it first (mkdir -p {parent})")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    base = existing_ancestor(parent)
+    if not base.is_dir():
+        raise EspaceError(
+            f"cannot create output directory {parent}: {base} is a file", "choose another output path with -o"
+        )
+    if not os.access(base, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise EspaceError(f"cannot write {path}: permission denied", "choose another output path with -o")
     return path
 
@@ -243,9 +260,14 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     Files written next to the temporary path (an external data file) move too, before the model
     file itself, so a reader never sees a model whose data is not there yet. On any exception
     (including KeyboardInterrupt) the temporary files are removed and an existing output is untouched.
+
+    Missing parent directories of ``path`` are created only when the output is committed, so a failed
+    run leaves none behind: until then the temporary files live in the nearest existing ancestor (the
+    same filesystem as the directories created under it, so the final renames stay atomic).
     """
     path = Path(path)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    parent = path.parent if str(path.parent) else Path(".")
+    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=existing_ancestor(parent)))
     try:
         yield workdir / path.name
         main = workdir / path.name
@@ -257,12 +279,28 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
             time.sleep(float(pause))
             (workdir / ".complete").unlink()
         with _signals_deferred():  # the data file and the model move together, or not at all
-            for extra in sorted(workdir.iterdir()):
-                if extra != main:
-                    os.replace(extra, path.parent / extra.name)
-            os.replace(main, path)
+            created = _make_parents(parent)
+            try:
+                for extra in sorted(workdir.iterdir()):
+                    if extra != main:
+                        os.replace(extra, parent / extra.name)
+                os.replace(main, path)
+            except BaseException:
+                for directory in reversed(created):  # innermost first; only those still empty go
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+                raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """``mkdir -p directory``; returns the directories it created, outermost first."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()][::-1]
+    for d in missing:
+        with contextlib.suppress(FileExistsError):  # another writer made it meanwhile
+            d.mkdir()
+    return missing
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +42,80 @@ def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+_NAME_SEPARATORS = "./"
+
+
+def common_prefix(names: Sequence[str]) -> str:
+    """The longest prefix shared by every name that ends at a ``.`` or ``/`` and leaves each name a last
+    component (``model.layers.0.q_proj``, ``model.layers.1.up_proj`` → ``model.layers.``)."""
+    if len(names) < 2:
+        return ""
+    prefix = os.path.commonprefix(list(names))
+    cut = max(prefix.rfind(sep) for sep in _NAME_SEPARATORS) + 1
+    return prefix[:cut]
+
+
+def short_names(names: Sequence[str]) -> tuple[str, list[str]]:
+    """``(prefix, names without it)``: what the terminal shows; the JSON and Markdown reports keep full names."""
+    prefix = common_prefix(names)
+    return prefix, [name[len(prefix) :] for name in names]
+
+
+def elide_middle(name: str, width: int) -> str:
+    """``name`` cut to ``width`` characters by replacing its middle with ``…`` (both ends say the most)."""
+    if len(name) <= width:
+        return name
+    if width < 3:
+        return name[:width]
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
+
+
+def layer_table(
+    title: str,
+    names: Sequence[str],
+    columns: Sequence[tuple[str, str]],
+    rows: Sequence[Sequence[str]],
+    *,
+    width: int = 80,
+) -> Any:
+    """A rich table of one row per layer that fits ``width`` columns.
+
+    Names lose their common prefix (said once, in the caption) and are never folded over two lines: the
+    name column gets what the other columns leave, and a name still longer than that loses its middle.
+    ``columns`` are ``(header, justify)`` of the columns after the name, one string per row each.
+    """
+    from rich import box
+    from rich.table import Table
+
+    prefix, shown = short_names(names)
+    fixed = [max([len(header)] + [len(row[i]) for row in rows]) for i, (header, _) in enumerate(columns)]
+    room = width - sum(fixed) - 2 * len(columns) - 2  # one space either side of each column, edges unpadded
+    room = max(room, len("layer"), 12)
+    shown = [elide_middle(name, room) for name in shown]
+    caption = f"layer names under {prefix}" if prefix else None
+    table = Table(
+        title=title, caption=caption, box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, collapse_padding=True
+    )
+    table.add_column("layer", no_wrap=True, overflow="ellipsis", max_width=room)
+    for (header, justify), size in zip(columns, fixed, strict=True):
+        table.add_column(header, justify=justify, no_wrap=True, min_width=size)  # type: ignore[arg-type]
+    for name, row in zip(shown, rows, strict=True):
+        table.add_row(name, *row)
+    return table
+
+
 def print_summary(report: dict[str, Any], console: Any = None, *, max_layers: int = 40) -> None:
-    """Print the layer table and the summary with rich."""
+    """Print the layer table and the summary with rich (80 columns suffice: see :func:`layer_table`)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(stderr=False)
-    layers = Table(title="ESPACE layers", show_lines=False, header_style="bold")
-    layers.add_column("layer", overflow="fold", ratio=1)
-    for column in ("K", "N", "L", "candidate", "compression", "rel. MSE"):
-        layers.add_column(column, justify="left" if column == "candidate" else "right", no_wrap=True)
     shown = report["layers"][:max_layers]
-    for layer in shown:
-        layers.add_row(
-            layer["name"],
+    columns = [("K", "right"), ("N", "right"), ("L", "right"), ("method", "left"), ("compr.", "right"),
+               ("rel. MSE", "right")]  # fmt: skip
+    rows = [
+        (
             str(layer["K"]),
             str(layer["N"]),
             str(layer["L"] if layer["L"] is not None else "dense"),
@@ -63,11 +123,14 @@ def print_summary(report: dict[str, Any], console: Any = None, *, max_layers: in
             f"{layer['compression']:.3f}",
             f"{layer['mse_relative']:.4f}" if layer["mse_relative"] is not None else "-",
         )
+        for layer in shown
+    ]
+    layers = layer_table("ESPACE layers", [layer["name"] for layer in shown], columns, rows, width=console.width)
     if len(report["layers"]) > max_layers:
-        layers.add_row(f"… {len(report['layers']) - max_layers} more (see the JSON report)", "", "", "", "", "", "")
+        layers.add_row(f"… {len(report['layers']) - max_layers} more (JSON report)", "", "", "", "", "", "")
     console.print(layers)
     summary = Table(title="Summary", show_header=False)
-    summary.add_column(style="bold")
+    summary.add_column(style="bold", no_wrap=True)
     summary.add_column()
     for key, value in _summary_rows(report):
         summary.add_row(key, value)

@@ -1,0 +1,78 @@
+"""The terminal layer table fits an 80-column terminal without folding a layer name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from espace_export.io.reports import common_prefix, print_summary, short_names, to_markdown
+
+
+def fake_report(names: list[str], *, K: int = 4096, N: int = 14336, candidate: str = "whitened-svd") -> dict[str, Any]:
+    layers = [
+        {"name": name, "K": K, "N": N, "L": 2048 if i % 3 else None, "candidate": candidate if i % 3 else None,
+         "compression": 0.6406 if i % 3 else 0.0, "mse_relative": 0.12345 if i % 3 else None}
+        for i, name in enumerate(names)
+    ]  # fmt: skip
+    return {
+        "model": "m.onnx", "output": "m.espace.onnx", "ratio_requested": 0.5,
+        "targeted_params_before": 123_456_789_012, "targeted_params_after": 61_728_394_506,
+        "targeted_compression": 0.5, "total_params_before": 223_456_789_012, "total_params_after": 161_728_394_506,
+        "total_compression": 0.276, "layers_compressed": 2, "layers_dense": 1,
+        "calibration": {"source": "text (builtin:pydoc, tokenizer /a/rather/long/path/to/the/tokenizer)", "batches": 16},
+        "selection": {"wins": {"go-mse-l2": 120, "whitened-svd": 40}}, "siblings": "separate",
+        "fidelity": {"outputs": {"last_hidden_state": {"relative_l2": 0.12345, "cosine_mean": 0.98765,
+                                                       "cosine_min": 0.91234}}},
+        "layers": layers,
+    }  # fmt: skip
+
+
+LLAMA = [f"model.model.layers.{i}.{part}" for i in range(12) for part in
+         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+          "mlp.up_proj", "mlp.down_proj")]  # fmt: skip
+MINILM = [f"encoder.layer.{i}.{part}" for i in range(6) for part in
+          ("attention.self.query", "attention.self.key", "attention.output.dense", "intermediate.dense")]  # fmt: skip
+TORCHSCRIPT = [f"/model/layers.{i}/self_attn/q_proj/MatMul" for i in range(3)]
+
+
+def render(report: dict[str, Any], width: int = 80) -> list[str]:
+    console = Console(width=width, record=True, force_terminal=False, color_system=None)
+    print_summary(report, console, max_layers=100)
+    return console.export_text().splitlines()
+
+
+@pytest.mark.parametrize("names", [LLAMA, MINILM, TORCHSCRIPT], ids=["llama", "minilm", "slashes"])
+def test_layer_table_fits_80_columns_and_never_folds_a_name(names: list[str]) -> None:
+    lines = render(fake_report(names))
+    assert max(len(line) for line in lines) <= 80
+    prefix, shown = short_names(names)
+    assert prefix and all(len(s) < len(n) for s, n in zip(shown, names, strict=True))
+    rows = [line for line in lines if line.strip()]
+    for short in shown:  # each shortened name whole, on one line, at the start of its row
+        assert any(line.lstrip().startswith(short + " ") for line in rows), short
+    caption = " ".join(lines)
+    assert prefix in caption  # the prefix is said once, under the table
+
+
+def test_full_names_stay_in_the_markdown_report() -> None:
+    markdown = to_markdown(fake_report(LLAMA))
+    assert all(f"`{name}`" in markdown for name in LLAMA)
+
+
+def test_common_prefix_ends_at_a_separator_and_keeps_a_last_component() -> None:
+    assert common_prefix(["model.layers.10.q", "model.layers.11.q"]) == "model.layers."
+    assert common_prefix(["a.b.c"]) == ""
+    assert common_prefix(["a.b.c", "a.b.c"]) == "a.b."
+    assert common_prefix(["/m/l0/q/MatMul", "/m/l1/q/MatMul"]) == "/m/"
+    assert common_prefix(["encoder.x", "decoder.x"]) == ""
+
+
+def test_a_name_too_long_for_the_terminal_loses_its_middle_not_its_columns() -> None:
+    names = [f"transformer.h.{i}.a_really_long_module_name.with_many_parts.attention.c_attn_projection" for i in (0, 1)]
+    lines = render(fake_report(names))
+    assert max(len(line) for line in lines) <= 80
+    rows = [line for line in lines if "4096" in line]
+    assert len(rows) == 2 and all("14336" in row and "…" in row for row in rows)
+    assert rows[1].lstrip().startswith("1.a_") and "projection " in rows[1]
