@@ -7,6 +7,7 @@ import errno
 import fcntl
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -705,3 +706,36 @@ def clean_stale_temporaries(directory: PathLike, patterns: Sequence[str], *, old
             finally:
                 os.close(fd)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def finite_json(value: Any, notes: list[str] | None = None, where: str = "") -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has no such numbers); each
+    replacement is named in ``notes`` (``"layers[3].mse_relative was nan"``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if notes is not None:
+            notes.append(f"{where or 'value'} was {value}")
+        return None
+    if isinstance(value, np.generic):
+        return finite_json(value.item(), notes, where)
+    if isinstance(value, Mapping):
+        return {key: finite_json(item, notes, f"{where}.{key}" if where else str(key)) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item, notes, f"{where}[{index}]") for index, item in enumerate(value)]
+    return value
+
+
+def strict_json(report: Mapping[str, Any], *, indent: int = 2) -> str:
+    """A report as strict JSON: non-finite numbers become null, and a note in ``report["notes"]`` (or
+    ``"non_finite"`` when the report has no list of notes) says which, so a reader never meets NaN."""
+    notes: list[str] = []
+    clean = finite_json(report, notes)
+    if notes:
+        message = "not finite, written as null: " + ", ".join(notes[:20]) + (" …" if len(notes) > 20 else "")
+        if isinstance(clean.get("notes"), list):
+            clean["notes"].append(message)
+        else:
+            clean["non_finite"] = message
+    return json.dumps(clean, indent=indent, allow_nan=False)
