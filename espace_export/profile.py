@@ -292,21 +292,24 @@ def interleave_until_tight(benches: Sequence[Callable[[], float]], settings: Pro
 
 
 def _relative_halfwidth(original: Sequence[float], compressed: Sequence[float]) -> float:
-    from espace_export.gate import MIN_ROUNDS, ratio_interval
+    from espace_export.gate import GATE_QUANTILE, MIN_ROUNDS, ratio_interval
 
     if len(original) < MIN_ROUNDS:
         return math.inf
     low, high = ratio_interval(original, compressed)
-    ratio = float(np.median(compressed) / np.median(original))
+    ratio = float(np.quantile(compressed, GATE_QUANTILE) / np.quantile(original, GATE_QUANTILE))
     return (high - low) / 2 / ratio
 
 
 def ratio_spread(original: Sequence[float], compressed: Sequence[float]) -> dict[str, Any]:
-    """What the gate needs to judge noise: rounds, and the 95 % bootstrap interval of this ratio."""
-    from espace_export.gate import MIN_ROUNDS, ratio_interval
+    """What the gate compares, beside the ratio of medians: the ratio of each side's fastest-tenth time
+    (:data:`espace_export.gate.GATE_QUANTILE`), its 95 % bootstrap interval, and the rounds taken."""
+    from espace_export.gate import GATE_QUANTILE, MIN_ROUNDS, ratio_interval
 
     entry: dict[str, Any] = {"rounds": len(original)}
     if len(original) >= MIN_ROUNDS:
+        entry["gate_quantile"] = GATE_QUANTILE
+        entry["ratio_quantile"] = float(np.quantile(compressed, GATE_QUANTILE) / np.quantile(original, GATE_QUANTILE))
         entry["ratio_interval"] = list(ratio_interval(original, compressed))
     return entry
 

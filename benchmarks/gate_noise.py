@@ -1,0 +1,159 @@
+"""Does the CI gate flake or miss? Re-profile an unchanged model N times, and a planted slowdown N times.
+
+Builds (in ``--workdir``) a small random Llama exported with the TorchScript exporter, compresses it with
+``espace_export.compress(ratio=0.5)``, and makes a *planted* copy of the compressed model: one extra
+MatMul ``X·R`` on the first projected layer's input, summed into an extra output, whose width is
+calibrated so that it adds ``--slowdown`` (10 %) to the compressed model's prefill. Then:
+
+1. one baseline profile of (original, compressed);
+2. ``--tries`` profiles of the same pair, each gated against the baseline at ``--max-regression``:
+   every one should pass;
+3. ``--tries`` profiles of (original, planted), gated the same way: every one should fail on ttft.ratio.
+
+Each profile uses ``ProfileSettings(target_interval=...)``: rounds are added until each ratio's 95 %
+bootstrap interval is within ± that (relative). The script prints the pass/fail counts and the planted
+slowdown measured side by side (median of interleaved per-round ratios planted/compressed).
+
+    python benchmarks/gate_noise.py                               # 10 + 10 tries, seq 128, 1 thread
+    python benchmarks/gate_noise.py --tries 3 --hidden 128        # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def planted_copy(compressed: Path, out: Path, width: int, seed: int = 0) -> Path:
+    """``compressed`` plus ``sum(X·R)`` as an extra output, X the input of its first projected layer."""
+    from graph_passes.find import find_projected_pairs
+
+    model = onnx.load(str(compressed))
+    pair = find_projected_pairs(model)[0]
+    project = next(n for n in model.graph.node if n.name == pair.project_node)
+    activation = project.input[0]
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((pair.K, width)) / np.sqrt(pair.K)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(weight, "planted.R"))
+    model.graph.node.extend(
+        [
+            helper.make_node("MatMul", [activation, "planted.R"], ["planted.Y"], name="planted/matmul"),
+            helper.make_node("ReduceSum", ["planted.Y"], ["planted.sum"], name="planted/sum", keepdims=0),
+        ]
+    )
+    model.graph.output.append(helper.make_tensor_value_info("planted.sum", TensorProto.FLOAT, []))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return out
+
+
+def measured_slowdown(compressed: Path, planted: Path, *, seq: int, threads: int, rounds: int) -> float:
+    """Prefill time planted/compressed − 1, interleaved, as the gate measures it (fastest tenth of each)."""
+    from espace_export.build import BuildSettings, build_runner, synthetic_feed
+    from espace_export.profile import interleave
+
+    structure = onnx.load(str(compressed), load_external_data=False)
+    feed = synthetic_feed(structure, batch=1, seq=seq)
+    runners = [build_runner(p, "ort-cpu", BuildSettings(threads=threads)) for p in (compressed, planted)]
+    times = interleave([r.prepare(feed) for r in runners], warmup=3, repeats=rounds)
+    for runner in runners:
+        runner.close()
+    from espace_export.gate import GATE_QUANTILE
+
+    return float(np.quantile(times[1], GATE_QUANTILE) / np.quantile(times[0], GATE_QUANTILE)) - 1.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tries", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10, help="rounds per block")
+    parser.add_argument("--target-interval", type=float, default=0.015)
+    parser.add_argument("--max-repeats", type=int, default=400)
+    parser.add_argument("--max-regression", type=float, default=0.05)
+    parser.add_argument("--slowdown", type=float, default=0.10)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+
+    import espace_export
+    from espace_export.build import BuildSettings
+    from espace_export.gate import compare, load_report
+    from espace_export.profile import ProfileSettings, profile
+    from samples.make_models import export_sample
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gate-noise-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    original = workdir / "llama.onnx"
+    if not original.exists():
+        export_sample("llama", "torchscript", original, hidden=args.hidden, layers=args.layers,
+                      intermediate=2 * args.hidden, vocab=512)  # fmt: skip
+    compressed = workdir / "llama.espace.onnx"
+    if not compressed.exists():
+        espace_export.compress(original, ratio=0.5, output=compressed, num_batches=2, seq_len=16, batch_size=2)
+
+    # calibrate the planted width to the asked slowdown (time grows about linearly with the width)
+    width = 4 * args.hidden
+    for _ in range(5):
+        planted = planted_copy(compressed, workdir / "llama.planted.onnx", width)
+        slowdown = measured_slowdown(compressed, planted, seq=args.seq, threads=args.threads, rounds=150)
+        if abs(slowdown - args.slowdown) < 0.015:
+            break
+        width = max(8, int(round(width * (args.slowdown / slowdown if slowdown > 0.01 else 4))))
+    planted = planted_copy(compressed, workdir / "llama.planted.onnx", width)
+    planted_slowdown = measured_slowdown(compressed, planted, seq=args.seq, threads=args.threads, rounds=400)
+
+    settings = ProfileSettings(
+        seq=args.seq,
+        warmup=2,
+        repeats=args.repeats,
+        target_interval=args.target_interval,
+        max_repeats=args.max_repeats,
+        build=BuildSettings(threads=args.threads),
+    )
+    started = time.perf_counter()
+    baseline = load_report(profile(original, compressed, settings, output=workdir / "base.json").paths["json"])
+
+    def gate(candidate: Path, index: int, tag: str) -> tuple[bool, list[str], int]:
+        path = profile(original, candidate, settings, output=workdir / f"{tag}{index}.json").paths["json"]
+        report = load_report(path)
+        result = compare(report, baseline, max_regression=args.max_regression)
+        rounds = report["ttft"]["rounds"]
+        shown = [
+            f"{r.metric} {r.change:+.1%} [{r.interval[0]:+.1%},{r.interval[1]:+.1%}] {r.status}"
+            if r.interval
+            else f"{r.metric} {r.change:+.1%} {r.status}"
+            for r in result.rows
+            if r.status != "ok" or r.metric == "ttft.ratio"
+        ]
+        return result.passed, shown, rounds
+
+    counts = {"unchanged": 0, "planted": 0}
+    for tag, candidate in (("unchanged", compressed), ("planted", planted)):
+        for index in range(args.tries):
+            passed, shown, rounds = gate(candidate, index, tag)
+            counts[tag] += passed if tag == "unchanged" else not passed
+            print(f"{tag} #{index + 1}: {'pass' if passed else 'FAIL'} ({rounds} TTFT rounds) " + "; ".join(shown))
+            sys.stdout.flush()
+    print()
+    print(f"model: llama hidden {args.hidden}, {args.layers} layers, seq {args.seq}, ort-cpu {args.threads} thread(s)")
+    print(f"planted: MatMul width {width}, measured slowdown of the compressed prefill {planted_slowdown:+.1%}")
+    print(f"gate: --max-regression {args.max_regression}, 95 % bootstrap intervals, target ± {args.target_interval}")
+    print(f"unchanged model passes: {counts['unchanged']}/{args.tries}")
+    print(f"planted slowdown fails: {counts['planted']}/{args.tries}")
+    print(f"elapsed: {time.perf_counter() - started:.0f} s of profiling")
+
+
+if __name__ == "__main__":
+    main()
