@@ -95,6 +95,11 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
             continue
         entries = _external_entries(tensor)
         location = entries.get("location", "")
+        if "\0" in location:
+            raise EspaceError(
+                f"external data location of tensor '{tensor.name}' holds a NUL byte ({location!r})",
+                "the model file is corrupted: re-save it with relative external data locations",
+            )
         target = (base / location).resolve()
         if not location or base not in target.parents:
             raise EspaceError(
@@ -108,14 +113,52 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
                     "keep the .onnx file next to its external data file",
                 )
             sizes[location] = target.stat().st_size
-        offset, length = int(entries.get("offset", 0)), entries.get("length")
-        needed = offset + int(length) if length is not None else offset + 1
+        offset = _external_number(tensor, entries, "offset", 0)
+        length = _external_number(tensor, entries, "length", None)
+        expected = _tensor_bytes(tensor)
+        if length is not None and expected is not None and length != expected:
+            raise EspaceError(
+                f"external data of tensor '{tensor.name}' is {length} bytes, its shape and type need {expected}",
+                "the model file is corrupted: re-export it or re-save it with onnx.save_model",
+            )
+        needed = offset + length if length is not None else offset + 1
         if needed > sizes[location]:
             raise EspaceError(
                 f"external data file {location} is truncated ({sizes[location]} bytes, tensor '{tensor.name}' "
                 f"needs {needed})",
                 "copy the data file again, it is incomplete",
             )
+
+
+_PACKED_HALF_BYTE = {
+    getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)
+}
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes a tensor's values take (None for strings and types without a fixed size)."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:  # unknown or undefined type: the checker reports it
+        return None
+    if tensor.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
+        return None
+    if tensor.data_type in _PACKED_HALF_BYTE:
+        return (int(np.prod(tensor.dims, dtype=np.int64)) + 1) // 2
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _external_number(tensor: onnx.TensorProto, entries: Mapping[str, str], key: str, default: int | None) -> int | None:
+    """An external-data ``offset`` or ``length``: a non-negative decimal integer (they are strings)."""
+    text = entries.get(key)
+    if text is None:
+        return default
+    if not text.isascii() or not text.isdigit() or len(text) > 19:
+        raise EspaceError(
+            f"external data {key} of tensor '{tensor.name}' is {text[:40]!r}, not a byte count",
+            "the model file is corrupted: re-export it or re-save it with onnx.save_model",
+        )
+    return int(text)
 
 
 def load_remaining_weights(model: onnx.ModelProto) -> None:
@@ -739,3 +782,52 @@ def strict_json(report: Mapping[str, Any], *, indent: int = 2) -> str:
         else:
             clean["non_finite"] = message
     return json.dumps(clean, indent=indent, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------- JSON in
+
+MAX_JSON_BYTES = 256 * 2**20
+_MAX_JSON_INT = 2**63
+
+
+def parse_json(data: bytes, what: str, fix: str) -> Any:
+    """Strict JSON from bytes, or an :class:`EspaceError` naming ``what``: UTF-8 only, no NaN/Infinity
+    (nor numbers so large they become infinite), integers within 64 bits, nesting Python can follow."""
+
+    def refuse_constant(name: str) -> None:
+        raise ValueError(f"{name} is not a number JSON allows")
+
+    def finite_float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"{text[:24]} is too large")
+        return value
+
+    def bounded_int(text: str) -> int:
+        if len(text) > 20 or abs(int(text)) >= _MAX_JSON_INT:
+            raise ValueError(f"{text[:24]}… is too large" if len(text) > 24 else f"{text} is too large")
+        return int(text)
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EspaceError(f"{what} is not UTF-8 text (byte {exc.start})", fix) from None
+    try:
+        return json.loads(text, parse_constant=refuse_constant, parse_float=finite_float, parse_int=bounded_int)
+    except RecursionError:
+        raise EspaceError(f"{what} is not valid JSON (nested too deeply)", fix) from None
+    except ValueError as exc:
+        raise EspaceError(f"{what} is not valid JSON ({' '.join(str(exc).split())[:120]})", fix) from None
+
+
+def read_json(path: PathLike, what: str, fix: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """:func:`parse_json` of a file, refusing one larger than ``max_bytes`` before reading it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise EspaceError(f"{what} {path} is {size:,} bytes, more than a {what} can be", fix)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EspaceError(f"cannot read {what} {path}: {exc.strerror}", "check the path and its permissions") from None
+    return parse_json(data, f"{what} {path}", fix)

@@ -37,6 +37,7 @@ from espace_export.build import (
     build_runner,
     check_backend,
     cpu_description,
+    load_structure,
     synthetic_feed,
 )
 from espace_export.data import input_specs
@@ -606,13 +607,9 @@ def check_rounds(settings: ProfileSettings) -> None:
 
 
 def _load_structure(path: Path) -> onnx.ModelProto:
-    """The graph and initializer metadata, without loading external weights (fast on multi-GB models)."""
-    if not path.is_file():
-        raise EspaceError(f"model not found: {path}", "check the path to the .onnx file")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise EspaceError(f"{path} is not a readable ONNX model ({exc})", "re-export or copy it again") from None
+    """The graph and initializer metadata, without loading external weights (fast on multi-GB models),
+    checked as :func:`espace_export.build.load_structure` does."""
+    return load_structure(path)
 
 
 def _device(backend: str, threads: int | None) -> str:
