@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="rounds per block")
     parser.add_argument("--target-interval", type=float, default=0.015)
     parser.add_argument("--max-repeats", type=int, default=400)
+    parser.add_argument("--baseline-max-repeats", type=int, default=None, help="default: 2 × --max-repeats")
     parser.add_argument("--max-regression", type=float, default=0.05)
     parser.add_argument("--slowdown", type=float, default=0.10)
     args = parser.parse_args()
@@ -123,7 +125,8 @@ def main() -> None:
         build=BuildSettings(threads=args.threads),
     )
     started = time.perf_counter()
-    baseline = load_report(profile(original, compressed, settings, output=workdir / "base.json").paths["json"])
+    baseline_settings = replace(settings, max_repeats=args.baseline_max_repeats or 2 * args.max_repeats)
+    baseline = load_report(profile(original, compressed, baseline_settings, output=workdir / "base.json").paths["json"])
 
     def gate(candidate: Path, index: int, tag: str) -> tuple[bool, list[str], int]:
         path = profile(original, candidate, settings, output=workdir / f"{tag}{index}.json").paths["json"]

@@ -48,7 +48,13 @@ def load_model(path: str | os.PathLike[str], *, load_weights: bool = True) -> on
     if not path.is_file():
         raise EspaceError(f"{path} is not a file", "pass the path of an .onnx file")
     try:
-        model = onnx.load(str(path), load_external_data=load_weights)
+        model = onnx.load(str(path), load_external_data=False)
+        check_gemm_weights(model, path)
+        check_external_data(model, path.parent)  # before anything is read: locations, offsets, lengths
+        if load_weights:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except EspaceError:
+        raise
     except FileNotFoundError as exc:
         raise EspaceError(
             f"external data of {path} is missing ({Path(str(exc.filename or exc)).name})",
@@ -62,13 +68,26 @@ def load_model(path: str | os.PathLike[str], *, load_weights: bool = True) -> on
         ) from None
     if len(model.graph.node) == 0:
         raise EspaceError(f"{path} has an empty graph", "re-export the model")
-    if not load_weights:
-        check_external_data(model, path.parent)
-        if any(_is_external(t) for t in _tensors(model)):
-            entry = model.metadata_props.add()
-            entry.key, entry.value = EXTERNAL_DIR_KEY, str(path.parent.resolve())
+    if not load_weights and any(_is_external(t) for t in _tensors(model)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = EXTERNAL_DIR_KEY, str(path.parent.resolve())
     check_model(path)
     return model
+
+
+def check_gemm_weights(model: onnx.ModelProto, path: PathLike) -> None:
+    """A MatMul/Gemm weight with a zero-size dimension is refused (the layer computes nothing, and
+    every ratio of its sizes would divide by zero)."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+            dims = shapes.get(node.input[1])
+            if dims is not None and 0 in dims:
+                raise EspaceError(
+                    f"{path}: weight '{node.input[1]}' of {node.op_type} '{node.name or node.output[0]}' is empty "
+                    f"(shape {list(dims)})",
+                    "re-export the model with its real weights (an empty weight computes nothing)",
+                )
 
 
 def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:

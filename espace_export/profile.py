@@ -279,14 +279,15 @@ def interleave(
 
 def interleave_until_tight(benches: Sequence[Callable[[], float]], settings: ProfileSettings) -> list[list[float]]:
     """:func:`interleave` for ``settings.repeats`` rounds; then, with ``settings.target_interval`` and two
-    benches (original, compressed), more rounds in blocks of ``repeats`` until the 95 % bootstrap interval
+    benches (original, compressed), more rounds in growing blocks until the 95 % bootstrap interval
     of their ratio is within ± ``target_interval`` of it (relative), or ``settings.max_repeats`` rounds."""
     times = interleave(benches, warmup=settings.warmup, repeats=settings.repeats)
     target = settings.target_interval
     if target is None or len(benches) != 2:
         return times
     while len(times[0]) < settings.max_repeats and _relative_halfwidth(times[0], times[1]) > target:
-        block = min(settings.repeats, settings.max_repeats - len(times[0]))
+        # blocks grow with the rounds taken (a quarter more each time): few interval checks on long runs
+        block = min(max(settings.repeats, len(times[0]) // 4), settings.max_repeats - len(times[0]))
         more = interleave(benches, warmup=0, repeats=block, first_round=len(times[0]))
         times = [old + new for old, new in zip(times, more, strict=True)]
     return times
@@ -297,7 +298,7 @@ def _relative_halfwidth(original: Sequence[float], compressed: Sequence[float]) 
 
     if len(original) < MIN_ROUNDS:
         return math.inf
-    low, high = ratio_interval(original, compressed)
+    low, high = ratio_interval(original, compressed, replicates=500)
     ratio = float(np.quantile(compressed, GATE_QUANTILE) / np.quantile(original, GATE_QUANTILE))
     return (high - low) / 2 / ratio
 
