@@ -12,20 +12,21 @@ a low quantile (:data:`GATE_QUANTILE`, the fastest tenth) of each side's times, 
 over the shapes with their counts (:func:`_quantile_ratio` says why not the median). When both reports
 have rounds, that is the value compared (the stated ratio of medians is kept for the eye). Resampling
 both reports independently gives replicates of the change ``current / baseline − 1``, whose 2.5th and
-97.5th percentiles are its 95 % interval (:func:`change_interval`). A metric *regresses* only when the whole interval lies above
-``max_regression`` — its slowdown exceeds the allowance beyond the measured noise; it *improves* when the
+97.5th percentiles are its 95 % interval (:func:`change_interval`). A metric *regresses* only when the
+whole interval lies above ``max_regression`` — its slowdown exceeds the allowance beyond the measured
+noise; it *improves* when the
 whole interval lies below ``−max_regression``; a point change past the allowance whose interval still
 reaches it is *uncertain* (listed, not failed: profile with more rounds or ``target_interval``). Reports
 with fewer than :data:`MIN_ROUNDS` rounds per side fall back to the point comparison ``change >
 max_regression``. The percentile bootstrap is deliberately simple: it treats rounds as exchangeable, which
-interleaving makes close to true, and it cannot see noise that stays constant within one run (a slower
-placement of the whole process): that is what ``max_regression`` is for.
+interleaving makes close to true, and it cannot see noise that stays constant within one run (the load
+of the machine while that run lasted): measure the baseline with more rounds than the candidates, and
+keep ``max_regression`` above that run-to-run drift (benchmarks/gate_noise.py measures it).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from espace_export.errors import EspaceError
+from espace_export.model_io import check_distinct_paths, read_json
 
 Status = Literal["ok", "regressed", "improved", "uncertain", "missing", "new"]
 # Fewer rounds than this per side: no interval, the point change decides.
@@ -88,21 +90,7 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise EspaceError(f"report not found: {path}", "pass the JSON written by `espace-export profile`")
     fix = "pass the .json written by `espace-export profile` (not the .md or .png), or profile again"
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise EspaceError(f"{path} is not UTF-8 text (byte {exc.start})", fix) from None
-    except OSError as exc:
-        raise EspaceError(f"cannot read {path}: {exc.strerror}", "check the path and its permissions") from None
-
-    def refuse_constant(name: str) -> None:
-        raise ValueError(f"{name} is not strict JSON")
-
-    try:
-        report = json.loads(text, parse_constant=refuse_constant)
-    except (ValueError, RecursionError) as exc:
-        detail = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())[:120]
-        raise EspaceError(f"{path} is not valid JSON ({detail})", fix) from None
+    report = read_json(path, "report", fix)
     if not isinstance(report, dict) or report.get("kind") != "profile":
         raise EspaceError(
             f"{path} is not a profile report", "pass the JSON written by `espace-export profile` (not `compress`)"
@@ -395,8 +383,6 @@ def summary_path(
     Raises:
         EspaceError: a directory, a missing parent directory, or one of the ``reports`` themselves.
     """
-    from espace_export.model_io import check_distinct_paths
-
     if value is None or str(value).strip() in ("", "."):
         return None
     path = Path(value)
