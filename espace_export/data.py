@@ -369,7 +369,9 @@ def compile_patterns(patterns: Sequence[str], option: str = "--exclude") -> list
     compiled = []
     for pattern in patterns:
         if len(pattern) > 1000:
-            raise EspaceError(f"{option} pattern is {len(pattern)} characters long", "pass a shorter regular expression")
+            raise EspaceError(
+                f"{option} pattern is {len(pattern)} characters long", "pass a shorter regular expression"
+            )
         try:
             compiled.append(re.compile(pattern))
         except re.error as exc:

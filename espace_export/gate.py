@@ -179,8 +179,10 @@ def _metrics(
                 raise _malformed(report, f"{where}.count is {count!r}, not a positive integer")
             original = _samples(report, row.get("original_ms"), f"{where}.original_ms")
             compressed = _samples(report, row.get("compressed_ms"), f"{where}.compressed_ms")
-            paired = original is not None and compressed is not None and len(original) == len(compressed)
-            pairs.append((count, original, compressed) if paired and len(original) >= MIN_ROUNDS else None)
+            if original is not None and compressed is not None and len(original) == len(compressed) >= MIN_ROUNDS:
+                pairs.append((count, original, compressed))
+            else:
+                pairs.append(None)
             if _field(report, row, "L", f"{where}.L") is not None:
                 label = _field(report, row, "label", f"{where}.label")
                 ratio = _positive(report, _field(report, row, "ratio", f"{where}.ratio"), f"{where}.ratio")
@@ -210,10 +212,9 @@ def _metrics(
                     report, _field(report, summary, "median", f"ttft.{side}_ms.median"), f"ttft.{side}_ms.median"
                 )
                 samples = _samples(report, summary, f"ttft.{side}_ms")
-                enough = samples is not None and len(samples) >= MIN_ROUNDS
                 robust = (
                     Robust(float(np.quantile(samples, quantile)), _quantile_sampler(samples, quantile))
-                    if enough
+                    if samples is not None and len(samples) >= MIN_ROUNDS
                     else None
                 )  # type: ignore[arg-type]
                 metrics[f"ttft.{side}_ms"] = (median, robust)

@@ -132,7 +132,7 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
                     "keep the .onnx file next to its external data file",
                 )
             sizes[location] = target.stat().st_size
-        offset = _external_number(tensor, entries, "offset", 0)
+        offset = _external_number(tensor, entries, "offset", 0) or 0
         length = _external_number(tensor, entries, "length", None)
         expected = _tensor_bytes(tensor)
         if length is not None and expected is not None and length != expected:
@@ -361,8 +361,8 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        for signum in dict.fromkeys(received):
-            signal.raise_signal(signum)
+        for pending in dict.fromkeys(received):
+            signal.raise_signal(pending)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None) -> None:
