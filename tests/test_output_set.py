@@ -221,7 +221,7 @@ def test_runtime_source_removes_stale_graphs_of_killed_runs(tmp_path: Path) -> N
 
 WRITER = textwrap.dedent(
     """
-    import signal, sys
+    import signal, sys, time
     from pathlib import Path
     from espace_export.errors import EspaceError
     from espace_export.model_io import atomic_output_set
@@ -230,6 +230,9 @@ WRITER = textwrap.dedent(
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)  # as the CLI does
     out, tag = Path(sys.argv[1]), sys.argv[2]
+    if len(sys.argv) > 3:  # imported and ready: wait for the test's go-ahead before writing
+        while not Path(sys.argv[3]).exists():
+            time.sleep(0.01)
     files = [out, out.with_name(out.name + ".data"), out.with_suffix(".report.json"), out.with_suffix(".report.md")]
     try:
         with atomic_output_set(files) as temporaries:
@@ -246,10 +249,10 @@ def _set_files(out: Path) -> list[Path]:
     return [out, out.with_name(out.name + ".data"), out.with_suffix(".report.json"), out.with_suffix(".report.md")]
 
 
-def _writer(out: Path, tag: str, **env: str) -> subprocess.Popen[bytes]:
+def _writer(out: Path, tag: str, *wait_for: Path, **env: str) -> subprocess.Popen[bytes]:
     environment = {**os.environ, "PYTHONPATH": str(REPO), **env}
     return subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(out), tag],
+        [sys.executable, "-c", WRITER, str(out), tag, *map(str, wait_for)],
         env=environment,
         stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, set()),
@@ -290,7 +293,7 @@ def test_signal_before_the_commit_keeps_the_previous_set(signum: int, previous: 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_the_commit_is_held_until_the_set_flipped(signum: int, previous: Path) -> None:
-    process = _writer(previous, "new", ESPACE_TEST_PAUSE_MID_COMMIT="2")
+    process = _writer(previous, "new", ESPACE_TEST_PAUSE_MID_COMMIT="5")
     _wait_for(previous, ".midway", process)
     process.send_signal(signum)
     process.communicate(timeout=60)
@@ -313,10 +316,13 @@ def test_sigkill_during_the_commit_is_rolled_forward(previous: Path) -> None:
 
 
 def test_a_concurrent_writer_is_refused_and_the_first_set_wins(previous: Path) -> None:
-    first = _writer(previous, "first", ESPACE_TEST_PAUSE_BEFORE_RENAME="3")
+    go = previous.parent / "go"
+    second = _writer(previous, "second", go)  # started now, so its imports are done when it is let go
+    first = _writer(previous, "first", ESPACE_TEST_PAUSE_BEFORE_RENAME="8")
     _wait_for(previous, ".complete", first)
-    second = _writer(previous, "second")
+    go.touch()
     _, err = second.communicate(timeout=60)
+    assert first.poll() is None, "the first writer was still holding its output while the second tried"
     assert second.returncode == 2
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1 and "is being written" in lines[0], err
