@@ -66,7 +66,7 @@ def stats_flops_per_token(model: onnx.ModelProto, normalized: bool) -> float:
 
 
 def gradient_flops_per_token(model: onnx.ModelProto, seq: int, normalized: bool) -> float:
-    """``Σᵢ XᵢᵀXᵢ GᵢᵀGᵢ/M²`` per row, by the cheaper association (see espace_export.gradients)."""
+    """``Σᵢ XᵢᵀXᵢ GᵢᵀGᵢ/M²`` per row, by the cheaper association (see espace_export.calibration.gradients)."""
     widths = [K for K, _ in distinct_activations(find_targets(model)).values()]
     per_row = sum(min(4.0 * seq * K + 2.0 * K * K, 4.0 * K * K + 2.0 * K**3 / seq) for K in widths)
     return (2 if normalized else 1) * per_row

@@ -7,7 +7,7 @@ weights stay on disk) and nothing runs, so it takes seconds on any model.
 
 The ranks come from the same calls ``compress`` makes (:func:`espace_export.pipeline.decide_layers`, then
 :func:`espace_export.pipeline.share_siblings`), and the savings from the counting rule of the selection
-(:func:`espace_export.plan.unit_saving`: a shared projection counted once per group). With ``--select
+(:func:`espace_export.selection.planner.unit_saving`: a shared projection counted once per group). With ``--select
 none`` (every layer at the ratio's rank) these are exactly the layers and ranks ``compress`` writes; with a
 selection, the layers it may pick from at ``--layer-ratio``.
 """

@@ -40,8 +40,19 @@ from espace_export.io.artifacts import (
     save_calibration,
     save_plan,
 )
-from espace_export.io.data import Batches, load_batches
-from espace_export.io.models import atomic_output, check_model, check_writable, load_model, save_model
+from espace_export.io.data import BUILTIN_PYDOC, Batches, load_batches
+from espace_export.io.models import (
+    atomic_output,
+    check_distinct_paths,
+    check_model,
+    check_writable,
+    curve_files,
+    load_model,
+    model_files,
+    plan_files,
+    report_files,
+    save_model,
+)
 from espace_export.io.reports import write_curve, write_report
 from espace_export.options import CompressOptions, RankOptions
 from espace_export.progress import Progress
@@ -228,7 +239,18 @@ class Run:
         report = check_writable(Path(out.report) if out.report else default_report(output))
         if output.resolve() == self.model_path.resolve():
             raise EspaceError("the output would overwrite the input model", "choose another path with -o")
+        self.check_paths({"-o": model_files(output), "--report": report_files(report)})
         return output, report
+
+    def check_paths(self, outputs: dict[str, Any]) -> None:
+        """No output (side outputs included) may overwrite an input or another output; checked before work."""
+        data, out = self.options.data, self.options.output
+        text = [t for t in (data.calib_text, data.valid_text) if t is not None and str(t) != BUILTIN_PYDOC]
+        inputs = {"MODEL": self.model_path, "--calib-data": data.calib_data, "--valid-data": data.valid_data,
+                  "--calib-text": text, "--tokenizer": data.tokenizer}  # fmt: skip
+        side = {"--statistics": out.statistics, "--plan": plan_files(out.plan) if out.plan else None,
+                "--curve": curve_files(out.curve) if out.curve else None}  # fmt: skip
+        check_distinct_paths(inputs, {**side, **outputs})
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[Progress]:

@@ -55,9 +55,20 @@ def fold_weight(P: np.ndarray, W: np.ndarray) -> np.ndarray:
     return P.astype(np.float64).T @ W.astype(np.float64)
 
 
-def project(model: onnx.ModelProto, projections: Sequence[Projection]) -> onnx.ModelProto:
-    """Rewrite ``model`` in place (and return it) so each projection's target becomes a projected pair."""
+def project(
+    model: onnx.ModelProto, projections: Sequence[Projection], *, keep_weight_inputs: bool = True
+) -> onnx.ModelProto:
+    """Rewrite ``model`` in place (and return it) so each projection's target becomes a projected pair.
+
+    Models exported with their weights listed as graph inputs (IR < 4 requires it; ``torch.onnx.export``
+    with ``keep_initializers_as_inputs``) keep those inputs and their default values: the graph's signature
+    does not change, though a replaced weight is then still stored, unread (``keep_weight_inputs=False``
+    drops it, and with it the input). An IR-3 model is lifted to IR 4, which lets the new factors be plain
+    initializers instead of new graph inputs; IR 4 changes nothing else.
+    """
     graph = model.graph
+    if model.ir_version and model.ir_version < 4:
+        model.ir_version = 4
     position = {node.name: i for i, node in enumerate(graph.node)}
     nodes = {node.name: node for node in graph.node}
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
@@ -120,7 +131,7 @@ def project(model: onnx.ModelProto, projections: Sequence[Projection]) -> onnx.M
         rewritten.append(node)
     del graph.node[:]
     graph.node.extend(rewritten)
-    remove_unused_constants(model)
+    remove_unused_constants(model, keep_weight_inputs=keep_weight_inputs)
     return model
 
 
@@ -167,10 +178,15 @@ def _names_read(nodes: Iterable[onnx.NodeProto]) -> set[str]:
     return read
 
 
-def remove_unused_constants(model: onnx.ModelProto) -> None:
-    """Drop initializers, ``Constant`` nodes and weight ``Transpose`` nodes that nothing reads any more."""
+def remove_unused_constants(model: onnx.ModelProto, *, keep_weight_inputs: bool = True) -> None:
+    """Drop initializers, ``Constant`` nodes and weight ``Transpose`` nodes that nothing reads any more.
+
+    An initializer that is also a graph input is part of the signature and stays, unless
+    ``keep_weight_inputs`` is False (then the input goes with it)."""
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
+    if keep_weight_inputs:
+        initializers -= {i.name for i in graph.input}
     outputs = {o.name for o in graph.output}
     changed = True
     while changed:

@@ -299,3 +299,520 @@ def test_unreadable_npz_files_are_one_line_errors(content: str, tmp_path: Path) 
         read_arrays(path, "projections", "fix")
     with pytest.raises(EspaceError, match="cannot read projections"):
         load_projections(path)
+
+
+# ---------------------------------------------------------------------------------------------- issue 14 classes
+# Library entry points, each hostile case must end in one EspaceError line (or, where the input is in
+# fact usable, a normal result) — never another exception, never a file written.
+
+
+def one_line_error(call: Callable[[], object], match: str = "") -> str:
+    from espace_export.errors import EspaceError
+
+    with pytest.raises(EspaceError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    assert match.lower() in message.lower(), message
+    return message
+
+
+# -- plan JSON (load_plan): not UTF-8, nesting, huge or non-finite numbers, out-of-range fields
+
+PLAN_CASES: dict[str, Callable[[dict], bytes]] = {
+    "not-utf8": lambda plan: b"\xff\xfe" + json_bytes(plan)[2:],
+    "latin1-name": lambda plan: json_bytes(plan).replace(b'"ratio"', b'"r\xe9tio"'),
+    "deeply-nested": lambda plan: b"[" * 100_000 + b"]" * 100_000,
+    "nested-info": lambda plan: json_bytes({**plan, "info": {}}).replace(
+        b'"info": {}', b'"info": ' + b"[" * 50_000 + b"]" * 50_000
+    ),
+    "nan-literal": lambda plan: json_bytes({**plan, "ratio": 0.5}).replace(b'"ratio": 0.5', b'"ratio": NaN'),
+    "infinity-literal": lambda plan: json_bytes({**plan, "ratio": 0.5}).replace(b'"ratio": 0.5', b'"ratio": -Infinity'),
+    "huge-float": lambda plan: json_bytes({**plan, "ratio": 0.5}).replace(b'"ratio": 0.5', b'"ratio": 1e999'),
+    "huge-int": lambda plan: json_bytes({**plan, "knee": 7}).replace(b'"knee": 7', b'"knee": ' + b"9" * 5000),
+    "huge-K": lambda plan: json_bytes(with_layer(plan, K=2**40)),
+    "zero-N": lambda plan: json_bytes(with_layer(plan, N=0)),
+    "negative-L": lambda plan: json_bytes(with_layer(plan, L=-3)),
+    "ratio-above-one": lambda plan: json_bytes({**plan, "ratio": 7}),
+    "knee-past-curve": lambda plan: json_bytes({**plan, "knee": 10**6}),
+    "scores-text": lambda plan: json_bytes(with_layer(plan, scores={"mse": "low"})),
+    "top-level-list": lambda plan: b"[1, 2, 3]",
+    "empty-file": lambda plan: b"",
+}
+
+
+def json_bytes(value: object) -> bytes:
+    import json
+
+    return json.dumps(value).encode()
+
+
+def with_layer(plan: dict, **fields: object) -> dict:
+    import copy
+
+    changed = copy.deepcopy(plan)
+    changed["layers"][0].update(fields)
+    return changed
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_CASES))
+def test_malformed_plan_files_are_one_line(case: str, plan_files: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    from espace_export.io.artifacts import load_plan
+
+    plan = json.loads(plan_files["plan"].read_text())
+    path = tmp_path / "plan.json"
+    path.write_bytes(PLAN_CASES[case](plan))
+    (tmp_path / "plan.npz").write_bytes(plan_files["factors"].read_bytes())
+    before = {p: digest(p) for p in tmp_path.iterdir()}
+    one_line_error(lambda: load_plan(path), "plan")
+    assert {p: digest(p) for p in tmp_path.iterdir()} == before
+    CASES_TRIED["plan-json"] = CASES_TRIED.get("plan-json", 0) + 1
+
+
+# -- statistics files (load_calibration): metadata and arrays
+
+
+@pytest.fixture(scope="module")
+def statistics_file(plan_files: dict[str, Path]) -> Path:
+    return plan_files["model"].with_name("stats.npz")
+
+
+def _stats_arrays(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    import json
+
+    with np.load(path) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    return json.loads(arrays.pop("meta").tobytes()), arrays
+
+
+def _meta_array(meta: object) -> np.ndarray:
+    import json
+
+    return np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+
+STATS_CASES: dict[str, Callable[[dict, dict[str, np.ndarray]], dict[str, np.ndarray]]] = {
+    "meta-not-utf8": lambda meta, arrays: {**arrays, "meta": np.frombuffer(b"\xff\xfe{}", dtype=np.uint8)},
+    "meta-nested": lambda meta, arrays: {**arrays, "meta": np.frombuffer(b"[" * 100_000, dtype=np.uint8)},
+    "meta-nan": lambda meta, arrays: {
+        **arrays,
+        "meta": np.frombuffer(json_bytes(meta).replace(b'"rows": ', b'"rows": NaN, "x": ', 1), dtype=np.uint8),
+    },
+    "meta-missing": lambda meta, arrays: arrays,
+    "meta-float-array": lambda meta, arrays: {**arrays, "meta": np.zeros(4)},
+    "huge-K": lambda meta, arrays: {**arrays, "meta": _meta_array(_stats_entry(meta, K=10**9))},
+    "K-text": lambda meta, arrays: {**arrays, "meta": _meta_array(_stats_entry(meta, K="16"))},
+    "negative-rows": lambda meta, arrays: {**arrays, "meta": _meta_array(_stats_entry(meta, rows=-1))},
+    "activations-not-list": lambda meta, arrays: {**arrays, "meta": _meta_array({**meta, "activations": 3})},
+    "array-missing": lambda meta, arrays: {
+        "meta": _meta_array(meta),
+        **{k: v for k, v in arrays.items() if k != "xx.0"},
+    },
+    "array-wrong-shape": lambda meta, arrays: {**arrays, "meta": _meta_array(meta), "xx.0": arrays["xx.0"][:-1]},
+    "array-nan": lambda meta, arrays: {
+        **arrays,
+        "meta": _meta_array(meta),
+        "xx.0": np.full_like(arrays["xx.0"], np.nan),
+    },
+    "array-integers": lambda meta, arrays: {
+        **arrays,
+        "meta": _meta_array(meta),
+        "xx.0": arrays["xx.0"].astype(np.int64),
+    },
+}
+
+
+def _stats_entry(meta: dict, **fields: object) -> dict:
+    import copy
+
+    changed = copy.deepcopy(meta)
+    changed["activations"][0].update(fields)
+    return changed
+
+
+@pytest.mark.parametrize("case", sorted(STATS_CASES))
+def test_malformed_statistics_are_one_line(case: str, statistics_file: Path, tmp_path: Path) -> None:
+    from espace_export.io.artifacts import load_calibration
+
+    meta, arrays = _stats_arrays(statistics_file)
+    arrays = {k: v for k, v in arrays.items()}
+    changed = STATS_CASES[case](meta, arrays)
+    path = tmp_path / "stats.npz"
+    np.savez(path, **changed)
+    one_line_error(lambda: load_calibration(path), "statistics")
+    CASES_TRIED["statistics"] = CASES_TRIED.get("statistics", 0) + 1
+
+
+def test_unchanged_statistics_still_load(statistics_file: Path, tmp_path: Path) -> None:
+    """The control for the table above: the file rewritten as it was loads."""
+    from espace_export.io.artifacts import load_calibration
+
+    meta, arrays = _stats_arrays(statistics_file)
+    np.savez(tmp_path / "stats.npz", meta=_meta_array(meta), **arrays)
+    assert load_calibration(tmp_path / "stats.npz").stats
+
+
+# -- external data entries and weights (load_model)
+
+EXTERNAL_CASES: dict[str, tuple[str, str]] = {
+    "nul-in-location": ("location", "zoo.onnx.data\x00../../etc/passwd"),
+    "offset-text": ("offset", "twelve"),
+    "offset-negative": ("offset", "-64"),
+    "offset-float": ("offset", "1.5"),
+    "offset-huge": ("offset", "9" * 40),
+    "length-text": ("length", "0x10"),
+    "length-short": ("length", "4"),
+    "length-unicode-digits": ("length", "١٢٣"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXTERNAL_CASES))
+@pytest.mark.parametrize("load_weights", [False, True])
+def test_broken_external_data_entries_are_one_line(case: str, load_weights: bool, tmp_path: Path) -> None:
+    from espace_export.io.models import load_model
+
+    source = tmp_path / "zoo.onnx"
+    data = write_external(pattern_zoo(), source)
+    proto = onnx.load(str(source), load_external_data=False)
+    key, value = EXTERNAL_CASES[case]
+    entries = proto.graph.initializer[1].external_data
+    for entry in entries:
+        if entry.key == key:
+            entry.value = value
+            break
+    else:
+        entries.add(key=key, value=value)
+    source.write_bytes(proto.SerializeToString())
+    before = {p: digest(p) for p in (source, data)}
+    one_line_error(lambda: load_model(source, load_weights=load_weights))
+    assert {p: digest(p) for p in (source, data)} == before
+    CASES_TRIED["external-data"] = CASES_TRIED.get("external-data", 0) + 1
+
+
+def test_zero_size_weights_are_one_line(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from espace_export.io.models import load_model
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        "empty_weight",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 0])],
+        [numpy_helper.from_array(np.zeros((16, 0), np.float32), "w")],
+    )
+    path = tmp_path / "empty.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    one_line_error(lambda: load_model(path), "empty")
+    CASES_TRIED["zero-size"] = CASES_TRIED.get("zero-size", 0) + 1
+
+
+# -- token ids in every batch, option values
+
+TOKEN_CASES = {
+    "too-large-in-batch-3": (2, VOCAB, "calibration batch 3"),
+    "negative-in-batch-2": (1, -1, "calibration batch 2"),
+    "too-large-held-out": (3, VOCAB + 7, "calibration batch 4"),
+    "huge": (0, 2**40, "calibration batch 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOKEN_CASES))
+def test_token_ids_of_every_batch_are_checked(case: str) -> None:
+    from espace_export.io.data import check_token_ids, token_id_limits
+
+    limits = token_id_limits(pattern_zoo())
+    assert limits == {"ids": VOCAB}
+    rng = np.random.default_rng(0)
+    batches = [{"ids": rng.integers(0, VOCAB, size=(2, 5))} for _ in range(4)]
+    check_token_ids(batches, limits)  # the clean batches pass
+    index, bad, where = TOKEN_CASES[case]
+    batches[index]["ids"][1, 2] = bad
+    message = one_line_error(lambda: check_token_ids(batches, limits), where)
+    assert str(bad) in message
+    CASES_TRIED["token-ids"] = CASES_TRIED.get("token-ids", 0) + 1
+
+
+BAD_PATTERNS = ["(", "[a-", "*", "a{2,1}", "(?P<x", "\\", "x" * 2000]
+
+
+@pytest.mark.parametrize("pattern", BAD_PATTERNS, ids=range(len(BAD_PATTERNS)))
+def test_bad_exclude_patterns_are_one_line(pattern: str) -> None:
+    from espace_export.io.data import compile_patterns
+
+    one_line_error(lambda: compile_patterns([r"q_proj", pattern]), "--exclude")
+    CASES_TRIED["patterns"] = CASES_TRIED.get("patterns", 0) + 1
+
+
+SIZE_CASES: list[dict[str, object]] = [
+    {"seed": -1},
+    {"seed": 2**64},
+    {"seed": True},
+    {"num_batches": 10**12},
+    {"num_batches": 0},
+    {"batch_size": -4},
+    {"seq_len": 2**40},
+    {"num_batches": 2**20, "batch_size": 2**10, "seq_len": 2**10},
+]
+
+
+@pytest.mark.parametrize("case", SIZE_CASES, ids=range(len(SIZE_CASES)))
+def test_calibration_sizes_and_seed_are_bounded(case: dict[str, object]) -> None:
+    from espace_export.io.data import check_calibration_sizes
+
+    sizes = {"batch_size": 4, "seq_len": 128, "num_batches": 16, "seed": 0, **case}
+    one_line_error(lambda: check_calibration_sizes(**sizes))  # type: ignore[arg-type]
+    CASES_TRIED["sizes"] = CASES_TRIED.get("sizes", 0) + 1
+
+
+def test_reasonable_sizes_pass() -> None:
+    from espace_export.io.data import check_calibration_sizes, compile_patterns
+
+    check_calibration_sizes(batch_size=4, seq_len=128, num_batches=16, seed=2**63 - 1)
+    assert [p.pattern for p in compile_patterns([r"lm_head", r"\(x\)"])] == ["lm_head", r"\(x\)"]
+
+
+# -- reports: strict JSON out
+
+
+def test_reports_with_nan_are_written_as_strict_json() -> None:
+    import json
+
+    from espace_export.io.models import strict_json
+
+    text = strict_json({"notes": [], "layers": [{"mse": float("nan")}, {"mse": np.float32("inf")}], "ok": 1.5})
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in strict JSON"))
+    assert report["layers"] == [{"mse": None}, {"mse": None}] and report["ok"] == 1.5
+    assert "layers[0].mse was nan" in report["notes"][0] and "layers[1].mse was inf" in report["notes"][0]
+    assert "non_finite" in json.loads(strict_json({"x": float("-inf")}))
+
+
+# -- models given to build / profile: garbage, truncated, cyclic, custom ops, escaped data
+
+
+def _cyclic_model() -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "b"], ["a"], name="first"),
+            helper.make_node("Relu", ["a"], ["b"], name="second"),
+        ],
+        "cycle",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _custom_op_model() -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("FastGelu", ["x"], ["y"], name="custom", domain="my.company")],
+        "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.company", 1)])
+
+
+MODEL_CASES: dict[str, Callable[[Path], None]] = {
+    "garbage": lambda path: path.write_bytes(b"\x00\x01garbage" * 100),
+    "text": lambda path: path.write_text("this is not a model"),
+    "empty": lambda path: path.write_bytes(b""),
+    "truncated": lambda path: path.write_bytes(pattern_zoo().SerializeToString()[:300]),
+    "cyclic": lambda path: path.write_bytes(_cyclic_model().SerializeToString()),
+    "custom-op": lambda path: path.write_bytes(_custom_op_model().SerializeToString()),
+    "escaped-data": lambda path: _escaped(path),
+    "directory": lambda path: path.mkdir(),
+}
+
+
+def _escaped(path: Path) -> None:
+    data = write_external(pattern_zoo(), path)
+    proto = onnx.load(str(path), load_external_data=False)
+    proto.graph.initializer[0].external_data[0].value = "../outside.data"
+    path.write_bytes(proto.SerializeToString())
+    (path.parent.parent / "outside.data").write_bytes(data.read_bytes())
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_build_and_profile_refuse_broken_models_in_one_line(case: str, tmp_path: Path) -> None:
+    from espace_export.deploy.build import build_model, load_structure
+    from espace_export.deploy.profile import ProfileSettings, profile
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    path = folder / "model.onnx"
+    MODEL_CASES[case](path)
+    good = folder / "good.onnx"
+    onnx.save(pattern_zoo(), good)
+    one_line_error(lambda: load_structure(path))
+    one_line_error(lambda: build_model(path, seq=4))
+    settings = ProfileSettings(seq=4, warmup=0, repeats=1)
+    one_line_error(lambda: profile(good, path, settings, output=tmp_path / "p.json"))
+    one_line_error(lambda: profile(path, good, settings, output=tmp_path / "p.json"))
+    assert not list(tmp_path.glob("p.*"))
+    CASES_TRIED["models"] = CASES_TRIED.get("models", 0) + 4
+
+
+# -- check: malformed reports are exit 2, not "regressed" (exit 1)
+
+
+@pytest.fixture(scope="module")
+def profile_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from espace_export.deploy.build import BuildSettings
+    from espace_export.deploy.gate import load_report
+    from espace_export.deploy.profile import ProfileSettings, profile
+    from tests._models import compress_tiny, tiny_decoder
+
+    directory = tmp_path_factory.mktemp("gate-hostile")
+    paths = directory / "tiny.onnx", directory / "tiny.espace.onnx"
+    onnx.save(tiny_decoder(), str(paths[0]))
+    onnx.save(compress_tiny(tiny_decoder()), str(paths[1]))
+    settings = ProfileSettings(seq=8, warmup=0, repeats=6, build=BuildSettings(threads=1))
+    report = load_report(profile(*paths, settings, output=directory / "base.json").paths["json"])
+    report.pop("_source")
+    return report
+
+
+def _set(report: dict, path: str, value: object) -> dict:
+    import copy
+
+    changed = copy.deepcopy(report)
+    node: object = changed
+    keys = path.split("/")
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node[key]  # type: ignore[index]
+    last = keys[-1]
+    if value is _DELETE:
+        del node[int(last) if isinstance(node, list) else last]  # type: ignore[arg-type]
+    else:
+        node[int(last) if isinstance(node, list) else last] = value  # type: ignore[index]
+    return changed
+
+
+_DELETE = object()
+REPORT_CASES: dict[str, tuple[str, object]] = {
+    "ttft-ratio-null": ("ttft/ratio", None),
+    "ttft-ratio-text": ("ttft/ratio", "0.8"),
+    "ttft-ratio-negative": ("ttft/ratio", -0.5),
+    "ttft-ratio-zero": ("ttft/ratio", 0),
+    "ttft-ratio-bool": ("ttft/ratio", True),
+    "gemm-ratio-null": ("gemm/ratio", None),
+    "gemm-groups-text": ("gemm/groups", "none"),
+    "group-not-object": ("gemm/groups/0", 7),
+    "group-count-zero": ("gemm/groups/0/count", 0),
+    "group-ratio-missing": ("gemm/groups/0/ratio", _DELETE),
+    "sample-null": ("ttft/original_ms/samples/0", None),
+    "sample-negative": ("ttft/compressed_ms/samples/1", -1.0),
+    "samples-text": ("ttft/original_ms/samples", "fast"),
+    "ttft-original-missing": ("ttft/original_ms", _DELETE),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPORT_CASES))
+@pytest.mark.parametrize("side", ["current", "baseline"])
+def test_malformed_reports_are_exit_2_not_regressions(
+    case: str, side: str, profile_report: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    key, value = REPORT_CASES[case]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(_set(profile_report, key, value)))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(profile_report))
+    current, baseline = (broken, good) if side == "current" else (good, broken)
+    code, err = run_cli(["check", str(current), "--baseline", str(baseline)], capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "profile again" in lines[0], err
+    CASES_TRIED["reports"] = CASES_TRIED.get("reports", 0) + 1
+
+
+RAW_REPORT_CASES: dict[str, bytes] = {
+    "not-utf8": b'{"kind": "profile", "x": "\xff"}',
+    "nan-literal": b'{"kind": "profile", "ttft": {"ratio": NaN}}',
+    "infinity-literal": b'{"kind": "profile", "ttft": {"ratio": Infinity}}',
+    "huge-number": b'{"kind": "profile", "ttft": {"ratio": 1e400}}',
+    "deeply-nested": b'{"kind": "profile", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "truncated": b'{"kind": "profile", "ttft": {"ra',
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_REPORT_CASES))
+def test_unreadable_reports_are_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "report.json"
+    report.write_bytes(RAW_REPORT_CASES[case])
+    code, err = run_cli(["check", str(report), "--baseline", str(report)], capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    CASES_TRIED["reports"] = CASES_TRIED.get("reports", 0) + 1
+
+
+@pytest.mark.parametrize("value", [5, 100, -0.1, float("nan"), float("inf"), float("-inf")])
+def test_max_regression_outside_a_fraction_is_refused(value: float, profile_report: dict) -> None:
+    from espace_export.deploy.gate import compare
+
+    message = one_line_error(lambda: compare(profile_report, profile_report, max_regression=value), "max-regression")
+    if value in (5, 100):
+        assert f"--max-regression {value / 100:g}" in message  # the hint says what was probably meant
+    CASES_TRIED["max-regression"] = CASES_TRIED.get("max-regression", 0) + 1
+
+
+def test_summary_paths(profile_report: dict, tmp_path: Path) -> None:
+    from espace_export.deploy.gate import append_summary, compare, summary_path
+
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    assert summary_path("") is None and summary_path("  ") is None and summary_path(None) is None
+    one_line_error(lambda: summary_path(tmp_path), "is a directory")
+    one_line_error(lambda: summary_path(tmp_path / "missing" / "s.md"), "does not exist")
+    one_line_error(lambda: summary_path(report, reports=[report]), "would overwrite")
+    target = summary_path(tmp_path / "summary.md", reports=[report])
+    append_summary(compare(profile_report, profile_report), target)
+    append_summary(compare(profile_report, profile_report), None)
+    assert "passed" in (tmp_path / "summary.md").read_text()
+    CASES_TRIED["summary"] = CASES_TRIED.get("summary", 0) + 4
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_mutated_report_is_a_verdict_or_one_line(data: st.DataObject, profile_report: dict) -> None:
+    """Random fields replaced, dropped or retyped anywhere in a real profile report: ``compare`` returns
+    a verdict or raises one EspaceError line — never another exception."""
+    from espace_export.deploy.gate import compare
+    from espace_export.errors import EspaceError
+
+    mutated = _mutate_json(profile_report, data)
+    first = data.draw(st.booleans())
+    pair = (mutated, profile_report) if first else (profile_report, mutated)
+    try:
+        result = compare(*pair, allow_mismatch=True)  # type: ignore[arg-type]
+    except EspaceError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert all(row.status in ("ok", "regressed", "improved", "uncertain", "missing", "new") for row in result.rows)
+    CASES_TRIED["report-mutations"] = CASES_TRIED.get("report-mutations", 0) + 1
+
+
+def test_gate_verdicts_follow_the_interval(profile_report: dict) -> None:
+    """Noise-aware verdicts on a real report whose TTFT rounds are replaced by 30 quiet ones (2 % jitter):
+    every compressed round 1.5× slower regresses beyond the noise; the report against itself passes."""
+    import copy
+
+    from espace_export.deploy.gate import compare
+
+    rng = np.random.default_rng(0)
+    quiet = copy.deepcopy(profile_report)
+    for side, ms in (("original_ms", 2.0), ("compressed_ms", 1.2)):
+        quiet["ttft"][side]["samples"] = [float(v) for v in ms * (1 + 0.02 * rng.standard_normal(30))]
+    slower = copy.deepcopy(quiet)
+    slower["ttft"]["compressed_ms"]["samples"] = [1.5 * v for v in slower["ttft"]["compressed_ms"]["samples"]]
+    row = next(r for r in compare(slower, quiet).rows if r.metric == "ttft.ratio")
+    assert row.status == "regressed" and row.interval is not None and row.interval[0] > 0.05
+    assert row.change == pytest.approx(0.5)
+    assert compare(quiet, quiet).passed

@@ -113,7 +113,7 @@ def test_require_onnxruntime_names_both_extras(monkeypatch: pytest.MonkeyPatch) 
 WITHOUT_RUNTIME = """
 import sys
 sys.modules["onnxruntime"] = None   # as if neither onnxruntime nor onnxruntime-gpu were installed
-import espace_export, espace_export.cli, espace_export.build, espace_export.calibration
+import espace_export, espace_export.cli, espace_export.deploy.build, espace_export.calibration
 from espace_export.cli import main
 main(sys.argv[1:])
 """

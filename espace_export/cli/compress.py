@@ -14,6 +14,17 @@ from espace_export.cli.groups import JsonOption, ModelArgument, QuietOption, com
 LIBRARY = ("data", "ranks", "selection")
 
 
+def check_outputs(model: Path, settings: dict[str, Any], outputs: dict[str, Any], **inputs: Any) -> None:
+    """A staged command's outputs against its inputs (model and its data files, data sources, tokenizer)."""
+    from espace_export.io.data import BUILTIN_PYDOC
+    from espace_export.io.models import check_distinct_paths
+
+    texts = [settings.get(k) for k in ("calib_text", "valid_text") if settings.get(k) not in (None, BUILTIN_PYDOC)]
+    sources = {"MODEL": model, "--calib-data": settings.get("calib_data"), "--valid-data": settings.get("valid_data"),
+               "--calib-text": texts, "--tokenizer": settings.get("tokenizer"), **inputs}  # fmt: skip
+    check_distinct_paths(sources, outputs)
+
+
 @command(app, groups=(*LIBRARY, "output"))
 def compress(
     model: ModelArgument, settings: dict[str, Any], quiet: QuietOption = False, json_out: JsonOption = False
@@ -42,6 +53,7 @@ def calibrate(
     from espace_export.pipeline import calibrate as run
 
     check_writable(output)
+    check_outputs(model, settings, {"-o": output})
     calibration = run(model, every_layer=True, **settings, progress=progress_wanted(quiet, json_out))
     if not distributed.is_main_rank():  # rank 0 writes the all-reduced statistics
         return
@@ -69,6 +81,10 @@ def plan(
 
     check_writable(output)
     curve = settings.pop("curve", None)
+    from espace_export.io.models import curve_files, plan_files
+
+    check_outputs(model, settings, {"-o": plan_files(output), "--curve": curve_files(curve) if curve else None},
+                  **{"--statistics": statistics})  # fmt: skip
     chosen = run(model, statistics, **settings, progress=progress_wanted(quiet, json_out))
     save_plan(chosen, output)
     if curve is not None and chosen.curve:
@@ -90,8 +106,14 @@ def apply(
     json_out: JsonOption = False,
 ) -> None:
     """Stage 3: rewrite the model by a plan (rejected if made for other weights) and write it with a report."""
+    from espace_export.io.models import plan_files
     from espace_export.pipeline import apply as run
 
+    out = settings.get("output")
+    if out is not None:
+        from espace_export.io.models import model_files
+
+        check_outputs(model, settings, {"-o": model_files(out)}, **{"--plan": plan_files(plan_file)})
     result = run(model, plan_file, **settings, progress=progress_wanted(quiet, json_out))
     emit(result.report, quiet=quiet, json_out=json_out)
     if not (quiet or json_out):

@@ -244,6 +244,51 @@ def build_runner(
     return OrtRunner(session, backend, settings.threads)
 
 
+# Operator domains ONNX Runtime implements (CPU and CUDA builds).
+RUNTIME_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.training"})
+
+
+def load_structure(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """A model's graph and weight metadata (external weights stay on disk), checked so that a runtime
+    will not trip over it later: an :class:`EspaceError` for a missing, unreadable, truncated or empty
+    model, external data that escapes its directory or is short, a graph ``onnx.checker`` rejects (a
+    cycle: nodes out of topological order), or an operator of a domain ONNX Runtime does not implement."""
+    from espace_export.io.models import check_external_data, check_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise EspaceError(f"model not found: {path}", "check the path to the .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError, ValueError, OSError: all "this is not a readable model"
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise EspaceError(
+            f"{path} is not a readable ONNX model ({reason})", "the file may be truncated or not ONNX: copy it again"
+        ) from None
+    if len(model.graph.node) == 0:
+        raise EspaceError(f"{path} has no graph (empty or not an ONNX model)", "pass the .onnx file itself")
+    check_external_data(model, path.parent)
+    check_model(path)
+    foreign = next((n for n in _all_nodes(model.graph) if n.domain not in RUNTIME_DOMAINS), None)
+    if foreign is not None:
+        raise EspaceError(
+            f"node {foreign.name or foreign.op_type!r} uses {foreign.domain}::{foreign.op_type}, a custom operator "
+            "ONNX Runtime does not implement",
+            "export the model with standard ONNX operators",
+        )
+    return model
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            for sub in [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]:
+                nodes += _all_nodes(sub)
+    return nodes
+
+
 def synthetic_feed(model: onnx.ModelProto, *, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A prompt of ``seq`` random tokens per batch row, with masks/positions filled in the way exporters
     expect (:func:`espace_export.io.data.complete_feed`); float inputs get standard normals."""
@@ -323,7 +368,7 @@ def build_model(
         target = Path(triton_repo) / (triton_name or model_name(model))
         if target.exists() and not overwrite:
             raise EspaceError(f"{target} already exists", "pass --overwrite to replace it, or choose --triton-name")
-    structure = onnx.load(str(model), load_external_data=False)
+    structure = load_structure(model)
     profile = settings.profile
     if profile is None and backend in ("tensorrt", "ort-tensorrt"):
         profile = derive_profile(input_specs(structure), seq=seq, batch=batch)

@@ -17,6 +17,7 @@ and the interquartile range are reported. Beside the measured ratios: the FLOP r
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,11 +38,13 @@ from espace_export.deploy.build import (
     build_runner,
     check_backend,
     cpu_description,
+    load_structure,
     synthetic_feed,
 )
 from espace_export.deploy.tensorrt import cuda_device_name, derive_profile, fixed_profile
 from espace_export.errors import EspaceError
 from espace_export.io.data import input_specs
+from espace_export.io.models import check_distinct_paths, profile_files
 from espace_export.io.reports import write_report_files
 from graph_passes.find import find_projected_pairs, find_targets
 
@@ -255,22 +258,64 @@ def torch_gemm(
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def interleave(benches: Sequence[Callable[[], float]], *, warmup: int, repeats: int) -> list[list[float]]:
+def interleave(
+    benches: Sequence[Callable[[], float]], *, warmup: int, repeats: int, first_round: int = 0
+) -> list[list[float]]:
     """Run each bench ``warmup`` times, then ``repeats`` rounds alternating the order (ABBA...) so
-    drift and order effects fall on every bench alike. Returns seconds per bench per round."""
+    drift and order effects fall on every bench alike. Returns seconds per bench per round.
+    ``first_round`` continues the alternation of an earlier call (more rounds of the same measurement)."""
     for _ in range(warmup):
         for bench in benches:
             bench()
     times: list[list[float]] = [[] for _ in benches]
-    for round_index in range(repeats):
+    for round_index in range(first_round, first_round + repeats):
         order = range(len(benches)) if round_index % 2 == 0 else reversed(range(len(benches)))
         for index in order:
             times[index].append(float(benches[index]()))
     return times
 
 
+def interleave_until_tight(benches: Sequence[Callable[[], float]], settings: ProfileSettings) -> list[list[float]]:
+    """:func:`interleave` for ``settings.repeats`` rounds; then, with ``settings.target_interval`` and two
+    benches (original, compressed), more rounds in growing blocks until the 95 % bootstrap interval
+    of their ratio is within ± ``target_interval`` of it (relative), or ``settings.max_repeats`` rounds."""
+    times = interleave(benches, warmup=settings.warmup, repeats=settings.repeats)
+    target = settings.target_interval
+    if target is None or len(benches) != 2:
+        return times
+    while len(times[0]) < settings.max_repeats and _relative_halfwidth(times[0], times[1]) > target:
+        # blocks grow with the rounds taken (a quarter more each time): few interval checks on long runs
+        block = min(max(settings.repeats, len(times[0]) // 4), settings.max_repeats - len(times[0]))
+        more = interleave(benches, warmup=0, repeats=block, first_round=len(times[0]))
+        times = [old + new for old, new in zip(times, more, strict=True)]
+    return times
+
+
+def _relative_halfwidth(original: Sequence[float], compressed: Sequence[float]) -> float:
+    from espace_export.deploy.gate import GATE_QUANTILE, MIN_ROUNDS, ratio_interval
+
+    if len(original) < MIN_ROUNDS:
+        return math.inf
+    low, high = ratio_interval(original, compressed, replicates=500)
+    ratio = float(np.quantile(compressed, GATE_QUANTILE) / np.quantile(original, GATE_QUANTILE))
+    return (high - low) / 2 / ratio
+
+
+def ratio_spread(original: Sequence[float], compressed: Sequence[float]) -> dict[str, Any]:
+    """What the gate compares, beside the ratio of medians: the ratio of each side's fastest-tenth time
+    (:data:`espace_export.deploy.gate.GATE_QUANTILE`), its 95 % bootstrap interval, and the rounds taken."""
+    from espace_export.deploy.gate import GATE_QUANTILE, MIN_ROUNDS, ratio_interval
+
+    entry: dict[str, Any] = {"rounds": len(original)}
+    if len(original) >= MIN_ROUNDS:
+        entry["gate_quantile"] = GATE_QUANTILE
+        entry["ratio_quantile"] = float(np.quantile(compressed, GATE_QUANTILE) / np.quantile(original, GATE_QUANTILE))
+        entry["ratio_interval"] = list(ratio_interval(original, compressed))
+    return entry
+
+
 def summarize(seconds: Sequence[float]) -> dict[str, Any]:
-    """Median, quartiles, extremes (milliseconds) and the raw samples."""
+    """Median, quartiles, extremes (milliseconds) and the raw samples (5 significant digits)."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     p25, median, p75 = np.percentile(ms, [25, 50, 75])
     return {
@@ -280,7 +325,7 @@ def summarize(seconds: Sequence[float]) -> dict[str, Any]:
         "min": float(ms.min()),
         "max": float(ms.max()),
         "n": int(ms.size),
-        "samples": [round(float(v), 4) for v in ms],
+        "samples": [float(f"{v:.5g}") for v in ms],
     }
 
 
@@ -309,6 +354,9 @@ class ProfileSettings:
     gemm_dtype: str | None = None  # default: float32 on ort-cpu, float16 on GPU backends
     build: BuildSettings = BuildSettings()
     seed: int = 0
+    # More rounds (blocks of ``repeats``) until each ratio's 95 % interval is within ± this (relative)
+    target_interval: float | None = None
+    max_repeats: int = 200
 
     @property
     def M(self) -> int:
@@ -360,7 +408,7 @@ def profile_gemms(groups: Sequence[GemmGroup], settings: ProfileSettings, log: L
             compressed, compressed_runner = _gemm_bench(group, weights, compressed=True, settings=settings)
             benches.append(compressed)
             runners.append(compressed_runner)
-        times = interleave(benches, warmup=settings.warmup, repeats=settings.repeats)
+        times = interleave_until_tight(benches, settings)
         for runner in runners:
             if runner is not None:
                 runner.close()
@@ -381,6 +429,7 @@ def profile_gemms(groups: Sequence[GemmGroup], settings: ProfileSettings, log: L
                 "compressed_ms": compressed_ms,
                 "ratio": compressed_ms["median"] / original_ms["median"],
                 "ratio_paired": paired_ratios(times[0], times[-1]),
+                **(ratio_spread(times[0], times[-1]) if group.L is not None else {"rounds": len(times[0])}),
             }
         )
     return {
@@ -420,7 +469,7 @@ def profile_ttft(
         log(
             f"TTFT: {settings.warmup} warm-up + {settings.repeats} interleaved runs at batch {settings.batch}, seq {settings.seq}"
         )
-    times = interleave(benches, warmup=settings.warmup, repeats=settings.repeats)
+    times = interleave_until_tight(benches, settings)
     device = runners[0].device
     for runner in runners:
         runner.close()
@@ -432,6 +481,7 @@ def profile_ttft(
         "compressed_ms": compressed_ms,
         "ratio": compressed_ms["median"] / original_ms["median"],
         "ratio_paired": paired_ratios(times[0], times[1]),
+        **ratio_spread(times[0], times[1]),
     }
 
 
@@ -479,8 +529,10 @@ def profile(
         raise EspaceError("--seq, --batch and --repeats must be at least 1, --warmup at least 0", "use positive sizes")
     if not (settings.gemm or settings.ttft):
         raise EspaceError("nothing to profile: both --no-gemm and --no-ttft given", "drop one of them")
+    check_rounds(settings)
     original, compressed = Path(original), Path(compressed)
     json_path = check_writable(Path(output) if output else default_profile_path(compressed))
+    check_distinct_paths({"ORIGINAL": original, "COMPRESSED": compressed}, {"-o": profile_files(json_path)})
     structures = [_load_structure(path) for path in (original, compressed)]
     groups = gemm_groups(*structures)
     names = [[s.name for s in input_specs(m)] for m in structures]
@@ -506,6 +558,7 @@ def profile(
         "M": settings.M,
         "warmup": settings.warmup,
         "repeats": settings.repeats,
+        "target_interval": settings.target_interval,
         "interleaved": True,
         "flop_ratio": flop_ratio(groups),
         "layers_compressed": sum(len(g.layers) for g in groups if g.L is not None),
@@ -541,14 +594,24 @@ def profile(
     return ProfileResult(report, paths)
 
 
+def check_rounds(settings: ProfileSettings) -> None:
+    """``target_interval`` is a fraction in (0, 1); ``max_repeats`` at least ``repeats`` and bounded."""
+    target = settings.target_interval
+    if target is not None and not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target < 1):
+        raise EspaceError(
+            f"--target-interval must be a fraction in (0, 1), got {target}", "try --target-interval 0.02 (± 2 %)"
+        )
+    if not settings.repeats <= settings.max_repeats <= 100_000:
+        raise EspaceError(
+            f"--max-repeats must lie between --repeats ({settings.repeats}) and 100000, got {settings.max_repeats}",
+            "try --max-repeats 200",
+        )
+
+
 def _load_structure(path: Path) -> onnx.ModelProto:
-    """The graph and initializer metadata, without loading external weights (fast on multi-GB models)."""
-    if not path.is_file():
-        raise EspaceError(f"model not found: {path}", "check the path to the .onnx file")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise EspaceError(f"{path} is not a readable ONNX model ({exc})", "re-export or copy it again") from None
+    """The graph and initializer metadata, without loading external weights (fast on multi-GB models),
+    checked as :func:`espace_export.deploy.build.load_structure` does."""
+    return load_structure(path)
 
 
 def _device(backend: str, threads: int | None) -> str:

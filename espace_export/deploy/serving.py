@@ -14,6 +14,7 @@ the server.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ import onnx
 from onnx import TensorProto
 
 from espace_export.errors import EspaceError
-from espace_export.io.models import save_model
+from espace_export.io.models import clean_stale_temporaries, follow_umask, hold, save_model
 
 # ONNX element type → Triton DataType (model_config.proto).
 TRITON_DATA_TYPES: dict[int, str] = {
@@ -234,22 +235,35 @@ def write_triton_repo(
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise EspaceError(f"model not found: {onnx_path}", "check the path to the .onnx file")
-    if version < 1:
-        raise EspaceError(f"the model version must be at least 1, got {version}", "use --triton-version 1")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 2**31 - 1:
+        raise EspaceError(f"the model version must be an integer from 1, got {version}", "use --triton-version 1")
     repo = Path(repo)
-    repo.mkdir(parents=True, exist_ok=True)
     name = name or model_name(onnx_path)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith(".") or len(name) > 200:
         raise EspaceError(f"{name!r} is not a usable Triton model name", "use letters, digits, '_', '-' and '.'")
+    if repo.exists() and not repo.is_dir():
+        raise EspaceError(f"--triton-repo {repo} is a file", "pass a directory (it is created if missing)")
     target = repo / name
     if target.exists() and not overwrite:
         raise EspaceError(f"{target} already exists", "pass --overwrite to replace it, or choose --triton-name")
-    structure = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        structure = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise EspaceError(
+            f"{onnx_path} is not a readable ONNX model ({reason})", "re-export or copy it again"
+        ) from None
     kind = "plan" if engine is not None else "onnx"
     config = triton_config(structure, name=name, kind=kind, max_batch_size=max_batch_size, instance=instance)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=repo))
+    repo.mkdir(parents=True, exist_ok=True)  # only now: a rejected call leaves no folder behind
+    staging_dir = _staging_parent(repo)
+    prefix = f".{repo.name}.{name}." if staging_dir != repo else f".{name}."
+    clean_stale_temporaries(staging_dir, [f"{glob.escape(prefix)}*.tmp"])
+    staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=staging_dir))
+    held = hold(staging)
     try:
+        follow_umask(staging, directory=True)  # the model folder a server reads: not mkdtemp's 0700
         version_dir = staging / str(version)
         version_dir.mkdir()
         destination = version_dir / MODEL_FILES[kind]
@@ -263,17 +277,49 @@ def write_triton_repo(
             shutil.copyfile(onnx_path, destination)
         (staging / "config.pbtxt").write_text(config.to_pbtxt(), encoding="utf-8")
         parse_config((staging / "config.pbtxt").read_text(encoding="utf-8"))  # our own output must parse
-        _swap_in(staging, target)
+        if target.is_dir():
+            _keep_other_versions(target, staging, version=version, model_file=MODEL_FILES[kind])
+        _swap_in(staging, target, aside=staging_dir / f"{prefix}{os.getpid()}.old.tmp")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(held)
     return target
 
 
-def _swap_in(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target``; an existing ``target`` is moved aside first and removed after."""
+def _staging_parent(repo: Path) -> Path:
+    """Where to assemble a model folder: beside the repository (a polling server never sees it), when
+    that is writable and on the same file system (a rename must move it in); else inside, hidden."""
+    parent = repo.resolve().parent
+    try:
+        if os.access(parent, os.W_OK) and parent.stat().st_dev == repo.stat().st_dev:
+            return parent
+    except OSError:
+        pass
+    return repo
+
+
+def _keep_other_versions(target: Path, staging: Path, *, version: int, model_file: str) -> None:
+    """Carry the existing model's other version folders into the new one (hard links, else copies).
+
+    Versions that hold another kind of model (an ONNX model where the new config serves a TensorRT
+    plan) cannot be served by the new config and are not carried."""
+    for child in sorted(target.iterdir()):
+        if not child.is_dir() or not child.name.isdigit() or child.name == str(version):
+            continue
+        if not (child / model_file).exists():
+            continue
+        try:
+            shutil.copytree(child, staging / child.name, copy_function=os.link)
+        except OSError:
+            shutil.rmtree(staging / child.name, ignore_errors=True)
+            shutil.copytree(child, staging / child.name)
+
+
+def _swap_in(staging: Path, target: Path, aside: Path | None = None) -> None:
+    """Move ``staging`` to ``target``; an existing ``target`` is moved to ``aside`` first and removed after."""
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = aside or target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
     try:
         os.replace(staging, target)

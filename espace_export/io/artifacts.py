@@ -21,7 +21,7 @@ import onnx
 from espace_export.calibration.gradients import GradientStats
 from espace_export.calibration.statistics import ActivationStats
 from espace_export.errors import EspaceError
-from espace_export.io.models import atomic_output, read_arrays
+from espace_export.io.models import atomic_output, parse_json, read_arrays, read_json
 from espace_export.selection.factorizations import (
     PROJECTIONS,
     Factorization,
@@ -107,15 +107,17 @@ def load_calibration(path: str | os.PathLike[str]) -> Calibration:
     path = Path(path)
     if not path.is_file():
         raise EspaceError(f"statistics file not found: {path}", "run `espace-export calibrate` first")
-    arrays = read_arrays(path, "statistics", "pass a file written by `espace-export calibrate`")
-    try:
-        meta = json.loads(arrays.pop("meta").tobytes())
-    except Exception as exc:
-        raise EspaceError(
-            f"cannot read statistics {path}: {exc}", "pass a file written by `espace-export calibrate`"
-        ) from None
-    if meta.get("format") != STATS_FORMAT:
+    fix = "pass a file written by `espace-export calibrate`"
+    arrays = read_arrays(path, "statistics", fix)
+    if "meta" not in arrays or arrays["meta"].dtype != np.uint8 or arrays["meta"].ndim != 1:
+        raise EspaceError(f"{path} is not an espace-export statistics file (no metadata)", fix)
+    meta = parse_json(arrays.pop("meta").tobytes(), f"the metadata of statistics {path}", fix)
+    if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
         raise EspaceError(f"{path} is not an espace-export statistics file", "run `espace-export calibrate`")
+    try:
+        _check_statistics(meta, arrays)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise EspaceError(f"statistics {path} are malformed ({exc})", "run `espace-export calibrate` again") from None
     stats: dict[str, ActivationStats] = {}
     gradients: dict[str, GradientStats] = {}
     for i, entry in enumerate(meta["activations"]):
@@ -131,6 +133,44 @@ def load_calibration(path: str | os.PathLike[str]) -> Calibration:
                 g.sum_xg_normalized = arrays[f"xgn.{i}"]
             gradients[entry["name"]] = g
     return Calibration(stats, gradients or None, meta["fingerprint"], meta.get("info", {}))
+
+
+def _check_statistics(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Structure, sizes and finiteness of a statistics file, checked before any K×K array is allocated;
+    raises ValueError naming the first entry that is off."""
+    entries = meta.get("activations")
+    if not isinstance(entries, list) or not isinstance(meta.get("fingerprint"), list):
+        raise ValueError("'activations' and 'fingerprint' must be lists")
+    if not isinstance(meta.get("info", {}), dict):
+        raise ValueError("'info' is not an object")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ValueError(f"activation {i} is not an object with a name")
+        K = entry.get("K")
+        if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K < _MAX_DIM:
+            raise ValueError(f"activation {entry['name']!r} has K={K!r}")
+        for key in ("rows", "rows_normalized") + (("sequences",) if f"xg.{i}" in arrays else ()):
+            value = entry.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"activation {entry['name']!r} has {key}={value!r}")
+        if not isinstance(entry.get("normalized"), bool):
+            raise ValueError(f"activation {entry['name']!r} has no 'normalized' flag")
+        needed = [f"xx.{i}"] + ([f"xxn.{i}"] if entry["normalized"] else [])
+        if f"xg.{i}" in arrays:
+            if not isinstance(entry.get("gradients_normalized"), bool):
+                raise ValueError(f"activation {entry['name']!r} has no 'gradients_normalized' flag")
+            needed += [f"xg.{i}"] + ([f"xgn.{i}"] if entry["gradients_normalized"] else [])
+        for key in needed:
+            array = arrays.get(key)
+            if array is None:
+                raise ValueError(f"array {key} of {entry['name']!r} is missing")
+            if array.shape != (K, K) or not np.issubdtype(array.dtype, np.floating):
+                raise ValueError(f"array {key} of {entry['name']!r} is {array.dtype} {array.shape}, not {K}×{K} floats")
+            if not np.isfinite(array).all():
+                raise ValueError(f"array {key} of {entry['name']!r} holds NaN or infinity")
+
+
+# ---- plans --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -203,6 +243,8 @@ _LAYER_TYPES: dict[str, tuple[type, ...]] = {
 }  # fmt: skip
 
 
+_MAX_DIM = 2**31  # a K, N or L past this is not a layer of any model
+
 _PLAN_TYPES: dict[str, tuple[type, ...]] = {
     "ratio": (float, int), "select": (str,), "methods": (list,), "score_kind": (str,),
     "baseline_loss": (float, int, type(None)), "curve": (list,), "knee": (int, type(None)), "skipped": (list,),
@@ -233,6 +275,17 @@ def _check_plan_fields(data: dict[str, Any]) -> None:
                 raise ValueError(f"unknown layer field {key!r}")
             if not isinstance(value, found) or (isinstance(value, bool) and bool not in found):
                 raise ValueError(f"layer field {key!r} has the wrong type")
+        for key in ("K", "N", "L"):
+            value = entry.get(key)
+            if isinstance(value, int) and not 1 <= value < _MAX_DIM:
+                raise ValueError(f"layer {entry.get('name')!r} has {key}={value}, not a size")
+        if not all(isinstance(v, (int, float, type(None))) for v in entry.get("scores", {}).values()):
+            raise ValueError(f"layer {entry.get('name')!r} has scores that are not numbers")
+    if isinstance(data.get("ratio"), (int, float)) and not 0 <= data["ratio"] <= 1:
+        raise ValueError(f"'ratio' is {data['ratio']}, not a fraction")
+    knee = data.get("knee")
+    if isinstance(knee, int) and not 0 <= knee < max(1, len(data.get("curve", []))):
+        raise ValueError(f"'knee' {knee} is not a point of the curve")
     names = {entry.get("name") for entry in layers}
     for entry in layers:
         if entry.get("group") is not None and entry["group"] not in names:
@@ -277,12 +330,7 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     path = Path(path)
     if not path.is_file():
         raise EspaceError(f"plan not found: {path}", "run `espace-export plan` first")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EspaceError(
-            f"plan {path} is not valid JSON: {exc}", "pass a plan written by `espace-export plan`"
-        ) from None
+    data = read_json(path, "plan", "pass a plan written by `espace-export plan`")
     if not isinstance(data, dict) or data.pop("format", None) != PLAN_FORMAT:
         raise EspaceError(f"{path} is not an espace-export plan", "pass a plan written by `espace-export plan`")
     factors_path = path.with_suffix(".npz")
@@ -293,7 +341,7 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
         _check_plan_fields(data)
         layers = [LayerPlan(**entry) for entry in data.pop("layers")]
         plan = Plan(layers=layers, **data)
-    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+    except (TypeError, KeyError, ValueError, AttributeError, RecursionError) as exc:
         raise EspaceError(f"plan {path} is malformed ({exc})", "pass a plan written by `espace-export plan`") from None
     for i, layer in enumerate(layers):
         if f"A.{i}" in arrays and (f"B.{i}" in arrays or layer.method in PROJECTIONS):

@@ -7,8 +7,9 @@ Every reader follows onnxruntime's quantization convention: ``get_next() -> dict
 from __future__ import annotations
 
 import json
+import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -419,4 +420,96 @@ def load_batches(model: onnx.ModelProto, data: DataOptions, *, validate: bool = 
                     "raise --num-batches or pass --valid-text/--valid-data",
                 )
             calibration, validation = split_holdout(calibration, data.validation)
+    limits = token_id_limits(model)
+    check_token_ids(batches, limits)  # every batch, held-out ones too, not only the first
+    check_token_ids(validation, limits, what="validation batch")
     return Batches(calibration, validation, held_out, source, input_specs(model))
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+# Tokens a calibration may ask for in all (batches × batch size × sequence): far past any useful run,
+# well short of what would exhaust memory before the first batch is built.
+MAX_CALIBRATION_TOKENS = 2**31
+MAX_SEED = 2**63 - 1
+
+
+def check_calibration_sizes(*, batch_size: int, seq_len: int, num_batches: int, seed: int = 0) -> None:
+    """``--batch-size``, ``--seq-len``, ``--num-batches`` and ``--seed`` within bounds, before any work."""
+    for option, value in (("--batch-size", batch_size), ("--seq-len", seq_len), ("--num-batches", num_batches)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EspaceError(f"{option} must be a whole number of at least 1, got {value!r}", "use positive sizes")
+    tokens = batch_size * seq_len * num_batches
+    if tokens > MAX_CALIBRATION_TOKENS:
+        raise EspaceError(
+            f"--num-batches {num_batches} × --batch-size {batch_size} × --seq-len {seq_len} asks for {tokens:.3g} "
+            f"calibration tokens, more than the {MAX_CALIBRATION_TOKENS:.3g} this tool takes",
+            "a few hundred thousand tokens calibrate well: try --num-batches 64",
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise EspaceError(f"--seed must be a whole number from 0 to 2**63-1, got {seed!r}", "try --seed 0")
+
+
+def compile_patterns(patterns: Sequence[str], option: str = "--exclude") -> list[re.Pattern[str]]:
+    """Compile layer-name regular expressions, each bad one an :class:`EspaceError` naming it."""
+    compiled = []
+    for pattern in patterns:
+        if len(pattern) > 1000:
+            raise EspaceError(
+                f"{option} pattern is {len(pattern)} characters long", "pass a shorter regular expression"
+            )
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise EspaceError(
+                f"{option} {pattern!r} is not a regular expression ({exc.msg} at position {exc.pos})",
+                "escape special characters with a backslash (\\( matches a parenthesis) or quote the name",
+            ) from None
+    return compiled
+
+
+def token_id_limits(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer graph inputs that index an embedding table (directly or through a Cast/Reshape/Unsqueeze/
+    Flatten), with the table's row count: ids must lie in ``[0, rows)``."""
+    from graph_passes.find import ConstantTable
+
+    constants = ConstantTable(model.graph)
+    integer_inputs = {spec.name for spec in input_specs(model) if spec.is_integer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    limits: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in constants:
+            continue
+        dims = constants.dims(node.input[0])
+        if len(dims) != 2:
+            continue
+        index = node.input[1]
+        for _ in range(3):
+            producer = producers.get(index)
+            if producer is None or producer.op_type not in ("Cast", "Reshape", "Unsqueeze", "Flatten"):
+                break
+            index = producer.input[0]
+        if index in integer_inputs:
+            limits[index] = min(limits.get(index, int(dims[0])), int(dims[0]))
+    return limits
+
+
+def check_token_ids(
+    batches: Sequence[Mapping[str, np.ndarray]], limits: Mapping[str, int], *, what: str = "calibration batch"
+) -> None:
+    """Every token id of every batch lies inside the embedding it indexes (see :func:`token_id_limits`).
+
+    ONNX Runtime would otherwise stop mid-run with its Gather error, after the batches before it ran;
+    check the held-out and validation batches too, not only the first."""
+    for number, batch in enumerate(batches, start=1):
+        for name, rows in limits.items():
+            ids = batch.get(name)
+            if ids is None or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+                continue
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= rows:
+                bad = low if low < 0 else high
+                raise EspaceError(
+                    f"{what} {number}: '{name}' holds token id {bad}, outside the model's embedding of {rows} rows",
+                    "tokenize with the model's own tokenizer (its vocabulary must match the model)",
+                )

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
+import json
+import math
 import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -42,7 +48,13 @@ def load_model(path: str | os.PathLike[str], *, load_weights: bool = True) -> on
     if not path.is_file():
         raise EspaceError(f"{path} is not a file", "pass the path of an .onnx file")
     try:
-        model = onnx.load(str(path), load_external_data=load_weights)
+        model = onnx.load(str(path), load_external_data=False)
+        check_gemm_weights(model, path)
+        check_external_data(model, path.parent)  # before anything is read: locations, offsets, lengths
+        if load_weights:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except EspaceError:
+        raise
     except FileNotFoundError as exc:
         raise EspaceError(
             f"external data of {path} is missing ({Path(str(exc.filename or exc)).name})",
@@ -56,13 +68,26 @@ def load_model(path: str | os.PathLike[str], *, load_weights: bool = True) -> on
         ) from None
     if len(model.graph.node) == 0:
         raise EspaceError(f"{path} has an empty graph", "re-export the model")
-    if not load_weights:
-        check_external_data(model, path.parent)
-        if any(_is_external(t) for t in _tensors(model)):
-            entry = model.metadata_props.add()
-            entry.key, entry.value = EXTERNAL_DIR_KEY, str(path.parent.resolve())
+    if not load_weights and any(_is_external(t) for t in _tensors(model)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = EXTERNAL_DIR_KEY, str(path.parent.resolve())
     check_model(path)
     return model
+
+
+def check_gemm_weights(model: onnx.ModelProto, path: PathLike) -> None:
+    """A MatMul/Gemm weight with a zero-size dimension is refused (the layer computes nothing, and
+    every ratio of its sizes would divide by zero)."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+            dims = shapes.get(node.input[1])
+            if dims is not None and 0 in dims:
+                raise EspaceError(
+                    f"{path}: weight '{node.input[1]}' of {node.op_type} '{node.name or node.output[0]}' is empty "
+                    f"(shape {list(dims)})",
+                    "re-export the model with its real weights (an empty weight computes nothing)",
+                )
 
 
 def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -89,6 +114,11 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
             continue
         entries = _external_entries(tensor)
         location = entries.get("location", "")
+        if "\0" in location:
+            raise EspaceError(
+                f"external data location of tensor '{tensor.name}' holds a NUL byte ({location!r})",
+                "the model file is corrupted: re-save it with relative external data locations",
+            )
         target = (base / location).resolve()
         if not location or base not in target.parents:
             raise EspaceError(
@@ -102,14 +132,52 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
                     "keep the .onnx file next to its external data file",
                 )
             sizes[location] = target.stat().st_size
-        offset, length = int(entries.get("offset", 0)), entries.get("length")
-        needed = offset + int(length) if length is not None else offset + 1
+        offset = _external_number(tensor, entries, "offset", 0) or 0
+        length = _external_number(tensor, entries, "length", None)
+        expected = _tensor_bytes(tensor)
+        if length is not None and expected is not None and length != expected:
+            raise EspaceError(
+                f"external data of tensor '{tensor.name}' is {length} bytes, its shape and type need {expected}",
+                "the model file is corrupted: re-export it or re-save it with onnx.save_model",
+            )
+        needed = offset + length if length is not None else offset + 1
         if needed > sizes[location]:
             raise EspaceError(
                 f"external data file {location} is truncated ({sizes[location]} bytes, tensor '{tensor.name}' "
                 f"needs {needed})",
                 "copy the data file again, it is incomplete",
             )
+
+
+_PACKED_HALF_BYTE = {
+    getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)
+}
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes a tensor's values take (None for strings and types without a fixed size)."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:  # unknown or undefined type: the checker reports it
+        return None
+    if tensor.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
+        return None
+    if tensor.data_type in _PACKED_HALF_BYTE:
+        return (int(np.prod(tensor.dims, dtype=np.int64)) + 1) // 2
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _external_number(tensor: onnx.TensorProto, entries: Mapping[str, str], key: str, default: int | None) -> int | None:
+    """An external-data ``offset`` or ``length``: a non-negative decimal integer (they are strings)."""
+    text = entries.get(key)
+    if text is None:
+        return default
+    if not text.isascii() or not text.isdigit() or len(text) > 19:
+        raise EspaceError(
+            f"external data {key} of tensor '{tensor.name}' is {text[:40]!r}, not a byte count",
+            "the model file is corrupted: re-export it or re-save it with onnx.save_model",
+        )
+    return int(text)
 
 
 def load_remaining_weights(model: onnx.ModelProto) -> None:
@@ -228,16 +296,19 @@ def runtime_source(model: onnx.ModelProto) -> Iterator[onnx.ModelProto | Path]:
     if not base:
         yield model
         return
+    clean_stale_temporaries(base, [".espace-graph-*.onnx"])
     try:
         handle, name = tempfile.mkstemp(prefix=".espace-graph-", suffix=".onnx", dir=base)
     except OSError:
         yield model
         return
     path = Path(name)
+    fcntl.flock(handle, fcntl.LOCK_SH)  # in use: clean_stale_temporaries leaves it alone
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(without_loader_metadata(model).SerializeToString())
-        yield path
+            file.flush()
+            yield path
     finally:
         path.unlink(missing_ok=True)
 
@@ -267,7 +338,10 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=existing_ancestor(parent)))
+    staging = existing_ancestor(parent)
+    clean_stale_temporaries(staging, [f".{glob.escape(path.name)}.*.tmp"])
+    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=staging))
+    held = hold(workdir)  # in use: clean_stale_temporaries leaves it alone
     try:
         yield workdir / path.name
         main = workdir / path.name
@@ -292,6 +366,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        os.close(held)
 
 
 def _make_parents(directory: Path) -> list[Path]:
@@ -305,16 +380,28 @@ def _make_parents(directory: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM (main thread, POSIX) until the block is done; they are delivered right after."""
-    blockable = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    if not blockable:
+    """Hold SIGINT/SIGTERM (main thread) until the block is done; they are delivered right after.
+
+    The Python-level handlers are swapped for one that only records the signal: masking the main
+    thread (pthread_sigmask) is not enough, since the kernel then hands the signal to another thread
+    (BLAS, ONNX Runtime pools) and Python still runs its handler in the main thread mid-block.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    received: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, record) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for pending in dict.fromkeys(received):
+            signal.raise_signal(pending)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None) -> None:
@@ -338,5 +425,467 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
             location=f"{path.name}.data",
             size_threshold=1024,
         )
+        data = path.with_name(f"{path.name}.data")
+        if data.is_file():  # onnx writes it through a temporary file: 0600, whatever the umask
+            follow_umask(data, directory=False)
     else:
         onnx.save_model(model, str(path))
+
+
+# ---------------------------------------------------------------------------------------------- inputs vs outputs
+
+PathLike = str | os.PathLike[str]
+PathSpec = PathLike | Sequence[PathLike] | None
+
+
+def model_files(path: PathLike) -> tuple[Path, ...]:
+    """A model output: ``path`` and the ``path.data`` external-data file :func:`save_model` may write."""
+    path = Path(path)
+    return path, path.with_name(path.name + ".data")
+
+
+def report_files(path: PathLike) -> tuple[Path, ...]:
+    """A JSON report and its Markdown twin."""
+    path = Path(path)
+    return path, path.with_suffix(".md")
+
+
+def plan_files(path: PathLike) -> tuple[Path, ...]:
+    """A plan: the JSON and its ``.npz`` factors."""
+    path = Path(path)
+    return path, path.with_suffix(".npz")
+
+
+def curve_files(path: PathLike) -> tuple[Path, ...]:
+    """``--curve PATH``: ``PATH.json`` and ``PATH.png``."""
+    path = Path(path)
+    return path.with_suffix(".json"), path.with_suffix(".png")
+
+
+def profile_files(path: PathLike) -> tuple[Path, ...]:
+    """A profile report: JSON, Markdown twin and PNG chart."""
+    path = Path(path)
+    return path, path.with_suffix(".md"), path.with_suffix(".png")
+
+
+def external_data_files(path: PathLike) -> tuple[Path, ...]:
+    """The external data files an ONNX model at ``path`` reads (resolved; nothing when it has none or
+    cannot be parsed — :func:`load_model` reports that later, with its own message)."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model: the loader that runs next says so in one line
+        return ()
+    base = path.resolve().parent
+    files: dict[str, Path] = {}
+    for tensor in _tensors(model):
+        if _is_external(tensor):
+            location = _external_entries(tensor).get("location", "")
+            if location and "\0" not in location and location not in files:
+                files[location] = (base / location).resolve()
+    return tuple(files.values())
+
+
+def _expand(spec: PathSpec) -> list[Path]:
+    if spec is None:
+        return []
+    if isinstance(spec, (str, os.PathLike)):
+        return [Path(spec)]
+    return [Path(p) for p in spec]
+
+
+def _identities(path: Path) -> set[tuple[object, ...]]:
+    """What makes two paths one file: the resolved path, and (device, inode) when it exists (hard links)."""
+    keys: set[tuple[object, ...]] = {("path", os.path.realpath(path))}
+    with contextlib.suppress(OSError):
+        stat = path.stat()
+        keys.add(("inode", stat.st_dev, stat.st_ino))
+    return keys
+
+
+def _input_files(path: Path) -> list[Path]:
+    """An input and what comes with it: a model's external data files, a directory's files (a tokenizer)."""
+    if path.is_dir():
+        with contextlib.suppress(OSError):
+            return [path] + [child for child in path.iterdir() if child.is_file()]
+        return [path]
+    if path.suffix == ".onnx" and path.is_file():
+        return [path, *external_data_files(path)]
+    return [path]
+
+
+def check_distinct_paths(inputs: Mapping[str, PathSpec], outputs: Mapping[str, PathSpec]) -> None:
+    """Refuse, before any work, an output that would overwrite an input or another output.
+
+    ``inputs`` and ``outputs`` map an option name as the user typed it (``"MODEL"``, ``"--statistics"``,
+    ``"-o"``) to a path, a sequence of paths (a derived set: :func:`model_files`, :func:`report_files`,
+    :func:`plan_files`, :func:`curve_files`, :func:`profile_files`) or None (not given). Each path is
+    compared by its resolved form (symbolic links followed) and, when it exists, by device and inode
+    (hard links); an input ``.onnx`` brings its external data files along, an input directory its files.
+
+    Raises:
+        EspaceError: naming the two options that collide.
+    """
+    seen: list[tuple[str, str, Path, set[tuple[object, ...]]]] = []
+    for option, spec in inputs.items():
+        for given in _expand(spec):
+            seen += [("input", option, path, _identities(path)) for path in _input_files(given)]
+    for option, spec in outputs.items():
+        mine = []
+        for path in _expand(spec):
+            if path.is_dir():
+                raise EspaceError(f"{option} {path} is a directory", f"pass a file name to {option}")
+            keys = _identities(path)
+            for role, other, other_path, other_keys in seen:
+                if keys & other_keys:
+                    shown = str(other_path) if other_path.name == path.name else f"{other_path}, as {path}"
+                    raise EspaceError(
+                        f"{option} would overwrite the {role} {other} ({shown})", f"choose another path for {option}"
+                    )
+            mine.append(("output", option, path, keys))
+        seen += mine
+
+
+# ---------------------------------------------------------------------------------------------- output sets
+
+# Tests set this (seconds) to hold a commit after its first rename, to signal or kill the run there.
+_PAUSE_MID_COMMIT_ENV = "ESPACE_TEST_PAUSE_MID_COMMIT"
+_SET_SUFFIX = ".set.tmp"
+_MANIFEST = "manifest.json"
+_COMMITTED = "COMMITTED"
+# A hidden temporary younger than this is never taken for a stale one (it may be being set up).
+STALE_AFTER_S = 5.0
+_held_locks: dict[str, tuple[int, int]] = {}  # lock file → (descriptor, depth): re-entrant in one process
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def lock_file(primary: PathLike) -> Path:
+    """The lock beside an output set's primary file: ``.NAME.lock`` (kept; removing lock files races)."""
+    primary = Path(primary)
+    return primary.with_name(f".{primary.name}.lock")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the platform allows (Linux: /proc)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # not thread-safe, hence the /proc path first
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: PathLike, *, directory: bool | None = None) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (mkstemp makes 0600, mkdtemp 0700)."""
+    path = Path(path)
+    is_dir = path.is_dir() if directory is None else directory
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
+
+
+@contextlib.contextmanager
+def output_lock(primary: PathLike) -> Iterator[Path]:
+    """Hold the writer's lock of the output set whose primary file is ``primary``, for the block.
+
+    Take it when a run starts (before hours of work) so a second run writing the same ``-o`` stops at
+    once instead of racing the first; :func:`atomic_output_set` takes it too (re-entrant in one process).
+    On entry, what a killed writer left is settled: a commit it had begun is finished, staging it had
+    not committed is removed.
+
+    Raises:
+        EspaceError: another process holds the lock.
+    """
+    lock = lock_file(primary)
+    key = os.path.realpath(lock)
+    if key in _held_locks:
+        fd, depth = _held_locks[key]
+        _held_locks[key] = (fd, depth + 1)
+        try:
+            yield lock
+        finally:
+            fd, depth = _held_locks[key]
+            _held_locks[key] = (fd, depth - 1)
+        return
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise EspaceError(f"cannot create the lock {lock}: {exc.strerror}", "choose a writable output path") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = ""
+        with contextlib.suppress(OSError, ValueError):
+            owner = f" by process {int(os.pread(fd, 32, 0).decode().strip())}"
+        os.close(fd)
+        raise EspaceError(
+            f"{primary} is being written{owner} (lock {lock.name} is held)",
+            "wait for that run to finish, or choose another output path with -o",
+        ) from None
+    _held_locks[key] = (fd, 1)
+    try:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        recover_output_set(primary)
+        yield lock
+    finally:
+        del _held_locks[key]
+        os.close(fd)
+
+
+def _staging_dirs(primary: Path) -> list[Path]:
+    with contextlib.suppress(OSError):
+        return sorted(
+            p
+            for p in primary.parent.iterdir()
+            if p.name.startswith(f".{primary.name}.") and p.name.endswith(_SET_SUFFIX) and p.is_dir()
+        )
+    return []
+
+
+def recover_output_set(primary: PathLike) -> None:
+    """Settle what a killed writer of ``primary``'s set left (call with :func:`output_lock` held).
+
+    A staging folder whose commit had begun (its ``COMMITTED`` marker is written, after every file was
+    complete and synced) is rolled forward: its remaining files are moved in, the primary last, so the
+    set is whole again — the killed run's, complete. Staging that never reached its commit is removed:
+    the previous set was never touched.
+    """
+    primary = Path(primary)
+    for staging in _staging_dirs(primary):
+        manifest = None
+        with contextlib.suppress(OSError, ValueError):
+            manifest = json.loads((staging / _MANIFEST).read_text(encoding="utf-8"))
+        if manifest and (staging / _COMMITTED).exists():
+            _commit(manifest, pause=False)
+        for other in (manifest or {}).get("staging", []):
+            shutil.rmtree(other, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _commit(manifest: Mapping[str, Any], *, pause: bool) -> None:
+    """Move the staged files into place in the manifest's order (primary last), then remove the declared
+    files this set does not have. Each step is idempotent, so a recovery can repeat a half-done commit."""
+    moves = [(Path(src), Path(dst)) for src, dst in manifest["moves"]]
+    for index, (source, target) in enumerate(moves):
+        if source.exists():
+            os.replace(source, target)
+        if pause and index == 0 and len(moves) > 1 and os.environ.get(_PAUSE_MID_COMMIT_ENV):
+            (Path(manifest["staging"][0]) / ".midway").touch()
+            time.sleep(float(os.environ[_PAUSE_MID_COMMIT_ENV]))
+    for stale in manifest["absent"]:
+        Path(stale).unlink(missing_ok=True)
+
+
+def _fsync_path(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output_set(paths: Sequence[PathLike]) -> Iterator[list[Path]]:
+    """Write several files as one unit: yield a temporary path for each; commit them all or none.
+
+    ``paths[0]`` is the primary file (the model): it is moved in *last*, so whoever sees the new primary
+    sees its whole set (report twins, plan factors, data file). Files written beside the primary's
+    temporary path that were not declared (an external data file) move with it, before it. A declared
+    file the block did not write belongs to the previous set only and is removed after the primary moved.
+
+    Guarantees: the block runs under :func:`output_lock` (a concurrent writer of the same primary is
+    refused); nothing is moved until every file is written and synced; SIGINT/SIGTERM are held while
+    the files move, so the set flips as a whole; an exception (KeyboardInterrupt included) removes the
+    temporaries and leaves the previous set untouched; a full disk is an :class:`EspaceError`. A SIGKILL
+    cannot be held: killed before the commit, the previous set is untouched and the next writer removes
+    the staging; killed during the few renames of the commit, the next writer (or
+    :func:`recover_output_set`) finishes that commit, since every file of the new set was complete.
+    """
+    targets = [Path(p) for p in paths]
+    if not targets:
+        raise ValueError("atomic_output_set needs at least one path")
+    if len({os.path.realpath(t) for t in targets}) != len(targets):
+        raise ValueError(f"duplicate paths in one output set: {targets}")
+    primary = targets[0]
+    with output_lock(primary):
+        token = f"{os.getpid()}-{os.urandom(4).hex()}"
+        staging: dict[str, Path] = {}
+        temporaries: list[Path] = []
+        try:
+            for target in targets:
+                parent = os.path.realpath(target.parent)
+                if parent not in staging:
+                    staging[parent] = Path(parent) / f".{primary.name}.{token}{_SET_SUFFIX}"
+                    staging[parent].mkdir()
+                temporaries.append(staging[parent] / target.name)
+            main_staging = staging[os.path.realpath(primary.parent)]
+            try:
+                yield list(temporaries)
+            except OSError as exc:
+                if exc.errno in _DISK_FULL:
+                    raise EspaceError(
+                        f"no space left on the device while writing {primary} ({exc.strerror})",
+                        "free some space or choose another output path with -o; the previous output is untouched",
+                    ) from None
+                raise
+            if not temporaries[0].exists():
+                raise RuntimeError(f"nothing was written to {temporaries[0]}")
+            declared = {t.name for t in temporaries if t.parent == main_staging}
+            extras = [p for p in sorted(main_staging.iterdir()) if p.name not in declared]
+            moves = [(t, target) for t, target in zip(temporaries[1:], targets[1:], strict=True) if t.exists()]
+            moves += [(extra, primary.with_name(extra.name)) for extra in extras]
+            moves.append((temporaries[0], primary))
+            absent = [str(target) for t, target in zip(temporaries, targets, strict=True) if not t.exists()]
+            for source, _ in moves:
+                if source.is_file():
+                    follow_umask(source, directory=False)
+                _fsync_path(source)
+            manifest = {
+                "moves": [(str(s), str(d)) for s, d in moves],
+                "absent": absent,
+                "staging": [str(main_staging)] + [str(s) for s in staging.values() if s != main_staging],
+            }
+            (main_staging / _MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+            pause = os.environ.get(_PAUSE_ENV)
+            if pause:  # fault injection for tests: everything written, nothing moved
+                (main_staging / ".complete").touch()
+                time.sleep(float(pause))
+                (main_staging / ".complete").unlink()
+            with _signals_deferred():
+                marker = main_staging / _COMMITTED
+                marker.touch()
+                _fsync_path(marker)
+                _fsync_path(main_staging)
+                _commit(manifest, pause=True)
+            for directory in {t.parent for t in targets}:
+                _fsync_path(directory)
+        finally:
+            for directory in staging.values():
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- stale temporaries
+
+
+def hold(path: PathLike) -> int:
+    """Mark a hidden temporary (file or folder) as in use: a shared flock on it, kept until the returned
+    descriptor is closed (or the process dies). :func:`clean_stale_temporaries` skips held ones."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def clean_stale_temporaries(directory: PathLike, patterns: Sequence[str], *, older_than: float = STALE_AFTER_S) -> int:
+    """Remove hidden temporaries matching ``patterns`` (globs) in ``directory`` that no live process
+    holds (see :func:`hold`) and that are older than ``older_than`` seconds — what a SIGKILLed run left.
+    Returns how many were removed; never raises for a file it cannot remove."""
+    removed = 0
+    now = time.time()
+    for pattern in patterns:
+        for path in Path(directory).glob(pattern):
+            if path.name.endswith(_SET_SUFFIX):  # settled by recover_output_set, under the output's lock
+                continue
+            try:
+                if now - path.lstat().st_mtime < older_than or path.is_symlink():
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            try:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed += 1
+            finally:
+                os.close(fd)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def finite_json(value: Any, notes: list[str] | None = None, where: str = "") -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has no such numbers); each
+    replacement is named in ``notes`` (``"layers[3].mse_relative was nan"``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if notes is not None:
+            notes.append(f"{where or 'value'} was {value}")
+        return None
+    if isinstance(value, np.generic):
+        return finite_json(value.item(), notes, where)
+    if isinstance(value, Mapping):
+        return {key: finite_json(item, notes, f"{where}.{key}" if where else str(key)) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item, notes, f"{where}[{index}]") for index, item in enumerate(value)]
+    return value
+
+
+def strict_json(report: Mapping[str, Any], *, indent: int = 2) -> str:
+    """A report as strict JSON: non-finite numbers become null, and a note in ``report["notes"]`` (or
+    ``"non_finite"`` when the report has no list of notes) says which, so a reader never meets NaN."""
+    notes: list[str] = []
+    clean = finite_json(report, notes)
+    if notes:
+        message = "not finite, written as null: " + ", ".join(notes[:20]) + (" …" if len(notes) > 20 else "")
+        if isinstance(clean.get("notes"), list):
+            clean["notes"].append(message)
+        else:
+            clean["non_finite"] = message
+    return json.dumps(clean, indent=indent, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------- JSON in
+
+MAX_JSON_BYTES = 256 * 2**20
+_MAX_JSON_INT = 2**63
+
+
+def parse_json(data: bytes, what: str, fix: str) -> Any:
+    """Strict JSON from bytes, or an :class:`EspaceError` naming ``what``: UTF-8 only, no NaN/Infinity
+    (nor numbers so large they become infinite), integers within 64 bits, nesting Python can follow."""
+
+    def refuse_constant(name: str) -> None:
+        raise ValueError(f"{name} is not a number JSON allows")
+
+    def finite_float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"{text[:24]} is too large")
+        return value
+
+    def bounded_int(text: str) -> int:
+        if len(text) > 20 or abs(int(text)) >= _MAX_JSON_INT:
+            raise ValueError(f"{text[:24]}… is too large" if len(text) > 24 else f"{text} is too large")
+        return int(text)
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EspaceError(f"{what} is not UTF-8 text (byte {exc.start})", fix) from None
+    try:
+        return json.loads(text, parse_constant=refuse_constant, parse_float=finite_float, parse_int=bounded_int)
+    except RecursionError:
+        raise EspaceError(f"{what} is not valid JSON (nested too deeply)", fix) from None
+    except ValueError as exc:
+        raise EspaceError(f"{what} is not valid JSON ({' '.join(str(exc).split())[:120]})", fix) from None
+
+
+def read_json(path: PathLike, what: str, fix: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """:func:`parse_json` of a file, refusing one larger than ``max_bytes`` before reading it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise EspaceError(f"{what} {path} is {size:,} bytes, more than a {what} can be", fix)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EspaceError(f"cannot read {what} {path}: {exc.strerror}", "check the path and its permissions") from None
+    return parse_json(data, f"{what} {path}", fix)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from espace_export.io.artifacts import Plan
-from espace_export.io.models import atomic_output
+from espace_export.io.models import atomic_output, atomic_output_set, strict_json
 
 
 def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -195,17 +195,17 @@ def write_report_files(
     markdown: Callable[[Mapping[str, Any]], str],
     chart: Callable[[Mapping[str, Any], Path], None] | None = None,
 ) -> dict[str, Path]:
-    """A report as JSON, its Markdown twin (``.md``) and optionally a PNG chart (``.png``), each written
-    atomically: the one writer of compression and profile reports."""
+    """A report as strict JSON (NaN written as null with a note), its Markdown twin (``.md``) and optionally a
+    PNG chart (``.png``), committed as one set with the JSON last: the one writer of compression and profile
+    reports."""
     paths = {"json": json_path, "markdown": json_path.with_suffix(".md")}
-    with atomic_output(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    with atomic_output(paths["markdown"]) as tmp:
-        tmp.write_text(markdown(report))
     if chart is not None:
         paths["chart"] = json_path.with_suffix(".png")
-        with atomic_output(paths["chart"]) as tmp:
-            chart(report, tmp)
+    with atomic_output_set(list(paths.values())) as temporaries:
+        temporaries[0].write_text(strict_json(report) + "\n")
+        temporaries[1].write_text(markdown(report))
+        if chart is not None:
+            chart(report, temporaries[2])
     return paths
 
 
