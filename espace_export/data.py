@@ -389,12 +389,15 @@ def complete_feed(feed: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> di
 
 
 def vocab_size(model: onnx.ModelProto) -> int | None:
-    """Rows of the largest embedding table gathered by an integer graph input."""
-    from graph_passes.find import ConstantTable, _embedding_tables
+    """Rows of the largest embedding table gathered by an integer graph input (in If/Loop bodies too, and
+    inside ``EmbedLayerNormalization``)."""
+    from graph_passes.find import _embedding_tables, scopes
 
-    constants = ConstantTable(model.graph)
-    names, _ = _embedding_tables(model.graph, constants)
-    return max((constants.dims(n)[0] for n in names), default=None)
+    int_inputs = {s.name for s in input_specs(model) if s.is_integer}
+    rows: set[int] = set()
+    for scope in scopes(model):
+        rows |= _embedding_tables(scope.graph, scope.constants, int_inputs)[1]
+    return max(rows, default=None)
 
 
 def split_holdout(
