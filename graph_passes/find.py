@@ -244,9 +244,19 @@ def scopes(model: onnx.ModelProto, base_dir: str = "") -> list[Scope]:
     return found
 
 
+def node_path(prefix: str, name: str | bytes) -> str:
+    """A node's path: its plain name in the main graph (as the protobuf holds it), ``prefix + name`` inside a
+    subgraph (a name that is not valid UTF-8 is decoded with replacement characters)."""
+    if not prefix:
+        return name  # type: ignore[return-value]
+    return prefix + (name.decode("utf-8", "replace") if isinstance(name, bytes) else name)
+
+
 def nodes_by_path(model: onnx.ModelProto) -> dict[str, tuple[onnx.GraphProto, onnx.NodeProto]]:
     """Every node of the model (subgraphs included) by its path, with the graph that holds it."""
-    return {scope.prefix + node.name: (scope.graph, node) for scope in scopes(model) for node in scope.graph.node}
+    return {
+        node_path(scope.prefix, node.name): (scope.graph, node) for scope in scopes(model) for node in scope.graph.node
+    }
 
 
 def find_targets(model: onnx.ModelProto, *, include_heads: bool = False) -> list[GemmTarget]:
@@ -287,7 +297,7 @@ def find_targets(model: onnx.ModelProto, *, include_heads: bool = False) -> list
         for index, match in matches.items():
             node = graph.node[index]
             pattern, weight, K, N, stored_transposed, transpose_node = match
-            path = scope.prefix + node.name
+            path = node_path(scope.prefix, node.name)
             if not scope.is_main:
                 if not main_constants.is_outer(weight, graph) or weight not in main_constants:
                     continue  # a weight local to the body: not rewritten (see explain_no_targets)
@@ -325,7 +335,7 @@ def find_targets(model: onnx.ModelProto, *, include_heads: bool = False) -> list
                     role="head" if is_head else "block",
                     dtype=dtype,
                     stored_transposed=stored_transposed,
-                    transpose_node=(scope.prefix + transpose_node) if transpose_node else None,
+                    transpose_node=node_path(scope.prefix, transpose_node) if transpose_node else None,
                 )
             )
     quantized = quantized_gemms(model)
@@ -367,7 +377,7 @@ def quantized_gemms(model: onnx.ModelProto) -> list[tuple[str, str]]:
         for node in scope.graph.node:
             kind = QUANTIZED_OPS.get(node.op_type)
             if kind:
-                found.append((scope.prefix + node.name, kind))
+                found.append((node_path(scope.prefix, node.name), kind))
             elif node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
                 producer = producers.get(node.input[1])
                 if producer is not None and producer.op_type == "Transpose":
@@ -377,7 +387,7 @@ def quantized_gemms(model: onnx.ModelProto) -> list[tuple[str, str]]:
                     and producer.op_type == "DequantizeLinear"
                     and producer.input[0] in scope.constants
                 ):
-                    found.append((scope.prefix + node.name, _QDQ))
+                    found.append((node_path(scope.prefix, node.name), _QDQ))
     return found
 
 
@@ -522,7 +532,11 @@ def find_projected_pairs(model: onnx.ModelProto) -> list[ProjectedPair]:
         dims = expand_constants.dims(expand.input[1])
         trans_b = expand.op_type == "Gemm" and bool(_attr(expand, "transB", 0))
         N = dims[0] if trans_b else dims[1]
-        pairs.append(ProjectedPair(layer, prefix + project_node.name, roles["expand"][0] + expand.name, K, L, N))
+        pairs.append(
+            ProjectedPair(
+                layer, node_path(prefix, project_node.name), node_path(roles["expand"][0], expand.name), K, L, N
+            )
+        )
     return pairs
 
 
