@@ -56,7 +56,43 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             else:
                 dims.append(dim.dim_param or None)
         specs.append(InputSpec(value.name, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), tuple(dims)))
-    return specs
+    return [_with_cache_dims(model, spec) if is_past_input(spec.name) else spec for spec in specs]
+
+
+def _with_cache_dims(model: onnx.ModelProto, spec: InputSpec) -> InputSpec:
+    """A KV-cache input whose head size is symbolic (onnxruntime-genai writes ``kv_cache_dim``) gets it from
+    the ``GroupQueryAttention`` reading it: the query's width over the heads it packs."""
+    if len(spec.shape) != 4 or isinstance(spec.shape[3], int):
+        return spec
+    reader = next(
+        (n for n in model.graph.node if n.op_type == "GroupQueryAttention" and spec.name in n.input[3:5]), None
+    )
+    if reader is None:
+        return spec
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in reader.attribute}
+    heads, kv_heads = int(attrs.get("num_heads", 0)), int(attrs.get("kv_num_heads", 0))
+    width = _output_width(model, reader.input[0])
+    packed = len(reader.input) < 2 or not reader.input[1]  # Q, K and V in one input
+    packs = heads + 2 * kv_heads if packed else heads
+    if not width or not packs or width % packs:
+        return spec
+    shape = list(spec.shape)
+    shape[3] = width // packs
+    if not isinstance(shape[1], int) and kv_heads:
+        shape[1] = kv_heads
+    return InputSpec(spec.name, spec.dtype, tuple(shape))
+
+
+def _output_width(model: onnx.ModelProto, tensor: str) -> int | None:
+    """The last dim of ``tensor`` when a MatMul with a constant weight (then maybe an Add) computes it."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    node = producers.get(tensor)
+    if node is not None and node.op_type == "Add":
+        node = next((producers[i] for i in node.input if i in producers and producers[i].op_type == "MatMul"), None)
+    if node is None or node.op_type != "MatMul" or len(weights.get(node.input[1], [])) != 2:
+        return None
+    return int(weights[node.input[1]][1])
 
 
 class BatchListReader:
