@@ -17,6 +17,10 @@ exports of it:
   ``decoder_model_merged.onnx`` (one ``If`` on ``use_cache_branch`` whose two branches hold every GEMM),
   made by optimum's ``merge_decoders`` from ``decoder_model.onnx`` and ``decoder_with_past_model.onnx``.
 
+With ``--genai-venv`` (``pip install onnxruntime-genai`` in a venv whose transformers is ≥ 5), onnxruntime-genai's
+model builder also writes ``<out>/<family>-genai-fp32/`` and ``-genai-int4/`` (GroupQueryAttention, packed QKV,
+SimplifiedLayerNormalization; int4: MatMulNBits) for llama and qwen2.
+
 Nothing is downloaded: the models are built from configs, the tokenizer from a fixed word list.
 """
 
@@ -110,6 +114,26 @@ _EXPORT = textwrap.dedent(
 )
 
 
+def export_genai(
+    venv: Path, out: Path, families: tuple[str, ...] = FAMILIES, precisions: tuple[str, ...] = ("fp32", "int4")
+) -> None:
+    """onnxruntime-genai builder folders ``<out>/<family>-genai-<precision>`` from the ``-hf`` folders (made by
+    :func:`export` first), with the python of ``venv`` (onnxruntime-genai installed; its builder needs
+    transformers ≥ 5, so a different venv than optimum's)."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"no python in {venv}: pip install onnxruntime-genai there first")
+    env = {**os.environ, "PYTHONPATH": ""}
+    for family in families:
+        for precision in precisions:
+            subprocess.run(
+                [str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(out / f"{family}-hf"),
+                 "-o", str(out / f"{family}-genai-{precision}"), "-p", precision, "-e", "cpu",
+                 "-c", str(out / ".genai-cache")],
+                check=True, env=env,
+            )  # fmt: skip
+
+
 def export(venv: Path, out: Path, families: tuple[str, ...] = FAMILIES) -> None:
     """Export ``families`` into ``out`` with the python of ``venv``; raises if an export fails."""
     python = venv / "bin" / "python"
@@ -125,9 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", type=Path, required=True, help="virtual environment with optimum-onnx")
     parser.add_argument("-o", "--out", type=Path, default=Path("samples/out/llm"))
+    parser.add_argument("--genai-venv", type=Path, help="virtual environment with onnxruntime-genai (optional)")
     parser.add_argument("--family", choices=FAMILIES, action="append", help="default: all")
     args = parser.parse_args(argv)
-    export(args.venv, args.out, tuple(args.family or FAMILIES))
+    families = tuple(args.family or FAMILIES)
+    export(args.venv, args.out, families)
+    if args.genai_venv:
+        export_genai(args.genai_venv, args.out, tuple(f for f in families if f != "gpt2"))
     return 0
 
 
