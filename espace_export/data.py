@@ -64,6 +64,9 @@ def _with_cache_dims(model: onnx.ModelProto, spec: InputSpec) -> InputSpec:
     the ``GroupQueryAttention`` reading it: the query's width over the heads it packs."""
     if len(spec.shape) != 4 or isinstance(spec.shape[3], int):
         return spec
+    joined = _concatenated_dims(model, spec)
+    if joined is not None:
+        return joined
     reader = next(
         (n for n in model.graph.node if n.op_type == "GroupQueryAttention" and spec.name in n.input[3:5]), None
     )
@@ -81,6 +84,26 @@ def _with_cache_dims(model: onnx.ModelProto, spec: InputSpec) -> InputSpec:
     if not isinstance(shape[1], int) and kv_heads:
         shape[1] = kv_heads
     return InputSpec(spec.name, spec.dtype, tuple(shape))
+
+
+def _concatenated_dims(model: onnx.ModelProto, spec: InputSpec) -> InputSpec | None:
+    """The past's missing dims from the new keys/values a ``Concat`` appends to it, as the graph's value_info
+    records them (the builders write it for every tensor)."""
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in model.graph.value_info}
+    for node in model.graph.node:
+        if node.op_type != "Concat" or spec.name not in node.input:
+            continue
+        for other in node.input:
+            dims = shapes.get(other)
+            if other == spec.name or dims is None or len(dims) != len(spec.shape):
+                continue
+            shape = list(spec.shape)
+            for axis, dim in enumerate(dims):
+                if axis != past_sequence_axis(spec) and not isinstance(shape[axis], int) and dim.HasField("dim_value"):
+                    shape[axis] = int(dim.dim_value)
+            if isinstance(shape[3], int):
+                return InputSpec(spec.name, spec.dtype, tuple(shape))
+    return None
 
 
 def _output_width(model: onnx.ModelProto, tensor: str) -> int | None:
