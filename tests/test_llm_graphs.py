@@ -316,3 +316,41 @@ def _weight_gemm_count(model: onnx.ModelProto) -> int:
         return total
 
     return count(model.graph)
+
+
+def _symbolic_head_size_graph(reader: str) -> onnx.ModelProto:
+    """A past input with genai's symbolic ``kv_cache_dim``, read by GroupQueryAttention (packed QKV from a
+    MatMul) or appended to by a Concat whose other input has a recorded shape."""
+    helper = onnx.helper
+    past = helper.make_tensor_value_info(
+        "past_key_values.0.key",
+        onnx.TensorProto.FLOAT,
+        ["batch_size", "kv_heads", "past_sequence_length", "kv_cache_dim"],
+    )
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch_size", "sequence_length", HIDDEN])
+    out = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    weight = onnx.numpy_helper.from_array(np.zeros((HIDDEN, (4 + 2 * 2) * 4), np.float32), "qkv")
+    nodes = [helper.make_node("MatMul", ["x", "qkv"], ["packed"])]
+    value_info = []
+    if reader == "gqa":
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention", ["packed", "", "", "past_key_values.0.key", "past_key_values.0.value"], ["y"],
+                domain="com.microsoft", num_heads=4, kv_num_heads=2,
+            )
+        )  # fmt: skip
+    else:
+        nodes.append(helper.make_node("Concat", ["past_key_values.0.key", "k_new"], ["y"], axis=2))
+        value_info.append(
+            helper.make_tensor_value_info("k_new", onnx.TensorProto.FLOAT, ["batch_size", 2, "sequence_length", 4])
+        )
+    graph = helper.make_graph(nodes, "g", [x, past], [out], [weight], value_info=value_info)
+    return helper.make_model(graph)
+
+
+@pytest.mark.parametrize("reader", ["gqa", "concat"])
+def test_symbolic_head_size_is_read_from_the_graph(reader: str) -> None:
+    spec = next(s for s in input_specs(_symbolic_head_size_graph(reader)) if s.name.startswith("past"))
+    assert spec.shape == ("batch_size", 2, "past_sequence_length", 4)
+    feed = complete_feed({"x": np.zeros((3, 5), np.int64)}, [spec])
+    assert feed[spec.name].shape == (3, 2, 0, 4)
