@@ -65,6 +65,7 @@ def resolve_model_folder(path: str | os.PathLike[str]) -> ModelFolder:
     if not path.is_dir():
         raise EspaceError(f"model not found: {path}", "pass an .onnx file or a model folder")
     genai = path / GENAI_CONFIG
+    kind: FolderKind
     if genai.is_file():
         model, kind = path / _genai_model_name(genai), "genai"
         if not model.is_file():
