@@ -63,7 +63,7 @@ from espace_export.selection.candidates import projection_mse
 from espace_export.selection.planner import PlanInputs, PlanSettings, make_plan, plan_summary
 from espace_export.selection.ranks import layer_compression, layer_rank
 from graph_passes import GemmTarget, find_targets
-from graph_passes.find import parameter_count
+from graph_passes.find import explain_no_targets, parameter_count
 from graph_passes.project import FoldedRangeWarning
 
 
@@ -189,10 +189,8 @@ class Run:
         ranks = self.options.ranks
         self.targets = find_targets(self.model, include_heads=ranks.include_heads)
         if not self.targets:
-            raise EspaceError(
-                f"{self.model_path} has no compressible GEMM (MatMul/Gemm with a 2-D constant weight)",
-                "check that weights are initializers (export with do_constant_folding) or use --include-heads",
-            )
+            problem, fix = explain_no_targets(self.model, include_heads=ranks.include_heads)
+            raise EspaceError(f"{self.model_path} {problem}", fix)
         select = self.options.selection.select
         self.layers = decide_layers(self.targets, ranks, self.options.selection.methods[0], select)
         self.groups = share_siblings(self.layers, ranks, select)

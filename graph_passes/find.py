@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -60,10 +61,18 @@ class GemmTarget:
     dtype: str  # numpy name of the weight dtype ("float32", "float16", ...)
     stored_transposed: bool = False  # the constant is stored [N, K]
     transpose_node: str | None = None  # the Transpose node, for matmul_transposed
+    # Further nodes reading the same weight the same way, as (node path, activation): the GEMM's copies in
+    # the other branches of an If (optimum's merged decoder), rewritten with the same P.
+    also: tuple[tuple[str, str], ...] = ()
 
     @property
     def params(self) -> int:
         return self.K * self.N
+
+    @property
+    def occurrences(self) -> tuple[tuple[str, str], ...]:
+        """Every (node path, activation) this target rewrites: its node first, then ``also``."""
+        return ((self.node, self.activation), *self.also)
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,16 @@ class ConstantTable:
 
     def names(self) -> list[str]:
         return list(self._protos)
+
+    def inner(self, graph: onnx.GraphProto) -> ConstantTable:
+        """The constants visible inside subgraph ``graph``: this (outer) scope's and its own."""
+        table = ConstantTable(graph, self._base_dir)
+        table._protos = {**self._protos, **table._protos}
+        return table
+
+    def is_outer(self, name: str, graph: onnx.GraphProto) -> bool:
+        """``name`` is a constant of this scope, not defined anew inside ``graph``."""
+        return name in self._protos and name not in ConstantTable(graph)._protos
 
     def __contains__(self, name: str) -> bool:
         return name in self._protos
@@ -152,20 +171,30 @@ def _layer_name(node: onnx.NodeProto, weight: str, index: int) -> str:
     return node.name or f"gemm_{index}"
 
 
-def _embedding_tables(graph: onnx.GraphProto, constants: ConstantTable) -> tuple[set[str], set[int]]:
-    """Names and row counts of 2-D constant tables gathered by integer graph inputs (token embeddings)."""
-    int_inputs = {
-        i.name for i in graph.input if i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
-    }
+def _embedding_tables(
+    graph: onnx.GraphProto, constants: ConstantTable, int_inputs: set[str] | None = None
+) -> tuple[set[str], set[int]]:
+    """Names and row counts of 2-D constant tables gathered by integer graph inputs (token embeddings),
+    including the word embedding of ONNX Runtime's fused ``EmbedLayerNormalization``."""
+    if int_inputs is None:
+        int_inputs = {
+            i.name
+            for i in graph.input
+            if i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+        }
     producers = {out: node for node in graph.node for out in node.output}
     names: set[str] = set()
     rows: set[int] = set()
     for node in graph.node:
-        if node.op_type != "Gather" or node.input[0] not in constants:
+        if node.op_type == "EmbedLayerNormalization" and len(node.input) > 2 and node.input[2] in constants:
+            table = node.input[2]
+        elif node.op_type == "Gather" and node.input[0] in constants:
+            table = node.input[0]
+        else:
             continue
-        if len(constants.dims(node.input[0])) != 2:
+        if len(constants.dims(table)) != 2:
             continue
-        index = node.input[1]
+        index = node.input[0] if node.op_type == "EmbedLayerNormalization" else node.input[1]
         # the indices may pass through a Cast/Reshape/Unsqueeze before the Gather
         for _ in range(3):
             producer = producers.get(index)
@@ -173,62 +202,246 @@ def _embedding_tables(graph: onnx.GraphProto, constants: ConstantTable) -> tuple
                 break
             index = producer.input[0]
         if index in int_inputs:
-            names.add(node.input[0])
-            rows.add(constants.dims(node.input[0])[0])
+            names.add(table)
+            rows.add(constants.dims(table)[0])
     return names, rows
 
 
+# Separates the parts of a node path: "<If node>::<then_branch|else_branch|body>::<node>" (nested as deep as
+# the graph goes); a node of the main graph is named by its plain name.
+SUBGRAPH_SEPARATOR = "::"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One graph of the model (the main graph, or a subgraph of an If/Loop/Scan) and the constants it sees."""
+
+    prefix: str  # "" for the main graph, else "<node path>::<attribute>::"
+    graph: onnx.GraphProto
+    constants: ConstantTable
+
+    @property
+    def is_main(self) -> bool:
+        return not self.prefix
+
+
+def scopes(model: onnx.ModelProto, base_dir: str = "") -> list[Scope]:
+    """The main graph and every subgraph in it, depth first, each with the constants visible there."""
+    found: list[Scope] = []
+
+    def visit(prefix: str, graph: onnx.GraphProto, constants: ConstantTable) -> None:
+        found.append(Scope(prefix, graph, constants))
+        for node in graph.node:
+            for attr in node.attribute:
+                subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+                for number, sub in enumerate(subgraphs):
+                    label = attr.name if len(subgraphs) == 1 else f"{attr.name}{number}"
+                    visit(
+                        f"{prefix}{node.name}{SUBGRAPH_SEPARATOR}{label}{SUBGRAPH_SEPARATOR}", sub, constants.inner(sub)
+                    )
+
+    visit("", model.graph, ConstantTable(model.graph, base_dir))
+    return found
+
+
+def node_path(prefix: str, name: str | bytes) -> str:
+    """A node's path: its plain name in the main graph (as the protobuf holds it), ``prefix + name`` inside a
+    subgraph (a name that is not valid UTF-8 is decoded with replacement characters)."""
+    if not prefix:
+        return name  # type: ignore[return-value]
+    return prefix + (name.decode("utf-8", "replace") if isinstance(name, bytes) else name)
+
+
+def nodes_by_path(model: onnx.ModelProto) -> dict[str, tuple[onnx.GraphProto, onnx.NodeProto]]:
+    """Every node of the model (subgraphs included) by its path, with the graph that holds it."""
+    return {
+        node_path(scope.prefix, node.name): (scope.graph, node) for scope in scopes(model) for node in scope.graph.node
+    }
+
+
 def find_targets(model: onnx.ModelProto, *, include_heads: bool = False) -> list[GemmTarget]:
-    """All weight GEMMs of ``model`` in graph order.
+    """All weight GEMMs of ``model`` in graph order, subgraphs included.
 
     ``role`` is ``"head"`` for output heads and embedding projections (name hints such as ``lm_head``
     or ``pooler``, an output width equal to the token-embedding vocabulary, or a weight shared with an
     embedding ``Gather``); those are returned only with ``include_heads=True``.
+
+    GEMMs inside ``If``/``Loop``/``Scan`` bodies count when their weight is a constant of the main graph;
+    the copies of one GEMM in several bodies (the two branches of optimum's merged decoder) are one target,
+    its first copy as ``node``/``activation`` and the others in ``also``, so each weight gets one P. A
+    model whose GEMMs are quantized also gets a :class:`QuantizedWeightsWarning` when float ones are found.
     """
     ensure_node_names(model)
-    graph = model.graph
-    constants = ConstantTable(graph)
-    producers = {out: node for node in graph.node for out in node.output}
-    table_names, vocab_rows = _embedding_tables(graph, constants)
+    all_scopes = scopes(model)
+    int_inputs = {
+        i.name
+        for i in model.graph.input
+        if i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+    }
+    table_names: set[str] = set()
+    vocab_rows: set[int] = set()
+    for scope in all_scopes:
+        names, rows = _embedding_tables(scope.graph, scope.constants, int_inputs)
+        table_names |= names
+        vocab_rows |= rows
+    main_constants = all_scopes[0].constants
     used_names: dict[str, int] = defaultdict(int)
     targets: list[GemmTarget] = []
-    matches = {index: m for index, node in enumerate(graph.node) if (m := _match(node, constants, producers))}
-    feeds_gemm = _feeds_any(graph, set(matches))
-
-    for index, match in matches.items():
-        node = graph.node[index]
-        pattern, weight, K, N, stored_transposed, transpose_node = match
-        name = _layer_name(node, weight, index)
-        used_names[name] += 1
-        if used_names[name] > 1:
-            name = f"{name}#{used_names[name]}"
-        lowered = name.lower() + " " + weight.lower()
-        # A vocabulary-wide output counts as a head only when no weight GEMM follows it (an MLP's
-        # intermediate width may equal the vocabulary size by coincidence).
-        is_head = (
-            any(hint in lowered for hint in _HEAD_NAME_HINTS)
-            or weight in table_names
-            or (N in vocab_rows and not feeds_gemm[index])
-        )
-        if is_head and not include_heads:
-            continue
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(constants.elem_type(weight)).name
-        targets.append(
-            GemmTarget(
-                name=name,
-                node=node.name,
-                pattern=pattern,
-                activation=node.input[0],
-                weight=weight,
-                K=K,
-                N=N,
-                role="head" if is_head else "block",
-                dtype=dtype,
-                stored_transposed=stored_transposed,
-                transpose_node=transpose_node,
+    # copies of one subgraph GEMM: (weight, pattern, transposed) → index into targets
+    shared: dict[tuple[str, str, bool], int] = {}
+    for scope in all_scopes:
+        graph = scope.graph
+        producers = {out: node for node in graph.node for out in node.output}
+        matches = {index: m for index, node in enumerate(graph.node) if (m := _match(node, scope.constants, producers))}
+        feeds_gemm = _feeds_any(graph, set(matches))
+        for index, match in matches.items():
+            node = graph.node[index]
+            pattern, weight, K, N, stored_transposed, transpose_node = match
+            path = node_path(scope.prefix, node.name)
+            if not scope.is_main:
+                if not main_constants.is_outer(weight, graph) or weight not in main_constants:
+                    continue  # a weight local to the body: not rewritten (see explain_no_targets)
+                key = (weight, pattern, stored_transposed)
+                if key in shared:
+                    first = targets[shared[key]]
+                    targets[shared[key]] = replace(first, also=(*first.also, (path, node.input[0])))
+                    continue
+            name = _layer_name(node, weight, index)
+            used_names[name] += 1
+            if used_names[name] > 1:
+                name = f"{name}#{used_names[name]}"
+            lowered = name.lower() + " " + weight.lower()
+            # A vocabulary-wide output counts as a head only when no weight GEMM follows it (an MLP's
+            # intermediate width may equal the vocabulary size by coincidence).
+            is_head = (
+                any(hint in lowered for hint in _HEAD_NAME_HINTS)
+                or weight in table_names
+                or (N in vocab_rows and not feeds_gemm[index])
             )
+            if is_head and not include_heads:
+                continue
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(scope.constants.elem_type(weight)).name
+            if not scope.is_main:
+                shared[(weight, pattern, stored_transposed)] = len(targets)
+            targets.append(
+                GemmTarget(
+                    name=name,
+                    node=path,
+                    pattern=pattern,
+                    activation=node.input[0],
+                    weight=weight,
+                    K=K,
+                    N=N,
+                    role="head" if is_head else "block",
+                    dtype=dtype,
+                    stored_transposed=stored_transposed,
+                    transpose_node=node_path(scope.prefix, transpose_node) if transpose_node else None,
+                )
+            )
+    quantized = quantized_gemms(model)
+    if targets and quantized:
+        warnings.warn(
+            f"{len(quantized)} GEMM(s) of this model have quantized weights ({_kinds(quantized)}) and stay as "
+            "they are; only the float ones are compressed. Compress the float model, then quantize",
+            QuantizedWeightsWarning,
+            stacklevel=2,
         )
     return targets
+
+
+class QuantizedWeightsWarning(UserWarning):
+    """Some GEMMs of the model have quantized weights, which ESPACE does not rewrite."""
+
+
+# Operators whose weight is stored quantized: what to call them in a message.
+QUANTIZED_OPS = {
+    "MatMulNBits": "MatMulNBits (4/8-bit block-quantized weights)",
+    "MatMulBnb4": "MatMulBnb4 (4-bit weights)",
+    "MatMulInteger": "MatMulInteger (int8 weights, quantize_dynamic)",
+    "DynamicQuantizeMatMul": "DynamicQuantizeMatMul (int8 weights)",
+    "MatMulIntegerToFloat": "MatMulIntegerToFloat (int8 weights)",
+    "QLinearMatMul": "QLinearMatMul (int8 weights)",
+    "QGemm": "QGemm (int8 weights)",
+    "QAttention": "QAttention (int8 weights)",
+    "GatherBlockQuantized": None,  # a quantized embedding, not a GEMM
+}
+_QDQ = "MatMul/Gemm fed by DequantizeLinear (QDQ-quantized weights)"
+
+
+def quantized_gemms(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(node path, what it is) of every GEMM whose weight is quantized: quantized contrib ops, and
+    MatMul/Gemm reading a ``DequantizeLinear`` of a constant (QDQ graphs)."""
+    found = []
+    for scope in scopes(model):
+        producers = {out: node for node in scope.graph.node for out in node.output}
+        for node in scope.graph.node:
+            kind = QUANTIZED_OPS.get(node.op_type)
+            if kind:
+                found.append((node_path(scope.prefix, node.name), kind))
+            elif node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+                producer = producers.get(node.input[1])
+                if producer is not None and producer.op_type == "Transpose":
+                    producer = producers.get(producer.input[0])
+                if (
+                    producer is not None
+                    and producer.op_type == "DequantizeLinear"
+                    and producer.input[0] in scope.constants
+                ):
+                    found.append((node_path(scope.prefix, node.name), _QDQ))
+    return found
+
+
+def _kinds(found: list[tuple[str, str]]) -> str:
+    counts: dict[str, int] = defaultdict(int)
+    for _, kind in found:
+        counts[kind] += 1
+    return ", ".join(f"{count}× {kind}" for kind, count in counts.items())
+
+
+def explain_no_targets(model: onnx.ModelProto, *, include_heads: bool = False) -> tuple[str, str]:
+    """Why :func:`find_targets` found nothing in ``model``, and the fix, as (problem, fix) for a one-line
+    error: quantized weights, heads only, weights that are graph inputs or pass through foldable nodes,
+    GEMMs whose weight lives inside a subgraph body, or no GEMM at all."""
+    quantized = quantized_gemms(model)
+    if quantized:
+        return (
+            f"has no float GEMM weight to compress: its GEMMs are quantized ({_kinds(quantized)})",
+            "ESPACE rewrites float weights: compress the float model, then quantize it",
+        )
+    if not include_heads and find_targets(model, include_heads=True):
+        return (
+            "has no transformer-block GEMM, only output heads (lm_head, pooler, classifier)",
+            "pass --include-heads to compress the heads",
+        )
+    inputs = {i.name for i in model.graph.input}
+    gemms = [
+        (scope, node)
+        for scope in scopes(model)
+        for node in scope.graph.node
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1
+    ]
+    if not gemms:
+        ops = sorted({node.op_type for scope in scopes(model) for node in scope.graph.node})
+        return (
+            f"has no MatMul or Gemm node (operators: {', '.join(ops[:12])}{'…' if len(ops) > 12 else ''})",
+            "espace-export compresses MatMul/Gemm layers: export the model without fused GEMM operators",
+        )
+    for _scope, node in gemms:
+        if node.input[1] in inputs:
+            return (
+                f"reads its GEMM weights from graph inputs (e.g. '{node.input[1]}'), not from constants",
+                "export with the weights stored in the model (torch.onnx.export(..., export_params=True))",
+            )
+    for scope, node in gemms:
+        if node.input[1] in scope.constants and not scope.is_main:
+            return (
+                f"keeps its GEMM weights inside a subgraph body (e.g. '{node.input[1]}' in {scope.prefix[:-2]})",
+                "store the weights as initializers of the main graph (optimum's merge_decoders does)",
+            )
+    return (
+        "has no MatMul/Gemm with a 2-D constant weight (weights are computed by other nodes)",
+        "fold constants first (torch.onnx.export(..., do_constant_folding=True), or onnxslim / onnxsim)",
+    )
 
 
 def _feeds_any(graph: onnx.GraphProto, gemm_indices: set[int]) -> list[bool]:
@@ -255,11 +468,15 @@ def _match(
     if len(node.input) < 2:
         return None
     b = node.input[1]
-    if node.op_type == "MatMul":
+    if node.op_type == "MatMul" or (node.op_type == "Attention" and node.domain == "com.microsoft"):
+        # com.microsoft Attention reads X·W with its packed QKV weight [K, 3N] as input 1, and takes any
+        # input width K: the projected pair is Attention(X·P, PᵀW) with the same attributes.
         if b in constants:
             dims = constants.dims(b)
             if len(dims) == 2 and constants.elem_type(b) in _FLOAT_TYPES:
                 return "matmul", b, dims[0], dims[1], False, None
+            return None
+        if node.op_type != "MatMul":
             return None
         transpose = producers.get(b)
         if transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] in constants:
@@ -296,24 +513,30 @@ def weight_matrix(model: onnx.ModelProto, target: GemmTarget) -> np.ndarray:
 
 
 def find_projected_pairs(model: onnx.ModelProto) -> list[ProjectedPair]:
-    """The projected pairs written by :func:`graph_passes.project.project`, found through their node tags."""
-    constants = ConstantTable(model.graph)
-    tagged: dict[str, dict[str, onnx.NodeProto]] = defaultdict(dict)
-    for node in model.graph.node:
-        props = {p.key: p.value for p in node.metadata_props}
-        if ESPACE_LAYER_KEY in props:
-            for layer in props[ESPACE_LAYER_KEY].split(","):
-                tagged[layer][props.get(ESPACE_ROLE_KEY, "")] = node
+    """The projected pairs written by :func:`graph_passes.project.project`, found through their node tags
+    (in subgraphs too; a layer rewritten in several branches is one pair, its first copy)."""
+    tagged: dict[str, dict[str, tuple[str, onnx.NodeProto, ConstantTable]]] = defaultdict(dict)
+    for scope in scopes(model):
+        for node in scope.graph.node:
+            props = {p.key: p.value for p in node.metadata_props}
+            if ESPACE_LAYER_KEY in props:
+                for layer in props[ESPACE_LAYER_KEY].split(","):
+                    tagged[layer].setdefault(props.get(ESPACE_ROLE_KEY, ""), (scope.prefix, node, scope.constants))
     pairs = []
     for layer, roles in tagged.items():
         if "project" not in roles or "expand" not in roles:
             continue
-        K, L = constants.dims(roles["project"].input[1])
-        expand = roles["expand"]
-        dims = constants.dims(expand.input[1])
+        prefix, project_node, constants = roles["project"]
+        K, L = constants.dims(project_node.input[1])
+        _, expand, expand_constants = roles["expand"]
+        dims = expand_constants.dims(expand.input[1])
         trans_b = expand.op_type == "Gemm" and bool(_attr(expand, "transB", 0))
         N = dims[0] if trans_b else dims[1]
-        pairs.append(ProjectedPair(layer, roles["project"].name, expand.name, K, L, N))
+        pairs.append(
+            ProjectedPair(
+                layer, node_path(prefix, project_node.name), node_path(roles["expand"][0], expand.name), K, L, N
+            )
+        )
     return pairs
 
 
@@ -323,16 +546,23 @@ def sanitize(name: str) -> str:
 
 
 def ensure_node_names(model: onnx.ModelProto) -> None:
-    """Give every unnamed node of the main graph a unique name (``<op>_<index>``); named nodes keep theirs."""
-    taken = {node.name for node in model.graph.node if node.name}
-    for index, node in enumerate(model.graph.node):
-        if node.name:
-            continue
-        name = f"{node.op_type}_{index}"
-        while name in taken:
-            name += "_"
-        node.name = name
-        taken.add(name)
+    """Give every unnamed node (of the main graph and of each subgraph) a name unique in its graph
+    (``<op>_<index>``); named nodes keep theirs."""
+
+    def name_nodes(graph: onnx.GraphProto) -> None:
+        taken = {node.name for node in graph.node if node.name}
+        for index, node in enumerate(graph.node):
+            if not node.name:
+                name = f"{node.op_type}_{index}"
+                while name in taken:
+                    name += "_"
+                node.name = name
+                taken.add(name)
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    name_nodes(sub)
+
+    name_nodes(model.graph)
 
 
 def parameter_count(model: onnx.ModelProto) -> int:

@@ -30,7 +30,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graph_passes.find import ESPACE_LAYER_KEY, ESPACE_ROLE_KEY, GemmTarget, sanitize, weight_matrix
+from graph_passes.find import (
+    ESPACE_LAYER_KEY,
+    ESPACE_ROLE_KEY,
+    GemmTarget,
+    nodes_by_path,
+    sanitize,
+    scopes,
+    weight_matrix,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,10 @@ def project(
 ) -> onnx.ModelProto:
     """Rewrite ``model`` in place (and return it) so each projection's target becomes a projected pair.
 
+    A target with copies in subgraph bodies (``target.also``) is rewritten in every copy with the same P
+    and the same PᵀW, both stored once in the main graph (visible from every body); each copy gets its own
+    ``X·P`` node inside its body.
+
     Models exported with their weights listed as graph inputs (IR < 4 requires it; ``torch.onnx.export``
     with ``keep_initializers_as_inputs``) keep those inputs and their default values: the graph's signature
     does not change, though a replaced weight is then still stored, unread (``keep_weight_inputs=False``
@@ -69,11 +81,14 @@ def project(
     graph = model.graph
     if model.ir_version and model.ir_version < 4:
         model.ir_version = 4
-    position = {node.name: i for i, node in enumerate(graph.node)}
-    nodes = {node.name: node for node in graph.node}
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    inserts: dict[str, list[onnx.NodeProto]] = {}
-    shared: dict[tuple[str, str], onnx.NodeProto] = {}
+    located = nodes_by_path(model)
+    position = {path: i for i, path in enumerate(located)}
+    taken = {t.name for t in graph.initializer}
+    for scope in scopes(model):
+        taken |= {t.name for t in scope.graph.initializer} | {o for n in scope.graph.node for o in n.output}
+    inserts: dict[int, dict[str, list[onnx.NodeProto]]] = {}  # id(graph) → node name → nodes before it
+    shared: dict[tuple[int, str, str], onnx.NodeProto] = {}
+    stored_p: dict[str, str] = {}  # hash of P → its initializer
 
     def fresh(name: str) -> str:
         unique, suffix = name, 1
@@ -88,7 +103,6 @@ def project(
         K, L = projection.P.shape
         if K != target.K:
             raise ValueError(f"{target.name}: P has {K} rows, the layer has K={target.K}")
-        node = nodes[target.node]
         dtype = np.dtype(target.dtype)
         p_stored = projection.P.astype(dtype)
         if projection.folded is None:
@@ -100,37 +114,44 @@ def project(
         _warn_if_out_of_range(target.name, folded_exact, dtype)
         folded = folded_exact.astype(dtype)
         stem = sanitize(target.name)
-
-        key = (target.activation, hashlib.sha1(p_stored.tobytes() + str(p_stored.shape).encode()).hexdigest())
-        project_node = shared.get(key)
-        if project_node is None:
-            p_name = fresh(f"{stem}.espace_P")
-            graph.initializer.append(numpy_helper.from_array(p_stored, p_name))
-            project_node = onnx.helper.make_node(
-                "MatMul",
-                [target.activation, p_name],
-                [fresh(f"{stem}.espace_xp")],
-                name=fresh(f"{node.name}/espace_project"),
-            )
-            _tag(project_node, target.name, "project")
-            shared[key] = project_node
-            inserts.setdefault(node.name, []).append(project_node)
-        else:
-            _append_layer(project_node, target.name)
-
+        digest = hashlib.sha1(p_stored.tobytes() + str(p_stored.shape).encode()).hexdigest()
         folded_name = fresh(f"{stem}.espace_PtW")
         stored = folded.T if (target.pattern == "gemm" and target.stored_transposed) else folded
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(stored), folded_name))
-        node.input[0] = project_node.output[0]
-        node.input[1] = folded_name
-        _tag(node, target.name, "expand")
 
-    rewritten = []
-    for node in graph.node:
-        rewritten.extend(inserts.get(node.name, []))
-        rewritten.append(node)
-    del graph.node[:]
-    graph.node.extend(rewritten)
+        for path, activation in target.occurrences:
+            holder, node = located[path]
+            key = (id(holder), activation, digest)
+            project_node = shared.get(key)
+            if project_node is None:
+                if digest not in stored_p:
+                    stored_p[digest] = fresh(f"{stem}.espace_P")
+                    graph.initializer.append(numpy_helper.from_array(p_stored, stored_p[digest]))
+                project_node = onnx.helper.make_node(
+                    "MatMul",
+                    [activation, stored_p[digest]],
+                    [fresh(f"{stem}.espace_xp")],
+                    name=fresh(f"{node.name}/espace_project"),
+                )
+                _tag(project_node, target.name, "project")
+                shared[key] = project_node
+                inserts.setdefault(id(holder), {}).setdefault(node.name, []).append(project_node)
+            else:
+                _append_layer(project_node, target.name)
+            node.input[0] = project_node.output[0]
+            node.input[1] = folded_name
+            _tag(node, target.name, "expand")
+
+    for scope in scopes(model):
+        before = inserts.get(id(scope.graph))
+        if not before:
+            continue
+        rewritten = []
+        for node in scope.graph.node:
+            rewritten.extend(before.get(node.name, []))
+            rewritten.append(node)
+        del scope.graph.node[:]
+        scope.graph.node.extend(rewritten)
     remove_unused_constants(model, keep_weight_inputs=keep_weight_inputs)
     return model
 
@@ -190,16 +211,18 @@ def remove_unused_constants(model: onnx.ModelProto, *, keep_weight_inputs: bool 
     outputs = {o.name for o in graph.output}
     changed = True
     while changed:
-        read = _names_read(graph.node) | outputs
-        dead = [
-            node
-            for node in graph.node
-            if all(o not in read for o in node.output)
-            and (node.op_type == "Constant" or (node.op_type == "Transpose" and node.input[0] in initializers))
-        ]
-        for node in dead:
-            graph.node.remove(node)
-        changed = bool(dead)
+        changed = False
+        for scope in scopes(model):  # dead weight Transposes inside bodies would keep the weight alive
+            read = _names_read(scope.graph.node) | {o.name for o in scope.graph.output}
+            dead = [
+                node
+                for node in scope.graph.node
+                if all(o not in read for o in node.output)
+                and (node.op_type == "Constant" or (node.op_type == "Transpose" and node.input[0] in initializers))
+            ]
+            for node in dead:
+                scope.graph.node.remove(node)
+            changed = changed or bool(dead)
     read = _names_read(graph.node) | outputs
     removed = initializers - read
     for index in reversed(range(len(graph.initializer))):  # in place: big tensors are never copied

@@ -9,7 +9,7 @@ Padding tokens (``attention_mask == 0``) are left out of the statistics.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -18,7 +18,7 @@ from scipy.linalg import blas
 
 from espace_export.errors import EspaceError, runtime_errors
 from espace_export.io.data import InputSpec, complete_feed, input_specs
-from graph_passes.find import GemmTarget
+from graph_passes.find import SUBGRAPH_SEPARATOR, GemmTarget
 from graph_passes.statistics import MIN_OPSET, add_gram_outputs, default_opset
 
 StatsPrecision = Literal["float32", "float64"]
@@ -137,6 +137,13 @@ def collect_statistics(
     ``session_factory`` turns the augmented model into an object with onnxruntime's ``run`` method.
     """
     specs = list(specs) if specs is not None else input_specs(model)
+    model, measured, keys = prefill_view(session_factory, model, targets, batches, specs)
+    if keys:  # GEMMs inside If branches: measured on the main-graph copy of the branch the inputs select
+        stats = collect_statistics(
+            session_factory, model, measured, batches, precision=precision, specs=specs, on_batch=on_batch,
+            normalized=normalized, reduce=reduce,
+        )  # fmt: skip
+        return {original: stats[inlined] for original, inlined in keys.items()}
     if reduce != "host" and default_opset(model) >= MIN_OPSET:
         try:
             return check_finite(
@@ -162,6 +169,58 @@ def collect_statistics(
         if on_batch is not None:
             on_batch()
     return check_finite(stats)
+
+
+def prefill_view(
+    session_factory: Callable[[onnx.ModelProto], object],
+    model: onnx.ModelProto,
+    targets: Sequence[GemmTarget],
+    batches: Sequence[dict[str, np.ndarray]],
+    specs: Sequence[InputSpec],
+) -> tuple[onnx.ModelProto, list[GemmTarget], dict[str, str]]:
+    """The model to calibrate ``targets`` on, when some of them sit inside ``If`` branches.
+
+    Each main-graph ``If`` is replaced by the branch the (completed) first batch selects — for optimum's merged
+    decoder fed the prefill, its no-past branch — so the activations are main-graph tensors that can be made
+    outputs. Returns that model, the targets re-pointed at their copies in it, and original activation →
+    measured activation (empty, and the model unchanged, when every target is in the main graph already).
+    Targets inside Loop/Scan bodies, or only in the branch not taken, are refused.
+    """
+    main = {i.name for i in model.graph.input} | {o for node in model.graph.node for o in node.output}
+    if all(t.activation in main for t in targets) or not batches:
+        return model, list(targets), {}
+    from graph_passes.inline import BRANCHES, inline_branches
+
+    feed = complete_feed(batches[0], specs)
+    conditions = {node.name: node.input[0] for node in model.graph.node if node.op_type == "If"}
+    unknown = [c for c in conditions.values() if c not in feed]
+    values = dict(feed)
+    if unknown:
+        probe = with_outputs(model, unknown, dict.fromkeys(unknown, onnx.TensorProto.BOOL))
+        with runtime_errors("to evaluate the branch conditions", _LOAD_FIX):
+            values.update(zip(unknown, session_factory(probe).run(unknown, feed), strict=True))  # type: ignore[attr-defined]
+    choices = {name: bool(np.asarray(values[cond]).reshape(-1)[0]) for name, cond in conditions.items()}
+    inlined = inline_branches(model, choices)
+    prefixes = tuple(
+        f"{name}{SUBGRAPH_SEPARATOR}{BRANCHES[taken]}{SUBGRAPH_SEPARATOR}" for name, taken in choices.items()
+    )
+    measured, keys = [], {}
+    produced = {o for node in inlined.graph.node for o in node.output}
+    for target in targets:
+        found = next(
+            ((path, activation) for path, activation in target.occurrences
+             if activation in main or (path.startswith(prefixes) and activation in produced)),
+            None,
+        )  # fmt: skip
+        if found is None:
+            raise EspaceError(
+                f"layer {target.name} runs only in a Loop/Scan body or in an If branch the calibration inputs "
+                "do not select, so it cannot be calibrated",
+                f"--exclude '{target.name}'",
+            )
+        measured.append(replace(target, node=found[0], activation=found[1], also=()))
+        keys[target.activation] = found[1]
+    return inlined, measured, keys
 
 
 def check_finite(stats: dict[str, ActivationStats]) -> dict[str, ActivationStats]:

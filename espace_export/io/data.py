@@ -60,7 +60,66 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             else:
                 dims.append(dim.dim_param or None)
         specs.append(InputSpec(value.name, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type), tuple(dims)))
-    return specs
+    return [_with_cache_dims(model, spec) if is_past_input(spec.name) else spec for spec in specs]
+
+
+def _with_cache_dims(model: onnx.ModelProto, spec: InputSpec) -> InputSpec:
+    """A KV-cache input whose head size is symbolic (onnxruntime-genai writes ``kv_cache_dim``) gets it from
+    the ``GroupQueryAttention`` reading it: the query's width over the heads it packs."""
+    if len(spec.shape) != 4 or isinstance(spec.shape[3], int):
+        return spec
+    joined = _concatenated_dims(model, spec)
+    if joined is not None:
+        return joined
+    reader = next(
+        (n for n in model.graph.node if n.op_type == "GroupQueryAttention" and spec.name in n.input[3:5]), None
+    )
+    if reader is None:
+        return spec
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in reader.attribute}
+    heads, kv_heads = int(attrs.get("num_heads", 0)), int(attrs.get("kv_num_heads", 0))
+    width = _output_width(model, reader.input[0])
+    packed = len(reader.input) < 2 or not reader.input[1]  # Q, K and V in one input
+    packs = heads + 2 * kv_heads if packed else heads
+    if not width or not packs or width % packs:
+        return spec
+    shape = list(spec.shape)
+    shape[3] = width // packs
+    if not isinstance(shape[1], int) and kv_heads:
+        shape[1] = kv_heads
+    return InputSpec(spec.name, spec.dtype, tuple(shape))
+
+
+def _concatenated_dims(model: onnx.ModelProto, spec: InputSpec) -> InputSpec | None:
+    """The past's missing dims from the new keys/values a ``Concat`` appends to it, as the graph's value_info
+    records them (the builders write it for every tensor)."""
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in model.graph.value_info}
+    for node in model.graph.node:
+        if node.op_type != "Concat" or spec.name not in node.input:
+            continue
+        for other in node.input:
+            dims = shapes.get(other)
+            if other == spec.name or dims is None or len(dims) != len(spec.shape):
+                continue
+            shape = list(spec.shape)
+            for axis, dim in enumerate(dims):
+                if axis != past_sequence_axis(spec) and not isinstance(shape[axis], int) and dim.HasField("dim_value"):
+                    shape[axis] = int(dim.dim_value)
+            if isinstance(shape[3], int):
+                return InputSpec(spec.name, spec.dtype, tuple(shape))
+    return None
+
+
+def _output_width(model: onnx.ModelProto, tensor: str) -> int | None:
+    """The last dim of ``tensor`` when a MatMul with a constant weight (then maybe an Add) computes it."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    node = producers.get(tensor)
+    if node is not None and node.op_type == "Add":
+        node = next((producers[i] for i in node.input if i in producers and producers[i].op_type == "MatMul"), None)
+    if node is None or node.op_type != "MatMul" or len(weights.get(node.input[1], [])) != 2:
+        return None
+    return int(weights[node.input[1]][1])
 
 
 class BatchListReader:
@@ -285,17 +344,88 @@ def random_token_batches(
     ]
 
 
+def is_past_input(name: str) -> bool:
+    """A KV-cache input as exporters name it: ``past_key_values.0.key`` (optimum, onnxruntime-genai),
+    ``past_key_values.0`` / ``past.0`` / ``past_0`` (older GPT-2 exports), ``past_key.0``, ``past_value.0``."""
+    lowered = name.lower()
+    return lowered.startswith(("past_key_values", "past.", "past_", "pkv")) or lowered == "past"
+
+
+def past_sequence_axis(spec: InputSpec) -> int:
+    """The axis of a KV-cache input that grows with the past: the one whose symbolic name says so
+    (``past_sequence_length``, ``past_seq``, ``total_length``…), else the second-to-last
+    (``[batch, heads, past, head_dim]`` and ``[2, batch, heads, past, head_dim]`` alike)."""
+    for axis, dim in enumerate(spec.shape):
+        if isinstance(dim, str) and any(word in dim.lower() for word in ("past", "seq", "length", "cache")):
+            return axis
+    return len(spec.shape) - 2
+
+
+def empty_past(spec: InputSpec, batch: int) -> np.ndarray:
+    """A zero-length past for a KV-cache input: static dims kept, the past axis 0, the batch axis ``batch``.
+
+    The batch axis is the symbolic one (other than the past axis); a past input with another unknown dim
+    cannot be filled in (the number of heads or the head size must be in the graph).
+    """
+    seq_axis = past_sequence_axis(spec)
+    dims = []
+    for axis, dim in enumerate(spec.shape):
+        if axis == seq_axis:
+            dims.append(0)
+        elif isinstance(dim, int):
+            dims.append(dim)
+        elif batch not in dims or (isinstance(dim, str) and "batch" in dim.lower()):
+            dims.append(batch)
+        else:
+            raise EspaceError(
+                f"model input '{spec.name}' {_shape_text(spec.shape)} has more than one unknown dim besides its "
+                "past length, so its zero-length past cannot be made",
+                "export the model with static head counts and sizes, or give the past in --calib-data",
+            )
+    return np.zeros(dims, dtype=spec.dtype)
+
+
+def past_length(feed: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> int:
+    """The past length of the KV-cache inputs the feed already holds (0 when it holds none)."""
+    for spec in specs:
+        value = feed.get(spec.name)
+        if value is not None and is_past_input(spec.name) and value.ndim == len(spec.shape):
+            return int(value.shape[past_sequence_axis(spec)])
+    return 0
+
+
 def complete_feed(feed: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
     """Add the inputs exporters expect but users rarely give: attention_mask (ones), position_ids
-    (0..S-1), token_type_ids (zeros) and scalar integer inputs such as ``logits_to_keep`` (0)."""
+    (0..S-1), token_type_ids (zeros) and scalar integer inputs such as ``logits_to_keep`` (0).
+
+    Decoder graphs with a KV cache get the prefill: every past input (``past_key_values.*``, ``past.*``)
+    an empty past of its static shape, ``use_cache_branch`` False (optimum's merged decoder then runs its
+    no-past branch), ``cache_position`` 0..S-1. When the feed holds a past of length P already, the mask
+    covers P + S positions and positions continue at P.
+    """
     complete = dict(feed)
     reference = next((v for v in feed.values() if v.ndim == 2 and np.issubdtype(v.dtype, np.integer)), None)
+    past = past_length(feed, specs)
     for spec in specs:
         if spec.name in complete:
             continue
         name = spec.name.lower()
+        if reference is not None and is_past_input(spec.name) and len(spec.shape) >= 3:
+            if past:
+                raise EspaceError(
+                    f"the calibration data holds part of the KV cache but not '{spec.name}'",
+                    "give every past_key_values input, or none (calibration then runs the prefill)",
+                )
+            complete[spec.name] = empty_past(spec, reference.shape[0])
+            continue
+        if "use_cache_branch" in name and spec.dtype == np.bool_:
+            complete[spec.name] = np.full([d if isinstance(d, int) else 1 for d in spec.shape], past > 0, np.bool_)
+            continue
         if len(spec.shape) == 0 and spec.is_integer:
             complete[spec.name] = np.zeros((), dtype=spec.dtype)
+            continue
+        if reference is not None and "cache_position" in name and len(spec.shape) == 1 and spec.is_integer:
+            complete[spec.name] = np.arange(past, past + reference.shape[1], dtype=spec.dtype)
             continue
         if reference is None or len(spec.shape) != 2 or not spec.is_integer:
             raise EspaceError(
@@ -306,9 +436,11 @@ def complete_feed(feed: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> di
         batch, seq = reference.shape
         if "attention_mask" in name or name == "mask":
             mask = feed.get("attention_mask")
-            complete[spec.name] = np.ones((batch, seq), dtype=spec.dtype) if mask is None else mask.astype(spec.dtype)
+            complete[spec.name] = (
+                np.ones((batch, past + seq), dtype=spec.dtype) if mask is None else mask.astype(spec.dtype)
+            )
         elif "position_ids" in name:
-            complete[spec.name] = np.broadcast_to(np.arange(seq, dtype=spec.dtype), (batch, seq)).copy()
+            complete[spec.name] = np.broadcast_to(np.arange(past, past + seq, dtype=spec.dtype), (batch, seq)).copy()
         elif "token_type_ids" in name:
             complete[spec.name] = np.zeros((batch, seq), dtype=spec.dtype)
         else:
@@ -320,12 +452,15 @@ def complete_feed(feed: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> di
 
 
 def vocab_size(model: onnx.ModelProto) -> int | None:
-    """Rows of the largest embedding table gathered by an integer graph input."""
-    from graph_passes.find import ConstantTable, _embedding_tables
+    """Rows of the largest embedding table gathered by an integer graph input (in If/Loop bodies too, and
+    inside ``EmbedLayerNormalization``)."""
+    from graph_passes.find import _embedding_tables, scopes
 
-    constants = ConstantTable(model.graph)
-    names, _ = _embedding_tables(model.graph, constants)
-    return max((constants.dims(n)[0] for n in names), default=None)
+    int_inputs = {s.name for s in input_specs(model) if s.is_integer}
+    rows: set[int] = set()
+    for scope in scopes(model):
+        rows |= _embedding_tables(scope.graph, scope.constants, int_inputs)[1]
+    return max(rows, default=None)
 
 
 def split_holdout(

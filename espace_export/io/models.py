@@ -207,15 +207,116 @@ def read_arrays(path: str | os.PathLike[str], what: str, fix: str) -> dict[str, 
 
 
 def check_model(path: str | os.PathLike[str]) -> None:
-    """``onnx.checker`` by path (works past the 2 GB protobuf limit), as an :class:`EspaceError`."""
+    """The model's structure, checked as ONNX Runtime will take it, as an :class:`EspaceError`.
+
+    ``onnx.checker`` runs by path (works past the 2 GB protobuf limit). Operators ONNX does not define but
+    ONNX Runtime registers in the default domain (``SimplifiedLayerNormalization``, ``RotaryEmbedding``, …,
+    written by onnxruntime-genai's builder) are accepted: the rest of the graph is then checked with those
+    nodes moved to a private domain. Contrib ops in other domains (``com.microsoft``) the checker already
+    leaves to the runtime. The message says what is wrong: an unreadable file, an operator no runtime
+    knows, or an inconsistent graph.
+    """
     try:
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(str(path), full_check=False)
+        return
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _first_line(exc)
+    if "No Op registered for" not in reason:
+        raise EspaceError(*_checker_failure(path, reason)) from None
+    model = onnx.load(str(path), load_external_data=False)  # the graph only: small whatever the weights
+    unknown = sorted(runtime_only_ops(model))
+    strangers = [op for op in unknown if op not in runtime_default_domain_ops()]
+    if strangers:
         raise EspaceError(
-            f"{path} fails onnx.checker: {reason[:200]}",
-            "the file may be truncated or corrupted: re-export the model",
-        ) from None
+            f"{path} uses operator {strangers[0]!r} (default domain), which neither ONNX nor ONNX Runtime "
+            f"{_ort_version()} defines",
+            "re-export with standard ONNX operators, or upgrade onnxruntime if a newer one has it",
+        )
+    _move_to_private_domain(model, set(unknown))
+    _forget_external_data(model)  # checked by check_external_data; in memory the checker would look in the cwd
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as exc:
+        raise EspaceError(*_checker_failure(path, _first_line(exc))) from None
+
+
+_PRIVATE_DOMAIN = "espace.checker.onnxruntime"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _checker_failure(path: str | os.PathLike[str], reason: str) -> tuple[str, str]:
+    """Problem and fix for a checker failure, by its cause."""
+    if "parse" in reason.lower() or "protobuf" in reason.lower():
+        return (
+            f"{path} is not a readable ONNX model ({reason[:160]})",
+            "the file may be truncated or not ONNX: copy it again or re-export it",
+        )
+    return (
+        f"{path} is not a valid ONNX graph (onnx.checker: {reason[:200]})",
+        "the exporter wrote an inconsistent graph: re-export the model (or report it to the exporter)",
+    )
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [*attr.graphs, *([attr.g] if attr.HasField("g") else [])]:
+                yield from _all_nodes(sub)
+
+
+def runtime_only_ops(model: onnx.ModelProto) -> set[str]:
+    """Default-domain operator types of ``model`` (subgraphs included) that ONNX does not define at the
+    model's opset."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    unknown = set()
+    for node in _all_nodes(model.graph):
+        if node.domain in ("", "ai.onnx"):
+            try:
+                onnx.defs.get_schema(node.op_type, opset, "")
+            except Exception:  # SchemaError: no such operator at this opset
+                unknown.add(node.op_type)
+    return unknown
+
+
+def runtime_default_domain_ops() -> frozenset[str]:
+    """Operators the installed ONNX Runtime has kernels for in the default domain (any provider)."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+        return frozenset(k.op_name for k in ort_state.get_all_opkernel_def() if k.domain in ("", "ai.onnx"))
+    except Exception:  # no onnxruntime, or a build without the registry: trust only ONNX
+        return frozenset()
+
+
+def _ort_version() -> str:
+    try:
+        import onnxruntime
+
+        return str(onnxruntime.__version__)
+    except Exception:
+        return "(not installed)"
+
+
+def _forget_external_data(model: onnx.ModelProto) -> None:
+    for tensor in _tensors(model):
+        if _is_external(tensor):
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+            del tensor.dims[:]
+            tensor.dims.append(0)
+
+
+def _move_to_private_domain(model: onnx.ModelProto, ops: set[str]) -> None:
+    for node in _all_nodes(model.graph):
+        if node.domain in ("", "ai.onnx") and node.op_type in ops:
+            node.domain = _PRIVATE_DOMAIN
+    if ops:
+        model.opset_import.append(onnx.helper.make_opsetid(_PRIVATE_DOMAIN, 1))
 
 
 def model_bytes(model: onnx.ModelProto) -> int:

@@ -1,0 +1,163 @@
+"""Export tiny random-init decoder LLMs the way deployment engineers do: with optimum's exporter.
+
+The exporters pin incompatible ``transformers`` versions (optimum-onnx 0.1 wants < 4.58), so they run in their
+own virtual environment, given as ``--venv``; this script itself only needs the standard library::
+
+    python -m venv --system-site-packages /work/venvs/optimum
+    /work/venvs/optimum/bin/pip install optimum-onnx 'transformers<4.58'
+    python samples/export_llm_fixtures.py --venv /work/venvs/optimum -o samples/out/llm
+
+For each family (``llama``, ``qwen2``, ``gpt2``: hidden 64, 2 layers, vocab 512, random weights) it writes a
+``save_pretrained`` folder ``<out>/<family>-hf`` (config, weights, a tiny word-level tokenizer) and optimum
+exports of it:
+
+- ``<out>/<family>-with-past/``: ``optimum-cli export onnx --task text-generation-with-past`` (``model.onnx``
+  with ``past_key_values.*`` inputs, ``present.*`` outputs);
+- ``<out>/<family>-merged/``: the same, ``--no-post-process`` off, i.e. the legacy merged decoder
+  ``decoder_model_merged.onnx`` (one ``If`` on ``use_cache_branch`` whose two branches hold every GEMM),
+  made by optimum's ``merge_decoders`` from ``decoder_model.onnx`` and ``decoder_with_past_model.onnx``.
+
+With ``--genai-venv`` (``pip install onnxruntime-genai`` in a venv whose transformers is ≥ 5), onnxruntime-genai's
+model builder also writes ``<out>/<family>-genai-fp32/`` and ``-genai-int4/`` (GroupQueryAttention, packed QKV,
+SimplifiedLayerNormalization; int4: MatMulNBits) for llama and qwen2.
+
+Nothing is downloaded: the models are built from configs, the tokenizer from a fixed word list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+FAMILIES = ("llama", "qwen2", "gpt2")
+
+# Runs inside the exporter's venv: build the HF folder, export with-past, then the merged decoder.
+_EXPORT = textwrap.dedent(
+    """
+    import os, sys, json
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    from pathlib import Path
+    import torch
+    import transformers
+    family, out = sys.argv[1], Path(sys.argv[2])
+    torch.manual_seed(0)
+    common = dict(vocab_size=512, max_position_embeddings=128)
+    if family == "llama":
+        config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, **common)
+        model = transformers.LlamaForCausalLM(config)
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, **common)
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128)
+        model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():  # random biases and norm scales, as in a trained checkpoint
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name or "ln" in name else 0.0))
+    hf = out / f"{family}-hf"
+    model.eval().save_pretrained(hf)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(509)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", pad_token="</s>")
+    fast.save_pretrained(hf)
+    from optimum.exporters.onnx import main_export
+    main_export(str(hf), output=str(out / f"{family}-with-past"), task="text-generation-with-past",
+                no_post_process=True, do_validation=False, opset=17)
+    # The merged decoder (optimum < 2 wrote it by default): a decoder without past inputs (the with-past graph
+    # reading zero-length past made from the batch size) merged with the with-past decoder by merge_decoders.
+    import onnx
+    from onnx import helper, numpy_helper, TensorProto
+    import numpy as np
+    merged = out / f"{family}-merged"
+    merged.mkdir(parents=True, exist_ok=True)
+    with_past = onnx.load(str(out / f"{family}-with-past" / "model.onnx"))
+    no_past = onnx.ModelProto()
+    no_past.CopyFrom(with_past)
+    graph = no_past.graph
+    pasts = [i for i in graph.input if i.name.startswith("past_key_values")]
+    nodes = [helper.make_node("Shape", ["input_ids"], ["nopast::shape"], start=0, end=1)]
+    for index, value in enumerate(pasts):
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        rest = numpy_helper.from_array(np.array([dims[1], 0, dims[3]], dtype=np.int64), f"nopast::rest{index}")
+        graph.initializer.append(rest)
+        nodes += [helper.make_node("Concat", ["nopast::shape", rest.name], [f"nopast::dims{index}"], axis=0),
+                  helper.make_node("ConstantOfShape", [f"nopast::dims{index}"], [f"nopast::past{index}"],
+                                   value=helper.make_tensor("zero", value.type.tensor_type.elem_type, [1], [0]))]
+    renamed = {value.name: f"nopast::past{index}" for index, value in enumerate(pasts)}
+    for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    kept = [i for i in graph.input if not i.name.startswith("past_key_values")]
+    del graph.input[:]
+    graph.input.extend(kept)
+    body = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + body)
+    from optimum.onnx import merge_decoders
+    merge_decoders(no_past, with_past, save_path=str(merged / "decoder_model_merged.onnx"), strict=False)
+    import shutil
+    for extra in (out / f"{family}-with-past").iterdir():
+        if extra.suffix != ".onnx" and not extra.name.endswith(".onnx_data"):
+            shutil.copy(extra, merged / extra.name)
+    print("exported", family, sorted(p.name for p in merged.iterdir()))
+    """
+)
+
+
+def export_genai(
+    venv: Path, out: Path, families: tuple[str, ...] = FAMILIES, precisions: tuple[str, ...] = ("fp32", "int4")
+) -> None:
+    """onnxruntime-genai builder folders ``<out>/<family>-genai-<precision>`` from the ``-hf`` folders (made by
+    :func:`export` first), with the python of ``venv`` (onnxruntime-genai installed; its builder needs
+    transformers ≥ 5, so a different venv than optimum's)."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"no python in {venv}: pip install onnxruntime-genai there first")
+    env = {**os.environ, "PYTHONPATH": ""}
+    for family in families:
+        for precision in precisions:
+            subprocess.run(
+                [str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(out / f"{family}-hf"),
+                 "-o", str(out / f"{family}-genai-{precision}"), "-p", precision, "-e", "cpu",
+                 "-c", str(out / ".genai-cache")],
+                check=True, env=env,
+            )  # fmt: skip
+
+
+def export(venv: Path, out: Path, families: tuple[str, ...] = FAMILIES) -> None:
+    """Export ``families`` into ``out`` with the python of ``venv``; raises if an export fails."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"no python in {venv}: create the venv first (see this script's docstring)")
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": ""}  # the exporter's own packages, not the project's checkout
+    for family in families:
+        subprocess.run([str(python), "-c", _EXPORT, family, str(out)], check=True, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--venv", type=Path, required=True, help="virtual environment with optimum-onnx")
+    parser.add_argument("-o", "--out", type=Path, default=Path("samples/out/llm"))
+    parser.add_argument("--genai-venv", type=Path, help="virtual environment with onnxruntime-genai (optional)")
+    parser.add_argument("--family", choices=FAMILIES, action="append", help="default: all")
+    args = parser.parse_args(argv)
+    families = tuple(args.family or FAMILIES)
+    export(args.venv, args.out, families)
+    if args.genai_venv:
+        export_genai(args.genai_venv, args.out, tuple(f for f in families if f != "gpt2"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

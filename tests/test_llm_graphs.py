@@ -1,0 +1,356 @@
+"""LLM deployment graphs: KV-cache inputs, merged decoders (GEMMs inside If branches), ONNX Runtime's own
+operators, packed QKV, quantized weights.
+
+The graphs are built with onnx.helper (tests/_graphs.py) so these run everywhere; the optimum exports made
+by samples/export_llm_fixtures.py are tested at the end when ``ESPACE_LLM_FIXTURES`` names their folder.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from espace_export import EspaceError, compress
+from espace_export.io.data import complete_feed, input_specs, random_token_batches, vocab_size
+from espace_export.io.models import check_model, load_model
+from graph_passes import Projection, find_targets, project
+from graph_passes.find import QuantizedWeightsWarning, explain_no_targets, find_projected_pairs, quantized_gemms
+from tests._graphs import (
+    HEAD_DIM,
+    HIDDEN,
+    KV_HEADS,
+    VOCAB,
+    decoder_feeds,
+    kv_decoder,
+    matmul_nbits_model,
+    merged_decoder,
+    packed_attention_encoder,
+    pattern_zoo,
+    run,
+)
+
+GEMMS_PER_DECODER = 5  # q, k, v, o, lm_head
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def _relative_errors(reference: list[np.ndarray], other: list[np.ndarray]) -> list[float]:
+    return [float(np.linalg.norm(b - a) / np.linalg.norm(a)) for a, b in zip(reference, other, strict=True)]
+
+
+# --- validity is what ONNX Runtime accepts ------------------------------------------------------------------
+
+
+def test_runtime_ops_in_the_default_domain_are_valid(tmp_path: Path) -> None:
+    path = _save(kv_decoder(), tmp_path / "genai_like.onnx")
+    with pytest.raises(onnx.checker.ValidationError, match="SimplifiedLayerNormalization"):
+        onnx.checker.check_model(str(path))  # what the tool used to report as "corrupted"
+    check_model(path)
+    assert len(load_model(path).graph.node) > 0
+    run(onnx.load(str(path)), decoder_feeds())  # and ONNX Runtime runs it
+
+
+def test_unknown_operator_and_truncated_file_are_told_apart(tmp_path: Path) -> None:
+    model = kv_decoder()
+    next(n for n in model.graph.node if n.op_type == "Relu").op_type = "NoSuchOp"
+    with pytest.raises(EspaceError, match="'NoSuchOp'.*neither ONNX nor ONNX Runtime") as unknown:
+        check_model(_save(model, tmp_path / "unknown.onnx"))
+    assert "truncated" not in str(unknown.value)
+    good = _save(kv_decoder(), tmp_path / "good.onnx")
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(EspaceError, match="truncated"):
+        load_model(cut)
+
+
+def test_external_data_graph_with_runtime_ops_checks(tmp_path: Path) -> None:
+    path = tmp_path / "external.onnx"
+    onnx.save(kv_decoder(), str(path), save_as_external_data=True, location="external.onnx.data", size_threshold=0)
+    check_model(path)
+    load_model(path, load_weights=False)
+
+
+# --- KV-cache inputs -----------------------------------------------------------------------------------
+
+
+def test_prefill_feed_fills_the_kv_cache_inputs() -> None:
+    specs = input_specs(merged_decoder())
+    ids = np.zeros((3, 7), dtype=np.int64)
+    feed = complete_feed({"input_ids": ids}, specs)
+    assert feed["past_key_values.0.key"].shape == (3, KV_HEADS, 0, HEAD_DIM)
+    assert feed["past_key_values.0.value"].dtype == np.float32
+    assert feed["use_cache_branch"].tolist() == [False]
+    assert feed["attention_mask"].shape == (3, 7)
+    assert feed["position_ids"][1].tolist() == list(range(7))
+
+
+def test_feed_with_a_past_continues_positions_and_mask() -> None:
+    specs = input_specs(merged_decoder())
+    given = decoder_feeds(batch=2, seq=1, past=4)
+    del given["attention_mask"], given["position_ids"]
+    feed = complete_feed(given, specs)
+    assert feed["attention_mask"].shape == (2, 5)
+    assert feed["position_ids"].tolist() == [[4], [4]]
+    assert feed["use_cache_branch"].tolist() == [True]
+    partial = {"input_ids": given["input_ids"], "past_key_values.0.key": given["past_key_values.0.key"]}
+    with pytest.raises(EspaceError, match="part of the KV cache"):
+        complete_feed(partial, specs)
+
+
+def test_random_calibration_batches_run_on_kv_graphs() -> None:
+    for model in (kv_decoder(), merged_decoder()):
+        specs = input_specs(model)
+        assert vocab_size(model) == VOCAB
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            batches = random_token_batches(specs, VOCAB, batch_size=2, seq_len=6, num_batches=1, seed=0)
+        outputs = run(model, complete_feed(batches[0], specs))
+        assert outputs[1].shape == (2, KV_HEADS, 6, HEAD_DIM)
+
+
+@pytest.mark.parametrize("builder", [kv_decoder, merged_decoder], ids=["with-past", "merged"])
+def test_exact_rewrite_of_kv_graphs_at_empty_and_filled_past(builder, tmp_path: Path) -> None:
+    source = _save(builder(), tmp_path / "decoder.onnx")
+    result = compress(
+        source, rank=WIDE_ENOUGH, include_heads=True, output=tmp_path / "exact.onnx", seq_len=6, num_batches=2,
+        batch_size=2, holdout=0.0,
+    )  # fmt: skip
+    assert result.report["layers_compressed"] == GEMMS_PER_DECODER
+    original, compressed = onnx.load(str(source)), onnx.load(str(result.output))
+    merged = builder is merged_decoder
+    for past in (0, 3):
+        feed = decoder_feeds(past=past, merged=merged)
+        errors = _relative_errors(run(original, feed), run(compressed, feed))
+        assert max(errors) <= 1e-5, (past, errors)  # logits and present.* alike
+
+
+WIDE_ENOUGH = 64  # ≥ every K of the decoders
+
+
+def test_ratio_half_runs_and_counts_every_gemm(tmp_path: Path) -> None:
+    source = _save(merged_decoder(), tmp_path / "merged.onnx")
+    result = compress(
+        source, ratio=0.5, min_rank=4, output=tmp_path / "half.onnx", seq_len=6, num_batches=2, batch_size=2,
+        holdout=0.0,
+    )  # fmt: skip
+    assert 0.3 < result.report["targeted_compression"] < 0.8
+    compressed = onnx.load(str(result.output))
+    for past in (0, 2):
+        outputs = run(compressed, decoder_feeds(past=past, merged=True))
+        assert all(np.isfinite(o).all() for o in outputs)
+
+
+# --- GEMMs inside If branches --------------------------------------------------------------------------
+
+
+def _gemm_count(graph: onnx.GraphProto) -> int:
+    count = 0
+    for node in graph.node:
+        count += node.op_type in ("MatMul", "Gemm")
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                count += _gemm_count(attr.g)
+    return count
+
+
+def test_branch_gemms_are_one_target_per_weight() -> None:
+    model = merged_decoder()
+    targets = find_targets(model, include_heads=True)
+    assert _gemm_count(model.graph) == 2 * GEMMS_PER_DECODER
+    assert sorted(t.weight for t in targets) == ["Wk", "Wlm", "Wo", "Wq", "Wv"]
+    for target in targets:
+        paths = [path for path, _ in target.occurrences]
+        assert len(paths) == 2 and {p.split("::")[2] for p in paths} == {"else_branch", "then_branch"}
+
+
+def test_branches_share_one_projection_per_weight(tmp_path: Path) -> None:
+    model = merged_decoder()
+    targets = find_targets(model)
+    rng = np.random.default_rng(0)
+    P = np.linalg.qr(rng.standard_normal((HIDDEN, 8)))[0]
+    project(model, [Projection(t, P) for t in targets if t.K == HIDDEN])
+    check_model(_save(model, tmp_path / "projected.onnx"))  # no dangling names in either branch
+    initializers = {t.name for t in model.graph.initializer}
+    assert not {"Wq", "Wk", "Wv", "Wo"} & initializers  # every copy rewritten, the dense weights gone
+    assert sum(name.endswith("espace_P") for name in initializers) == 1  # one P for q, k, v, o and both branches
+    assert {p.name for p in find_projected_pairs(model)} == {t.name for t in targets if t.K == HIDDEN}
+    for past in (0, 2):
+        assert all(np.isfinite(o).all() for o in run(model, decoder_feeds(past=past, merged=True)))
+
+
+# --- packed and fused weights --------------------------------------------------------------------------
+
+
+def test_packed_qkv_attention_is_a_target_and_its_vocabulary_is_found() -> None:
+    model = packed_attention_encoder()
+    targets = find_targets(model)
+    attention = next(t for t in targets if t.weight == "qkv_weight")
+    assert (attention.K, attention.N) == (HIDDEN, 3 * HIDDEN)
+    assert vocab_size(model) == VOCAB  # the word embedding inside EmbedLayerNormalization
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 5)).astype(np.int32)
+    feed = {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)}
+    reference = run(model, feed)[0]
+    exact = onnx.ModelProto()
+    exact.CopyFrom(model)
+    project(exact, [Projection(t, np.eye(HIDDEN)) for t in find_targets(exact)])
+    assert _relative_errors([reference], run(exact, feed))[0] <= 1e-5
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    P = np.linalg.qr(np.random.default_rng(1).standard_normal((HIDDEN, HIDDEN // 2)))[0]
+    project(half, [Projection(t, P) for t in find_targets(half)])  # Attention takes the narrower input
+    assert np.isfinite(run(half, feed)[0]).all()
+
+
+# --- quantized weights ---------------------------------------------------------------------------------
+
+
+def test_quantized_only_model_is_refused_with_the_right_hint() -> None:
+    model = matmul_nbits_model()
+    assert find_targets(model) == []
+    problem, fix = explain_no_targets(model)
+    assert "MatMulNBits" in problem and "do_constant_folding" not in fix
+    assert "compress the float model, then quantize" in fix
+
+
+def test_mixed_model_warns_about_its_quantized_gemms() -> None:
+    with pytest.warns(QuantizedWeightsWarning, match="MatMulNBits"):
+        targets = find_targets(matmul_nbits_model(float_too=True))
+    assert [t.weight for t in targets] == ["Wd"]
+
+
+def test_dynamic_int8_and_qdq_graphs_are_named(tmp_path: Path) -> None:
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    source = _save(pattern_zoo(), tmp_path / "zoo.onnx")
+    dynamic = tmp_path / "zoo.int8.onnx"
+    quantization.quantize_dynamic(str(source), str(dynamic), weight_type=quantization.QuantType.QInt8)
+    kinds = {kind for _, kind in quantized_gemms(onnx.load(str(dynamic)))}
+    assert any("MatMulInteger" in k or "DynamicQuantizeMatMul" in k for k in kinds), kinds
+    qdq = pattern_zoo()
+    wq = next(t for t in qdq.graph.initializer if t.name == "Wq")
+    scale = onnx.numpy_helper.from_array(np.array(0.05, np.float32), "Wq_scale")
+    quantized = onnx.numpy_helper.from_array(np.zeros((wq.dims[0], wq.dims[1]), np.int8), "Wq_int8")
+    qdq.graph.initializer.extend([scale, quantized])
+    qdq.graph.node.insert(0, onnx.helper.make_node("DequantizeLinear", ["Wq_int8", "Wq_scale"], ["Wq_dq"]))
+    next(n for n in qdq.graph.node if n.name.endswith("q_proj/MatMul")).input[1] = "Wq_dq"
+    with pytest.warns(QuantizedWeightsWarning, match="DequantizeLinear"):
+        assert "Wq" not in {t.weight for t in find_targets(qdq)}
+
+
+def test_no_gemm_hint_depends_on_the_graph() -> None:
+    heads_only = pattern_zoo()
+    keep = {"embed", "tie_transpose"}
+    nodes = [n for n in heads_only.graph.node if n.name in keep]
+    nodes.append(onnx.helper.make_node("MatMul", ["emb", "E_t"], ["logits"], name="/lm_head/MatMul"))
+    del heads_only.graph.node[:]
+    heads_only.graph.node.extend(nodes)
+    problem, fix = explain_no_targets(heads_only)
+    assert "--include-heads" in fix
+    weights_as_inputs = pattern_zoo()
+    for node in weights_as_inputs.graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            node.input[1] = "x2"
+    problem, fix = explain_no_targets(weights_as_inputs)
+    assert "graph inputs" in problem and "export_params" in fix
+
+
+# --- optimum exports (samples/export_llm_fixtures.py), when made --------------------------------------
+
+FIXTURES = Path(os.environ.get("ESPACE_LLM_FIXTURES", "samples/out/llm"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("layout", ["with-past/model.onnx", "merged/decoder_model_merged.onnx"])
+def test_optimum_exports_rewrite_exactly(family: str, layout: str, tmp_path: Path) -> None:
+    folder, name = layout.split("/")
+    source = FIXTURES / f"{family}-{folder}" / name
+    if not source.exists():
+        pytest.skip(f"{source} not made: python samples/export_llm_fixtures.py --venv VENV -o {FIXTURES}")
+    model = onnx.load(str(source))
+    targets = find_targets(model, include_heads=True)
+    assert sum(1 + len(t.also) for t in targets) == _weight_gemm_count(model)
+    result = compress(
+        source, rank=512, include_heads=True, output=tmp_path / "exact.onnx", seq_len=8, num_batches=2,
+        batch_size=2, holdout=0.0,
+    )  # fmt: skip
+    compressed = onnx.load(str(result.output))
+    specs = input_specs(model)
+    rng = np.random.default_rng(0)
+    prefill = complete_feed({"input_ids": rng.integers(0, 512, size=(2, 6))}, specs)
+    names = [o.name for o in model.graph.output]
+    reference = run(model, prefill)
+    assert max(_relative_errors(reference, run(compressed, prefill))) <= 1e-5
+    step = {"input_ids": rng.integers(0, 512, size=(2, 1))}
+    step |= {
+        n.replace("present", "past_key_values"): v for n, v in zip(names, reference, strict=True) if "present" in n
+    }
+    decode = complete_feed(step, specs)
+    assert max(_relative_errors(run(model, decode), run(compressed, decode))) <= 1e-5
+
+
+def _weight_gemm_count(model: onnx.ModelProto) -> int:
+    """MatMul/Gemm nodes (subgraphs included) whose second input is a 2-D float initializer of the main graph,
+    directly or through a Transpose."""
+    weights = {t.name for t in model.graph.initializer if len(t.dims) == 2 and t.data_type in (1, 10, 16)}
+
+    def count(graph: onnx.GraphProto) -> int:
+        producers = {o: n for n in graph.node for o in n.output}
+        total = 0
+        for node in graph.node:
+            if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+                b = node.input[1]
+                if b in producers and producers[b].op_type == "Transpose":
+                    b = producers[b].input[0]
+                total += b in weights
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    total += count(attr.g)
+        return total
+
+    return count(model.graph)
+
+
+def _symbolic_head_size_graph(reader: str) -> onnx.ModelProto:
+    """A past input with genai's symbolic ``kv_cache_dim``, read by GroupQueryAttention (packed QKV from a
+    MatMul) or appended to by a Concat whose other input has a recorded shape."""
+    helper = onnx.helper
+    past = helper.make_tensor_value_info(
+        "past_key_values.0.key",
+        onnx.TensorProto.FLOAT,
+        ["batch_size", "kv_heads", "past_sequence_length", "kv_cache_dim"],
+    )
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch_size", "sequence_length", HIDDEN])
+    out = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    weight = onnx.numpy_helper.from_array(np.zeros((HIDDEN, (4 + 2 * 2) * 4), np.float32), "qkv")
+    nodes = [helper.make_node("MatMul", ["x", "qkv"], ["packed"])]
+    value_info = []
+    if reader == "gqa":
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention", ["packed", "", "", "past_key_values.0.key", "past_key_values.0.value"], ["y"],
+                domain="com.microsoft", num_heads=4, kv_num_heads=2,
+            )
+        )  # fmt: skip
+    else:
+        nodes.append(helper.make_node("Concat", ["past_key_values.0.key", "k_new"], ["y"], axis=2))
+        value_info.append(
+            helper.make_tensor_value_info("k_new", onnx.TensorProto.FLOAT, ["batch_size", 2, "sequence_length", 4])
+        )
+    graph = helper.make_graph(nodes, "g", [x, past], [out], [weight], value_info=value_info)
+    return helper.make_model(graph)
+
+
+@pytest.mark.parametrize("reader", ["gqa", "concat"])
+def test_symbolic_head_size_is_read_from_the_graph(reader: str) -> None:
+    spec = next(s for s in input_specs(_symbolic_head_size_graph(reader)) if s.name.startswith("past"))
+    assert spec.shape == ("batch_size", 2, "past_sequence_length", 4)
+    feed = complete_feed({"x": np.zeros((3, 5), np.int64)}, [spec])
+    assert feed[spec.name].shape == (3, 2, 0, 4)
