@@ -83,7 +83,8 @@ RANDOMIZED_MAX_FRACTION = 0.25
 @dataclass(frozen=True)
 class SolverSettings:
     """How :func:`eigen_decomposition` decomposes: ``solver`` (``auto`` | ``lapack`` | ``randomized``),
-    ``device`` (``cpu``, or a torch device such as ``cuda`` / ``cuda:1``: the same linear algebra in torch)
+    ``device`` (``cpu``: numpy/LAPACK; a torch device such as ``cuda`` / ``cuda:1``: the same linear
+    algebra in torch there; ``torch:cpu`` runs the torch code on the CPU, for tests)
     and ``precision`` of the randomized iterations (``float32`` halves their cost; the final Rayleigh–Ritz
     step is always float64, see :func:`randomized_eigh`)."""
 
@@ -191,7 +192,8 @@ def _eigh(C: np.ndarray, top: int, both_ends: bool) -> tuple[np.ndarray, np.ndar
 def _torch_eigh(C: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    values, vectors = torch.linalg.eigh(torch.as_tensor(C, dtype=torch.float64, device=device))
+    C_device = torch.as_tensor(C, dtype=torch.float64, device=device.removeprefix("torch:"))
+    values, vectors = torch.linalg.eigh(C_device)
     return values.cpu().numpy(), vectors.cpu().numpy()
 
 
@@ -328,7 +330,7 @@ class _LinearAlgebra:
     """The few dense operations :func:`randomized_eigh` needs, on numpy (``cpu``) or on a torch device."""
 
     def __init__(self, device: str) -> None:
-        self.device = device
+        self.device = device.removeprefix("torch:")
         self.torch: Any = None
         if device != "cpu":
             import torch
