@@ -84,7 +84,9 @@ def main() -> None:
             for precision in ("float64", "float32"):
                 iterations = []
 
-                def run(precision: str = precision, iterations: list[int] = iterations) -> np.ndarray:
+                def run(
+                    precision: str = precision, iterations: list[int] = iterations, C: np.ndarray = C, L: int = L
+                ) -> np.ndarray:
                     result = randomized_eigh(C, L, by_magnitude=magnitude, precision=precision)  # type: ignore[arg-type]
                     iterations.append(result.iterations)
                     return result.vectors

@@ -317,6 +317,11 @@ def _chebyshev_filter(ops: _LinearAlgebra, C: Any, V: Any, CV: Any, theta: Any, 
     if degree <= 1 or bound <= 1e-12 * largest:  # the block spans C's range: filtering cannot help
         return CV
     center, half_width = (0.0, bound) if by_magnitude else (bound / 2, bound / 2)
+    # Rounding leaves every column a component ~eps along the top eigenvectors, which the filter amplifies
+    # by T(x_max) relative to the column's own direction: cap the degree so that stays far below 1/eps.
+    x_max = max((largest - center) / half_width, 1.0 + 1e-12)
+    limit = math.acosh(1e4 if V.dtype in (np.float32, getattr(ops.torch, "float32", None)) else 1e18)
+    degree = max(1, min(degree, int(limit / math.acosh(x_max))))
     previous, current = V, (CV - center * V) / half_width
     for _ in range(degree - 1):
         following = 2 * ((C @ current) - center * current) / half_width - previous
