@@ -443,6 +443,7 @@ def make_plan(
     groups: Sequence[Sequence[str]] | None = None,
     progressive: bool = True,
     on_step: Callable[[str, int], None] | None = None,
+    fisher: Any = None,
 ) -> Plan:
     """Decide, per targeted layer, whether and how it is compressed.
 
@@ -453,7 +454,9 @@ def make_plan(
       targeted weights is saved (or to the curve's inflection point with ``stop="knee"``), skipping layers
       whose alone-increase exceeds ``max_layer_loss`` (relative; the paper uses 0.02);
     * ``proxy`` — the same with the relative output error ``E‖x(W − AB)‖²/E‖xW‖²`` as the score: no extra
-      model passes, blind to how the rest of the network amplifies a layer's error.
+      model passes, blind to how the rest of the network amplifies a layer's error;
+    * ``fisher`` — the same with the Fisher estimate of the loss change (:func:`harm.fisher_harm`) from
+      ``fisher`` (:func:`harm.collect_fisher_samples`: one forward + backward pass over calibration data).
 
     ``groups``: sibling layers (reading one activation, given one rank in ``ranks``) that share one
     projection; each group is scored, ranked and applied as one unit (see :meth:`Factorizer.unit`).
@@ -464,8 +467,10 @@ def make_plan(
     ``on_step(phase, total)`` is called before each scored trial (for progress bars).
     """
     check_methods(methods)
-    if select not in ("none", "validate", "proxy"):
-        raise EspaceError(f"unknown selection {select!r}", "use none, validate or proxy")
+    if select not in ("none", "validate", "proxy", "fisher"):
+        raise EspaceError(f"unknown selection {select!r}", "use none, validate, proxy or fisher")
+    if select == "fisher" and fisher is None:
+        raise EspaceError("--select fisher needs activation gradients", "collect them with harm.collect_fisher_samples")
     if select == "validate" and validator is None:
         raise EspaceError("--select validate needs validation data", "give calibration data with enough batches")
     by_name = {t.name: t for t in targets}
@@ -479,6 +484,8 @@ def make_plan(
                 layers[name].group = unit[0]
     baseline = validator.baseline if validator is not None else None
     score_kind = f"validation loss ({validator.loss})" if select == "validate" else "relative output error (proxy)"
+    if select == "fisher":
+        score_kind = f"Fisher estimate of the loss change ({fisher.loss} gradients)"
     plan = Plan(ratio, select, list(methods), score_kind, baseline, list(layers.values()), fingerprint(model, targets))
     plan.info["siblings"] = "shared" if any(len(unit) > 1 for unit in units) else "separate"
 
@@ -504,6 +511,12 @@ def make_plan(
             if select == "validate":
                 override = {name: validator.effective(name, f.weight()) for name, f in factorizations.items()}
                 scores[method] = float(validator.evaluate(override))
+            elif select == "fisher":
+                from espace_export.harm import fisher_harm
+
+                scores[method] = fisher_harm(
+                    fisher, dict(zip(unit, factorizer.weights(unit), strict=True)), factorizations
+                )
             else:
                 scores[method] = _unit_output_error(
                     factorizer.weights(unit), unit, factorizations, calibration, by_name[unit[0]].activation
