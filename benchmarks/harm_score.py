@@ -5,8 +5,10 @@ calibrates on the *train* split, then plans three ways at the same rank per laye
 
 * ``validate`` — each unit × method applied alone on the *validation* batches (the exact mode; its per-unit
   harm is the reference),
-* ``fisher`` — :func:`espace_export.harm.fisher_harm` from one forward + backward pass over the calibration
-  batches (:func:`espace_export.harm.collect_fisher_samples`),
+* ``fisher`` — :func:`espace_export.harm.fisher_harm` from one forward + backward pass over
+  ``--fisher-batches`` calibration batches (:func:`espace_export.harm.collect_fisher_samples`; as many
+  tokens as the validation set by default); for the LM with labels sampled from the model (true Fisher,
+  the default) and with the data's labels (``next-token``, the empirical Fisher),
 * ``proxy`` — the calibrated relative output error E‖x(W − AB)‖²/E‖xW‖²,
 
 and prints the Spearman rank correlation of each cheap score with the validated one, over units (each
@@ -22,6 +24,7 @@ rows to the dense model's (MiniLM; higher is better), with the compression it re
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -61,43 +64,54 @@ def measure(name: str, path: Path, tokenizer: Path, texts: dict[str, Path], args
     causal = validator.loss == "kl"
     tester = Validator(model, targets, test, loss="kl" if causal else "distill")
 
-    tick = time.perf_counter()
-    samples = collect_fisher_samples(model, targets, calib)
-    fisher_s = time.perf_counter() - tick
-
     layer_ratio = max(0.5, args.ratio)
     decisions = decide_layers(
         targets, ratio=layer_ratio, candidate=args.methods[0], rank_rule="1", min_rank=16, rank=None
     )
     groups = share_siblings(decisions, ratio=layer_ratio, rank_rule="1", min_rank=16, rank=None) if args.shared else []
     ranks = {d.target.name: d.L for d in decisions}
+    losses = ["auto", *(["next-token"] if causal else [])]
+    fisher_batches = calib[: args.fisher_batches]
     plans: dict[str, Any] = {}
     cost: dict[str, dict[str, float]] = {}
-    for select in ("validate", "fisher", "proxy"):
+    tokens = 0
+    for select in ("validate", *(f"fisher:{loss}" for loss in losses), "proxy"):
+        samples, collect_s = None, 0.0
+        if select.startswith("fisher"):
+            tick = time.perf_counter()
+            samples = collect_fisher_samples(model, targets, fisher_batches, loss=select.split(":")[1])  # type: ignore[arg-type]
+            collect_s, tokens = time.perf_counter() - tick, samples.tokens
+            select = f"fisher ({samples.loss})"
         passes_before = validator.passes
         tick = time.perf_counter()
         plans[select] = make_plan(
-            model, targets, ranks, calibration, ratio=args.ratio, methods=args.methods, select=select,
-            validator=validator if select == "validate" else None, fisher=samples if select == "fisher" else None,
-            full_curve=False, groups=groups,
+            model, targets, ranks, calibration, ratio=args.ratio, methods=args.methods,
+            select="fisher" if samples is not None else select,
+            validator=validator if select == "validate" else None, fisher=samples, full_curve=False, groups=groups,
         )  # fmt: skip
-        seconds = time.perf_counter() - tick + (fisher_s if select == "fisher" else 0.0)
+        seconds = time.perf_counter() - tick
         cost[select] = {
             "passes": validator.passes - passes_before,
-            "seconds": seconds,
-            "in_passes": seconds / pass_s,
+            "collect_seconds": collect_s,
+            "seconds": seconds + collect_s,
+            "in_passes": (seconds + collect_s) / pass_s,
         }
     units = [layer for layer in plans["validate"].layers if layer.scores and (layer.group in (None, layer.name))]
     reference = np.array([u.harm for u in units])
     correlations: dict[str, dict[str, float]] = {}
-    for select in ("fisher", "proxy"):
+    per_unit: dict[str, dict[str, Any]] = {u.name: {"validate": u.harm, "method": u.method} for u in units}
+    for select in plans:
+        if select == "validate":
+            continue
         by_name = {layer.name: layer for layer in plans[select].layers}
-        per_unit = spearmanr(reference, [by_name[u.name].harm for u in units]).statistic
+        for u in units:
+            per_unit[u.name][select] = by_name[u.name].harm
+        unit_rho = spearmanr(reference, [by_name[u.name].harm for u in units]).statistic
         trials_ref = [u.scores[m] for u in units for m in args.methods]
         trials = [by_name[u.name].scores[m] for u in units for m in args.methods]
-        per_trial = spearmanr(trials_ref, trials).statistic
+        trial_rho = spearmanr(trials_ref, trials).statistic
         same_method = np.mean([by_name[u.name].method == u.method for u in units])
-        correlations[select] = {"units": float(per_unit), "trials": float(per_trial), "same_method": float(same_method)}
+        correlations[select] = {"units": float(unit_rho), "trials": float(trial_rho), "same_method": float(same_method)}
     fidelity: dict[str, dict[str, float]] = {}
     for select, plan in plans.items():
         overrides = {n: tester.effective(n, f.weight()) for n, f in plan.factors.items()}
@@ -106,16 +120,18 @@ def measure(name: str, path: Path, tokenizer: Path, texts: dict[str, Path], args
             "metric": loss if causal else 1.0 - loss,
             "compression": plan_summary(plan, targets)["targeted_compression_planned"],
             "layers": len(plan.factors),
+            "selected": sorted(plan.factors),
         }
     return {
         "model": name,
         "metric": "test KL to dense (nats/token)" if causal else "test cosine to dense",
         "units": len(units),
-        "tokens": samples.tokens,
+        "tokens": tokens,
         "pass_seconds": pass_s,
         "correlation": correlations,
         "cost": cost,
         "fidelity": fidelity,
+        "per_unit": per_unit,
     }
 
 
@@ -129,13 +145,17 @@ def report(result: dict) -> str:
     ]
     for select, c in result["correlation"].items():
         lines.append(f"| {select} | {c['units']:.3f} | {c['trials']:.3f} | {c['same_method']:.0%} |")
-    lines += ["", f"| selection | validation passes | seconds | in passes | {result['metric']} | compression |"]
-    lines.append("|---|---|---|---|---|---|")
+    lines += [
+        "",
+        f"| selection | validation passes | seconds (of which gradient pass) | in passes | {result['metric']} "
+        "| compression | layers |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|")
     for select, f in result["fidelity"].items():
         c = result["cost"][select]
         lines.append(
-            f"| {select} | {c['passes']} | {c['seconds']:.1f} | {c['in_passes']:.1f} | {f['metric']:.5f} | "
-            f"{f['compression']:.3f} |"
+            f"| {select} | {c['passes']} | {c['seconds']:.1f} ({c['collect_seconds']:.1f}) | {c['in_passes']:.1f} | "
+            f"{f['metric']:.4g} | {f['compression']:.3f} | {f['layers']} |"
         )
     return "\n".join(lines)
 
@@ -151,9 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--valid-batches", type=int, default=2)
     parser.add_argument("--test-batches", type=int, default=8)
+    parser.add_argument("--fisher-batches", type=int, default=2, help="calibration batches the Fisher pass reads")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure and per-unit score here")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     args = parser.parse_args(argv)
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         texts = _split_files(Path(tmp))
         for name in args.models:
@@ -165,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                 result = measure(name, args.minilm, minilm_dir(), texts, args)
             print(report(result), flush=True)
             print()
+            results.append(result)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

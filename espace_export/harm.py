@@ -20,8 +20,11 @@ Taylor expansion starts at second order with the Fisher / Gauss–Newton matrix 
     harm ≈ ½ E_s[(∇ℓ_sᵀ δ)²] = ½ E_s[Δℓ_s²]            (per token: divided by the mean tokens per sequence)
 
 which is what :func:`fisher_harm` returns, with the expectation over the calibration sequences:
-``½ Σ_s Δℓ_s² / Σ_s M_s``. Two approximations: for causal LMs the labels are the data's next tokens
-(the *empirical* Fisher; the true one samples them from the model), and for encoders ℓ_s = ⟨r_s, y_s⟩
+``½ Σ_s Δℓ_s² / Σ_s M_s``. For causal LMs ℓ_s is the cross-entropy against labels drawn from the model's
+own next-token distribution (one per position): then E[∇ℓ ∇ℓᵀ] is the true Fisher, the Hessian of the
+KL validation loss, and the cross terms between positions vanish in expectation, so the estimate is KL
+per token to second order (``loss="next-token"`` uses the data's labels instead: the *empirical*
+Fisher, which weighs a poorly fitted token by how wrong the model is there). For encoders ℓ_s = ⟨r_s, y_s⟩
 with a Gaussian probe r_s (:func:`espace_export.gradients.output_loss`), for which E_r[Δℓ_s²] = ‖J δ‖²
 exactly, the Gauss–Newton form of ½‖y − y₀‖² (≈ 1 − cos for normalised outputs), estimated here with
 one probe per sequence. Both are first-order in D: a layer whose error the network cancels or amplifies
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -52,8 +55,48 @@ from espace_export.baselines import Factorization
 from espace_export.calibration import distinct_activations
 from espace_export.data import InputSpec, complete_feed, input_specs
 from espace_export.errors import EspaceError
-from espace_export.gradients import GradientLoss, output_loss, resolve_loss
+from espace_export.gradients import output_loss, resolve_loss
 from graph_passes.find import GemmTarget
+
+FisherLoss = Literal["auto", "sampled", "next-token", "probe"]
+
+
+def resolve_fisher_loss(model: onnx.ModelProto, loss: FisherLoss = "auto") -> Literal["sampled", "next-token", "probe"]:
+    """``auto``: ``sampled`` for causal LMs (first output ``logits`` of rank 3), ``probe`` otherwise."""
+    if loss != "auto":
+        return loss
+    return "sampled" if resolve_loss(model, "auto") == "next-token" else "probe"
+
+
+def sampled_labels(logits: Any, seed: int) -> Any:
+    """One label per position drawn from the model's own next-token distribution (fixed seed)."""
+    import torch
+
+    probabilities = torch.softmax(logits.detach().double(), dim=-1).reshape(-1, logits.shape[-1])
+    generator = torch.Generator().manual_seed(seed)
+    return torch.multinomial(probabilities, 1, generator=generator).reshape(logits.shape[:-1])
+
+
+def fisher_loss(kind: str, output: Any, feed: dict[str, np.ndarray], seed: int) -> Any:
+    """The scalar whose per-sequence gradients :func:`collect_fisher_samples` keeps.
+
+    ``sampled``: Σ over valid positions of −log p(ŷ) with ŷ drawn from the model's own distribution, so
+    that E_ŷ[gradient outer product] is the true Fisher of the next-token distribution — the Hessian of
+    the KL validation (``--valid-loss kl``) — and the cross terms between positions vanish in
+    expectation (E_ŷ[∇ log p(ŷ)] = 0). ``next-token`` (the data's labels: the empirical Fisher) and
+    ``probe`` are :func:`espace_export.gradients.output_loss`'s.
+    """
+    import torch
+
+    if kind != "sampled":
+        return output_loss(kind, output, feed, seed)  # type: ignore[arg-type]
+    log_p = torch.log_softmax(output.double(), dim=-1)
+    labels = sampled_labels(output, seed)
+    picked = -log_p.gather(-1, labels[..., None])[..., 0]
+    mask = feed.get("attention_mask")
+    if mask is not None and tuple(mask.shape) == tuple(picked.shape):
+        picked = picked * torch.from_numpy(np.asarray(mask)).to(picked.dtype)
+    return picked.sum()
 
 
 @dataclass
@@ -92,7 +135,7 @@ def collect_fisher_samples(
     targets: Sequence[GemmTarget],
     batches: Sequence[dict[str, np.ndarray]],
     *,
-    loss: GradientLoss = "auto",
+    loss: FisherLoss = "auto",
     specs: Sequence[InputSpec] | None = None,
     seed: int = 0,
     max_tokens: int | None = None,
@@ -101,8 +144,9 @@ def collect_fisher_samples(
     """One forward + backward pass of the ONNX graph (evaluated with torch ops) over ``batches``: each
     targeted GEMM's input rows and output gradients, per valid token, for :func:`fisher_harm`.
 
-    The loss is the one :mod:`espace_export.gradients` uses (next-token cross-entropy for causal LMs, a
-    Gaussian output probe otherwise). ``max_tokens`` stops collecting once that many tokens are held
+    The loss (:func:`fisher_loss`): for causal LMs the cross-entropy against labels sampled from the model
+    itself (``sampled``, the true Fisher of the KL validation); otherwise a Gaussian output probe (the
+    Gauss–Newton of ½‖y − y₀‖²). ``max_tokens`` stops collecting once that many tokens are held
     (whole sequences), bounding memory at ``max_tokens × (K + N)`` floats per GEMM.
     """
     import torch
@@ -111,7 +155,7 @@ def collect_fisher_samples(
     from espace_export.onnx_torch import TorchGraph
 
     specs = list(specs) if specs is not None else input_specs(model)
-    kind = resolve_loss(model, loss)
+    kind = resolve_fisher_loss(model, loss)
     activations = distinct_activations(targets)
     outputs = {t.name: gemm_output(model, t) for t in targets}
     forward = _graph_forward(TorchGraph(model), set(activations) | set(outputs.values()))
@@ -123,7 +167,7 @@ def collect_fisher_samples(
             break
         feed = complete_feed(batch, specs)
         output, tracked = forward(feed)
-        objective = output_loss(kind, output, feed, seed + index)
+        objective = fisher_loss(kind, output, feed, seed + index)
         names = [t.name for t in targets if outputs[t.name] in tracked]
         if len(names) < len(targets) or any(a not in tracked for a in activations):
             missing = next(t.name for t in targets if t.name not in names or t.activation not in tracked)
@@ -187,4 +231,12 @@ def fisher_harm(
     return 0.5 * float(np.sum(changes**2)) / max(samples.tokens, 1)
 
 
-__all__ = ["FisherSamples", "collect_fisher_samples", "first_order_changes", "fisher_harm", "gemm_output"]
+__all__ = [
+    "FisherSamples",
+    "collect_fisher_samples",
+    "first_order_changes",
+    "fisher_harm",
+    "fisher_loss",
+    "gemm_output",
+    "resolve_fisher_loss",
+]

@@ -27,7 +27,17 @@ def llama_samples(llama):
     from espace_export.harm import collect_fisher_samples
 
     model, targets, batches = llama
-    return collect_fisher_samples(model, targets, batches)
+    return collect_fisher_samples(model, targets, batches, loss="next-token")
+
+
+@pytest.fixture(scope="module")
+def llama_sampled(llama):
+    from espace_export.harm import collect_fisher_samples
+
+    model, targets, batches = llama
+    samples = collect_fisher_samples(model, targets, batches)
+    assert samples.loss == "sampled"
+    return samples
 
 
 def _weight(model: onnx.ModelProto, target) -> np.ndarray:
@@ -49,7 +59,7 @@ def _with_weight(model: onnx.ModelProto, target, W: np.ndarray) -> onnx.ModelPro
     raise AssertionError(f"{target.weight} not an initializer")
 
 
-def _objective(model: onnx.ModelProto, batch: dict[str, np.ndarray], seed: int) -> float:
+def _objective(model: onnx.ModelProto, batch: dict[str, np.ndarray], seed: int, labels=None) -> float:
     import torch
 
     from espace_export.data import complete_feed, input_specs
@@ -59,6 +69,8 @@ def _objective(model: onnx.ModelProto, batch: dict[str, np.ndarray], seed: int) 
     feed = complete_feed(batch, input_specs(model))
     with torch.no_grad():
         output = next(iter(TorchGraph(model).run(feed).values()))
+        if labels is not None:  # the sampled-label loss, labels drawn once from the unperturbed model
+            return float(-torch.log_softmax(output.double(), -1).gather(-1, labels[..., None]).sum())
         if resolve_loss(model, "auto") == "next-token":
             return float(output_loss("next-token", output.double(), feed, seed))
         # the probe as output_loss draws it (float32), the sum in float64 so the difference is not rounding
@@ -80,6 +92,25 @@ def test_first_order_change_matches_finite_differences(llama, llama_samples) -> 
         plus = _objective(_with_weight(model, target, W + D), batches[0], 0)
         minus = _objective(_with_weight(model, target, W - D), batches[0], 0)
         assert (plus - minus) / 2 == pytest.approx(predicted[:2].sum(), rel=0.03)
+
+
+def test_sampled_label_loss_first_order(llama, llama_sampled) -> None:
+    import torch
+
+    from espace_export.data import complete_feed, input_specs
+    from espace_export.harm import first_order_changes, sampled_labels
+    from espace_export.onnx_torch import TorchGraph
+
+    model, targets, batches = llama
+    with torch.no_grad():
+        logits = next(iter(TorchGraph(model).run(complete_feed(batches[0], input_specs(model))).values()))
+    labels = sampled_labels(logits, 0)
+    target = targets[2]
+    W = _weight(model, target)
+    D = np.random.default_rng(3).standard_normal(W.shape) * 0.02 * np.abs(W).mean()
+    plus = _objective(_with_weight(model, target, W + D), batches[0], 0, labels)
+    minus = _objective(_with_weight(model, target, W - D), batches[0], 0, labels)
+    assert (plus - minus) / 2 == pytest.approx(first_order_changes(llama_sampled, {target.name: D})[:2].sum(), rel=0.03)
 
 
 def test_harm_is_zero_for_an_exact_rewrite_positive_and_monotone_in_rank(llama, llama_samples) -> None:
