@@ -61,15 +61,13 @@ def test_a_clear_gap_gives_the_same_projector_as_lapack() -> None:
     values *= np.where(rng.random(300) < 0.5, -1.0, 1.0)
     C = (U * values) @ U.T
     exact = lapack_top(C, 20, by_magnitude=True)
-    for solver_result in (
-        randomized_eigh(C, 20, by_magnitude=True).vectors,
-        eigen_decomposition(C, by_magnitude=True, top=20, solver="randomized")[1],
-    ):
-        np.testing.assert_allclose(solver_result @ solver_result.T, exact @ exact.T, atol=1e-8)
-    # eigen_decomposition's sign rule makes the two solvers agree vector by vector where λ are distinct
-    np.testing.assert_allclose(
-        eigen_decomposition(C, by_magnitude=True, top=20, solver="randomized")[1], exact, atol=1e-7
-    )
+    tight = randomized_eigh(C, 20, by_magnitude=True, tol=1e-14).vectors
+    np.testing.assert_allclose(tight @ tight.T, exact @ exact.T, atol=1e-8)
+    # at the planner's default tolerance the subspace agrees to the energy's accuracy, and
+    # eigen_decomposition's sign rule makes the two solvers agree vector by vector
+    default = eigen_decomposition(C, by_magnitude=True, top=20, solver="randomized")[1]
+    np.testing.assert_allclose(default @ default.T, exact @ exact.T, atol=1e-3)
+    np.testing.assert_allclose(default, exact, atol=1e-3)
 
 
 def test_stopping_rule_estimate_is_honest() -> None:
@@ -113,7 +111,7 @@ def test_the_solver_switch_reaches_every_decomposition_in_its_block() -> None:
         assert settings.solver == "randomized" and solver_settings().precision == "float32"
         inside = eigen_decomposition(C, top=10)[1]
         assert not np.array_equal(inside, exact)  # a different algorithm ran …
-        np.testing.assert_allclose(inside @ inside.T, exact @ exact.T, atol=1e-6)  # … to the same subspace
+        assert captured(C, inside) >= 0.9999 * captured(C, exact)  # … keeping the same energy
         np.testing.assert_array_equal(eigen_decomposition(C, top=10, solver="lapack")[1], exact)  # a call names its own
     assert solver_settings().solver == "auto"
     with pytest.raises(ValueError, match="unknown eigen solver"), eigen_solver("eig"):  # type: ignore[arg-type]
