@@ -92,7 +92,7 @@ def test_rank_deficient_statistics_fewer_rows_than_width() -> None:
 
 def test_auto_takes_lapack_for_narrow_or_wide_rank_and_randomized_for_small_rank_at_width() -> None:
     assert not uses_randomized(1024, 128, "auto")
-    assert not uses_randomized(RANDOMIZED_MIN_K, RANDOMIZED_MIN_K // 2, "auto")
+    assert not uses_randomized(RANDOMIZED_MIN_K, RANDOMIZED_MIN_K // 4, "auto")
     assert uses_randomized(RANDOMIZED_MIN_K, RANDOMIZED_MIN_K // 8, "auto")
     assert uses_randomized(64, 8, "randomized") and not uses_randomized(64, 64, "randomized")
     assert not uses_randomized(8192, 16, "lapack")
