@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from espace_export.errors import EspaceError
-from espace_export.selection.candidates import CANDIDATES
+from espace_export.selection.candidates import CANDIDATES, EIGEN_SOLVERS
 from espace_export.selection.factorizations import METHODS
 from espace_export.selection.ranks import SIBLING_MODES, check_ratio, check_siblings, parse_rank_rule
 from espace_export.selection.validation import VALIDATION_LOSSES
@@ -189,6 +189,13 @@ class SelectionOptions:
         "cross-entropy (the paper's perplexity).",
         panel=_SELECTION,
         choices=VALIDATION_LOSSES,
+    )
+    eig_solver: str = option(
+        "auto",
+        "Eigen-decompositions: lapack, or randomized subspace iteration (faster for L <= K/8 at K >= 2048); "
+        "auto picks per matrix.",
+        panel=_PROJECTION,
+        choices=EIGEN_SOLVERS,
     )
     progressive: bool = option(
         True,

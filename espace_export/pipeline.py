@@ -59,7 +59,7 @@ from espace_export.progress import Progress
 from espace_export.projection.fidelity import output_fidelity
 from espace_export.projection.rewrite import apply_factorizations, projected_params
 from espace_export.runtime import ort_session
-from espace_export.selection.candidates import projection_mse
+from espace_export.selection.candidates import eigen_solver, projection_mse
 from espace_export.selection.planner import PlanInputs, PlanSettings, make_plan, plan_summary
 from espace_export.selection.ranks import layer_compression, layer_rank
 from graph_passes import GemmTarget, find_targets
@@ -307,7 +307,7 @@ def plan(
         validator = Validator(
             run.model, [r.target for r in run.compressed], run.batches.validation, loss=selection.valid_loss
         )
-    with run.timed("select") as bars:
+    with run.timed("select") as bars, eigen_solver(selection.eig_solver):  # type: ignore[arg-type]
         inputs = PlanInputs(run.model, run.targets, {r.name: r.L for r in run.layers}, calibration, run.groups)
         plan_settings = PlanSettings(
             run.options.ranks.ratio, tuple(selection.methods), selection.select, selection.max_layer_loss,

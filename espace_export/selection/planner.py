@@ -190,27 +190,34 @@ def make_plan(
     *,
     validator: Any = None,
     on_step: Callable[[str, int], None] | None = None,
+    fisher: Any = None,
 ) -> Plan:
     """Decide, per targeted layer, whether and how it is compressed (see :class:`PlanSettings`).
 
     ``validator`` scores trials for ``select="validate"``; ``on_step(phase, total)`` is called before each
-    scored trial (for progress bars).
+    scored trial (for progress bars). ``fisher``: samples from :func:`espace_export.harm.collect_fisher_samples`
+    for ``select="fisher"`` (experimental: the Fisher estimate of the loss change as the score).
     """
     check_methods(settings.methods)
-    if settings.select not in ("none", "validate", "proxy"):
-        raise EspaceError(f"unknown selection {settings.select!r}", "use none, validate or proxy")
+    if settings.select not in ("none", "validate", "proxy", "fisher"):
+        raise EspaceError(f"unknown selection {settings.select!r}", "use none, validate, proxy or fisher")
+    if settings.select == "fisher" and fisher is None:
+        raise EspaceError("--select fisher needs activation gradients", "collect them with harm.collect_fisher_samples")
     if settings.select == "validate" and validator is None:
         raise EspaceError("--select validate needs validation data", "give calibration data with enough batches")
     compressible = {name: L for name, L in inputs.ranks.items() if L is not None}
     units = sibling_units(compressible, inputs.targets, inputs.groups)
     factorizer = Factorizer(inputs.model, inputs.calibration, compressible, inputs.targets)
     plan = _empty_plan(inputs, settings, units, validator)
+    if settings.select == "fisher":
+        plan.score_kind = f"Fisher estimate of the loss change ({fisher.loss} gradients)"
     if settings.select == "none":
         for unit in units:
             _choose(plan, factorizer.unit(unit, settings.methods[0]), settings.methods[0])
         plan.score_kind = "none"
         return plan
-    candidates = _score_units(plan, units, factorizer, settings, validator, on_step)
+    scorer = fisher if settings.select == "fisher" else validator
+    candidates = _score_units(plan, units, factorizer, settings, scorer, on_step)
     if not settings.progressive:
         for unit in units:
             _choose(plan, candidates[unit[0]][plan.layer(unit[0]).method])  # type: ignore[index]
@@ -267,6 +274,11 @@ def _score_units(
             if settings.select == "validate":
                 override = {name: validator.effective(name, f.weight()) for name, f in factorizations.items()}
                 scores[method] = float(validator.evaluate(override))
+            elif settings.select == "fisher":
+                from espace_export.harm import fisher_harm
+
+                weights = dict(zip(unit, factorizer.weights(unit), strict=True))
+                scores[method] = fisher_harm(validator, weights, factorizations)
             else:
                 activation = factorizer.targets[unit[0]].activation
                 scores[method] = _unit_output_error(

@@ -1,0 +1,242 @@
+"""A cheap score that predicts a layer's validated harm: the Fisher (second-order Taylor) estimate.
+
+``--select validate`` measures each layer × method alone on validation batches (1 + units × methods +
+units passes); ``--select proxy`` scores the calibrated output error E‖x(W − AB)‖²/E‖xW‖², blind to how
+the rest of the network amplifies a layer's error. This module scores the *loss* change instead, from one
+forward + backward pass over the calibration batches (≈ 3 forward passes), with no pass per trial.
+
+Derivation. Take one GEMM j, ``Y = X·W_j`` (X: M×K, a row per token of one sequence s), replaced by the
+factorisation ``A·B``: every output row moves by ``x_t D_j`` with ``D_j = A·B − W_j`` (K×N). To first
+order the sequence's loss ℓ_s moves by
+
+    Δℓ_s ≈ Σ_t ⟨x_t D_j, g_t⟩ = ⟨X_sᵀ G_{j,s}, D_j⟩,        G_{j,s} = ∂ℓ_s/∂Y_{j,s} (M×N),
+
+i.e. the inner product of D_j with the sequence's weight gradient; a unit of siblings sums it over its
+GEMMs. The validated harm is a divergence from the original model — KL of the next-token distribution
+(causal LMs) or 1 − cos of the output rows (encoders) — whose gradient vanishes at the original, so its
+Taylor expansion starts at second order with the Fisher / Gauss–Newton matrix F of the perturbation δ:
+``harm ≈ ½ δᵀFδ``. F is the expected outer product of per-sequence loss gradients, so
+
+    harm ≈ ½ E_s[(∇ℓ_sᵀ δ)²] = ½ E_s[Δℓ_s²]            (per token: divided by the mean tokens per sequence)
+
+which is what :func:`fisher_harm` returns, with the expectation over the calibration sequences:
+``½ Σ_s Δℓ_s² / Σ_s M_s``. For causal LMs ℓ_s is the cross-entropy against labels drawn from the model's
+own next-token distribution (one per position): then E[∇ℓ ∇ℓᵀ] is the true Fisher, the Hessian of the
+KL validation loss, and the cross terms between positions vanish in expectation, so the estimate is KL
+per token to second order (``loss="next-token"`` uses the data's labels instead: the *empirical*
+Fisher, which weighs a poorly fitted token by how wrong the model is there). For encoders ℓ_s = ⟨r_s, y_s⟩
+with a Gaussian probe r_s (:func:`espace_export.gradients.output_loss`), for which E_r[Δℓ_s²] = ‖J δ‖²
+exactly, the Gauss–Newton form of ½‖y − y₀‖² (≈ 1 − cos for normalised outputs), estimated here with
+one probe per sequence. Both are first-order in D: a layer whose error the network cancels or amplifies
+nonlinearly is ranked by its linearised effect only.
+
+Relation to NL-MSE (paper Proposition 3): for an ESPACE projection D_j = −(I − PPᵀ)W_j, and
+Σ_j ⟨X_sᵀG_{j,s}, D_j⟩ = −tr((I − PPᵀ) X_sᵀ Γ_s) with Γ_s = Σ_j G_{j,s} W_jᵀ = ∂ℓ_s/∂X_s through the unit's
+GEMMs; NL-MSE's E[XᵀX ΓᵀΓ]/M² bounds E_s[Δℓ_s²] from second moments alone (with a per-sequence
+independence approximation), which is enough to choose P but cannot score an arbitrary D (the SVD
+baselines' D is not of that form, and the bound is loose across layers). The per-sequence samples kept
+here give the first-order term exactly, for any factorisation, at the cost of holding the calibration
+tokens' X (per activation) and G (per GEMM output): tokens × (K + N) floats per GEMM. At 7B width that
+is too much for all blocks at once — the score of a unit needs only its own block's samples, so a
+block-sequential calibration scores and drops them block by block (or calibrate on fewer tokens:
+``max_tokens``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from espace_export.calibration.gradients import output_loss, resolve_loss
+from espace_export.calibration.statistics import distinct_activations
+from espace_export.errors import EspaceError
+from espace_export.io.data import InputSpec, complete_feed, input_specs
+from espace_export.selection.factorizations import Factorization
+from graph_passes.find import GemmTarget
+
+FisherLoss = Literal["auto", "sampled", "next-token", "probe"]
+
+
+def resolve_fisher_loss(model: onnx.ModelProto, loss: FisherLoss = "auto") -> Literal["sampled", "next-token", "probe"]:
+    """``auto``: ``sampled`` for causal LMs (first output ``logits`` of rank 3), ``probe`` otherwise."""
+    if loss != "auto":
+        return loss
+    return "sampled" if resolve_loss(model, "auto") == "next-token" else "probe"
+
+
+def sampled_labels(logits: Any, seed: int) -> Any:
+    """One label per position drawn from the model's own next-token distribution (fixed seed)."""
+    import torch
+
+    probabilities = torch.softmax(logits.detach().double(), dim=-1).reshape(-1, logits.shape[-1])
+    generator = torch.Generator().manual_seed(seed)
+    return torch.multinomial(probabilities, 1, generator=generator).reshape(logits.shape[:-1])
+
+
+def fisher_loss(kind: str, output: Any, feed: dict[str, np.ndarray], seed: int) -> Any:
+    """The scalar whose per-sequence gradients :func:`collect_fisher_samples` keeps.
+
+    ``sampled``: Σ over valid positions of −log p(ŷ) with ŷ drawn from the model's own distribution, so
+    that E_ŷ[gradient outer product] is the true Fisher of the next-token distribution — the Hessian of
+    the KL validation (``--valid-loss kl``) — and the cross terms between positions vanish in
+    expectation (E_ŷ[∇ log p(ŷ)] = 0). ``next-token`` (the data's labels: the empirical Fisher) and
+    ``probe`` are :func:`espace_export.gradients.output_loss`'s.
+    """
+    import torch
+
+    if kind != "sampled":
+        return output_loss(kind, output, feed, seed)  # type: ignore[arg-type]
+    log_p = torch.log_softmax(output.double(), dim=-1)
+    labels = sampled_labels(output, seed)
+    picked = -log_p.gather(-1, labels[..., None])[..., 0]
+    mask = feed.get("attention_mask")
+    if mask is not None and tuple(mask.shape) == tuple(picked.shape):
+        picked = picked * torch.from_numpy(np.asarray(mask)).to(picked.dtype)
+    return picked.sum()
+
+
+@dataclass
+class FisherSamples:
+    """Per-token activations and GEMM-output gradients of the calibration sequences.
+
+    ``X[activation]``: T×K (float32), ``G[target]``: T×N (float32, ∂ℓ/∂Y of that GEMM), the rows of all
+    sequences stacked; sequence s owns rows ``offsets[s]:offsets[s + 1]``.
+    """
+
+    X: dict[str, np.ndarray]
+    G: dict[str, np.ndarray]
+    offsets: np.ndarray
+    activation_of: dict[str, str]
+    loss: str
+
+    @property
+    def tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def sequences(self) -> int:
+        return len(self.offsets) - 1
+
+
+def gemm_output(model: onnx.ModelProto, target: GemmTarget) -> str:
+    """The tensor the target's MatMul/Gemm node produces (X·W, plus the bias for a Gemm: same gradient)."""
+    for node in model.graph.node:
+        if node.name == target.node:
+            return node.output[0]
+    raise ValueError(f"node {target.node} of {target.name} not in the graph")
+
+
+def collect_fisher_samples(
+    model: onnx.ModelProto,
+    targets: Sequence[GemmTarget],
+    batches: Sequence[dict[str, np.ndarray]],
+    *,
+    loss: FisherLoss = "auto",
+    specs: Sequence[InputSpec] | None = None,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> FisherSamples:
+    """One forward + backward pass of the ONNX graph (evaluated with torch ops) over ``batches``: each
+    targeted GEMM's input rows and output gradients, per valid token, for :func:`fisher_harm`.
+
+    The loss (:func:`fisher_loss`): for causal LMs the cross-entropy against labels sampled from the model
+    itself (``sampled``, the true Fisher of the KL validation); otherwise a Gaussian output probe (the
+    Gauss–Newton of ½‖y − y₀‖²). ``max_tokens`` stops collecting once that many tokens are held
+    (whole sequences), bounding memory at ``max_tokens × (K + N)`` floats per GEMM.
+    """
+    import torch
+
+    from espace_export.calibration.gradients import _graph_forward
+    from espace_export.calibration.onnx_torch import TorchGraph
+
+    specs = list(specs) if specs is not None else input_specs(model)
+    kind = resolve_fisher_loss(model, loss)
+    activations = distinct_activations(targets)
+    outputs = {t.name: gemm_output(model, t) for t in targets}
+    forward = _graph_forward(TorchGraph(model), set(activations) | set(outputs.values()))
+    X_rows: dict[str, list[np.ndarray]] = {a: [] for a in activations}
+    G_rows: dict[str, list[np.ndarray]] = {t.name: [] for t in targets}
+    lengths: list[int] = []
+    for index, batch in enumerate(batches):
+        if max_tokens is not None and sum(lengths) >= max_tokens:
+            break
+        feed = complete_feed(batch, specs)
+        output, tracked = forward(feed)
+        objective = fisher_loss(kind, output, feed, seed + index)
+        names = [t.name for t in targets if outputs[t.name] in tracked]
+        if len(names) < len(targets) or any(a not in tracked for a in activations):
+            missing = next(t.name for t in targets if t.name not in names or t.activation not in tracked)
+            raise EspaceError(
+                f"the Fisher pass did not reach layer {missing}", "check the model with --select validate"
+            )
+        grads = torch.autograd.grad(objective, [tracked[outputs[n]] for n in names], allow_unused=True)
+        masks = _sequence_rows(feed.get("attention_mask"), tracked[targets[0].activation], targets[0].K)
+        lengths += [int(valid.sum()) for valid in masks]
+        for activation, (K, _) in activations.items():
+            X_rows[activation] += _split(tracked[activation].detach().numpy(), K, masks)
+        for target, grad in zip(names, grads, strict=True):
+            value = tracked[outputs[target]]
+            G = np.zeros(value.shape, dtype=np.float32) if grad is None else grad.numpy()
+            G_rows[target] += _split(G, next(t.N for t in targets if t.name == target), masks)
+        if on_batch is not None:
+            on_batch()
+    return FisherSamples(
+        X={a: np.concatenate(rows).astype(np.float32) for a, rows in X_rows.items()},
+        G={n: np.concatenate(rows).astype(np.float32) for n, rows in G_rows.items()},
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        activation_of={t.name: t.activation for t in targets},
+        loss=kind,
+    )
+
+
+def _sequence_rows(mask: np.ndarray | None, X: Any, K: int) -> list[np.ndarray]:
+    """Per sequence, the boolean rows of X's [batch·seq] token axis it owns (padding left out)."""
+    tokens = X.numel() // K
+    if mask is not None and mask.size == tokens:
+        return [np.asarray(row).astype(bool) for row in np.asarray(mask)]
+    if X.dim() >= 3:
+        return [np.ones(tokens // X.shape[0], dtype=bool)] * X.shape[0]
+    return [np.ones(tokens, dtype=bool)]
+
+
+def _split(A: np.ndarray, width: int, masks: list[np.ndarray]) -> list[np.ndarray]:
+    rows = A.reshape(len(masks), -1, width)
+    return [rows[s][valid] for s, valid in enumerate(masks)]
+
+
+def first_order_changes(samples: FisherSamples, deltas: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Δℓ_s ≈ Σ_j ⟨X_sᵀG_{j,s}, D_j⟩ per calibration sequence, for weight changes ``deltas`` (layer →
+    K×N D_j = A·B − W_j)."""
+    per_token = np.zeros(samples.tokens, dtype=np.float64)
+    for name, D in deltas.items():
+        X = samples.X[samples.activation_of[name]]
+        per_token += np.einsum("tn,tn->t", X @ np.asarray(D, dtype=np.float32), samples.G[name], dtype=np.float64)
+    return np.add.reduceat(per_token, samples.offsets[:-1]) if samples.sequences else per_token[:0]
+
+
+def fisher_harm(
+    samples: FisherSamples, weights: Mapping[str, np.ndarray], factorizations: Mapping[str, Factorization]
+) -> float:
+    """``½ Σ_s Δℓ_s² / Σ_s M_s``: the Fisher estimate of the divergence (per token) that replacing each
+    layer's weight ``weights[name]`` by ``factorizations[name]`` alone causes (see the module docstring).
+    Zero for an exact rewrite, grows with the error of every layer in a unit together (siblings sum
+    inside Δℓ_s, so their errors may add or cancel as they do in the network)."""
+    deltas = {name: f.weight() - weights[name] for name, f in factorizations.items()}
+    changes = first_order_changes(samples, deltas)
+    return 0.5 * float(np.sum(changes**2)) / max(samples.tokens, 1)
+
+
+__all__ = [
+    "FisherSamples",
+    "collect_fisher_samples",
+    "first_order_changes",
+    "fisher_harm",
+    "fisher_loss",
+    "gemm_output",
+    "resolve_fisher_loss",
+]

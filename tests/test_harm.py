@@ -1,0 +1,198 @@
+"""The Fisher harm score: first-order loss changes against finite differences, zero for exact rewrites,
+monotone in the rank, and the ``fisher`` selection of make_plan."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from espace_export.selection.factorizations import Factorization, factorize
+
+
+@pytest.fixture(scope="module")
+def llama(sample_model):
+    from espace_export.io.data import input_specs, random_token_batches
+    from graph_passes import find_targets
+
+    model = onnx.load(sample_model("llama", "torchscript"))
+    targets = [t for t in find_targets(model) if t.role == "block"]
+    with pytest.warns(UserWarning):
+        batches = random_token_batches(input_specs(model), 256, batch_size=2, seq_len=16, num_batches=3, seed=0)
+    return model, targets, batches
+
+
+@pytest.fixture(scope="module")
+def llama_samples(llama):
+    from espace_export.harm import collect_fisher_samples
+
+    model, targets, batches = llama
+    return collect_fisher_samples(model, targets, batches, loss="next-token")
+
+
+@pytest.fixture(scope="module")
+def llama_sampled(llama):
+    from espace_export.harm import collect_fisher_samples
+
+    model, targets, batches = llama
+    samples = collect_fisher_samples(model, targets, batches)
+    assert samples.loss == "sampled"
+    return samples
+
+
+def _weight(model: onnx.ModelProto, target) -> np.ndarray:
+    from graph_passes.find import weight_matrix
+
+    return weight_matrix(model, target).astype(np.float64)
+
+
+def _with_weight(model: onnx.ModelProto, target, W: np.ndarray) -> onnx.ModelProto:
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    stored = W.T if target.stored_transposed else W
+    for index, initializer in enumerate(changed.graph.initializer):
+        if initializer.name == target.weight:
+            changed.graph.initializer[index].CopyFrom(
+                onnx.numpy_helper.from_array(stored.astype(np.float32), target.weight)
+            )
+            return changed
+    raise AssertionError(f"{target.weight} not an initializer")
+
+
+def _objective(model: onnx.ModelProto, batch: dict[str, np.ndarray], seed: int, labels=None) -> float:
+    import torch
+
+    from espace_export.calibration.gradients import output_loss, resolve_loss
+    from espace_export.calibration.onnx_torch import TorchGraph
+    from espace_export.io.data import complete_feed, input_specs
+
+    feed = complete_feed(batch, input_specs(model))
+    with torch.no_grad():
+        output = next(iter(TorchGraph(model).run(feed).values()))
+        if labels is not None:  # the sampled-label loss, labels drawn once from the unperturbed model
+            return float(-torch.log_softmax(output.double(), -1).gather(-1, labels[..., None]).sum())
+        if resolve_loss(model, "auto") == "next-token":
+            return float(output_loss("next-token", output.double(), feed, seed))
+        # the probe as output_loss draws it (float32), the sum in float64 so the difference is not rounding
+        probe = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed), dtype=output.dtype)
+        return float((probe.double() * output.double()).sum())
+
+
+def test_first_order_change_matches_finite_differences(llama, llama_samples) -> None:
+    from espace_export.harm import first_order_changes
+
+    model, targets, batches = llama
+    rng = np.random.default_rng(0)
+    for target in (targets[0], targets[-1]):
+        W = _weight(model, target)
+        D = rng.standard_normal(W.shape) * 0.02 * np.abs(W).mean()
+        predicted = first_order_changes(llama_samples, {target.name: D})
+        assert predicted.shape == (llama_samples.sequences,) == (6,)
+        # central difference of the first batch's objective (its 2 sequences) cancels the second order
+        plus = _objective(_with_weight(model, target, W + D), batches[0], 0)
+        minus = _objective(_with_weight(model, target, W - D), batches[0], 0)
+        assert (plus - minus) / 2 == pytest.approx(predicted[:2].sum(), rel=0.03)
+
+
+def test_sampled_label_loss_first_order(llama, llama_sampled) -> None:
+    import torch
+
+    from espace_export.calibration.onnx_torch import TorchGraph
+    from espace_export.harm import first_order_changes, sampled_labels
+    from espace_export.io.data import complete_feed, input_specs
+
+    model, targets, batches = llama
+    with torch.no_grad():
+        logits = next(iter(TorchGraph(model).run(complete_feed(batches[0], input_specs(model))).values()))
+    labels = sampled_labels(logits, 0)
+    target = targets[2]
+    W = _weight(model, target)
+    D = np.random.default_rng(3).standard_normal(W.shape) * 0.02 * np.abs(W).mean()
+    plus = _objective(_with_weight(model, target, W + D), batches[0], 0, labels)
+    minus = _objective(_with_weight(model, target, W - D), batches[0], 0, labels)
+    assert (plus - minus) / 2 == pytest.approx(first_order_changes(llama_sampled, {target.name: D})[:2].sum(), rel=0.03)
+
+
+def test_harm_is_zero_for_an_exact_rewrite_positive_and_monotone_in_rank(llama, llama_samples) -> None:
+    from espace_export.harm import fisher_harm
+    from espace_export.selection.candidates import autocorrelation
+
+    model, targets, _ = llama
+    for target in targets[:3]:
+        W = _weight(model, target)
+        X = llama_samples.X[target.activation].astype(np.float64)
+        C_X = autocorrelation(X)
+        exact = fisher_harm(llama_samples, {target.name: W}, {target.name: factorize("mse", W, target.K, C_X=C_X)})
+        assert exact < 1e-12
+        harms = [
+            fisher_harm(llama_samples, {target.name: W}, {target.name: factorize("mse", W, L, C_X=C_X)})
+            for L in (target.K // 8, target.K // 4, target.K // 2, 3 * target.K // 4)
+        ]
+        assert all(h > 0 for h in harms)
+        assert harms == sorted(harms, reverse=True), harms
+
+
+def test_siblings_add_inside_the_square(llama, llama_samples) -> None:
+    from espace_export.harm import first_order_changes, fisher_harm
+
+    model, targets, _ = llama
+    by_activation: dict[str, list] = {}
+    for t in targets:
+        by_activation.setdefault(t.activation, []).append(t)
+    siblings = next(group for group in by_activation.values() if len(group) > 1)[:2]
+    rng = np.random.default_rng(1)
+    weights = {t.name: _weight(model, t) for t in siblings}
+    factors = {}
+    for t in siblings:
+        A = np.linalg.qr(rng.standard_normal((t.K, 4)))[0]
+        factors[t.name] = Factorization("svd", A, A.T @ weights[t.name])
+    deltas = {n: f.weight() - weights[n] for n, f in factors.items()}
+    together = first_order_changes(llama_samples, deltas)
+    apart = sum(first_order_changes(llama_samples, {n: d}) for n, d in deltas.items())
+    np.testing.assert_allclose(together, apart, rtol=1e-6)
+    expected = 0.5 * float(np.sum(together**2)) / llama_samples.tokens
+    assert fisher_harm(llama_samples, weights, factors) == pytest.approx(expected, rel=1e-9)
+
+
+def test_encoder_probe_samples(sample_model) -> None:
+    from espace_export.harm import collect_fisher_samples, first_order_changes
+    from espace_export.io.data import input_specs, random_token_batches
+    from graph_passes import find_targets
+
+    model = onnx.load(sample_model("bert", "torchscript"))
+    targets = [t for t in find_targets(model) if t.role == "block"]
+    with pytest.warns(UserWarning):
+        batches = random_token_batches(input_specs(model), 256, batch_size=2, seq_len=12, num_batches=1, seed=0)
+    samples = collect_fisher_samples(model, targets, batches, max_tokens=1)
+    assert samples.loss == "probe" and samples.sequences == 2 and samples.tokens == 24
+    target = targets[1]
+    W = _weight(model, target)
+    D = np.random.default_rng(2).standard_normal(W.shape) * 0.02 * np.abs(W).mean()
+    plus = _objective(_with_weight(model, target, W + D), batches[0], 0)
+    minus = _objective(_with_weight(model, target, W - D), batches[0], 0)
+    assert (plus - minus) / 2 == pytest.approx(first_order_changes(samples, {target.name: D}).sum(), rel=0.03)
+
+
+def test_make_plan_fisher_selection(llama, llama_samples) -> None:
+    from espace_export.calibration.collect import calibrate_model
+    from espace_export.errors import EspaceError
+    from espace_export.options import RankOptions
+    from espace_export.pipeline import decide_layers
+    from espace_export.selection.planner import PlanInputs, PlanSettings, make_plan
+
+    model, targets, batches = llama
+    calibration = calibrate_model(model, targets, batches, methods=["mse", "go-mse"])
+    decisions = decide_layers(targets, RankOptions(ratio=0.5, rank_rule="1", min_rank=4, siblings="separate"), "mse")
+    ranks = {d.target.name: d.L for d in decisions}
+    inputs = PlanInputs(model, targets, ranks, calibration)
+    settings = PlanSettings(0.3, ("mse", "go-mse", "svd"), select="fisher")
+    with pytest.raises(EspaceError, match="fisher"):
+        make_plan(inputs, settings)
+    plan = make_plan(inputs, settings, fisher=llama_samples)
+    assert plan.select == "fisher" and "Fisher" in plan.score_kind
+    scored = [layer for layer in plan.layers if layer.scores]
+    assert scored and all(min(layer.scores.values()) == layer.harm > 0 for layer in scored)
+    assert all(layer.method == min(layer.scores, key=layer.scores.get) for layer in scored)
+    ordered = sorted((layer for layer in scored if layer.order is not None), key=lambda layer: layer.order)
+    assert [layer.harm for layer in ordered] == sorted(layer.harm for layer in ordered)
+    assert plan.factors and set(plan.factors) == {layer.name for layer in plan.layers if layer.selected}
