@@ -569,7 +569,7 @@ def collect_statistics_in_groups(
     normalized: bool = True,
     weight_factor: float = 0.0,
     on_batch: Callable[[], None] | None = None,
-    on_group: Callable[[int, CalibrationGroup], None] | None = None,
+    on_group: Callable[[int, int, CalibrationGroup], None] | None = None,
 ) -> GroupedCalibration:
     """The statistics of :func:`collect_statistics`, under a memory budget, handed over one group at a time.
 
@@ -581,7 +581,8 @@ def collect_statistics_in_groups(
     they are dropped before the next group starts. Same numbers as :func:`collect_statistics` (up to the
     runtime's rounding when a fusion straddles a cut).
 
-    The reduction is formed in the graph (opset ≥ 13) or, failing that, on the host.
+    The reduction is formed in the graph (opset ≥ 13) or, failing that, on the host. ``on_group(index,
+    count, group)`` is called as each group starts, ``on_batch()`` after each batch of each stage.
     """
     specs = list(specs) if specs is not None else input_specs(model)
     groups = plan_groups(targets, budget_bytes, normalized=normalized, precision=precision, weight_factor=weight_factor)
@@ -595,7 +596,7 @@ def collect_statistics_in_groups(
     result = GroupedCalibration(groups)
     for index, (group, stage) in enumerate(zip(groups, stages, strict=True)):
         if on_group is not None:
-            on_group(index, group)
+            on_group(index, len(groups), group)
         types = {name: onnx.helper.np_dtype_to_tensor_dtype(cache[0][name].dtype) for name in stage.inputs}
         staged = stage_model(model, stage, types)
         stats = {name: PackedActivationStats(widths[name], normalized) for name in group.activations}
@@ -609,21 +610,26 @@ def collect_statistics_in_groups(
             if not in_graph:
                 raise
             in_graph = False
+            del stats
             stats = {name: PackedActivationStats(widths[name], normalized) for name in group.activations}
             _host_stage(session_factory, staged, stage, stats, feeds, cache, precision, has_mask, activation_types,
                         on_batch)  # fmt: skip
         result.peak_boundary_bytes = max(
             result.peak_boundary_bytes, sum(v.nbytes for values in cache for v in values.values())
         )
-        for name, entry in stats.items():
-            if not entry.is_finite():
-                raise EspaceError(
-                    f"activation '{name}' reached inf/NaN during calibration: the model overflows on these inputs",
-                    "calibrate a float32 export of the model, or --exclude the layers reading it",
-                )
+        _check_packed_finite(stats)
         consume(stats)
-        del stats
+        del stats  # before the next group's sums are allocated
     return result
+
+
+def _check_packed_finite(stats: dict[str, PackedActivationStats]) -> None:
+    for name, entry in stats.items():
+        if not entry.is_finite():
+            raise EspaceError(
+                f"activation '{name}' reached inf/NaN during calibration: the model overflows on these inputs",
+                "calibrate a float32 export of the model, or --exclude the layers reading it",
+            )
 
 
 def _keep_boundary(cache: dict[str, np.ndarray], stage: Stage, values: dict[str, np.ndarray]) -> None:
