@@ -425,7 +425,7 @@ def plan_groups(
         alone = cost(stats, weights[name], K)
         if alone > budget_bytes:
             raise EspaceError(
-                f"the statistics of activation '{name}' (K={K}) need {alone / 2**20:.0f} MiB, over the memory budget"
+                f"the statistics of activation '{name}' (K={K}) need {int(np.ceil(alone / 2**20))} MiB, over the memory budget"
                 f" of {budget_bytes / 2**20:.0f} MiB",
                 f"raise --max-memory to at least {int(np.ceil(alone / 2**20))} MiB",
             )
