@@ -449,6 +449,7 @@ class GroupedCalibration:
     peak_statistics_bytes: int = 0  # the packed sums alive at once (a group's), as allocated
     peak_boundary_bytes: int = 0  # cached tensors handed from one stage to the next, all batches
     stage_nodes: list[int] = field(default_factory=list)  # nodes each staged session runs
+    stage_weight_bytes: list[int] = field(default_factory=list)  # bytes of the weights each staged session reads
 
 
 def _node_reads(node: onnx.NodeProto) -> set[str]:
@@ -602,6 +603,7 @@ def collect_statistics_in_groups(
         stats = {name: PackedActivationStats(widths[name], normalized) for name in group.activations}
         result.peak_statistics_bytes = max(result.peak_statistics_bytes, sum(s.nbytes for s in stats.values()))
         result.stage_nodes.append(len(stage.nodes))
+        result.stage_weight_bytes.append(_initializer_bytes(model, stage.initializers))
         run_stage = _graph_stage if in_graph else _host_stage
         try:
             run_stage(session_factory, staged, stage, stats, feeds, cache, precision, has_mask, activation_types,
@@ -621,6 +623,15 @@ def collect_statistics_in_groups(
         consume(stats)
         del stats  # before the next group's sums are allocated
     return result
+
+
+def _initializer_bytes(model: onnx.ModelProto, names: Sequence[str]) -> int:
+    wanted = set(names)
+    return sum(
+        int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        for t in model.graph.initializer
+        if t.name in wanted
+    )
 
 
 def _check_packed_finite(stats: dict[str, PackedActivationStats]) -> None:

@@ -89,6 +89,7 @@ class StreamingResult:
     targeted_params_after: int = 0
     total_params_before: int = 0
     total_params_after: int = 0
+    weight_bytes_read: int = 0  # staged sessions' weights + each targeted weight once (folding) + weights copied
 
 
 class _DataWriter:
@@ -303,4 +304,7 @@ def compress_streaming(
         targeted_params_after=targeted_after,
         total_params_before=total_before,
         total_params_after=parameter_count(model),
+        weight_bytes_read=sum(calibration.stage_weight_bytes)
+        + sum(d.target.params * np.dtype(d.target.dtype).itemsize for d in compressed)
+        + writer.bytes_copied,
     )

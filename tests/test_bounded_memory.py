@@ -235,3 +235,15 @@ def test_memory_sizes_parse() -> None:
     assert 0 < parse_memory("50%") < parse_memory("100%")
     with pytest.raises(EspaceError):
         parse_memory("lots")
+
+
+def test_stages_run_each_node_and_read_each_weight_once() -> None:
+    model = tiny_decoder(blocks=3, hidden=32, inter=48)
+    activations = list(distinct_activations(find_targets(model)))
+    stages = calibration.stage_graph(model, [activations[i : i + 3] for i in range(0, len(activations), 3)])
+    ran = [node.name for stage in stages for node in stage.nodes]
+    assert len(ran) == len(set(ran))  # no node runs twice
+    weights = [name for stage in stages for name in stage.initializers if name.endswith(".weight")]
+    assert len(weights) == len(set(weights)) and "lm_head.weight" not in weights  # the head never runs
+    for earlier, later in zip(stages, stages[1:]):  # what a stage reads from before, an earlier stage kept
+        assert set(later.inputs) <= set(earlier.keep)
