@@ -8,7 +8,7 @@ Padding tokens (``attention_mask == 0``) are left out of the statistics.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -531,7 +531,7 @@ def stage_graph(model: onnx.ModelProto, groups: Sequence[Sequence[str]]) -> list
     return stages
 
 
-def stage_model(model: onnx.ModelProto, stage: Stage, input_types: dict[str, int]) -> onnx.ModelProto:
+def stage_model(model: onnx.ModelProto, stage: Stage, input_types: Mapping[str, int]) -> onnx.ModelProto:
     """The stage as a runnable model: the original graph inputs, ``stage.inputs`` typed by ``input_types``,
     ``stage.outputs`` as outputs (untyped: the runtime infers them), and only the weights it reads."""
     graph = model.graph

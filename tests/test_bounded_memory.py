@@ -245,5 +245,5 @@ def test_stages_run_each_node_and_read_each_weight_once() -> None:
     assert len(ran) == len(set(ran))  # no node runs twice
     weights = [name for stage in stages for name in stage.initializers if name.endswith(".weight")]
     assert len(weights) == len(set(weights)) and "lm_head.weight" not in weights  # the head never runs
-    for earlier, later in zip(stages, stages[1:]):  # what a stage reads from before, an earlier stage kept
+    for earlier, later in zip(stages, stages[1:], strict=False):  # what a stage reads, an earlier one kept
         assert set(later.inputs) <= set(earlier.keep)
