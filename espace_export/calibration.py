@@ -373,11 +373,12 @@ def _upper_gram(X: np.ndarray) -> np.ndarray:
 def statistics_bytes(K: int, *, normalized: bool, precision: StatsPrecision = "float32") -> int:
     """Bytes one activation's statistics occupy while a group is calibrated, counted exactly.
 
-    The packed float64 running sums (``8·K(K+1)/2`` each) and one run's K×K Gram output from the runtime
-    (``K²·4`` for float32 products, ``K²·8`` for float64), twice over when the normalised sums are kept.
+    The packed float64 running sums (``8·K(K+1)/2`` each) and one run's K×K Gram output (``K²·4`` for
+    float32 products, ``K²·8`` for float64) held twice — in the runtime's arena, which keeps the block for the
+    next run, and as the array handed back — all twice over when the normalised sums are kept.
     """
     itemsize = 4 if precision == "float32" else 8
-    return (8 * packed_size(K) + itemsize * K * K) * (2 if normalized else 1)
+    return (8 * packed_size(K) + 2 * itemsize * K * K) * (2 if normalized else 1)
 
 
 def dense_statistics_bytes(K: int, *, normalized: bool) -> int:
