@@ -81,6 +81,12 @@ class DataOptions:
     valid_batches: int | None = option(
         None, "Validation batches read from --valid-text/--valid-data [default: --num-batches].", panel=_SELECTION
     )
+    max_memory: str | None = option(
+        None,
+        "Memory budget (12G, 800M, 50%): with --select none and --method mse or nmse the model is calibrated and "
+        "compressed group by group, each on a slice of the graph, and never held whole [default: off].",
+        panel=_CALIBRATION,
+    )
     validation: float = option(
         0.25, "Without --valid-*: the fraction of non-held-out batches used to validate.", cli=False
     )

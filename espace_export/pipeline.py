@@ -491,6 +491,8 @@ def compress(
     check_selection(run.options)
     output, report_path = run.output_paths()
     side = run.options.output
+    if run.options.data.max_memory is not None:
+        return compress_bounded(run, output, report_path)
     calibration = calibrate(run)
     if not distributed.is_main_rank():  # rank 0 selects and writes; the others are done
         return CompressionResult(output, report_path, {"rank": distributed.init()[0]})
@@ -502,3 +504,46 @@ def compress(
     if side.curve is not None and chosen.curve:
         write_curve(chosen, side.curve)
     return apply(run, chosen, calibration=calibration)
+
+
+def compress_bounded(run: Run, output: Path, report_path: Path) -> CompressionResult:
+    """``compress`` under ``--max-memory``: statistics, decompositions and the rewrite group by group
+    (:func:`espace_export.streaming.compress_streaming`), for ``--select none`` with a weight-free method."""
+    from espace_export.streaming import STREAMING_METHODS, compress_streaming, parse_memory
+
+    options = run.options
+    method = options.selection.method_name
+    side = options.output
+    if options.selection.select != "none" or method not in STREAMING_METHODS or side.statistics or side.plan:
+        raise EspaceError(
+            "--max-memory compresses group by group, which takes --select none, --method mse or nmse and no "
+            "--statistics/--plan side outputs",
+            "drop --max-memory, or use those settings",
+        )
+    ranks = options.ranks
+    result = compress_streaming(
+        run.model_path, output, run.batches.calibration, ratio=ranks.ratio, method=method,
+        budget_bytes=parse_memory(options.data.max_memory), rank_rule=ranks.rank_rule, min_rank=ranks.min_rank,
+        rank=ranks.rank, include_heads=ranks.include_heads, exclude=ranks.exclude, siblings=ranks.siblings,
+        precision=cast(StatsPrecision, options.data.stats_precision),
+    )  # fmt: skip
+    report: dict[str, Any] = {
+        "tool": "espace-export", "version": __version__, "model": str(run.model_path), "output": str(output),
+        "ratio_requested": ranks.ratio if ranks.rank is None else None, "rank_forced": ranks.rank,
+        "candidate": method, "method": method, "select": "none", "siblings": ranks.siblings,
+        "rank_rule": str(ranks.rank_rule), "min_rank": ranks.min_rank,
+        "targeted_params_before": result.targeted_params_before, "targeted_params_after": result.targeted_params_after,
+        "targeted_compression": 1.0 - result.targeted_params_after / result.targeted_params_before,
+        "total_params_before": result.total_params_before, "total_params_after": result.total_params_after,
+        "total_compression": 1.0 - result.total_params_after / result.total_params_before,
+        "layers_compressed": sum(1 for layer in result.layers if layer["compressed"]),
+        "layers_dense": sum(1 for layer in result.layers if not layer["compressed"]),
+        "calibration": {"source": run.batches.source, "batches": len(run.batches.calibration),
+                        "tokens": run.batches.tokens, "stats_precision": options.data.stats_precision,
+                        "groups": len(result.calibration.groups), "max_memory": options.data.max_memory},
+        "layers": result.layers, "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "fidelity": {"outputs": {}, "measured_on": "not measured under --max-memory (two sessions of the model)"},
+        "warnings": [],
+    }  # fmt: skip
+    write_report(report, report_path)
+    return CompressionResult(output, report_path, report)

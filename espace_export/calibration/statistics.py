@@ -8,7 +8,7 @@ Padding tokens (``attention_mask == 0``) are left out of the statistics.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -287,3 +287,505 @@ def _collect_in_graph(
         if normalized:
             target.sum_xx_normalized = (target.sum_xx_normalized + target.sum_xx_normalized.T) / 2
     return stats
+
+
+# ---- bounded memory: statistics in groups, each group calibrated on a staged slice of the graph -------------
+
+PACK_BLOCK = 512  # rows handled at once when packing/unpacking a triangle: bounds the temporaries to 512×K
+
+
+def packed_size(K: int) -> int:
+    """Entries of the upper triangle (diagonal included) of a K×K matrix."""
+    return K * (K + 1) // 2
+
+
+def _row_offset(K: int, row: int) -> int:
+    """Where row ``row`` of the upper triangle starts in the packed array (row-major, columns row…K−1)."""
+    return row * K - row * (row - 1) // 2
+
+
+def _trapezoid_mask(rows: int, cols: int) -> np.ndarray:
+    """``mask[i, j] = j ≥ i``: the upper-triangle entries of a row block, in packed (row-major) order."""
+    return np.arange(cols)[None, :] >= np.arange(rows)[:, None]
+
+
+def pack_add(packed: np.ndarray, gram: np.ndarray, *, symmetrize: bool = True) -> None:
+    """``packed += upper(gram)`` (float64); with ``symmetrize`` the upper triangle of ``(G + Gᵀ)/2``.
+
+    A runtime GEMM need not give an exactly symmetric ``XᵀX``; averaging it with its transpose here matches
+    :func:`collect_statistics`, which symmetrises its dense sums once at the end. Works a block of rows at a
+    time, so no K×K temporary is made.
+    """
+    K = gram.shape[0]
+    for start in range(0, K, PACK_BLOCK):
+        stop = min(start + PACK_BLOCK, K)
+        block = gram[start:stop, start:].astype(np.float64)
+        if symmetrize:
+            block += gram[start:, start:stop].T
+            block *= 0.5
+        segment = packed[_row_offset(K, start) : _row_offset(K, stop)]
+        segment += block[_trapezoid_mask(stop - start, K - start)]
+
+
+def unpack(packed: np.ndarray, K: int) -> np.ndarray:
+    """The dense symmetric K×K matrix of a packed upper triangle."""
+    dense = np.empty((K, K), dtype=np.float64)
+    for start in range(0, K, PACK_BLOCK):
+        stop = min(start + PACK_BLOCK, K)
+        upper = _trapezoid_mask(stop - start, K - start)
+        dense[start:stop, start:][upper] = packed[_row_offset(K, start) : _row_offset(K, stop)]
+        dense[stop:, start:stop] = dense[start:stop, stop:].T  # mirror: below the diagonal block
+        diagonal = dense[start:stop, start:stop]
+        lower = ~upper[:, : stop - start]
+        diagonal[lower] = diagonal.T[lower]
+    return dense
+
+
+class PackedActivationStats:
+    """Running sums of one activation stored as packed upper triangles (half of :class:`ActivationStats`).
+
+    Reads like :class:`ActivationStats` (``K``, ``rows``, ``sum_xx``, ``C_X``, ``C_X_normalized`` …); the dense
+    matrices are unpacked on each access, so a consumer that decomposes one activation at a time holds one
+    dense K×K at a time.
+    """
+
+    def __init__(self, K: int, normalized: bool = True) -> None:
+        self.K = K
+        self.normalized = normalized
+        self.packed_xx = np.zeros(packed_size(K), dtype=np.float64)
+        self.packed_xx_normalized = np.zeros(packed_size(K) if normalized else 0, dtype=np.float64)
+        self.rows = 0
+        self.rows_normalized = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed_xx.nbytes + self.packed_xx_normalized.nbytes)
+
+    def add_gram(self, gram: np.ndarray, rows: int, gram_normalized: np.ndarray | None, rows_normalized: int) -> None:
+        """Add one run's ``XᵀX`` (and ``Σ xxᵀ/‖x‖²``) over ``rows`` rows."""
+        pack_add(self.packed_xx, gram)
+        self.rows += rows
+        if self.normalized and gram_normalized is not None:
+            pack_add(self.packed_xx_normalized, gram_normalized)
+            self.rows_normalized += rows_normalized
+
+    def add(self, X: np.ndarray, precision: StatsPrecision = "float32") -> None:
+        """Reduce a batch of rows ``X`` (M×K), as :meth:`ActivationStats.add` does (host reduction)."""
+        X = np.ascontiguousarray(X.reshape(-1, self.K), dtype=np.float32 if precision == "float32" else np.float64)
+        if X.shape[0] == 0:
+            return
+        pack_add(self.packed_xx, _upper_gram(X), symmetrize=False)
+        self.rows += X.shape[0]
+        if not self.normalized:
+            return
+        norms = np.linalg.norm(X.astype(np.float64), axis=1)
+        keep = norms > 0
+        if keep.any():
+            normalized = np.ascontiguousarray((X[keep] / norms[keep, None].astype(X.dtype)).astype(X.dtype))
+            pack_add(self.packed_xx_normalized, _upper_gram(normalized), symmetrize=False)
+        self.rows_normalized += int(keep.sum())
+
+    @property
+    def sum_xx(self) -> np.ndarray:
+        return unpack(self.packed_xx, self.K)
+
+    @property
+    def sum_xx_normalized(self) -> np.ndarray:
+        if not self.normalized:
+            return np.zeros((self.K, self.K))
+        return unpack(self.packed_xx_normalized, self.K)
+
+    @property
+    def C_X(self) -> np.ndarray:
+        """``E[x xᵀ]``."""
+        dense = self.sum_xx
+        dense /= max(self.rows, 1)
+        return dense
+
+    @property
+    def C_X_normalized(self) -> np.ndarray:
+        """``E[x xᵀ/‖x‖²]``."""
+        if not self.normalized:
+            raise ValueError("normalized statistics were not collected (normalized=True)")
+        dense = self.sum_xx_normalized
+        dense /= max(self.rows_normalized, 1)
+        return dense
+
+    def to_dense(self) -> ActivationStats:
+        """The same sums as an :class:`ActivationStats` (dense K×K arrays)."""
+        stats = ActivationStats(self.K, self.normalized)
+        stats.sum_xx, stats.rows = self.sum_xx, self.rows
+        if self.normalized:
+            stats.sum_xx_normalized, stats.rows_normalized = self.sum_xx_normalized, self.rows_normalized
+        return stats
+
+    def is_finite(self) -> bool:
+        return bool(np.isfinite(self.packed_xx).all() and np.isfinite(self.packed_xx_normalized).all())
+
+
+def _upper_gram(X: np.ndarray) -> np.ndarray:
+    """The upper triangle of ``XᵀX`` (BLAS syrk; the strict lower triangle is left unset)."""
+    syrk = blas.ssyrk if X.dtype == np.float32 else blas.dsyrk
+    return np.asarray(syrk(1.0, X, trans=1, lower=0))
+
+
+def statistics_bytes(K: int, *, normalized: bool, precision: StatsPrecision = "float32") -> int:
+    """Bytes one activation's statistics occupy while a group is calibrated, counted exactly.
+
+    The packed float64 running sums (``8·K(K+1)/2`` each) and one run's K×K Gram output (``K²·4`` for
+    float32 products, ``K²·8`` for float64) held twice — in the runtime's arena, which keeps the block for the
+    next run, and as the array handed back — all twice over when the normalised sums are kept.
+    """
+    itemsize = 4 if precision == "float32" else 8
+    return (8 * packed_size(K) + 2 * itemsize * K * K) * (2 if normalized else 1)
+
+
+def dense_statistics_bytes(K: int, *, normalized: bool) -> int:
+    """Bytes of one activation's dense :class:`ActivationStats` (what :func:`collect_statistics` keeps)."""
+    return 8 * K * K * (2 if normalized else 1)
+
+
+@dataclass(frozen=True)
+class CalibrationGroup:
+    """Activations calibrated together in one staged pass, and what they cost."""
+
+    activations: tuple[str, ...]
+    statistics_bytes: int  # the group's statistics as counted by statistics_bytes
+    weight_bytes: int  # bytes of the weights of the targets reading these activations
+
+
+def plan_groups(
+    targets: Sequence[GemmTarget],
+    budget_bytes: int,
+    *,
+    normalized: bool,
+    precision: StatsPrecision = "float32",
+    weight_factor: float = 0.0,
+) -> list[CalibrationGroup]:
+    """Split the distinct activations, in graph order, into consecutive groups that fit ``budget_bytes``.
+
+    A group's cost is its statistics (:func:`statistics_bytes`), plus the unpacking of its widest
+    activation for the consumer (one dense K×K at a time), plus ``weight_factor`` × the bytes of the weights
+    of its targets (the runtime's copy of the weights a staged session reads; 0 leaves them out). Raises
+    :class:`EspaceError` when a single activation does not fit.
+    """
+    activations = distinct_activations(targets)
+    weights: dict[str, int] = {}
+    for target in targets:
+        weights[target.activation] = weights.get(target.activation, 0) + target.params * np.dtype(target.dtype).itemsize
+    groups: list[CalibrationGroup] = []
+    names: list[str] = []
+    stats_total = weight_total = widest = 0
+
+    def cost(stats: int, weight: int, K: int) -> int:
+        return stats + 8 * K * K + int(weight_factor * weight)
+
+    for name, (K, _) in activations.items():
+        stats = statistics_bytes(K, normalized=normalized, precision=precision)
+        alone = cost(stats, weights[name], K)
+        if alone > budget_bytes:
+            raise EspaceError(
+                f"the statistics of activation '{name}' (K={K}) need {int(np.ceil(alone / 2**20))} MiB, over the memory budget"
+                f" of {budget_bytes / 2**20:.0f} MiB",
+                f"raise --max-memory to at least {int(np.ceil(alone / 2**20))} MiB",
+            )
+        if names and cost(stats_total + stats, weight_total + weights[name], max(widest, K)) > budget_bytes:
+            groups.append(CalibrationGroup(tuple(names), stats_total, weight_total))
+            names, stats_total, weight_total, widest = [], 0, 0, 0
+        names.append(name)
+        stats_total += stats
+        weight_total += weights[name]
+        widest = max(widest, K)
+    if names:
+        groups.append(CalibrationGroup(tuple(names), stats_total, weight_total))
+    return groups
+
+
+@dataclass
+class GroupedCalibration:
+    """What :func:`collect_statistics_in_groups` did: its groups, and the most statistics held at once."""
+
+    groups: list[CalibrationGroup]
+    peak_statistics_bytes: int = 0  # the packed sums alive at once (a group's), as allocated
+    peak_boundary_bytes: int = 0  # cached tensors handed from one stage to the next, all batches
+    stage_nodes: list[int] = field(default_factory=list)  # nodes each staged session runs
+    stage_weight_bytes: list[int] = field(default_factory=list)  # bytes of the weights each staged session reads
+
+
+def _node_reads(node: onnx.NodeProto) -> set[str]:
+    """Tensors a node reads, including outer-scope names read inside its subgraphs."""
+    read = {name for name in node.input if name}
+    for attr in node.attribute:
+        for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+            inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}
+            inner |= {t.name for t in sub.initializer}
+            for n in sub.node:
+                read |= _node_reads(n) - inner
+            read |= {o.name for o in sub.output} - inner
+    return read
+
+
+def _ancestors(nodes: Sequence[onnx.NodeProto], wanted: set[str], producer: dict[str, int]) -> set[int]:
+    """Indices of the nodes needed to compute ``wanted``."""
+    needed: set[int] = set()
+    stack = [producer[name] for name in wanted if name in producer]
+    while stack:
+        index = stack.pop()
+        if index in needed:
+            continue
+        needed.add(index)
+        stack.extend(producer[name] for name in _node_reads(nodes[index]) if name in producer)
+    return needed
+
+
+@dataclass
+class Stage:
+    """One slice of the graph: the nodes no earlier stage ran that one group of activations needs."""
+
+    activations: tuple[str, ...]
+    nodes: list[onnx.NodeProto]
+    inputs: list[str]  # tensors computed by earlier stages that this one reads
+    outputs: list[str]  # tensors this stage computes that later stages read
+    keep: list[str]  # everything computed so far that later stages read (outputs and older tensors)
+    initializers: list[str]
+
+
+def stage_graph(model: onnx.ModelProto, groups: Sequence[Sequence[str]]) -> list[Stage]:
+    """Cut ``model`` into one stage per group of activations, each running only the nodes not run before.
+
+    Stage g runs the nodes needed for its activations that no earlier stage ran; the tensors it needs from
+    earlier stages (the residual stream, a causal mask, the input of a layer that spills over the cut)
+    become its inputs, and those later stages need from it (or pass through it) become its outputs. Every
+    node of the graph that leads to a grouped activation runs exactly once over all stages; nodes that
+    lead only to the model's outputs (the LM head) never run.
+    """
+    graph = model.graph
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    reads = [_node_reads(node) for node in nodes]
+    cumulative = [_ancestors(nodes, set(names), producer) for names in groups]
+    for g in range(1, len(cumulative)):
+        cumulative[g] |= cumulative[g - 1]
+    initializers = {t.name for t in graph.initializer}
+    stages: list[Stage] = []
+    done: set[int] = set()
+    available: set[str] = set()  # tensors computed by the stages so far
+    for g, names in enumerate(groups):
+        run = sorted(cumulative[g] - done)
+        needed = set(names).union(*(reads[i] for i in run))
+        later_nodes = set().union(*cumulative[g + 1 :]) - cumulative[g] if g + 1 < len(groups) else set()
+        later = set().union(*(reads[i] for i in later_nodes), *groups[g + 1 :])
+        produced = {out for i in run for out in nodes[i].output if out}
+        stages.append(
+            Stage(
+                activations=tuple(names),
+                nodes=[nodes[i] for i in run],
+                inputs=sorted(needed & available),
+                outputs=sorted(later & produced),
+                keep=sorted(later & (produced | available)),
+                initializers=sorted(needed & initializers),
+            )
+        )
+        available |= produced
+        done |= cumulative[g]
+    return stages
+
+
+def stage_model(model: onnx.ModelProto, stage: Stage, input_types: Mapping[str, int]) -> onnx.ModelProto:
+    """The stage as a runnable model: the original graph inputs, ``stage.inputs`` typed by ``input_types``,
+    ``stage.outputs`` as outputs (untyped: the runtime infers them), and only the weights it reads."""
+    graph = model.graph
+    wanted = set(stage.initializers)
+    initializers = [t for t in graph.initializer if t.name in wanted]
+    inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    for name in stage.inputs:
+        inputs.append(onnx.helper.make_tensor_value_info(name, input_types[name], None))
+    outputs = []
+    for name in stage.outputs:
+        value = onnx.ValueInfoProto()
+        value.name = name
+        outputs.append(value)
+    sub = onnx.helper.make_graph(stage.nodes, graph.name, inputs, outputs, initializers)
+    sub.value_info.extend(v for v in graph.value_info if v.name in {o for n in stage.nodes for o in n.output})
+    staged = onnx.ModelProto()
+    for field_name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(staged, field_name, getattr(model, field_name))
+    staged.opset_import.extend(model.opset_import)
+    staged.functions.extend(model.functions)
+    staged.metadata_props.extend(model.metadata_props)  # keeps the external-data directory of unloaded weights
+    staged.graph.CopyFrom(sub)
+    return staged
+
+
+def collect_statistics_in_groups(
+    session_factory: Callable[[onnx.ModelProto], object],
+    model: onnx.ModelProto,
+    targets: Sequence[GemmTarget],
+    batches: Sequence[dict[str, np.ndarray]],
+    budget_bytes: int,
+    consume: Callable[[dict[str, PackedActivationStats]], None],
+    *,
+    precision: StatsPrecision = "float32",
+    specs: Sequence[InputSpec] | None = None,
+    normalized: bool = True,
+    weight_factor: float = 0.0,
+    on_batch: Callable[[], None] | None = None,
+    on_group: Callable[[int, int, CalibrationGroup], None] | None = None,
+) -> GroupedCalibration:
+    """The statistics of :func:`collect_statistics`, under a memory budget, handed over one group at a time.
+
+    The activations are split by :func:`plan_groups` into consecutive groups that fit ``budget_bytes``; the
+    graph is cut into one stage per group (:func:`stage_graph`), and each stage runs on every batch from the
+    tensors the previous stages left (cached, per batch), so the whole calibration costs about one forward
+    pass however many groups there are, and each session holds only its stage's weights. A group's sums are
+    packed upper triangles in float64; ``consume`` gets them when the group is done and may decompose them —
+    they are dropped before the next group starts. Same numbers as :func:`collect_statistics` (up to the
+    runtime's rounding when a fusion straddles a cut).
+
+    The reduction is formed in the graph (opset ≥ 13) or, failing that, on the host. ``on_group(index,
+    count, group)`` is called as each group starts, ``on_batch()`` after each batch of each stage.
+    """
+    specs = list(specs) if specs is not None else input_specs(model)
+    groups = plan_groups(targets, budget_bytes, normalized=normalized, precision=precision, weight_factor=weight_factor)
+    widths = {name: K for name, (K, _) in distinct_activations(targets).items()}
+    activation_types = {name: t for name, (_, t) in distinct_activations(targets).items()}
+    stages = stage_graph(model, [g.activations for g in groups])
+    has_mask = any(spec.name == "attention_mask" for spec in specs)
+    in_graph = default_opset(model) >= MIN_OPSET
+    feeds = [complete_feed(batch, specs) for batch in batches]
+    cache: list[dict[str, np.ndarray]] = [{} for _ in batches]  # boundary tensors, per batch
+    result = GroupedCalibration(groups)
+    for index, (group, stage) in enumerate(zip(groups, stages, strict=True)):
+        if on_group is not None:
+            on_group(index, len(groups), group)
+        types = {name: onnx.helper.np_dtype_to_tensor_dtype(cache[0][name].dtype) for name in stage.inputs}
+        staged = stage_model(model, stage, types)
+        stats = {name: PackedActivationStats(widths[name], normalized) for name in group.activations}
+        result.peak_statistics_bytes = max(result.peak_statistics_bytes, sum(s.nbytes for s in stats.values()))
+        result.stage_nodes.append(len(stage.nodes))
+        result.stage_weight_bytes.append(_initializer_bytes(model, stage.initializers))
+        run_stage = _graph_stage if in_graph else _host_stage
+        try:
+            run_stage(session_factory, staged, stage, stats, feeds, cache, precision, has_mask, activation_types,
+                      on_batch)  # fmt: skip
+        except _GraphReductionUnavailable:
+            if not in_graph:
+                raise
+            in_graph = False
+            del stats
+            stats = {name: PackedActivationStats(widths[name], normalized) for name in group.activations}
+            _host_stage(session_factory, staged, stage, stats, feeds, cache, precision, has_mask, activation_types,
+                        on_batch)  # fmt: skip
+        result.peak_boundary_bytes = max(
+            result.peak_boundary_bytes, sum(v.nbytes for values in cache for v in values.values())
+        )
+        _check_packed_finite(stats)
+        consume(stats)
+        del stats  # before the next group's sums are allocated
+    return result
+
+
+def _initializer_bytes(model: onnx.ModelProto, names: Sequence[str]) -> int:
+    wanted = set(names)
+    return sum(
+        int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        for t in model.graph.initializer
+        if t.name in wanted
+    )
+
+
+def _check_packed_finite(stats: dict[str, PackedActivationStats]) -> None:
+    for name, entry in stats.items():
+        if not entry.is_finite():
+            raise EspaceError(
+                f"activation '{name}' reached inf/NaN during calibration: the model overflows on these inputs",
+                "calibrate a float32 export of the model, or --exclude the layers reading it",
+            )
+
+
+def _keep_boundary(cache: dict[str, np.ndarray], stage: Stage, values: dict[str, np.ndarray]) -> None:
+    """Keep what later stages read; drop what no later stage needs any more."""
+    for name in list(cache):
+        if name not in stage.keep:
+            del cache[name]
+    for name in stage.outputs:
+        cache[name] = values[name]
+
+
+def _graph_stage(
+    session_factory: Callable[[onnx.ModelProto], object],
+    staged: onnx.ModelProto,
+    stage: Stage,
+    stats: dict[str, PackedActivationStats],
+    feeds: Sequence[dict[str, np.ndarray]],
+    cache: list[dict[str, np.ndarray]],
+    precision: StatsPrecision,
+    has_mask: bool,
+    activation_types: dict[str, int],
+    on_batch: Callable[[], None] | None,
+) -> None:
+    widths = {name: entry.K for name, entry in stats.items()}
+    normalized = any(entry.normalized for entry in stats.values())
+    boundary = list(stage.outputs)
+    try:
+        augmented, outputs = add_gram_outputs(
+            staged, widths, mask_input="attention_mask" if has_mask else None,
+            masked=set(widths) if has_mask else set(), normalized=normalized, precision=precision,
+        )  # fmt: skip
+        session = session_factory(augmented)
+    except Exception as exc:
+        raise _GraphReductionUnavailable(str(exc)) from exc
+    names = list(boundary)
+    for out in outputs.values():
+        names += [out.gram, out.rows] + ([out.gram_l2, out.rows_l2] if out.gram_l2 and out.rows_l2 else [])
+    for index, feed in enumerate(feeds):
+        run_feed = {**feed, **{name: cache[index][name] for name in stage.inputs}}
+        try:
+            with runtime_errors("on a calibration batch", _BATCH_FIX):
+                values = dict(zip(names, session.run(names, run_feed), strict=True))  # type: ignore[attr-defined]
+        except Exception as exc:
+            if index == 0:
+                raise _GraphReductionUnavailable(str(exc)) from exc
+            raise
+        for name, out in outputs.items():
+            gram_l2 = values[out.gram_l2] if out.gram_l2 else None
+            rows_l2 = int(round(float(values[out.rows_l2]))) if out.rows_l2 else 0
+            stats[name].add_gram(values[out.gram], int(round(float(values[out.rows]))), gram_l2, rows_l2)
+        _keep_boundary(cache[index], stage, values)
+        del values
+        if on_batch is not None:
+            on_batch()
+
+
+def _host_stage(
+    session_factory: Callable[[onnx.ModelProto], object],
+    staged: onnx.ModelProto,
+    stage: Stage,
+    stats: dict[str, PackedActivationStats],
+    feeds: Sequence[dict[str, np.ndarray]],
+    cache: list[dict[str, np.ndarray]],
+    precision: StatsPrecision,
+    has_mask: bool,
+    activation_types: dict[str, int],
+    on_batch: Callable[[], None] | None,
+) -> None:
+    boundary = list(stage.outputs)
+    produced = {out for node in stage.nodes for out in node.output}
+    computed = [name for name in stats if name in produced and name not in boundary]
+    augmented = with_outputs(staged, computed, activation_types)
+    with runtime_errors("to load the model", _LOAD_FIX):
+        session = session_factory(augmented)
+    names = boundary + computed
+    for index, feed in enumerate(feeds):
+        run_feed = {**feed, **{name: cache[index][name] for name in stage.inputs}}
+        with runtime_errors("on a calibration batch", _BATCH_FIX):
+            values = dict(zip(names, session.run(names, run_feed), strict=True))  # type: ignore[attr-defined]
+        for name, entry in stats.items():
+            value = values[name] if name in values else run_feed[name]
+            rows = value.reshape(-1, entry.K)
+            mask = token_mask(feed, rows.shape[0])
+            entry.add(rows if mask is None else rows[mask], precision)
+        _keep_boundary(cache[index], stage, values)
+        del values
+        if on_batch is not None:
+            on_batch()

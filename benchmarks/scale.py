@@ -1,0 +1,437 @@
+"""Compress a Llama-2-7B-shaped decoder under a memory budget: wall time, peak RSS and disk reads per stage.
+
+    python benchmarks/scale.py --layers 2                      # 7B widths, 8 × 2048 tokens, fp16, --ratio 0.5
+    python benchmarks/scale.py --layers 4 --tokens 4096 --max-memory 6G --solver subspace
+
+The model (hidden 4096, MLP 11008, 32 heads, vocabulary 32000, ``--layers`` blocks; RMSNorm, causal
+softmax attention without rotary embeddings, SiLU-gated MLP) is built with ``onnx.helper`` one weight at a
+time and streamed into its external data file, so building never holds more than one weight. Each weight
+is ``W = Q₁ diag(s) Q₂ᵀ`` with singular values decaying as ``(1+i)^-decay`` (Q₁, Q₂ random signed
+permutations followed by an orthonormal DCT, so a 4096×11008 weight costs two FFTs, not a QR), and the
+embedding table likewise, so the activations have a decaying spectrum for the projections to find.
+
+Stages, each in a fresh child process (so each peak is its own): ``build`` writes the model under
+``--workdir`` (in /tmp, deleted afterwards unless ``--keep``); ``forward`` is one plain ONNX Runtime pass
+over the calibration tokens (the unit every stage is divided by); ``compress`` is
+:func:`espace_export.streaming.compress_streaming` at ``--ratio`` with ``--method`` under ``--max-memory``;
+``check`` runs the output in ONNX Runtime against the original on one sequence. Peak RSS is the child's
+``VmHWM``; bytes read are ``/proc/self/io`` ``rchar`` (through read calls, page cache included) and
+``read_bytes`` (from the device; 0 when the files are still cached).
+
+``--solver subspace`` decomposes with a randomized subspace iteration written here as a stand-in for the
+project's fast eigensolver (issue 12, item 2): LAPACK's top-1024 of an 11008² matrix takes many minutes
+on two cores. ``--check-solver`` also runs LAPACK on the first activation and prints the captured energy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- measuring a child --------------------------------------------------------------------------------------
+
+
+def proc_field(path: str, field: str) -> int:
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in {path} (Linux only)")
+
+
+def measurements() -> dict[str, int]:
+    return {
+        "peak_rss": proc_field("/proc/self/status", "VmHWM") * 1024,
+        "rchar": proc_field("/proc/self/io", "rchar"),
+        "read_bytes": proc_field("/proc/self/io", "read_bytes"),
+        "write_bytes": proc_field("/proc/self/io", "wchar"),
+    }
+
+
+# ---- the model ----------------------------------------------------------------------------------------------
+
+
+def structured_matrix(rng: np.random.Generator, rows: int, cols: int, decay: float, energy: float) -> np.ndarray:
+    """A rows×cols float32 matrix with singular values ∝ (1+i)^-decay and squared Frobenius norm ``energy``."""
+    from scipy.fft import dct
+
+    rank = min(rows, cols)
+    s = (1.0 + np.arange(rank)) ** -decay
+    s *= math.sqrt(energy / float(np.sum(s**2)))
+    matrix = np.zeros((rows, cols), dtype=np.float32)
+    matrix[np.arange(rank), np.arange(rank)] = s
+    matrix = matrix[rng.permutation(rows)] * rng.choice([-1.0, 1.0], rows).astype(np.float32)[:, None]
+    matrix = dct(matrix, axis=0, norm="ortho", overwrite_x=True)
+    matrix = matrix[:, rng.permutation(cols)] * rng.choice([-1.0, 1.0], cols).astype(np.float32)[None, :]
+    return np.ascontiguousarray(dct(matrix, axis=1, norm="ortho", overwrite_x=True), dtype=np.float32)
+
+
+class StreamedInitializers:
+    """Initializers written straight to one external data file, page-aligned."""
+
+    def __init__(self, data_path: Path) -> None:
+        self.data_path = data_path
+        self.file = data_path.open("wb")
+        self.offset = 0
+        self.tensors: list[Any] = []
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        import onnx
+        from onnx import numpy_helper
+
+        if array.nbytes < 1024:
+            self.tensors.append(numpy_helper.from_array(array, name))
+            return name
+        pad = -self.offset % 4096
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        self.file.write(np.ascontiguousarray(array).tobytes())
+        tensor = onnx.TensorProto()
+        tensor.name = name
+        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (
+            ("location", self.data_path.name),
+            ("offset", str(self.offset)),
+            ("length", str(array.nbytes)),
+        ):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += array.nbytes
+        self.tensors.append(tensor)
+        return name
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def build_model(path: Path, *, layers: int, hidden: int, inter: int, heads: int, vocab: int, dtype: str,
+                decay: float, seed: int) -> None:  # fmt: skip
+    """Write a Llama-shaped decoder to ``path`` (+ ``path.data``), one weight in memory at a time."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    np_dtype = np.dtype(dtype)
+    elem = helper.np_dtype_to_tensor_dtype(np_dtype)
+    store = StreamedInitializers(path.with_name(path.name + ".data"))
+    nodes: list[Any] = []
+    head_dim = hidden // heads
+    neg = -1e4 if np_dtype == np.float16 else -1e9  # additive mask, inside the dtype's range
+
+    def const(name: str, value: np.ndarray) -> str:
+        return store.add(name, value)
+
+    def node(op: str, inputs: list[str], output: str, name: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], name=name, **attrs))
+        return output
+
+    def linear(layer: str, x: str, k: int, n: int) -> str:
+        weight = structured_matrix(rng, k, n, decay, energy=float(n)).astype(np_dtype)
+        store.add(f"{layer}.weight", weight)
+        del weight
+        scope = "/" + layer.replace(".", "/")
+        return node("MatMul", [x, f"{layer}.weight"], f"{layer}.out", f"{scope}/MatMul")
+
+    def rms_norm(prefix: str, x: str) -> str:
+        gamma = const(f"{prefix}.weight", np.ones(hidden, dtype=np_dtype))
+        scope = "/" + prefix.replace(".", "/")
+        sq = node("Mul", [x, x], f"{prefix}.sq", f"{scope}/Pow")
+        mean = node("ReduceMean", [sq], f"{prefix}.ms", f"{scope}/ReduceMean", axes=[-1], keepdims=1)
+        shifted = node(
+            "Add", [mean, const(f"{prefix}.eps", np.array(1e-6, dtype=np_dtype))], f"{prefix}.mse", f"{scope}/Add"
+        )
+        root = node("Sqrt", [shifted], f"{prefix}.rms", f"{scope}/Sqrt")
+        normed = node("Div", [x, root], f"{prefix}.n", f"{scope}/Div")
+        return node("Mul", [normed, gamma], f"{prefix}.out", f"{scope}/Mul")
+
+    embed = structured_matrix(rng, vocab, hidden, decay, energy=float(vocab)).astype(np_dtype)
+    store.add("model.embed_tokens.weight", embed)
+    del embed
+    h = node("Gather", ["model.embed_tokens.weight", "input_ids"], "h0", "/model/embed_tokens/Gather")
+    # additive attention mask [B, 1, S, S]: causal, and padded keys masked out
+    shape = node("Shape", ["input_ids"], "ids_shape", "/model/mask/Shape")
+    seq = node("Gather", [shape, const("one_index", np.array([1], dtype=np.int64))], "seq1", "/model/mask/Gather")
+    square = node("Concat", [seq, seq], "seq_seq", "/model/mask/Concat", axis=0)
+    full = node("ConstantOfShape", [square], "neg_full", "/model/mask/ConstantOfShape",
+                value=helper.make_tensor("neg", elem, [1], [neg]))  # fmt: skip
+    causal = node("Trilu", [full, const("one_k", np.array(1, dtype=np.int64))], "causal", "/model/mask/Trilu", upper=1)
+    keep = node("Cast", ["attention_mask"], "mask_f", "/model/mask/Cast", to=elem)
+    dropped = node("Sub", [const("one_f", np.array(1, dtype=np_dtype)), keep], "mask_drop", "/model/mask/Sub")
+    padding = node("Mul", [dropped, const("neg_f", np.array(neg, dtype=np_dtype))], "mask_pad", "/model/mask/Mul")
+    padding4 = node("Unsqueeze", [padding, const("axes_12", np.array([1, 2], dtype=np.int64))], "mask_pad4",
+                    "/model/mask/Unsqueeze")  # fmt: skip
+    mask = node("Add", [causal, padding4], "attn_mask", "/model/mask/Add")
+    split_heads = const("split_heads", np.array([0, 0, heads, head_dim], dtype=np.int64))
+    merge_heads = const("merge_heads", np.array([0, 0, hidden], dtype=np.int64))
+    scale = const("attn_scale", np.array(1.0 / math.sqrt(head_dim), dtype=np_dtype))
+    for b in range(layers):
+        p = f"model.layers.{b}"
+        s = f"/model/layers/{b}"
+        x = rms_norm(f"{p}.input_layernorm", h)
+        q = linear(f"{p}.self_attn.q_proj", x, hidden, hidden)
+        k = linear(f"{p}.self_attn.k_proj", x, hidden, hidden)
+        v = linear(f"{p}.self_attn.v_proj", x, hidden, hidden)
+        q4 = node("Transpose", [node("Reshape", [q, split_heads], f"{p}.q4", f"{s}/attn/Reshape")], f"{p}.qt",
+                  f"{s}/attn/Transpose", perm=[0, 2, 1, 3])  # fmt: skip
+        k4 = node("Transpose", [node("Reshape", [k, split_heads], f"{p}.k4", f"{s}/attn/Reshape_1")], f"{p}.kt",
+                  f"{s}/attn/Transpose_1", perm=[0, 2, 3, 1])  # fmt: skip
+        v4 = node("Transpose", [node("Reshape", [v, split_heads], f"{p}.v4", f"{s}/attn/Reshape_2")], f"{p}.vt",
+                  f"{s}/attn/Transpose_2", perm=[0, 2, 1, 3])  # fmt: skip
+        scores = node("MatMul", [q4, k4], f"{p}.scores", f"{s}/attn/MatMul")
+        scores = node("Mul", [scores, scale], f"{p}.scaled", f"{s}/attn/Mul")
+        scores = node("Add", [scores, mask], f"{p}.masked", f"{s}/attn/Add")
+        probs = node("Softmax", [scores], f"{p}.probs", f"{s}/attn/Softmax", axis=-1)
+        context = node("MatMul", [probs, v4], f"{p}.ctx", f"{s}/attn/MatMul_1")
+        context = node("Transpose", [context], f"{p}.ctx_t", f"{s}/attn/Transpose_3", perm=[0, 2, 1, 3])
+        context = node("Reshape", [context, merge_heads], f"{p}.ctx_m", f"{s}/attn/Reshape_3")
+        o = linear(f"{p}.self_attn.o_proj", context, hidden, hidden)
+        h1 = node("Add", [h, o], f"{p}.h1", f"{s}/Add")
+        x = rms_norm(f"{p}.post_attention_layernorm", h1)
+        gate = linear(f"{p}.mlp.gate_proj", x, hidden, inter)
+        up = linear(f"{p}.mlp.up_proj", x, hidden, inter)
+        silu = node("Mul", [gate, node("Sigmoid", [gate], f"{p}.sig", f"{s}/mlp/Sigmoid")], f"{p}.silu", f"{s}/mlp/Mul")
+        product = node("Mul", [silu, up], f"{p}.prod", f"{s}/mlp/Mul_1")
+        down = linear(f"{p}.mlp.down_proj", product, inter, hidden)
+        h = node("Add", [h1, down], f"{p}.h2", f"{s}/Add_1")
+    x = rms_norm("model.norm", h)
+    logits = linear("lm_head", x, hidden, vocab)
+    nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/Identity"))
+    store.close()
+    graph = helper.make_graph(
+        nodes, "llama_shaped",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", elem, ["batch", "seq", vocab])],
+        store.tensors,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="espace-bench")
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    onnx.checker.check_model(str(path))
+
+
+# ---- calibration data and the stand-in solver ---------------------------------------------------------------
+
+
+def token_batches(tokens: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``tokens`` random ids in sequences of ``seq`` (one sequence per batch, as a long-context calibration)."""
+    rng = np.random.default_rng(seed)
+    count = max(1, tokens // seq)
+    return [
+        {"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64), "attention_mask": np.ones((1, seq), np.int64)}
+        for _ in range(count)
+    ]
+
+
+def subspace_top(C: np.ndarray, L: int, *, oversample: int = 64, iterations: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Leading L eigenpairs of the PSD ``C`` by randomized subspace iteration (Halko et al. 2011, alg. 4.4)
+    and Rayleigh–Ritz; float64. A stand-in: the project's solver is issue 12, item 2."""
+    K = C.shape[0]
+    width = min(K, L + oversample)
+    Q = np.linalg.qr(C @ np.random.default_rng(seed).standard_normal((K, width)))[0]
+    for _ in range(iterations):
+        Q = np.linalg.qr(C @ Q)[0]
+    values, vectors = np.linalg.eigh(Q.T @ C @ Q)
+    order = np.argsort(-values)[:L]
+    vectors = Q @ vectors[:, order]
+    pivots = np.argmax(np.abs(vectors), axis=0)
+    vectors *= np.where(vectors[pivots, np.arange(L)] < 0, -1.0, 1.0)
+    return values[order], vectors
+
+
+# ---- stages (children) --------------------------------------------------------------------------------------
+
+
+def stage_build(args: argparse.Namespace, model: Path) -> dict[str, Any]:
+    build_model(model, layers=args.layers, hidden=args.hidden, inter=args.inter, heads=args.heads, vocab=args.vocab,
+                dtype=args.dtype, decay=args.decay, seed=0)  # fmt: skip
+    return {"model_bytes": sum(p.stat().st_size for p in model.parent.glob(model.name + "*"))}
+
+
+def stage_forward(args: argparse.Namespace, model: Path) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    loaded = time.perf_counter()
+    for batch in token_batches(args.tokens, args.seq, args.vocab):
+        session.run(["logits"], batch)
+    return {"session_s": loaded - START, "run_s": time.perf_counter() - loaded}
+
+
+def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from espace_export.streaming import compress_streaming, parse_memory
+
+    decompose = None
+    if args.solver == "subspace":
+        decompose = subspace_top
+    checked: dict[str, float] = {}
+    if args.check_solver:
+        from espace_export.selection.candidates import eigen_decomposition
+
+        inner = decompose or (lambda C, L: eigen_decomposition(C, top=L))
+
+        def decompose(C: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-redef]
+            values, vectors = inner(C, L)
+            if not checked:
+                tick = time.perf_counter()
+                exact = eigen_decomposition(C, top=L)[0]
+                checked["lapack_s"] = time.perf_counter() - tick
+                checked["K"] = C.shape[0]
+                checked["captured_energy"] = float(np.sum((C @ vectors) * vectors) / np.sum(exact))
+            return values, vectors
+
+    output = model.with_name("compressed.onnx")
+    result = compress_streaming(
+        model, output, token_batches(args.tokens, args.seq, args.vocab), ratio=args.ratio, method=args.method,
+        budget_bytes=parse_memory(args.max_memory), decompose=decompose,
+        on_group=lambda i, n: print(f"  group {i + 1}/{n} at {time.perf_counter() - START:.0f} s", file=sys.stderr),
+    )  # fmt: skip
+    info = result.calibration
+    return {
+        "timings": result.timings,
+        "groups": len(info.groups),
+        "activations_per_group": [len(g.activations) for g in info.groups],
+        "peak_statistics_bytes": info.peak_statistics_bytes,
+        "peak_boundary_bytes": info.peak_boundary_bytes,
+        "targeted_compression": 1 - result.targeted_params_after / result.targeted_params_before,
+        "total_params": [result.total_params_before, result.total_params_after],
+        "output_bytes": sum(p.stat().st_size for p in output.parent.glob("compressed.onnx*")),
+        "solver_check": checked,
+        "weight_bytes_read": result.weight_bytes_read,
+        "stage_weight_bytes": info.stage_weight_bytes,
+        "mse_relative": [layer["mse_relative"] for layer in result.layers if layer["mse_relative"] is not None],
+    }
+
+
+def stage_check(args: argparse.Namespace, model: Path) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    batch = token_batches(args.seq, args.seq, args.vocab, seed=1)[0]
+    outputs = []
+    for path in (model, model.with_name("compressed.onnx")):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(["logits"], batch)[0].astype(np.float64).reshape(-1, args.vocab))
+        del session
+    ref, new = outputs
+    cos = np.sum(ref * new, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1))
+    return {
+        "finite": bool(np.isfinite(new).all()),
+        "relative_l2": float(np.linalg.norm(new - ref) / np.linalg.norm(ref)),
+        "cosine_mean": float(cos.mean()),
+    }
+
+
+STAGES = {"build": stage_build, "forward": stage_forward, "compress": stage_compress, "check": stage_check}
+START = time.perf_counter()
+
+
+def run_child(stage: str, argv: list[str]) -> dict[str, Any]:
+    tick = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, *argv, "--child", stage], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"stage {stage} failed ({done.returncode})")
+    sys.stderr.write(done.stderr)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - tick
+    return result
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--inter", type=int, default=11008)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    parser.add_argument("--decay", type=float, default=1.0, help="singular values ∝ (1+i)^-decay")
+    parser.add_argument("--tokens", type=int, default=8 * 2048, help="calibration tokens (default 8 × 2048)")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--method", default="mse", choices=["mse", "nmse"])
+    parser.add_argument("--max-memory", default="50%", help="budget of compress_streaming: 12G, 800M, 50%% of RAM")
+    parser.add_argument("--solver", choices=["lapack", "subspace"], default="lapack")
+    parser.add_argument("--check-solver", action="store_true", help="also run LAPACK on the first activation")
+    parser.add_argument(
+        "--blas-threads", type=int, help="OpenBLAS/OpenMP threads of the children (ONNX Runtime keeps its own pool)"
+    )
+    parser.add_argument("--workdir", default="/tmp/espace-scale")
+    parser.add_argument("--keep", action="store_true", help="keep the generated models")
+    parser.add_argument("--json", help="write all figures here")
+    parser.add_argument("--child", choices=list(STAGES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    model = workdir / "model.onnx"
+    if args.child:
+        result = STAGES[args.child](args, model)
+        result.update(measurements())
+        print(json.dumps(result))
+        return
+
+    argv = [a for a in sys.argv[1:] if a not in ("--keep",)]
+    if "--json" in argv:
+        index = argv.index("--json")
+        del argv[index : index + 2]
+    if args.blas_threads:  # on an oversubscribed machine, threaded LAPACK can run 10× slower than one thread
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(args.blas_threads)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    figures: dict[str, Any] = {"settings": vars(args)}
+    try:
+        for stage in ("build", "forward", "compress", "check"):
+            print(f"[{time.perf_counter() - START:7.0f} s] {stage} …", file=sys.stderr, flush=True)
+            figures[stage] = run_child(stage, argv)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    forward = figures["forward"]["wall_s"]
+    print(f"\nLlama-shaped decoder: {args.layers} layers, hidden {args.hidden}, MLP {args.inter}, {args.dtype}, "
+          f"{figures['build']['model_bytes'] / 2**30:.2f} GiB; calibration {args.tokens} tokens "
+          f"({max(1, args.tokens // args.seq)} × {args.seq}); --ratio {args.ratio} --method {args.method} "
+          f"--max-memory {args.max_memory} --solver {args.solver} --blas-threads {args.blas_threads}")  # fmt: skip
+    print(f"{'stage':<10} {'wall':>9} {'× forward':>10} {'peak RSS':>11} {'read (rchar)':>13} {'read (device)':>14}")
+    for stage in ("build", "forward", "compress", "check"):
+        f = figures[stage]
+        print(f"{stage:<10} {f['wall_s']:>8.1f}s {f['wall_s'] / forward:>10.2f} {gib(f['peak_rss']):>11} "
+              f"{gib(f['rchar']):>13} {gib(f['read_bytes']):>14}")  # fmt: skip
+    c = figures["compress"]
+    print("compress stages: " + ", ".join(f"{k} {v:.1f}s ({v / forward:.2f}×)" for k, v in c["timings"].items()))
+    print(f"groups {c['groups']} (activations per group {c['activations_per_group']}); statistics held at once "
+          f"{gib(c['peak_statistics_bytes'])}; boundary tensors {gib(c['peak_boundary_bytes'])}; targeted compression "
+          f"{c['targeted_compression']:.3f}; output {gib(c['output_bytes'])}")  # fmt: skip
+    print(f"weights read by compress: {gib(c['weight_bytes_read'])} (staged sessions {gib(sum(c['stage_weight_bytes']))}, "
+          f"largest stage {gib(max(c['stage_weight_bytes']))}); ONNX Runtime maps external data, so rchar misses it")  # fmt: skip
+    mse = c["mse_relative"]
+    print(f"dropped activation energy E‖x − PPᵀx‖²/E‖x‖² per layer: mean {np.mean(mse):.3f}, max {np.max(mse):.3f}")
+    if c["solver_check"]:
+        print(f"solver check: {c['solver_check']}")
+    print(f"check: {figures['check']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Streaming compression: calibrate, decompose, rewrite and write one group of layers at a time.
+
+For ``--select none`` with one weight-free candidate (``mse``, ``nmse``) every layer's projection depends
+only on its own activation statistics, so nothing has to outlive its group:
+
+    for each group of activations that fits the memory budget  (calibration.collect_statistics_in_groups)
+        calibrate the group's slice of the graph on the cached hidden states of the previous slice
+        per activation: top-L eigenvectors P of C_X (or Ĉ_X)         (candidates.eigen_decomposition)
+        rewrite its GEMMs as (X·P)·(PᵀW), reading each W from disk   (graph_passes.project)
+        append P and PᵀW to the output's data file, drop them from memory
+    copy the untouched weights (embeddings, norms, head) into the data file in chunks; write the graph
+
+so the process holds at most one group's statistics, one staged session's weights, the boundary tensors
+between stages and one layer's factors — never the model's weights nor all the statistics. The output is
+the same model :func:`espace_export.compress` writes for these settings (same ranks, same projections).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from espace_export.calibration.statistics import (
+    GroupedCalibration,
+    PackedActivationStats,
+    StatsPrecision,
+    collect_statistics_in_groups,
+)
+from espace_export.errors import EspaceError
+from espace_export.io.models import atomic_output, check_model, check_writable, load_model, without_loader_metadata
+from espace_export.options import RankOptions
+from espace_export.pipeline import LayerRecord, decide_layers, share_siblings
+from espace_export.projection.rewrite import projected_params
+from espace_export.runtime import ort_session
+from espace_export.selection.candidates import eigen_decomposition, projection_mse
+from graph_passes import Projection, find_targets, project
+from graph_passes.find import external_data_dir, parameter_count
+
+STREAMING_METHODS = ("mse", "nmse")  # weight-free candidates: one group's statistics decide its layers
+DEFAULT_MEMORY_FRACTION = 0.5
+# Bytes of runtime memory per byte of a staged session's weights: the weights as read (external data is
+# read into the runtime's buffers) and MLAS's prepacked copy of every constant GEMM weight (measured by
+# benchmarks/scale.py).
+SESSION_WEIGHT_FACTOR = 2.0
+_ALIGN = 4096  # data offsets on page boundaries, so the runtime can map them
+_CHUNK = 64 * 2**20
+_INLINE_BYTES = 1024  # smaller tensors stay in the graph (as model_io.save_model does)
+
+Decompose = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def default_max_memory(fraction: float = DEFAULT_MEMORY_FRACTION) -> int:
+    """The default ``--max-memory``: a fraction of the machine's RAM."""
+    return int(physical_memory() * fraction)
+
+
+def parse_memory(text: str) -> int:
+    """``"12G"``, ``"800M"``, ``"50%"`` (of RAM) or a byte count → bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT%]?)i?[bB]?\s*", text)
+    if not match:
+        raise EspaceError(f"cannot read memory size {text!r}", "write it as 12G, 800M, 50% or a byte count")
+    value, unit = float(match.group(1)), match.group(2).upper()
+    if unit == "%":
+        if not 0 < value <= 100:
+            raise EspaceError(f"--max-memory {text} is not a percentage of RAM in (0, 100]", "try --max-memory 50%")
+        return int(physical_memory() * value / 100)
+    return int(value * 1024 ** " KMGT".index(unit or " "))
+
+
+@dataclass
+class StreamingResult:
+    output: Path
+    layers: list[dict[str, Any]]
+    calibration: GroupedCalibration
+    timings: dict[str, float] = field(default_factory=dict)
+    targeted_params_before: int = 0
+    targeted_params_after: int = 0
+    total_params_before: int = 0
+    total_params_after: int = 0
+    weight_bytes_read: int = 0  # staged sessions' weights + each targeted weight once (folding) + weights copied
+
+
+class _DataWriter:
+    """Appends tensors to one external data file and points their protos at it (nothing stays in memory)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = path.open("wb")
+        self.offset = 0
+        self.bytes_copied = 0
+
+    def _place(self, tensor: onnx.TensorProto, length: int) -> None:
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += length
+
+    def _align(self) -> None:
+        pad = -self.offset % _ALIGN
+        if pad:
+            self.file.write(b"\0" * pad)
+            self.offset += pad
+
+    def write_in_memory(self, tensor: onnx.TensorProto) -> None:
+        """Move an in-memory tensor's bytes to the file."""
+        data = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+        self._align()
+        self.file.write(data)
+        for name in ("raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data"):
+            tensor.ClearField(name)
+        self._place(tensor, len(data))
+
+    def copy_external(self, tensor: onnx.TensorProto, source_dir: str) -> None:
+        """Copy an external tensor's bytes from the source model's data file, in chunks."""
+        entries = {e.key: e.value for e in tensor.external_data}
+        offset = int(entries.get("offset", 0))
+        source = Path(source_dir) / entries["location"]
+        length = int(entries["length"]) if "length" in entries else source.stat().st_size - offset
+        self._align()
+        with source.open("rb") as file:
+            file.seek(offset)
+            left = length
+            while left:
+                chunk = file.read(min(_CHUNK, left))
+                if not chunk:
+                    raise EspaceError(f"external data file {source.name} is truncated", "copy the model again")
+                self.file.write(chunk)
+                left -= len(chunk)
+        self.bytes_copied += length
+        self._place(tensor, length)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _move_new_tensors(model: onnx.ModelProto, writer: _DataWriter, written: set[str]) -> None:
+    """Every large in-memory initializer not yet written (new factors, or weights of an in-memory model)."""
+    for tensor in model.graph.initializer:
+        if tensor.name in written or _is_external(tensor):
+            continue
+        if onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * int(np.prod(tensor.dims)) < _INLINE_BYTES:
+            continue
+        writer.write_in_memory(tensor)
+        written.add(tensor.name)
+
+
+def compress_streaming(
+    model_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    batches: Sequence[dict[str, np.ndarray]],
+    *,
+    ratio: float = 0.5,
+    method: str = "mse",
+    budget_bytes: int | None = None,
+    rank_rule: str | int = "pow2",
+    min_rank: int = 16,
+    rank: int | None = None,
+    include_heads: bool = False,
+    exclude: Sequence[str] = (),
+    siblings: str = "shared",
+    precision: StatsPrecision = "float32",
+    session_factory: Callable[[onnx.ModelProto], object] = ort_session,
+    decompose: Decompose | None = None,
+    weight_factor: float = SESSION_WEIGHT_FACTOR,
+    on_group: Callable[[int, int], None] | None = None,
+) -> StreamingResult:
+    """Compress ``model_path`` into ``output`` with one weight-free candidate, under ``budget_bytes`` of memory.
+
+    Ranks follow ``ratio`` and ``rank_rule`` exactly as :func:`espace_export.compress` with ``select="none"``
+    (siblings shared as their fused GEMM, excluded layers dense, a forced ``rank``). ``budget_bytes`` (default
+    :func:`default_max_memory`) bounds each group's statistics plus ``weight_factor`` × the weights its staged
+    session reads; the boundary tensors between stages (hidden states of all batches) come on top.
+    ``decompose(C, L)`` returns the leading ``(values, vectors)`` of C (default LAPACK through
+    :func:`espace_export.candidates.eigen_decomposition`); a faster solver may be passed. The output always
+    stores its weights as external data (``<output>.data``) and is written atomically.
+    """
+    started = time.perf_counter()
+    if method not in STREAMING_METHODS:
+        raise EspaceError(
+            f"streaming compression takes a weight-free candidate, not {method!r}",
+            f"use --method {' or '.join(STREAMING_METHODS)}, or drop --max-memory for the in-memory path",
+        )
+    ranks = RankOptions(
+        ratio=ratio,
+        rank_rule=rank_rule,
+        min_rank=min_rank,
+        rank=rank,
+        siblings=siblings,
+        include_heads=include_heads,
+        exclude=tuple(exclude),
+    )  # fmt: skip (validated here)
+    if not batches:
+        raise EspaceError("no calibration batches", "give at least one calibration batch")
+    budget = default_max_memory() if budget_bytes is None else int(budget_bytes)
+    model_path = Path(model_path)
+    output_path = check_writable(Path(output))
+    if output_path.resolve() == model_path.resolve():
+        raise EspaceError("the output would overwrite the input model", "choose another path with -o")
+    decompose = decompose or (lambda C, L: eigen_decomposition(C, top=L))
+
+    model = load_model(model_path, load_weights=False)
+    calibration_graph = onnx.ModelProto()
+    calibration_graph.CopyFrom(model)  # the rewrite edits `model`; calibration reads the original graph
+    targets = find_targets(model, include_heads=include_heads)
+    if not targets:
+        raise EspaceError(
+            f"{model_path} has no compressible GEMM (MatMul/Gemm with a 2-D constant weight)",
+            "check that weights are initializers (export with do_constant_folding) or use --include-heads",
+        )
+    decisions = decide_layers(targets, ranks, method)
+    share_siblings(decisions, ranks)
+    compressed = [d for d in decisions if d.L is not None]
+    if not compressed:
+        raise EspaceError(
+            f"no layer can reach ratio {ratio} with a rank of at least {min_rank}",
+            "lower --min-rank, use --rank-rule 16, or lower --ratio",
+        )
+    by_activation: dict[str, list[LayerRecord]] = {}
+    for decision in compressed:
+        by_activation.setdefault(decision.target.activation, []).append(decision)
+    total_before = parameter_count(model)
+    source_dir = external_data_dir(model)
+    timings = {"load": time.perf_counter() - started, "decompose": 0.0, "rewrite": 0.0}
+
+    with atomic_output(output_path) as tmp_output:
+        writer = _DataWriter(tmp_output.with_name(output_path.name + ".data"))
+        written: set[str] = set()
+
+        def consume(stats: dict[str, PackedActivationStats]) -> None:
+            projections = []
+            tick = time.perf_counter()
+            for activation, entry in stats.items():
+                members = by_activation[activation]
+                top = max(d.L for d in members if d.L is not None)
+                C_X = entry.C_X
+                C = entry.C_X_normalized if method == "nmse" else C_X
+                values, vectors = decompose(C, top)
+                del C
+                energy = float(np.trace(C_X))
+                for decision in members:
+                    assert decision.L is not None
+                    P = np.ascontiguousarray(vectors[:, : decision.L])
+                    if method == "mse":  # Theorem 1: the dropped energy is the rest of the spectrum
+                        dropped = energy - float(np.sum(values[: decision.L]))
+                    else:
+                        dropped = projection_mse(C_X, P)
+                    decision.mse_relative = max(dropped, 0.0) / energy if energy > 0 else None
+                    projections.append(Projection(decision.target, P))
+                del C_X
+            timings["decompose"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            project(model, projections)  # folds PᵀW from each weight read from disk
+            _move_new_tensors(model, writer, written)
+            timings["rewrite"] += time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        calibration = collect_statistics_in_groups(
+            session_factory, calibration_graph, [d.target for d in compressed], batches, budget, consume,
+            precision=precision, normalized=method == "nmse", weight_factor=weight_factor,
+            on_group=(lambda index, count, _group: on_group(index, count)) if on_group is not None else None,
+        )  # fmt: skip
+        timings["calibrate"] = time.perf_counter() - tick - timings["decompose"] - timings["rewrite"]
+        del calibration_graph
+
+        tick = time.perf_counter()
+        _move_new_tensors(model, writer, written)  # weights of an in-memory model
+        for tensor in model.graph.initializer:
+            if _is_external(tensor) and tensor.name not in written:
+                writer.copy_external(tensor, source_dir)
+                written.add(tensor.name)
+        writer.close()
+        graph = without_loader_metadata(model)
+        tmp_output.write_bytes(graph.SerializeToString())
+        check_model(tmp_output)
+        timings["write"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - started
+    targeted_before = sum(d.target.params for d in decisions)
+    targeted_after = projected_params(model) + sum(d.target.params for d in decisions if d.L is None)
+    return StreamingResult(
+        output=output_path,
+        layers=[d.as_json(selection=False) for d in decisions],
+        calibration=calibration,
+        timings=timings,
+        targeted_params_before=targeted_before,
+        targeted_params_after=targeted_after,
+        total_params_before=total_before,
+        total_params_after=parameter_count(model),
+        weight_bytes_read=sum(calibration.stage_weight_bytes)
+        + sum(d.target.params * np.dtype(d.target.dtype).itemsize for d in compressed)
+        + writer.bytes_copied,
+    )
