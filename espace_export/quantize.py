@@ -189,7 +189,74 @@ def _static_qdq_int8(
     )
 
 
+# ---- making the pair quantize well ---------------------------------------------------------------------
+
+
+def projected_activation_ranges(
+    model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """``max|(X·P)_j|`` per component j of every projected pair's ``X·P`` over ``batches``, by project node
+    (ONNX Runtime runs a copy of ``model`` with those tensors as extra outputs)."""
+    from espace_export.build import ort_session
+    from graph_passes.equalize import pair_groups
+
+    groups = pair_groups(model)
+    if not groups or not batches:
+        return {}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(np.float32))
+    for initializer in probe.graph.initializer:
+        if initializer.name == groups[0].projection:
+            elem_type = initializer.data_type
+    for group in groups:
+        if group.projected not in existing:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(group.projected, elem_type, None))
+    session = ort_session(probe)
+    specs = input_specs(model)
+    names = [g.projected for g in groups]
+    ranges = {g.project_node: np.zeros(g.L) for g in groups}
+    for batch in batches:
+        for group, value in zip(groups, session.run(names, complete_feed(batch, specs)), strict=True):
+            column_max = np.abs(np.asarray(value, dtype=np.float64)).reshape(-1, group.L).max(axis=0)
+            ranges[group.project_node] = np.maximum(ranges[group.project_node], column_max)
+    return ranges
+
+
+def equalize_pairs(
+    model: onnx.ModelProto,
+    batches: Sequence[dict[str, np.ndarray]],
+    *,
+    alpha: float | None = 0.5,
+    rotate: bool = False,
+) -> onnx.ModelProto:
+    """Balance every projected pair of ``model`` for quantization, in place (see :mod:`graph_passes.equalize`).
+
+    ``rotate``: first an orthogonal (Hadamard) rotation inside each pair's L-space; ``alpha``: then
+    SmoothQuant scales from the ranges of ``X·P`` measured on ``batches`` (None: no scaling). The model
+    computes the same function afterwards, to float round-off.
+    """
+    from graph_passes.equalize import folded_row_max, pair_groups, rescale_pairs, rotate_pairs, smoothing_scales
+
+    if rotate:
+        rotate_pairs(model)
+    if alpha is not None:
+        ranges = projected_activation_ranges(model, batches)
+        groups = {g.project_node: g for g in pair_groups(model)}
+        scales = {name: smoothing_scales(a, folded_row_max(model, groups[name]), alpha) for name, a in ranges.items()}
+        rescale_pairs(model, scales)
+    return model
+
+
 _QUANTIZERS = {"int8": _dynamic_int8, "int4": _weight_only_int4, "qdq-int8": _static_qdq_int8}
 
 
-__all__ = ["QUANTIZE_MODES", "QuantizationResult", "check_mode", "quantize_model"]
+__all__ = [
+    "QUANTIZE_MODES",
+    "QuantizationResult",
+    "check_mode",
+    "equalize_pairs",
+    "projected_activation_ranges",
+    "quantize_model",
+]
