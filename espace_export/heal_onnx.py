@@ -144,6 +144,12 @@ def heal_onnx(
             raise EspaceError(
                 f"projection for {name} is {P.shape}, the layer has K={target.K}", "use the model it was made for"
             )
+        if P is Q and not np.allclose(P.T.astype(np.float64) @ P, np.eye(P.shape[1]), atol=1e-3):
+            raise EspaceError(  # a baseline's A (svd-family, oblique) read back from a compressed graph
+                f"the projection of {name} is not orthonormal (the layer was compressed by a weight factorisation "
+                "or an oblique projection), so it cannot be healed as x·P·PᵀW",
+                "heal from the plan (plan.json keeps an oblique layer's M), or compress with ESPACE or oblique methods",
+            )
         W = torch.nn.Parameter(torch.from_numpy(np.array(weight_matrix(model, target), dtype=np.float32)))
         layers.append((target, torch.from_numpy(np.array(P)), torch.from_numpy(np.array(Q)), W))
 

@@ -85,3 +85,9 @@ def test_user_errors(sample_model, tmp_path) -> None:
     with pytest.raises(EspaceError, match="batches"):
         heal_onnx(dense, compressed.output, [], tmp_path / "h.onnx")
     assert not (tmp_path / "h.onnx").exists()
+    whitened = espace_export.compress(
+        dense, ratio=0.5, min_rank=4, num_batches=2, seq_len=16, method="whitened-svd", output=tmp_path / "w.onnx"
+    )
+    with pytest.raises(EspaceError, match="not orthonormal"):
+        heal_onnx(dense, whitened.output, _batches("llama", 1, 0), tmp_path / "h.onnx", steps=1)
+    assert not (tmp_path / "h.onnx").exists()
