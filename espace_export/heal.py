@@ -51,7 +51,7 @@ from espace_export.selection.candidates import (
 )
 from espace_export.selection.ranks import check_ratio, check_siblings, layer_rank, parse_rank_rule
 from graph_passes import Projection, find_projected_pairs, find_targets, project
-from graph_passes.find import _HEAD_NAME_HINTS, ConstantTable
+from graph_passes.find import _HEAD_NAME_HINTS, ConstantTable, weight_matrix
 
 require("torch", extra="torch", purpose="healing (espace_export.heal)")  # one line, not a traceback
 import torch  # noqa: E402
@@ -59,6 +59,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 PROJECTION_BUFFER = "espace_P"
+OBLIQUE_BUFFER = "espace_M"  # oblique projections (A, M): M (L×K) with M·A = I; absent for ESPACE (M = Pᵀ)
+OBLIQUE_KEY_SUFFIX = "@M"  # an oblique layer's M in a projections .npz: under its name + this suffix
+ProjectionFactors = np.ndarray | torch.Tensor | tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]
 WEIGHT_FREE_CANDIDATES = ("mse", "nmse")
 
 
@@ -77,8 +80,7 @@ class ProjectedLinear(nn.Linear):
     espace_P: torch.Tensor
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        P = self.espace_P
-        return F.linear(input @ P, self.weight @ P, self.bias)
+        return F.linear(input @ self.espace_P, self.weight @ _fold_matrix(self), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.espace_P.shape[1]}"
@@ -93,12 +95,18 @@ class _ProjectedConv1D:
     nf: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        P = self.espace_P
-        rows = x.reshape(-1, x.shape[-1]) @ P
-        return torch.addmm(self.bias, rows, P.T @ self.weight).view(*x.shape[:-1], self.nf)
+        rows = x.reshape(-1, x.shape[-1]) @ self.espace_P
+        return torch.addmm(self.bias, rows, _fold_matrix(self).T @ self.weight).view(*x.shape[:-1], self.nf)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"ProjectedConv1D(nf={self.nf}, nx={self.weight.shape[0]}, rank={self.espace_P.shape[1]})"
+
+
+def _fold_matrix(module: nn.Module) -> torch.Tensor:
+    """The K×L matrix Q with ``x·W_kn`` projected as ``(x·P)·(Qᵀ·W_kn)``: P for ESPACE, Mᵀ for an oblique pair
+    (whose second factor M·W is folded from the whole weight, which is what trains)."""
+    M = module._buffers.get(OBLIQUE_BUFFER)
+    return module._buffers[PROJECTION_BUFFER] if M is None else M.T  # type: ignore[return-value]
 
 
 _PROJECTED_CONV1D: dict[type, type] = {}  # dense Conv1D class → its projected subclass
@@ -239,9 +247,7 @@ def match_names(wanted: Iterable[str], available: Iterable[str]) -> dict[str, st
 # --------------------------------------------------------------------------- attach / detach
 
 
-def attach_projections(
-    model: nn.Module, projections: Mapping[str, np.ndarray | torch.Tensor] | str | Path
-) -> list[str]:
+def attach_projections(model: nn.Module, projections: Mapping[str, ProjectionFactors] | str | Path) -> list[str]:
     """Project the input of each named layer onto its P, in place; returns the module paths projected.
 
     ``projections`` maps layer names to K×L matrices with orthonormal columns (from :func:`calibrate` or
@@ -249,6 +255,10 @@ def attach_projections(
     weight dtype and device as the non-persistent buffer ``espace_P``: it is not a parameter (no gradient,
     no optimizer entry) and not in ``state_dict()``, whose keys therefore stay those of the dense model —
     save it with :func:`save_projections`. Attaching again replaces P.
+
+    A value may also be a pair ``(A, M)`` — an oblique projection (``method="oblique"`` of a plan: A K×L,
+    M L×K, M·A = I): the layer computes ``(x·A)·(M·W)``, M is a second static buffer ``espace_M``, and W
+    still trains whole.
     """
     if isinstance(projections, str | Path):
         projections = load_projections(projections)
@@ -256,39 +266,64 @@ def attach_projections(
     projectable = {name for name, module in modules.items() if _projected_class(module) is not None}
     mapping = match_names(projections, projectable)
     attached = []
-    for name, P in projections.items():
+    for name, factors in projections.items():
         module = modules[mapping[name]]
         K, _ = layer_shape(module)
-        P_tensor = P if isinstance(P, torch.Tensor) else torch.from_numpy(np.array(P))  # a copy: P may be read-only
+        P, M = factors if isinstance(factors, tuple) else (factors, None)
+        P_tensor = _as_buffer(P, module)
         if P_tensor.ndim != 2 or P_tensor.shape[0] != K or not 1 <= P_tensor.shape[1] <= K:
             raise EspaceError(
                 f"projection for {name} has shape {tuple(P_tensor.shape)}, the layer needs K×L with K={K}, 1 ≤ L ≤ K",
                 "calibrate the projections on this model (espace_export.heal.calibrate)",
             )
-        P_tensor = P_tensor.detach().to(device=_weight(module).device, dtype=_weight(module).dtype).contiguous()
+        M_tensor = None if M is None else _as_buffer(M, module)
+        if M_tensor is not None and tuple(M_tensor.shape) != (P_tensor.shape[1], K):
+            raise EspaceError(
+                f"oblique projection for {name} has A {tuple(P_tensor.shape)} and M {tuple(M_tensor.shape)}, "
+                f"M must be L×K = {P_tensor.shape[1]}×{K}",
+                "pass the (A, M) of one oblique factorisation (plan method 'oblique')",
+            )
         module.__class__ = _projected_class(module)  # type: ignore[assignment]
         module.register_buffer(PROJECTION_BUFFER, P_tensor, persistent=False)
+        module._buffers.pop(OBLIQUE_BUFFER, None)
+        if M_tensor is not None:
+            module.register_buffer(OBLIQUE_BUFFER, M_tensor, persistent=False)
         attached.append(mapping[name])
     return attached
 
 
-def projections_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The attached P of every projected layer, by module path from ``model``."""
-    return {name: getattr(m, PROJECTION_BUFFER) for name, m in model.named_modules() if is_projected(m)}
+def _as_buffer(matrix: np.ndarray | torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``matrix`` as a tensor in the layer's weight dtype and device (a copy: a numpy array may be read-only)."""
+    tensor = matrix if isinstance(matrix, torch.Tensor) else torch.from_numpy(np.array(matrix))
+    return tensor.detach().to(device=_weight(module).device, dtype=_weight(module).dtype).contiguous()
 
 
-def detach_projections(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Restore every projected layer to its dense class and drop its P, in place; returns the P dropped."""
+def _factors_of(module: nn.Module) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    M = module._buffers.get(OBLIQUE_BUFFER)
+    P = module._buffers[PROJECTION_BUFFER]
+    return P if M is None else (P, M)  # type: ignore[return-value]
+
+
+def projections_of(model: nn.Module) -> dict[str, Any]:
+    """The attached P of every projected layer (``(A, M)`` for an oblique one), by module path from ``model``."""
+    return {name: _factors_of(m) for name, m in model.named_modules() if is_projected(m)}
+
+
+def detach_projections(model: nn.Module) -> dict[str, Any]:
+    """Restore every projected layer to its dense class and drop its P (and M), in place; returns what was
+    dropped, as :func:`projections_of` gives it."""
     removed = {}
     for name, module in model.named_modules():
         if is_projected(module):
-            removed[name] = module._buffers.pop(PROJECTION_BUFFER)
+            removed[name] = _factors_of(module)
+            module._buffers.pop(PROJECTION_BUFFER)
+            module._buffers.pop(OBLIQUE_BUFFER, None)
             module.__class__ = _dense_class(module)
     return removed
 
 
 @contextlib.contextmanager
-def detached(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+def detached(model: nn.Module) -> Iterator[dict[str, Any]]:
     """The dense model for the duration of the block (export, comparison), projected again afterwards."""
     removed = detach_projections(model)
     try:
@@ -458,24 +493,32 @@ def calibrate(
 # --------------------------------------------------------------------------- projections on disk
 
 
-def save_projections(projections: Mapping[str, np.ndarray | torch.Tensor], path: str | Path) -> Path:
-    """Write ``projections`` (layer name → P) to one ``.npz`` file, atomically."""
+def _numpy(matrix: np.ndarray | torch.Tensor) -> np.ndarray:
+    return matrix.detach().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix)
+
+
+def save_projections(projections: Mapping[str, ProjectionFactors], path: str | Path) -> Path:
+    """Write ``projections`` (layer name → P, or ``(A, M)``) to one ``.npz`` file, atomically (an oblique
+    layer's M under ``name`` + ``@M``)."""
     path = check_writable(Path(path))
-    arrays = {
-        name: (P.detach().cpu().numpy() if isinstance(P, torch.Tensor) else np.asarray(P))
-        for name, P in projections.items()
-    }
+    arrays = {}
+    for name, factors in projections.items():
+        P, M = factors if isinstance(factors, tuple) else (factors, None)
+        arrays[name] = _numpy(P)
+        if M is not None:
+            arrays[name + OBLIQUE_KEY_SUFFIX] = _numpy(M)
     with atomic_output(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)  # type: ignore[arg-type]
     return path
 
 
-def load_projections(source: str | Path | onnx.ModelProto) -> dict[str, np.ndarray]:
+def load_projections(source: str | Path | onnx.ModelProto) -> dict[str, Any]:
     """Layer name → P from a ``.npz`` (:func:`save_projections`), a plan (``espace-export plan``'s ``.json``
     with its ``.npz``) or a compressed ONNX model.
 
     From a plan, P is the input factor A of each selected layer (ESPACE methods only: a weight
-    factorisation such as ``svd`` has no static projection to heal through). From ONNX, P is the second
+    factorisation such as ``svd`` has no static projection to heal through), or ``(A, M)`` for a layer the
+    plan compresses with ``oblique``; a ``.npz`` gives ``(A, M)`` where it holds M. From ONNX, P is the second
     input of each ``espace.role = project`` node that :func:`graph_passes.project.project` wrote
     (``espace-export`` output), keyed by its ``espace.layer``.
     """
@@ -487,21 +530,32 @@ def load_projections(source: str | Path | onnx.ModelProto) -> dict[str, np.ndarr
     if path.suffix == ".npz":
         if not path.is_file():
             raise EspaceError(f"projections not found: {path}", "pass a .npz written by save_projections")
-        return read_arrays(path, "projections", "pass a .npz written by save_projections")
+        arrays = read_arrays(path, "projections", "pass a .npz written by save_projections")
+        return {
+            name: (P, arrays[name + OBLIQUE_KEY_SUFFIX]) if name + OBLIQUE_KEY_SUFFIX in arrays else P
+            for name, P in arrays.items()
+            if not name.endswith(OBLIQUE_KEY_SUFFIX)
+        }
     return _projections_in_graph(load_model(path), str(path))
 
 
-def _projections_in_plan(path: Path) -> dict[str, np.ndarray]:
+def _projections_in_plan(path: Path) -> dict[str, Any]:
     from espace_export.io.artifacts import load_plan
 
     plan = load_plan(path)
-    found = {}
+    found: dict[str, Any] = {}
     for layer in plan.selected_layers():
         factors = plan.factors[layer.name]
+        if factors.M is not None:
+            found[layer.name] = (
+                np.ascontiguousarray(factors.A, np.float32),
+                np.ascontiguousarray(factors.M, np.float32),
+            )
+            continue
         if factors.method not in CANDIDATES:
             raise EspaceError(
                 f"plan {path} compresses {layer.name} with {factors.method}, a weight factorisation with no static projection",
-                f"make the plan with ESPACE methods only ({', '.join(FORWARD_CANDIDATES)}, nl-mse, nl-mse-l2)",
+                f"make the plan with ESPACE methods only ({', '.join(FORWARD_CANDIDATES)}, nl-mse, nl-mse-l2, oblique)",
             )
         found[layer.name] = np.ascontiguousarray(factors.A, dtype=np.float32)
     if not found:
@@ -540,8 +594,9 @@ def checkpoint_callback(filename: str = "espace_projections.npz") -> Any:
 # --------------------------------------------------------------------------- export
 
 
-def fold_onnx(model: onnx.ModelProto, projections: Mapping[str, np.ndarray | torch.Tensor]) -> onnx.ModelProto:
-    """Rewrite the dense ``model`` in place (and return it) so each projected layer becomes ``(X·P)·(PᵀW)``.
+def fold_onnx(model: onnx.ModelProto, projections: Mapping[str, ProjectionFactors]) -> onnx.ModelProto:
+    """Rewrite the dense ``model`` in place (and return it) so each projected layer becomes ``(X·P)·(PᵀW)``
+    (``(X·A)·(M·W)`` for an oblique ``(A, M)``).
 
     ``model`` is the healed model exported densely; layers are found by :func:`graph_passes.find.find_targets`
     (heads included) and matched by name (:func:`match_names`).
@@ -549,15 +604,19 @@ def fold_onnx(model: onnx.ModelProto, projections: Mapping[str, np.ndarray | tor
     targets = {t.name: t for t in find_targets(model, include_heads=True)}
     mapping = match_names(projections, targets)
     rewrites = []
-    for name, P in projections.items():
+    for name, factors in projections.items():
         target = targets[mapping[name]]
-        P_array = P.detach().cpu().numpy() if isinstance(P, torch.Tensor) else np.asarray(P)
+        P, M = factors if isinstance(factors, tuple) else (factors, None)
+        P_array = _numpy(P)
         if P_array.shape[0] != target.K:
             raise EspaceError(
                 f"projection for {name} has {P_array.shape[0]} rows, the exported layer has K={target.K}",
                 "export the same model the projections were attached to",
             )
-        rewrites.append(Projection(target, P_array))
+        folded = None
+        if M is not None:  # the healed W folded through the static M, in float64 as fold_weight does
+            folded = _numpy(M).astype(np.float64) @ weight_matrix(model, target).astype(np.float64)
+        rewrites.append(Projection(target, P_array, folded=folded))
     return project(model, rewrites)
 
 
@@ -576,7 +635,10 @@ def export_onnx(
     same P (:func:`fold_onnx`) and tagged as ``espace-export`` tags its own output. Written atomically.
     """
     output = check_writable(Path(output))
-    projections = {name: P.detach().cpu().numpy() for name, P in projections_of(model).items()}
+    projections = {
+        name: tuple(_numpy(x) for x in factors) if isinstance(factors, tuple) else _numpy(factors)
+        for name, factors in projections_of(model).items()
+    }
     if not projections:
         raise EspaceError("the model has no projected layers", "attach_projections(model, ...) before exporting")
     with tempfile.TemporaryDirectory() as tmp, detached(model):
@@ -587,7 +649,7 @@ def export_onnx(
                 "the export function wrote nothing", "make it write the ONNX file to the path it is given"
             )
         graph = onnx.load(str(dense), load_external_data=True)
-    fold_onnx(graph, projections)
+    fold_onnx(graph, projections)  # type: ignore[arg-type]
     with atomic_output(output) as tmp_output:
         save_model(graph, tmp_output, external_data=external_data)
         check_model(tmp_output)

@@ -8,7 +8,7 @@ once, and ``compress``, ``calibrate``, ``plan`` and ``apply`` share it.
 
 >>> options = CompressOptions.from_settings(ratio=0.3, calib_text="builtin:pydoc", method="auto", select="proxy")
 >>> options.ranks.ratio, options.selection.methods[-1]
-(0.3, 'whitened-svd')
+(0.3, 'oblique')
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from espace_export.errors import EspaceError
 from espace_export.selection.candidates import CANDIDATES, EIGEN_SOLVERS
-from espace_export.selection.factorizations import METHODS
+from espace_export.selection.factorizations import AUTO_METHODS, METHODS
 from espace_export.selection.ranks import SIBLING_MODES, check_ratio, check_siblings, parse_rank_rule
 from espace_export.selection.validation import VALIDATION_LOSSES
 
@@ -43,8 +43,8 @@ def resolve_methods(method: str) -> list[str]:
     """``best``: the six candidates; ``auto``: those and whitened SVD; otherwise the one method."""
     if method == "best":
         return list(CANDIDATES)
-    if method == "auto":
-        return [*CANDIDATES, "whitened-svd"]
+    if method == "auto":  # the six and oblique: it scores as whitened SVD and still heals with W whole
+        return list(AUTO_METHODS)
     if method not in METHODS:
         raise EspaceError(f"unknown candidate or method {method!r}", f"choose from {', '.join(METHODS)}, best, auto")
     return [method]
@@ -172,7 +172,8 @@ class SelectionOptions:
     candidate: str = option("mse", "Projection candidate (paper §3).", panel=_PROJECTION, choices=CANDIDATES)
     method: str | None = option(
         None,
-        "best: the six candidates, best per layer; svd/asvd/whitened-svd: baselines; auto: six + whitened-svd "
+        "best: the six candidates, best per layer; svd/asvd/whitened-svd: baselines; oblique: whitened SVD as a "
+        "static (A, M) pair that still heals; auto: six + oblique "
         "[default: --candidate].",
         panel=_SELECTION,
         choices=METHOD_CHOICES,

@@ -523,7 +523,7 @@ def compress_bounded(run: Run, output: Path, report_path: Path) -> CompressionRe
     ranks = options.ranks
     result = compress_streaming(
         run.model_path, output, run.batches.calibration, ratio=ranks.ratio, method=method,
-        budget_bytes=parse_memory(options.data.max_memory), rank_rule=ranks.rank_rule, min_rank=ranks.min_rank,
+        budget_bytes=parse_memory(options.data.max_memory), rank_rule=ranks.rank_rule, min_rank=ranks.min_rank,  # type: ignore[arg-type]
         rank=ranks.rank, include_heads=ranks.include_heads, exclude=ranks.exclude, siblings=ranks.siblings,
         precision=cast(StatsPrecision, options.data.stats_precision),
     )  # fmt: skip

@@ -229,7 +229,9 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
         if layer.name in plan.factors:
             factors = plan.factors[layer.name]
             arrays[f"A.{i}"] = factors.A
-            if factors.B is not None and factors.method not in PROJECTIONS:
+            if factors.M is not None:
+                arrays[f"M.{i}"] = factors.M
+            elif factors.B is not None and factors.method not in PROJECTIONS:
                 arrays[f"B.{i}"] = factors.B
     with atomic_output(path.with_suffix(".npz")) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)  # type: ignore[arg-type]
@@ -312,8 +314,13 @@ def check_plan_factors(plan: Plan, targets: Sequence[GemmTarget]) -> None:
                               "use the model the plan was made for, or make a new plan for this one")  # fmt: skip
         if name not in printed:
             raise EspaceError(f"the plan carries no fingerprint for layer {name}", "re-run `espace-export plan`")
-        A, B = factors.A, factors.B
+        A, B, M = factors.A, factors.B, factors.M
         rank = A.shape[1] if A.ndim == 2 else 0
+        if M is not None and (M.ndim != 2 or M.shape != (rank, target.K)):
+            raise EspaceError(
+                f"the plan's oblique factors for {name} are {A.shape} and {M.shape}, the layer is {target.K}×{target.N}",
+                "re-run `espace-export plan` for this model",
+            )
         b_shape = B.shape if B is not None else (rank, target.N)  # no B: folded from the weight at apply
         if A.ndim != 2 or len(b_shape) != 2 or A.shape[0] != target.K or b_shape != (rank, target.N) or rank < 1:
             shapes = f"{A.shape} and {b_shape}" if B is not None else f"{A.shape}"
@@ -321,7 +328,7 @@ def check_plan_factors(plan: Plan, targets: Sequence[GemmTarget]) -> None:
                 f"the plan's factors for {name} are {shapes}, the layer is {target.K}×{target.N}",
                 "re-run `espace-export plan` for this model",
             )
-        finite = [A] if B is None else [A, B]
+        finite = [x for x in (A, B, M) if x is not None]
         if not all(np.issubdtype(x.dtype, np.floating) and np.isfinite(x).all() for x in finite):
             raise EspaceError(f"the plan's factors for {name} are not finite numbers", "re-run `espace-export plan`")
 
@@ -344,8 +351,9 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     except (TypeError, KeyError, ValueError, AttributeError, RecursionError) as exc:
         raise EspaceError(f"plan {path} is malformed ({exc})", "pass a plan written by `espace-export plan`") from None
     for i, layer in enumerate(layers):
-        if f"A.{i}" in arrays and (f"B.{i}" in arrays or layer.method in PROJECTIONS):
-            plan.factors[layer.name] = Factorization(layer.method or "?", arrays[f"A.{i}"], arrays.get(f"B.{i}"))
+        if f"A.{i}" in arrays and (f"B.{i}" in arrays or f"M.{i}" in arrays or layer.method in PROJECTIONS):
+            A, B, M = arrays[f"A.{i}"], arrays.get(f"B.{i}"), arrays.get(f"M.{i}")
+            plan.factors[layer.name] = Factorization(layer.method or "?", A, B, M)
     missing = [layer.name for layer in plan.selected_layers() if layer.name not in plan.factors]
     if missing:
         raise EspaceError(f"the plan's factors lack layer {missing[0]}", "re-run `espace-export plan`")

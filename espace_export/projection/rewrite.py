@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 
 from espace_export.selection.factorizations import Factorization
@@ -14,12 +15,18 @@ def apply_factorizations(model: onnx.ModelProto, chosen: Sequence[tuple[object, 
     """Rewrite each ``(target, factorization)`` into the pair ``(X·A)·B`` (in place; returns ``model``).
 
     :func:`graph_passes.project` with A as the projection and B as the folded factor (B = AᵀW for ESPACE,
-    the SVD's second factor for the baselines; a missing B is folded as AᵀW from the model's weight).
-    Sibling sharing of ``X·A`` applies as in ``project``.
+    the SVD's second factor for the baselines; a missing B is folded as AᵀW, or as M·W when the
+    factorisation has M (oblique), from the model's weight). Sibling sharing of ``X·A`` applies as in ``project``.
     """
     from graph_passes import Projection, project
+    from graph_passes.find import weight_matrix
 
-    return project(model, [Projection(target, f.A, folded=f.B) for target, f in chosen])  # type: ignore[arg-type]
+    def folded(target: object, f: Factorization) -> np.ndarray | None:
+        if f.B is not None or f.M is None:
+            return f.B
+        return np.asarray(f.M, dtype=np.float64) @ weight_matrix(model, target).astype(np.float64)  # type: ignore[arg-type]
+
+    return project(model, [Projection(target, f.A, folded=folded(target, f)) for target, f in chosen])  # type: ignore[arg-type]
 
 
 def projected_params(model: onnx.ModelProto) -> int:

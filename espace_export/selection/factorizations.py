@@ -9,6 +9,14 @@ produces the same two-MatMul graph ``(X·A)·B`` at the same parameter count L(K
 | ``svd`` | U_L (orthonormal) | Σ_L V_Lᵀ = U_LᵀW | ‖W − AB‖_F (Eckart–Young): activation-blind |
 | ``asvd`` | S⁻¹U_L | Σ_L V_Lᵀ | ‖S(W − AB)‖_F, S = diag(rms(x_k))^α, α = ½ (ASVD, Yuan et al. 2023) |
 | ``whitened-svd`` | R⁻ᵀU_L | Σ_L V_Lᵀ | E‖x(W − AB)‖² exactly (SVD-LLM, Wang et al. 2024); C_X = RRᵀ |
+| ``oblique`` | R⁻ᵀU_L | M·W, M = U_LᵀRᵀ | the same: an oblique projection AM (MA = I) that keeps W whole |
+
+``oblique`` is whitened SVD written as a projection: with RᵀW = UΣVᵀ, U_LᵀRᵀW = Σ_L V_Lᵀ, so
+A·(M·W) = R⁻ᵀU_L Σ_L V_Lᵀ exactly, and A·M is an oblique projector (MA = U_LᵀU_L = I). Like ESPACE's
+P/PᵀW, its static factors are A and M and the second GEMM's weight is folded from the model's own W, so a
+plan stores A and M only, and healing trains W whole through the static pair (``heal.attach_projections``
+with ``(A, M)``). Out of the box it computes what whitened SVD computes; ``auto`` uses it in place of
+whitened SVD (:data:`AUTO_METHODS`): the same score on every layer, and a result that can still be healed.
 
 Truncated SVD is itself an orthonormal input projection (U_L U_Lᵀ W), so it fits
 :func:`graph_passes.project` as is; ASVD and whitened SVD have a non-orthonormal A with B ≠ AᵀW, which
@@ -28,14 +36,10 @@ import scipy.linalg
 from espace_export.selection.candidates import CANDIDATES, candidate_matrix, eigen_decomposition, uses_randomized
 
 BASELINES = ("svd", "asvd", "whitened-svd")
-
-
-METHODS = (*CANDIDATES, *BASELINES)
-
-
+OBLIQUE = ("oblique",)  # static (A, M) with B = M·W folded from the weight
+METHODS = (*CANDIDATES, *BASELINES, *OBLIQUE)
 PROJECTIONS = (*CANDIDATES, "svd")  # methods whose B is AᵀW (A orthonormal): B follows from A and the weight
-
-
+AUTO_METHODS = (*CANDIDATES, *OBLIQUE)  # ``--method auto``: oblique scores as whitened SVD and still heals
 WHITENING_REGULARISER = 1e-6
 
 
@@ -47,12 +51,14 @@ class Factorization:
     """``W ≈ A·B``: A is K×L (the input projection), B is L×N (the folded weight).
 
     ``B`` is None in a factorisation read back from a plan file when it is ``AᵀW`` (the methods of
-    :data:`PROJECTIONS`): the rewrite folds it from the model's own weight, so plans stay small.
+    :data:`PROJECTIONS`) or ``M·W`` (``oblique``, which carries ``M``, L×K): the rewrite folds it from the
+    model's own weight, so plans stay small and the weight stays whole.
     """
 
     method: str
     A: np.ndarray
     B: np.ndarray | None
+    M: np.ndarray | None = None
 
     @property
     def rank(self) -> int:
@@ -89,9 +95,8 @@ def activation_aware_svd(W: np.ndarray, C_X: np.ndarray, L: int, alpha: float = 
     return _scaled_svd("asvd", W, np.diag(scale), np.diag(1.0 / scale), L)
 
 
-def whitened_svd(W: np.ndarray, C_X: np.ndarray, L: int) -> Factorization:
-    """SVD-LLM-style: with C_X + λI = R Rᵀ (Cholesky), E‖x(W − AB)‖² = ‖Rᵀ(W − AB)‖_F², minimised by the
-    truncated SVD of RᵀW."""
+def whitening(C_X: np.ndarray, *, inverse: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(R, R⁻ᵀ)`` with ``C_X + λI = R Rᵀ`` (lower Cholesky; λ as in the module docstring)."""
     C = np.asarray(C_X, dtype=np.float64)
     K = C.shape[0]
     regulariser = WHITENING_REGULARISER * max(float(np.trace(C)) / K, 1e-30)
@@ -101,9 +106,15 @@ def whitened_svd(W: np.ndarray, C_X: np.ndarray, L: int) -> Factorization:
             break
         except np.linalg.LinAlgError:
             regulariser *= 10
-    if uses_randomized(K, L):
-        return _whitened_svd_randomized(np.asarray(W, dtype=np.float64), R, L)
-    R_inv_T = scipy.linalg.solve_triangular(R.T, np.eye(K), lower=False)
+    return R, (scipy.linalg.solve_triangular(R.T, np.eye(K), lower=False) if inverse else None)  # type: ignore[return-value]
+
+
+def whitened_svd(W: np.ndarray, C_X: np.ndarray, L: int) -> Factorization:
+    """SVD-LLM-style: with C_X + λI = R Rᵀ (Cholesky), E‖x(W − AB)‖² = ‖Rᵀ(W − AB)‖_F², minimised by the
+    truncated SVD of RᵀW (through the randomized eigensolver when it is in force for this size)."""
+    if uses_randomized(np.shape(C_X)[0], L):
+        return _whitened_svd_randomized(np.asarray(W, dtype=np.float64), whitening(C_X, inverse=False)[0], L)
+    R, R_inv_T = whitening(C_X)
     return _scaled_svd("whitened-svd", W, R.T, R_inv_T, L)
 
 
@@ -116,6 +127,18 @@ def _whitened_svd_randomized(W: np.ndarray, R: np.ndarray, L: int) -> Factorizat
     U = eigen_decomposition(M @ M.T, top=L)[1]
     A = scipy.linalg.solve_triangular(R.T, U, lower=False)
     return Factorization("whitened-svd", A, U.T @ M)
+
+
+def oblique_projection(W: np.ndarray, C_X: np.ndarray, L: int) -> Factorization:
+    """Whitened SVD as a static oblique projection: A = R⁻ᵀU_L (K×L), M = U_LᵀRᵀ (L×K), B = M·W.
+
+    ``M·A = I`` and ``A·(M·W)`` equals :func:`whitened_svd`'s ``A·B``; see the module docstring.
+    """
+    R, R_inv_T = whitening(C_X)
+    W = np.asarray(W, dtype=np.float64)
+    U = np.linalg.svd(R.T @ W, full_matrices=False)[0][:, :L]
+    M = U.T @ R.T
+    return Factorization("oblique", R_inv_T @ U, M @ W, M)
 
 
 def factorize(
@@ -140,6 +163,8 @@ def factorize(
         return activation_aware_svd(W, C_X, L)
     if method == "whitened-svd":
         return whitened_svd(W, C_X, L)
+    if method == "oblique":
+        return oblique_projection(W, C_X, L)
     if eigenvectors is None:
         C, by_magnitude = candidate_matrix(
             method,  # type: ignore[arg-type]

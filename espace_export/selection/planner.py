@@ -119,7 +119,7 @@ class Factorizer:
             return {names[0]: fused}
         split = np.cumsum([w.shape[1] for w in weights])[:-1]
         return {
-            name: Factorization(method, fused.A, np.ascontiguousarray(B))
+            name: Factorization(method, fused.A, np.ascontiguousarray(B), fused.M)
             for name, B in zip(names, np.split(fused.B, split, axis=1), strict=True)  # type: ignore[arg-type]
         }
 

@@ -1,0 +1,211 @@
+"""ESPACE and quantization on the real all-MiniLM-L6-v2: does quantizing a compressed model cost more fidelity
+than quantizing the dense one, and does equalizing the projected pairs (graph_passes.equalize) fix that?
+
+One run, one table, every number measured here side by side:
+
+* rows — dense fp32; ``quantize_dynamic`` int8 dense (weights per output channel, the stage's default, and
+  per tensor, ``quantize_dynamic``'s own default); int4 weight-only dense (MatMulNBits, block 32); ESPACE 0.5
+  (``--method auto --select proxy`` by default); ESPACE + int8 without equalization and after each
+  equalization tried (SmoothQuant scales at several α, a Hadamard rotation inside each pair's L-space, both),
+  with per-channel and with per-tensor weight scales; ESPACE + int4, plain and equalized.
+* columns — file MB; mean (and min) cosine of the sentence embeddings to the dense model's on held-out pydoc
+  paragraphs (the *test* split of :mod:`samples.train_lm`, tokenized by the model's own tokenizer, padded,
+  truncated at 128 tokens); the latency ratio to dense of one 8×128 batch (ORT CPU, 2 intra-op threads,
+  the models run interleaved round by round, median of the rounds, with the spread).
+
+Calibration (ESPACE statistics, equalization ranges, nothing else: the int8 and int4 quantizers here take
+no calibration) uses the *train* split. Needs ``samples/out/minilm.onnx`` (``python samples/export_minilm.py
+-o samples/out/minilm.onnx``).
+
+    python benchmarks/quantization.py
+    python benchmarks/quantization.py --espace samples/out/minilm.auto.onnx   # reuse a compressed model
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from espace_export.io.data import input_specs, read_text  # noqa: E402
+from espace_export.quantize import equalize_pairs, quantize_model  # noqa: E402
+from espace_export.runtime import ort_session  # noqa: E402
+
+
+def _split_file(directory: Path, split: str) -> tuple[Path, list[str]]:
+    from samples.train_lm import split_paragraphs
+
+    paragraphs = split_paragraphs()[split]
+    path = directory / f"{split}.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return path, paragraphs
+
+
+def _sentence_batches(paragraphs: list[str], tokenizer: Path, count: int, batch: int) -> list[dict[str, np.ndarray]]:
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    batches = []
+    for start in range(0, min(count, len(paragraphs)), batch):
+        enc = tok(paragraphs[start : start + batch], padding=True, truncation=True, max_length=128, return_tensors="np")
+        batches.append(
+            {k: np.asarray(enc[k], dtype=np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        )
+    return batches
+
+
+def _embeddings(path: Path, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+    session = ort_session(path, threads=2)
+    return np.concatenate([session.run(None, b)[0] for b in batches]).astype(np.float64)
+
+
+def _cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1)
+    return np.sum(reference * other, axis=1) / np.maximum(norms, 1e-30)
+
+
+def _latency(paths: dict[str, Path], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per 8×128 batch, each model once per round, rounds interleaved (load drifts hit all alike)."""
+    rng = np.random.default_rng(0)
+    feed = {
+        "input_ids": rng.integers(1000, 30000, (8, 128)).astype(np.int64),
+        "attention_mask": np.ones((8, 128), np.int64),
+        "token_type_ids": np.zeros((8, 128), np.int64),
+    }
+    sessions = {name: ort_session(path, threads=2) for name, path in paths.items()}
+    for session in sessions.values():
+        for _ in range(warmup):
+            session.run(None, feed)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            tick = time.perf_counter()
+            session.run(None, feed)
+            times[name].append(time.perf_counter() - tick)
+    return times
+
+
+def _file_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name)) / 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "samples/out/minilm.onnx")
+    parser.add_argument("--espace", type=Path, help="an ESPACE-compressed model of --model to reuse")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--method", default="auto")
+    parser.add_argument("--select", default="proxy")
+    parser.add_argument("--calib-batches", type=int, default=16, help="ESPACE calibration batches (4×128)")
+    parser.add_argument("--equalize-batches", type=int, default=8, help="batches measuring X·P ranges (4×128)")
+    parser.add_argument("--sentences", type=int, default=256, help="held-out test paragraphs")
+    parser.add_argument("--alphas", default="0.25,0.5,0.75", help="SmoothQuant α values tried")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", type=Path, help="keep the models here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizers advise pre-processing on every call
+
+    from samples.export_minilm import minilm_dir
+
+    tokenizer = minilm_dir()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.out or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        train, _ = _split_file(work, "train")
+        _, test = _split_file(work, "test")
+        dense_model = onnx.load(str(args.model))
+        specs = input_specs(dense_model)
+        calib = read_text(train, tokenizer, specs, batch_size=4, seq_len=128, max_batches=args.equalize_batches)
+        held_out = _sentence_batches(test, tokenizer, args.sentences, 32)
+
+        espace = args.espace
+        if espace is None:
+            import espace_export
+
+            tick = time.perf_counter()
+            result = espace_export.compress(
+                args.model, output=work / "espace.onnx", ratio=args.ratio, method=args.method, select=args.select,
+                calib_text=train, tokenizer=tokenizer, num_batches=args.calib_batches, batch_size=4, seq_len=128,
+                progress=False,
+            )  # fmt: skip
+            espace = result.output
+            print(
+                f"compressed with --method {args.method} --select {args.select} in {time.perf_counter() - tick:.0f} s"
+            )
+
+        models: dict[str, Path] = {"dense fp32": args.model}
+        notes: dict[str, str] = {}
+
+        def add(name: str, make: Callable[[Path], object]) -> None:
+            tick = time.perf_counter()
+            path = work / (name.replace(" ", "_").replace(",", "").replace("α=", "a") + ".onnx")
+            make(path)
+            models[name] = path
+            notes[name] = f"{time.perf_counter() - tick:.0f} s"
+
+        add("int8 dense", lambda p: quantize_model(args.model, p, "int8"))
+        add("int8 dense per-tensor", lambda p: quantize_model(args.model, p, "int8", per_channel=False))
+        add("int4 dense", lambda p: quantize_model(args.model, p, "int4"))
+        models[f"ESPACE {args.ratio}"] = espace
+        espace_model = onnx.load(str(espace))
+
+        def equalized(alpha: float | None, rotate: bool) -> onnx.ModelProto:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(espace_model)
+            return equalize_pairs(copy, calib, alpha=alpha, rotate=rotate)
+
+        add("ESPACE + int8", lambda p: quantize_model(espace, p, "int8"))
+        for alpha in [float(a) for a in args.alphas.split(",") if a]:
+            add(f"ESPACE + smooth α={alpha} + int8", lambda p, a=alpha: quantize_model(equalized(a, False), p, "int8"))
+        add("ESPACE + rotate + int8", lambda p: quantize_model(equalized(None, True), p, "int8"))
+        add("ESPACE + rotate + smooth α=0.5 + int8", lambda p: quantize_model(equalized(0.5, True), p, "int8"))
+        # per-tensor weight scales (quantize_dynamic's own default): where balancing the pair should matter
+        add("ESPACE + int8 per-tensor", lambda p: quantize_model(espace, p, "int8", per_channel=False))
+        for label, alpha, rotate in (("smooth α=0.5", 0.5, False), ("rotate", None, True)):
+            add(
+                f"ESPACE + {label} + int8 per-tensor",
+                lambda p, a=alpha, r=rotate: quantize_model(equalized(a, r), p, "int8", per_channel=False),
+            )
+        add("ESPACE + int4", lambda p: quantize_model(espace, p, "int4"))
+        add("ESPACE + smooth α=0.5 + int4", lambda p: quantize_model(equalized(0.5, False), p, "int4"))
+        add("ESPACE + rotate + int4", lambda p: quantize_model(equalized(None, True), p, "int4"))
+
+        reference = _embeddings(args.model, held_out)
+        cosines = {name: _cosines(reference, _embeddings(path, held_out)) for name, path in models.items()}
+        times = _latency(models, args.rounds, warmup=2)
+        sizes = {name: _file_mb(path) for name, path in models.items()}
+
+    dense_median = float(np.median(times["dense fp32"]))
+    print(
+        f"\nall-MiniLM-L6-v2, {len(reference)} held-out pydoc paragraphs (≤128 tokens), latency of 8×128 on ORT CPU "
+        f"with 2 threads, {args.rounds} interleaved rounds; {time.perf_counter() - started:.0f} s in all\n"
+    )
+    print("| model | file MB | mean cosine | min cosine | latency ratio (median) | spread (p25–p75) |")
+    print("|---|---|---|---|---|---|")
+    for name in models:
+        ratios = np.asarray(times[name]) / dense_median
+        p25, p75 = np.percentile(ratios, [25, 75])
+        print(
+            f"| {name} | {sizes[name]:.1f} | {cosines[name].mean():.4f} | {cosines[name].min():.4f} | "
+            f"{np.median(ratios):.2f} | {p25:.2f}–{p75:.2f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
