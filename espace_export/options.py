@@ -241,6 +241,12 @@ class OutputOptions:
     statistics: Path | None = option(None, "Also write the calibration statistics (.npz).", panel=_SELECTION)
     plan: Path | None = option(None, "Also write the plan (.json + .npz).", panel=_SELECTION)
     curve: Path | None = option(None, "Write the loss-vs-compression curve here (.json and .png).", panel=_SELECTION)
+    quantize: str = option(
+        "none",
+        "Quantize the compressed model with ONNX Runtime: int8 (dynamic, per-channel weights, CPU), int4 "
+        "(weight-only MatMulNBits, block 32), qdq-int8 (static QDQ over the calibration batches, for TensorRT).",
+        choices=("none", "int8", "int4", "qdq-int8"),
+    )
     progress: bool = option(False, "Show progress bars.", cli=False)
 
 

@@ -395,7 +395,24 @@ def apply(
         report["timings_s"] = {k: round(v, 3) for k, v in run.timings.items()}
         report["warnings"] = range_warnings
         write_report(report, report_path)
+    if run.options.output.quantize != "none":
+        report["quantization"] = quantize_output(run, output)
+        write_report(report, report_path)
     return CompressionResult(output, report_path, report)
+
+
+def quantize_output(run: Run, output: Path) -> dict[str, Any]:
+    """``--quantize``: the written float model quantized in place (atomically) with the run's batches; its
+    bytes and held-out fidelity to the float model, for the report."""
+    from espace_export.quantize import quantize_model
+
+    batches = run.batches
+    with run.timed("quantize"):
+        result = quantize_model(
+            output, output, run.options.output.quantize, batches.calibration, holdout_batches=batches.held_out,
+            external_data=run.options.output.external_data,
+        )  # fmt: skip
+    return result.as_report()
 
 
 def attach_plan(run: Run, plan: Plan, calibration: Calibration | None) -> None:

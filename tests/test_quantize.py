@@ -79,3 +79,27 @@ def test_user_errors(models, tmp_path) -> None:
     with pytest.raises(EspaceError, match="not found"):
         quantize_model(tmp_path / "missing.onnx", tmp_path / "q.onnx", "int8")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_compress_quantize_option_writes_a_quantized_model_and_reports_it(tmp_path, capsys) -> None:
+    import dataclasses
+    import json
+
+    import onnxruntime as ort
+
+    from espace_export.options import OutputOptions
+    from espace_export.quantize import QUANTIZE_MODES
+    from tests._cli import run_cli
+    from tests._models import tiny_decoder
+
+    field = next(f for f in dataclasses.fields(OutputOptions) if f.name == "quantize")
+    assert tuple(field.metadata["choices"]) == QUANTIZE_MODES
+    source, output = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(tiny_decoder(blocks=2, hidden=64, inter=128), source)
+    args = [str(source), "-o", str(output), "--rank-rule", "16", "--num-batches", "4", "--seq-len", "32", "-q"]
+    assert run_cli([*args, "--quantize", "int8"], capsys)[0] == 0
+    assert "MatMulInteger" in {node.op_type for node in onnx.load(output).graph.node}
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    assert report["quantization"]["mode"] == "int8"
+    assert report["quantization"]["bytes_quantized"] < report["quantization"]["bytes_float"]
+    ort.InferenceSession(str(output))

@@ -707,9 +707,11 @@ def output_lock(primary: PathLike) -> Iterator[Path]:
             fd, depth = _held_locks[key]
             _held_locks[key] = (fd, depth - 1)
         return
+    created = [] if lock.parent.exists() else _make_parents(lock.parent)  # -o build/sub/model.onnx
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError as exc:
+        _remove_created(created, lock)
         raise EspaceError(f"cannot create the lock {lock}: {exc.strerror}", "choose a writable output path") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -732,6 +734,17 @@ def output_lock(primary: PathLike) -> Iterator[Path]:
     finally:
         del _held_locks[key]
         os.close(fd)
+        if created and not Path(primary).exists():  # a failed run leaves no directory behind
+            _remove_created(created, lock)
+
+
+def _remove_created(created: list[Path], lock: Path) -> None:
+    """Undo :func:`_make_parents` for a run that wrote nothing: the lock file, then the emptied directories."""
+    with contextlib.suppress(OSError):
+        lock.unlink()
+    for directory in reversed(created):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 def _staging_dirs(primary: Path) -> list[Path]:
