@@ -80,8 +80,8 @@ def test_oblique_graph_runs_like_whitened_svd_and_its_plan_keeps_w_whole(compres
     stored = np.load(compressed["oblique.plan"].with_suffix(".npz"))
     assert not any(key.startswith("B.") for key in stored.files)
 
-    again = espace_export.compress(
-        compressed["dense"], plan_in=compressed["oblique.plan"], output=tmp_path / "again.onnx", num_batches=4,
+    again = espace_export.apply(
+        compressed["dense"], compressed["oblique.plan"], output=tmp_path / "again.onnx", num_batches=4,
         seq_len=16, seed=3,
     )  # fmt: skip
     np.testing.assert_allclose(_run(again.output, feed), oblique, rtol=1e-5, atol=1e-6)

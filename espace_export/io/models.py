@@ -733,6 +733,10 @@ def output_lock(primary: PathLike) -> Iterator[Path]:
         yield lock
     finally:
         del _held_locks[key]
+        # the lock file goes with the run, so an output directory holds only outputs (a writer that opened
+        # it meanwhile still excludes a third one for as long as it holds it: flock is on the open file)
+        with contextlib.suppress(OSError):
+            lock.unlink()
         os.close(fd)
         if created and not Path(primary).exists():  # a failed run leaves no directory behind
             _remove_created(created, lock)
