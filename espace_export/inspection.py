@@ -15,7 +15,6 @@ selection, the layers it may pick from at ``--layer-ratio``.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import onnx
 
 from espace_export.errors import EspaceError
+from espace_export.io.data import compile_patterns
 from espace_export.io.models import load_model
 from espace_export.options import RankOptions
 from espace_export.pipeline import decide_layers, share_siblings
@@ -53,18 +53,6 @@ def head_reason(model: onnx.ModelProto, target: GemmTarget) -> str:
     if target.weight in tables:
         return "head: tied to the token embedding"
     return "head: vocabulary-wide, no GEMM after"
-
-
-def _patterns(exclude: Sequence[str]) -> list[re.Pattern[str]]:
-    patterns = []
-    for pattern in exclude:
-        try:
-            patterns.append(re.compile(pattern))
-        except re.error as exc:
-            raise EspaceError(
-                f"--exclude {pattern!r} is not a regular expression ({exc})", "quote it, e.g. 'lm_head|pooler'"
-            ) from None
-    return patterns
 
 
 def inspect_model(
@@ -100,7 +88,7 @@ def inspect_model(
         raise EspaceError("no ratio to inspect", "pass --ratio R (repeatable)")
     parse_rank_rule(rank_rule)
     check_siblings(siblings)
-    patterns = _patterns(exclude)
+    patterns = compile_patterns(exclude)
     model = load_model(model_path, load_weights=False)
     found = find_targets(model, include_heads=True)
     targets = [t for t in found if include_heads or t.role == "block"]

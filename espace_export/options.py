@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from espace_export.errors import EspaceError
+from espace_export.io.data import check_calibration_sizes, compile_patterns
 from espace_export.selection.candidates import CANDIDATES, EIGEN_SOLVERS
 from espace_export.selection.factorizations import AUTO_METHODS, METHODS
 from espace_export.selection.ranks import SIBLING_MODES, check_ratio, check_siblings, parse_rank_rule
@@ -92,8 +93,9 @@ class DataOptions:
     )
 
     def __post_init__(self) -> None:
-        if min(self.batch_size, self.seq_len, self.num_batches) < 1:
-            raise EspaceError("--batch-size, --seq-len and --num-batches must be at least 1", "use positive sizes")
+        check_calibration_sizes(
+            batch_size=self.batch_size, seq_len=self.seq_len, num_batches=self.num_batches, seed=self.seed
+        )
         if self.valid_batches is not None and self.valid_batches < 1:
             raise EspaceError("--valid-batches must be at least 1", "use a positive count")
         if self.num_batches > MAX_BATCHES:
@@ -102,8 +104,6 @@ class DataOptions:
             raise EspaceError(f"--holdout must be in [0, 1), got {self.holdout}", "try --holdout 0.25")
         if self.calib_data is not None and self.calib_text is not None:
             raise EspaceError("both --calib-data and --calib-text given", "choose one calibration source")
-        if self.seed < 0:
-            raise EspaceError(f"--seed must be 0 or more, got {self.seed}", "use a non-negative seed")
         _choice(self.stats_precision, STATS_PRECISIONS, "statistics precision")
 
 
@@ -147,15 +147,7 @@ class RankOptions:
 
     @property
     def patterns(self) -> list[re.Pattern[str]]:
-        compiled = []
-        for pattern in self.exclude:
-            try:
-                compiled.append(re.compile(pattern))
-            except re.error as exc:
-                raise EspaceError(
-                    f"--exclude {pattern!r} is not a regular expression ({exc})", "escape special characters"
-                ) from None
-        return compiled
+        return compile_patterns(self.exclude)
 
     def per_layer(self, select: str) -> float:
         """The compression each compressed layer gets: ``ratio`` itself, or with selection ``layer_ratio``
