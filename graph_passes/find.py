@@ -171,11 +171,11 @@ def _layer_name(node: onnx.NodeProto, weight: str, index: int) -> str:
     return node.name or f"gemm_{index}"
 
 
-def _embedding_tables(
+def embedding_lookups(
     graph: onnx.GraphProto, constants: ConstantTable, int_inputs: set[str] | None = None
-) -> tuple[set[str], set[int]]:
-    """Names and row counts of 2-D constant tables gathered by integer graph inputs (token embeddings),
-    including the word embedding of ONNX Runtime's fused ``EmbedLayerNormalization``."""
+) -> list[tuple[str, str, int]]:
+    """``(integer graph input, table, rows)`` for each 2-D constant table gathered by an integer graph input
+    (token embeddings), including the word embedding of ONNX Runtime's fused ``EmbedLayerNormalization``."""
     if int_inputs is None:
         int_inputs = {
             i.name
@@ -183,12 +183,11 @@ def _embedding_tables(
             if i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
         }
     producers = {out: node for node in graph.node for out in node.output}
-    names: set[str] = set()
-    rows: set[int] = set()
+    lookups = []
     for node in graph.node:
         if node.op_type == "EmbedLayerNormalization" and len(node.input) > 2 and node.input[2] in constants:
             table = node.input[2]
-        elif node.op_type == "Gather" and node.input[0] in constants:
+        elif node.op_type == "Gather" and len(node.input) > 1 and node.input[0] in constants:
             table = node.input[0]
         else:
             continue
@@ -202,9 +201,16 @@ def _embedding_tables(
                 break
             index = producer.input[0]
         if index in int_inputs:
-            names.add(table)
-            rows.add(constants.dims(table)[0])
-    return names, rows
+            lookups.append((index, table, int(constants.dims(table)[0])))
+    return lookups
+
+
+def _embedding_tables(
+    graph: onnx.GraphProto, constants: ConstantTable, int_inputs: set[str] | None = None
+) -> tuple[set[str], set[int]]:
+    """Names and row counts of the token embedding tables (see :func:`embedding_lookups`)."""
+    lookups = embedding_lookups(graph, constants, int_inputs)
+    return {table for _, table, _ in lookups}, {rows for _, _, rows in lookups}
 
 
 # Separates the parts of a node path: "<If node>::<then_branch|else_branch|body>::<node>" (nested as deep as

@@ -606,26 +606,12 @@ def compile_patterns(patterns: Sequence[str], option: str = "--exclude") -> list
 def token_id_limits(model: onnx.ModelProto) -> dict[str, int]:
     """Integer graph inputs that index an embedding table (directly or through a Cast/Reshape/Unsqueeze/
     Flatten), with the table's row count: ids must lie in ``[0, rows)``."""
-    from graph_passes.find import ConstantTable
+    from graph_passes.find import ConstantTable, embedding_lookups
 
-    constants = ConstantTable(model.graph)
     integer_inputs = {spec.name for spec in input_specs(model) if spec.is_integer}
-    producers = {output: node for node in model.graph.node for output in node.output}
     limits: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in constants:
-            continue
-        dims = constants.dims(node.input[0])
-        if len(dims) != 2:
-            continue
-        index = node.input[1]
-        for _ in range(3):
-            producer = producers.get(index)
-            if producer is None or producer.op_type not in ("Cast", "Reshape", "Unsqueeze", "Flatten"):
-                break
-            index = producer.input[0]
-        if index in integer_inputs:
-            limits[index] = min(limits.get(index, int(dims[0])), int(dims[0]))
+    for index, _, rows in embedding_lookups(model.graph, ConstantTable(model.graph), integer_inputs):
+        limits[index] = min(limits.get(index, rows), rows)
     return limits
 
 
