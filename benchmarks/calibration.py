@@ -166,14 +166,18 @@ def main() -> None:
 
         runs: dict[str, Callable[[], None]] = {"plain": plain_pass, "calibration": calibration_pass}
         if args.gradients:
-            from espace_export.calibration.gradients import collect_gradient_statistics
+            from espace_export.calibration.gradients import GradientSettings, collect_gradient_statistics
 
             forward, forward_backward = torch_passes(model, feeds)
 
             def gradient_pass(precision: StatsPrecision) -> Callable[[], None]:
                 def run() -> None:
                     collect_gradient_statistics(
-                        model, targets, batches, normalized=normalized, specs=specs, precision=precision
+                        model,
+                        targets,
+                        batches,
+                        GradientSettings(normalized=normalized, precision=precision),
+                        specs=specs,
                     )
 
                 return run

@@ -188,3 +188,22 @@ def test_one_backward_pass_per_batch(sample_model, monkeypatch: pytest.MonkeyPat
     stats = collect_gradient_statistics(model, targets, _feeds(model, batches=3))
     assert len(calls) == 3  # one backward per batch, to every tracked activation at once
     assert calls[0] == len(stats)
+
+
+def test_calibration_forms_gradient_products_in_the_statistics_precision(sample_model) -> None:
+    """``--stats-precision`` governs both statistics: float64 equals the exact reference, float32 (the
+    default) stays within float32 round-off of it, and the sums are float64 either way."""
+    from espace_export.calibration.collect import calibrate_model
+
+    model = onnx.load(sample_model("llama", "torchscript"))
+    targets = find_targets(model)
+    batches = _feeds(model)
+    expected = _reference_collection(model, targets, batches)
+    exact = calibrate_model(model, targets, batches, methods=["nl-mse"], precision="float64").gradients
+    fast = calibrate_model(model, targets, batches, methods=["nl-mse"]).gradients
+    assert exact is not None and fast is not None
+    for name in expected:
+        assert exact[name].sum_xg.dtype == fast[name].sum_xg.dtype == np.float64
+        assert _relative_error(exact[name].sum_xg, expected[name].sum_xg) < RTOL
+        error = _relative_error(fast[name].sum_xg, expected[name].sum_xg)
+        assert 0 < error < 1e-5

@@ -47,12 +47,12 @@ def calibrate_model(
     grads = None
     if needs_gradients(methods):
         require("torch", extra="torch", purpose="the nl-mse candidates (activation gradients)")
-        from espace_export.calibration.gradients import collect_gradient_statistics
+        from espace_export.calibration.gradients import GradientSettings, collect_gradient_statistics
 
         with bars.task("gradients (backward)", len(batches)) as advance:
             grads = collect_gradient_statistics(
-                model, targets, batches, normalized=normalized, specs=specs, on_batch=advance, seed=seed,
-                torch_module=torch_module,
+                model, targets, batches, GradientSettings(normalized=normalized, seed=seed, precision=precision),
+                specs=specs, on_batch=advance, torch_module=torch_module,
             )  # fmt: skip
     distributed.all_reduce_statistics(stats)
     if grads is not None:

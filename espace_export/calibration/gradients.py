@@ -208,18 +208,26 @@ def output_loss(kind: Literal["next-token", "probe"], output: Any, feed: dict[st
     return (probe * output).sum()
 
 
+@dataclass(frozen=True)
+class GradientSettings:
+    """How the NL-MSE statistics are formed: the loss, the normalised twin, the seed of random probe
+    directions (``seed + batch index``), and the dtype of each batch's products (sums are float64)."""
+
+    loss: GradientLoss = "auto"
+    normalized: bool = True
+    seed: int = 0
+    precision: StatsPrecision = "float64"
+
+
 def collect_gradient_statistics(
     model: onnx.ModelProto,
     targets: Sequence[GemmTarget],
     batches: Sequence[dict[str, np.ndarray]],
+    settings: GradientSettings = GradientSettings(),
     *,
-    loss: GradientLoss = "auto",
-    normalized: bool = True,
     specs: Sequence[InputSpec] | None = None,
     on_batch: Callable[[], None] | None = None,
     torch_module: Any = None,
-    seed: int = 0,
-    precision: StatsPrecision = "float64",
 ) -> dict[str, GradientStats]:
     """NL-MSE statistics of every distinct activation the ``targets`` read, over ``batches``.
 
@@ -229,14 +237,14 @@ def collect_gradient_statistics(
 
     One forward and one backward pass per batch (``autograd.grad`` of the batch's loss with respect to
     every tracked activation at once); each batch is reduced by :meth:`GradientStats.add_batch` while
-    its tensors are in memory. ``precision``: dtype of each batch's products (sums are float64).
+    its tensors are in memory (:class:`GradientSettings`).
     """
     import torch
 
     specs = list(specs) if specs is not None else input_specs(model)
-    kind = resolve_loss(model, loss)
+    kind = resolve_loss(model, settings.loss)
     widths = {name: K for name, (K, _) in distinct_activations(targets).items()}
-    stats = {name: GradientStats(K, normalized) for name, K in widths.items()}
+    stats = {name: GradientStats(K, settings.normalized) for name, K in widths.items()}
     if torch_module is not None:
         forward = _module_forward(torch_module, targets)
     else:
@@ -246,7 +254,7 @@ def collect_gradient_statistics(
     for index, batch in enumerate(batches):
         feed = complete_feed(batch, specs)
         output, tracked = forward(feed)
-        objective = output_loss(kind, output, feed, seed + index)
+        objective = output_loss(kind, output, feed, settings.seed + index)
         names = [n for n in widths if n in tracked]
         grads = torch.autograd.grad(objective, [tracked[n] for n in names], allow_unused=True)
         mask = feed.get("attention_mask")
@@ -254,7 +262,7 @@ def collect_gradient_statistics(
             for name, value, grad in zip(names, (tracked[n] for n in names), grads, strict=True):
                 value = value.detach()
                 _reduce_sequences(
-                    stats[name], value, torch.zeros_like(value) if grad is None else grad, mask, precision
+                    stats[name], value, torch.zeros_like(value) if grad is None else grad, mask, settings.precision
                 )
         if on_batch is not None:
             on_batch()
