@@ -97,12 +97,8 @@ def inspect_model(
             "check that weights are initializers (export with do_constant_folding) or use --include-heads",
         )
     matched = {t.name for t in targets if any(p.search(t.name) for p in options.patterns)}
-    excluded = [
-        {"name": t.name, "K": t.K, "N": t.N, "reason": head_reason(model, t)} for t in found if t not in targets
-    ]
-    excluded += [
-        {"name": t.name, "K": t.K, "N": t.N, "reason": "--exclude matches"} for t in targets if t.name in matched
-    ]
+    excluded = [_left_out(t, head_reason(model, t)) for t in found if t not in targets]
+    excluded += [_left_out(t, "--exclude matches") for t in targets if t.name in matched]
     groups = _sibling_groups([t for t in targets if t.name not in matched]) if options.siblings == "shared" else []
     group_of = {name: group["group"] for group in groups for name in group["members"]}
     total_params = parameter_count(model)
@@ -118,24 +114,18 @@ def inspect_model(
         },  # fmt: skip
         "total_params": total_params,
         "targeted_params": sum(t.params for t in targets),
-        "targets": [
-            {
-                "name": t.name,
-                "node": t.node,
-                "pattern": t.pattern,
-                "K": t.K,
-                "N": t.N,
-                "params": t.params,
-                "dtype": t.dtype,
-                "activation": t.activation,
-                "group": group_of.get(t.name),
-            }
-            for t in targets
-        ],  # fmt: skip
+        "targets": [{**{k: getattr(t, k) for k in _TARGET_KEYS}, "group": group_of.get(t.name)} for t in targets],
         "groups": groups,
         "excluded": excluded,
         "ratios": [_at_ratio(targets, dataclasses.replace(options, ratio=r), method, total_params) for r in ratios],
     }
+
+
+_TARGET_KEYS = ("name", "node", "pattern", "K", "N", "params", "dtype", "activation")
+
+
+def _left_out(target: GemmTarget, reason: str) -> dict[str, Any]:
+    return {"name": target.name, "K": target.K, "N": target.N, "reason": reason}
 
 
 def _sibling_groups(targets: Sequence[GemmTarget]) -> list[dict[str, Any]]:
