@@ -85,6 +85,15 @@ def _split_files(directory: Path) -> dict[str, Path]:
     return paths
 
 
+def model_files(name: str, args: argparse.Namespace) -> tuple[Path, Path]:
+    """The model and its tokenizer directory: ``tiny-lm`` from ``--lm-dir``, ``minilm`` from ``--minilm``."""
+    if name == "tiny-lm":
+        return args.lm_dir / "model.onnx", args.lm_dir / "hf"
+    from samples.export_minilm import minilm_dir
+
+    return args.minilm, minilm_dir()
+
+
 def _method(methods: list[str]) -> str:
     """The --method that names a list of methods."""
     if methods == list(CANDIDATES):
@@ -240,12 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         texts = _split_files(Path(tmp))
         for name in args.models:
-            if name == "tiny-lm":
-                results.append(evaluate_model(name, args.lm_dir / "model.onnx", args.lm_dir / "hf", texts, args))
-            else:
-                from samples.export_minilm import minilm_dir
-
-                results.append(evaluate_model(name, args.minilm, minilm_dir(), texts, args))
+            results.append(evaluate_model(name, *model_files(name, args), texts, args))
             print(to_markdown(results[-1]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -42,7 +42,7 @@ from scipy.stats import spearmanr  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.accuracy import _batches, _split_files  # noqa: E402
+from benchmarks.accuracy import _batches, _split_files, model_files  # noqa: E402
 from espace_export.calibration.collect import calibrate_model  # noqa: E402
 from espace_export.harm import collect_fisher_samples  # noqa: E402
 from espace_export.options import RankOptions  # noqa: E402
@@ -184,12 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         texts = _split_files(Path(tmp))
         for name in args.models:
-            if name == "tiny-lm":
-                result = measure(name, args.lm_dir / "model.onnx", args.lm_dir / "hf", texts, args)
-            else:
-                from samples.export_minilm import minilm_dir
-
-                result = measure(name, args.minilm, minilm_dir(), texts, args)
+            result = measure(name, *model_files(name, args), texts, args)
             print(report(result), flush=True)
             print()
             results.append(result)

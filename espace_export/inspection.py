@@ -14,6 +14,7 @@ selection, the layers it may pick from at ``--layer-ratio``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,12 +23,11 @@ from typing import Any
 import onnx
 
 from espace_export.errors import EspaceError
-from espace_export.io.data import compile_patterns
 from espace_export.io.models import load_model
 from espace_export.options import RankOptions
 from espace_export.pipeline import decide_layers, share_siblings
 from espace_export.selection.planner import WEIGHT_FREE, unit_saving
-from espace_export.selection.ranks import check_ratio, check_siblings, layer_compression, parse_rank_rule
+from espace_export.selection.ranks import check_ratio, layer_compression
 from graph_passes.find import (
     _HEAD_NAME_HINTS,
     ConstantTable,
@@ -57,17 +57,16 @@ def head_reason(model: onnx.ModelProto, target: GemmTarget) -> str:
 
 def inspect_model(
     model_path: str | os.PathLike[str],
+    ranks: RankOptions | None = None,
     *,
     ratios: Sequence[float] = DEFAULT_RATIOS,
-    rank_rule: str | int = "pow2",
-    min_rank: int = 16,
-    rank: int | None = None,
-    include_heads: bool = False,
-    exclude: Sequence[str] = (),
-    siblings: str = "shared",
     method: str = "mse",
+    **rank_settings: Any,
 ) -> dict[str, Any]:
     """The targets of ``model_path`` and what each of ``ratios`` would make of them; JSON-serialisable.
+
+    The rank settings are a :class:`~espace_export.options.RankOptions` (``ranks``; its ``ratio`` is replaced by
+    each of ``ratios``), or its fields as keywords (``rank_rule="16", exclude=[...]``) over ``ranks``.
 
     Keys: ``model``, ``settings``, ``total_params``, ``targeted_params``, ``targets`` (name, node, K, N,
     params, dtype, activation, group), ``groups`` (siblings reading one activation), ``excluded`` (name, K,
@@ -82,112 +81,99 @@ def inspect_model(
     Raises:
         EspaceError: an unreadable model, one without a compressible GEMM, a bad ratio, rank rule or regex.
     """
+    if "exclude" in rank_settings:
+        rank_settings["exclude"] = tuple(rank_settings["exclude"] or ())
+    options = dataclasses.replace(ranks or RankOptions(), **rank_settings)  # validated here, once
     for ratio in ratios:
-        check_ratio(ratio)
+        check_ratio(ratio)  # also with --rank, which RankOptions lets skip the ratio
     if not ratios:
         raise EspaceError("no ratio to inspect", "pass --ratio R (repeatable)")
-    parse_rank_rule(rank_rule)
-    check_siblings(siblings)
-    patterns = compile_patterns(exclude)
     model = load_model(model_path, load_weights=False)
     found = find_targets(model, include_heads=True)
-    targets = [t for t in found if include_heads or t.role == "block"]
-    excluded_layers = [
-        {"name": t.name, "K": t.K, "N": t.N, "reason": head_reason(model, t)} for t in found if t not in targets
-    ]
+    targets = [t for t in found if options.include_heads or t.role == "block"]
     if not targets:
         raise EspaceError(
             f"{model_path} has no compressible GEMM (MatMul/Gemm with a 2-D constant weight)",
             "check that weights are initializers (export with do_constant_folding) or use --include-heads",
         )
-    by_name = {t.name: t for t in targets}
-    matched = {t.name for t in targets if any(p.search(t.name) for p in patterns)}
-    excluded_layers += [
-        {"name": n, "K": by_name[n].K, "N": by_name[n].N, "reason": "--exclude matches"}
-        for n in by_name
-        if n in matched
-    ]
-
-    group_of: dict[str, str] = {}
-    groups: list[dict[str, Any]] = []
-    if siblings == "shared":
-        for activation, members in group_by_activation([t for t in targets if t.name not in matched]).items():
-            if len(members) > 1:
-                label = f"g{len(groups) + 1}"
-                groups.append(
-                    {"group": label, "activation": activation, "members": [t.name for t in members],
-                     "K": members[0].K, "N": sum(t.N for t in members)}
-                )  # fmt: skip
-                group_of.update({t.name: label for t in members})
-
+    matched = {t.name for t in targets if any(p.search(t.name) for p in options.patterns)}
+    excluded = [_left_out(t, head_reason(model, t)) for t in found if t not in targets]
+    excluded += [_left_out(t, "--exclude matches") for t in targets if t.name in matched]
+    groups = _sibling_groups([t for t in targets if t.name not in matched]) if options.siblings == "shared" else []
+    group_of = {name: group["group"] for group in groups for name in group["members"]}
     total_params = parameter_count(model)
-    targeted_params = sum(t.params for t in targets)
-    per_ratio = []
-    for ratio in ratios:
-        options = RankOptions(ratio=ratio, rank_rule=rank_rule, min_rank=min_rank, rank=rank, siblings=siblings,
-                              include_heads=include_heads, exclude=tuple(exclude))  # fmt: skip
-        decisions = decide_layers(targets, options, "")
-        shared = share_siblings(decisions, options)
-        ranks = {d.target.name: d.L for d in decisions}
-        in_groups = {name for members in shared for name in members}
-        units = [[by_name[n] for n in members] for members in shared]
-        alone: dict[tuple[str, Any], list[GemmTarget]] = {}  # one stored P for each key
-        for d in decisions:
-            if d.L is not None and d.target.name not in in_groups:
-                key = (d.target.activation, d.L) if method in WEIGHT_FREE else (d.target.name, None)
-                alone.setdefault(key, []).append(d.target)
-        units += list(alone.values())
-        saved = 0
-        for members in units:
-            L = ranks[members[0].name]
-            assert L is not None  # every unit is compressed
-            saved += unit_saving(members, L)
-        compressed = sum(L is not None for L in ranks.values())
-        per_ratio.append(
-            {
-                "ratio": ratio,
-                "ranks": ranks,
-                "layer_compression": {
-                    n: layer_compression(by_name[n].K, by_name[n].N, L) for n, L in ranks.items() if L is not None
-                },
-                "shared_groups": len(shared),
-                "layers_compressed": compressed,
-                "layers_dense": len(ranks) - compressed,
-                "targeted_params_after": targeted_params - saved,
-                "targeted_compression": saved / targeted_params,
-                "total_params_after": total_params - saved,
-                "total_compression": saved / total_params if total_params else 0.0,
-            }
-        )
     return {
         "model": str(Path(model_path)),
         "settings": {
-            "rank_rule": str(rank_rule),
-            "min_rank": min_rank,
-            "rank": rank,
-            "include_heads": include_heads,
-            "exclude": list(exclude),
-            "siblings": siblings,
+            "rank_rule": str(options.rank_rule),
+            "min_rank": options.min_rank,
+            "rank": options.rank,
+            "include_heads": options.include_heads,
+            "exclude": list(options.exclude),
+            "siblings": options.siblings,
         },  # fmt: skip
         "total_params": total_params,
-        "targeted_params": targeted_params,
-        "targets": [
-            {
-                "name": t.name,
-                "node": t.node,
-                "pattern": t.pattern,
-                "K": t.K,
-                "N": t.N,
-                "params": t.params,
-                "dtype": t.dtype,
-                "activation": t.activation,
-                "group": group_of.get(t.name),
-            }
-            for t in targets
-        ],  # fmt: skip
+        "targeted_params": sum(t.params for t in targets),
+        "targets": [{**{k: getattr(t, k) for k in _TARGET_KEYS}, "group": group_of.get(t.name)} for t in targets],
         "groups": groups,
-        "excluded": excluded_layers,
-        "ratios": per_ratio,
+        "excluded": excluded,
+        "ratios": [_at_ratio(targets, dataclasses.replace(options, ratio=r), method, total_params) for r in ratios],
+    }
+
+
+_TARGET_KEYS = ("name", "node", "pattern", "K", "N", "params", "dtype", "activation")
+
+
+def _left_out(target: GemmTarget, reason: str) -> dict[str, Any]:
+    return {"name": target.name, "K": target.K, "N": target.N, "reason": reason}
+
+
+def _sibling_groups(targets: Sequence[GemmTarget]) -> list[dict[str, Any]]:
+    """The groups of targets that read one activation (two or more), labelled g1, g2, ..."""
+    groups: list[dict[str, Any]] = []
+    for activation, members in group_by_activation(list(targets)).items():
+        if len(members) > 1:
+            groups.append(
+                {"group": f"g{len(groups) + 1}", "activation": activation, "members": [t.name for t in members],
+                 "K": members[0].K, "N": sum(t.N for t in members)}
+            )  # fmt: skip
+    return groups
+
+
+def _at_ratio(targets: Sequence[GemmTarget], options: RankOptions, method: str, total_params: int) -> dict[str, Any]:
+    """Ranks, compressed layers and the parameters saved at ``options.ratio`` (as ``compress`` decides them)."""
+    by_name = {t.name: t for t in targets}
+    decisions = decide_layers(list(targets), options, "")
+    shared = share_siblings(decisions, options)
+    ranks = {d.target.name: d.L for d in decisions}
+    in_groups = {name for members in shared for name in members}
+    units = [[by_name[n] for n in members] for members in shared]
+    alone: dict[tuple[str, Any], list[GemmTarget]] = {}  # one stored P for each key
+    for d in decisions:
+        if d.L is not None and d.target.name not in in_groups:
+            key = (d.target.activation, d.L) if method in WEIGHT_FREE else (d.target.name, None)
+            alone.setdefault(key, []).append(d.target)
+    units += list(alone.values())
+    saved = 0
+    for members in units:
+        L = ranks[members[0].name]
+        assert L is not None  # every unit is compressed
+        saved += unit_saving(members, L)
+    compressed = sum(L is not None for L in ranks.values())
+    targeted_params = sum(t.params for t in targets)
+    return {
+        "ratio": options.ratio,
+        "ranks": ranks,
+        "layer_compression": {
+            n: layer_compression(by_name[n].K, by_name[n].N, L) for n, L in ranks.items() if L is not None
+        },
+        "shared_groups": len(shared),
+        "layers_compressed": compressed,
+        "layers_dense": len(ranks) - compressed,
+        "targeted_params_after": targeted_params - saved,
+        "targeted_compression": saved / targeted_params,
+        "total_params_after": total_params - saved,
+        "total_compression": saved / total_params if total_params else 0.0,
     }
 
 

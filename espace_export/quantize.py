@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,23 @@ def check_mode(mode: str) -> None:
         raise EspaceError(f"unknown quantization {mode!r}", f"choose from {', '.join(QUANTIZE_MODES)}")
 
 
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """How :func:`quantize_model` quantizes. ``per_channel``: int8 weight scales per output channel (``int8``,
+    ``qdq-int8``); ``block_size`` and ``accuracy_level`` (ORT's MatMulNBits compute type; 4 = int8 activations
+    on CPU) for ``int4``; ``external_data``: force or forbid external data in the output (None: when the float
+    model needs it)."""
+
+    per_channel: bool = True
+    block_size: int = INT4_BLOCK
+    accuracy_level: int | None = None
+    external_data: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise EspaceError(f"int4 block size {self.block_size} is not a power of two ≥ 16", "use 32, 64 or 128")
+
+
 def quantize_model(
     model: str | os.PathLike[str] | onnx.ModelProto,
     output: str | os.PathLike[str],
@@ -72,44 +89,38 @@ def quantize_model(
     calibration_batches: Sequence[dict[str, np.ndarray]] | None = None,
     *,
     holdout_batches: Sequence[dict[str, np.ndarray]] | None = None,
-    per_channel: bool = True,
-    block_size: int = INT4_BLOCK,
-    accuracy_level: int | None = None,
-    external_data: bool | None = None,
+    settings: QuantizeSettings | None = None,
+    **overrides: Any,
 ) -> QuantizationResult:
     """Quantize ``model`` (a path or a loaded model) with ``mode`` and write it to ``output``, atomically.
 
     ``calibration_batches`` feed ``qdq-int8``'s activation ranges (required there, unused otherwise);
     ``holdout_batches`` (default: the calibration batches) measure the fidelity of the quantized outputs
-    to the float model's. ``per_channel``: int8 weight scales per output channel (``int8``, ``qdq-int8``);
-    ``block_size`` and ``accuracy_level`` (ORT's MatMulNBits compute type; 4 = int8 activations on CPU)
-    for ``int4``. ``external_data``: force or forbid external data in the output (default: when the float
-    model needs it). Returns a :class:`QuantizationResult`.
+    to the float model's. ``settings`` (:class:`QuantizeSettings`), or its fields as keywords over it
+    (``per_channel=False``, ``block_size=64``). Returns a :class:`QuantizationResult`.
     """
     check_mode(mode)
     if mode == "none":
         raise EspaceError("quantization mode 'none' writes nothing", "choose int8, int4 or qdq-int8")
     if mode == "qdq-int8" and not calibration_batches:
         raise EspaceError("qdq-int8 needs calibration batches for its activation ranges", "give calibration data")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise EspaceError(f"int4 block size {block_size} is not a power of two ≥ 16", "use 32, 64 or 128")
+    settings = replace(settings or QuantizeSettings(), **overrides)
     output = check_writable(Path(output))
     float_model = model if isinstance(model, onnx.ModelProto) else load_model(model)
     bytes_float = model_bytes(float_model)
-    if external_data is None:
-        external_data = bytes_float > PROTOBUF_LIMIT
+    external_data = settings.external_data if settings.external_data is not None else bytes_float > PROTOBUF_LIMIT
     with tempfile.TemporaryDirectory(prefix="espace-quantize.") as work:
         source = Path(work) / "float.onnx"  # the quantizers read a path best (external data, shape inference)
-        onnx.save_model(float_model, str(source), save_as_external_data=bool(external_data), location="float.onnx.data")
+        onnx.save_model(float_model, str(source), save_as_external_data=external_data, location="float.onnx.data")
         with atomic_output(output) as tmp:
             _QUANTIZERS[mode](  # type: ignore[operator]
                 source,
                 tmp,
                 calibration_batches=calibration_batches,
-                per_channel=per_channel,
-                block_size=block_size,
-                accuracy_level=accuracy_level,
-                external_data=bool(external_data),
+                per_channel=settings.per_channel,
+                block_size=settings.block_size,
+                accuracy_level=settings.accuracy_level,
+                external_data=external_data,
             )
             check_model(tmp)
             bytes_quantized = _file_bytes(tmp)

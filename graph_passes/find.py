@@ -19,7 +19,7 @@ import ast
 import re
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -284,18 +284,39 @@ def find_targets(model: onnx.ModelProto, *, include_heads: bool = False) -> list
         for i in model.graph.input
         if i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
     }
-    table_names: set[str] = set()
-    vocab_rows: set[int] = set()
+    collector = _TargetCollector(all_scopes[0].constants, include_heads)
     for scope in all_scopes:
         names, rows = _embedding_tables(scope.graph, scope.constants, int_inputs)
-        table_names |= names
-        vocab_rows |= rows
-    main_constants = all_scopes[0].constants
-    used_names: dict[str, int] = defaultdict(int)
-    targets: list[GemmTarget] = []
-    # copies of one subgraph GEMM: (weight, pattern, transposed) → index into targets
-    shared: dict[tuple[str, str, bool], int] = {}
+        collector.table_names |= names
+        collector.vocab_rows |= rows
     for scope in all_scopes:
+        collector.add_scope(scope)
+    targets = collector.targets
+    quantized = quantized_gemms(model)
+    if targets and quantized:
+        warnings.warn(
+            f"{len(quantized)} GEMM(s) of this model have quantized weights ({_kinds(quantized)}) and stay as "
+            "they are; only the float ones are compressed. Compress the float model, then quantize",
+            QuantizedWeightsWarning,
+            stacklevel=2,
+        )
+    return targets
+
+
+@dataclass
+class _TargetCollector:
+    """:func:`find_targets`' walk over the scopes: names made unique, subgraph copies of one GEMM merged."""
+
+    main_constants: ConstantTable
+    include_heads: bool
+    table_names: set[str] = field(default_factory=set)  # the token-embedding tables (any scope)
+    vocab_rows: set[int] = field(default_factory=set)  # their row counts: vocabulary sizes
+    targets: list[GemmTarget] = field(default_factory=list)
+    used_names: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # copies of one subgraph GEMM: (weight, pattern, transposed) → index into targets
+    shared: dict[tuple[str, str, bool], int] = field(default_factory=dict)
+
+    def add_scope(self, scope: Scope) -> None:
         graph = scope.graph
         producers = {out: node for node in graph.node for out in node.output}
         matches = {index: m for index, node in enumerate(graph.node) if (m := _match(node, scope.constants, producers))}
@@ -305,31 +326,28 @@ def find_targets(model: onnx.ModelProto, *, include_heads: bool = False) -> list
             pattern, weight, K, N, stored_transposed, transpose_node = match
             path = node_path(scope.prefix, node.name)
             if not scope.is_main:
-                if not main_constants.is_outer(weight, graph) or weight not in main_constants:
+                if not self.main_constants.is_outer(weight, graph) or weight not in self.main_constants:
                     continue  # a weight local to the body: not rewritten (see explain_no_targets)
                 key = (weight, pattern, stored_transposed)
-                if key in shared:
-                    first = targets[shared[key]]
-                    targets[shared[key]] = replace(first, also=(*first.also, (path, node.input[0])))
+                if key in self.shared:
+                    first = self.targets[self.shared[key]]
+                    self.targets[self.shared[key]] = replace(first, also=(*first.also, (path, node.input[0])))
                     continue
-            name = _layer_name(node, weight, index)
-            used_names[name] += 1
-            if used_names[name] > 1:
-                name = f"{name}#{used_names[name]}"
+            name = self._unique(_layer_name(node, weight, index))
             lowered = name.lower() + " " + weight.lower()
             # A vocabulary-wide output counts as a head only when no weight GEMM follows it (an MLP's
             # intermediate width may equal the vocabulary size by coincidence).
             is_head = (
                 any(hint in lowered for hint in _HEAD_NAME_HINTS)
-                or weight in table_names
-                or (N in vocab_rows and not feeds_gemm[index])
+                or weight in self.table_names
+                or (N in self.vocab_rows and not feeds_gemm[index])
             )
-            if is_head and not include_heads:
+            if is_head and not self.include_heads:
                 continue
             dtype = onnx.helper.tensor_dtype_to_np_dtype(scope.constants.elem_type(weight)).name
             if not scope.is_main:
-                shared[(weight, pattern, stored_transposed)] = len(targets)
-            targets.append(
+                self.shared[(weight, pattern, stored_transposed)] = len(self.targets)
+            self.targets.append(
                 GemmTarget(
                     name=name,
                     node=path,
@@ -344,15 +362,10 @@ def find_targets(model: onnx.ModelProto, *, include_heads: bool = False) -> list
                     transpose_node=node_path(scope.prefix, transpose_node) if transpose_node else None,
                 )
             )
-    quantized = quantized_gemms(model)
-    if targets and quantized:
-        warnings.warn(
-            f"{len(quantized)} GEMM(s) of this model have quantized weights ({_kinds(quantized)}) and stay as "
-            "they are; only the float ones are compressed. Compress the float model, then quantize",
-            QuantizedWeightsWarning,
-            stacklevel=2,
-        )
-    return targets
+
+    def _unique(self, name: str) -> str:
+        self.used_names[name] += 1
+        return name if self.used_names[name] == 1 else f"{name}#{self.used_names[name]}"
 
 
 class QuantizedWeightsWarning(UserWarning):

@@ -100,19 +100,8 @@ def project(
 
     for projection in sorted(projections, key=lambda p: position[p.target.node]):
         target = projection.target
-        K, L = projection.P.shape
-        if K != target.K:
-            raise ValueError(f"{target.name}: P has {K} rows, the layer has K={target.K}")
-        dtype = np.dtype(target.dtype)
-        p_stored = projection.P.astype(dtype)
-        if projection.folded is None:
-            folded_exact = fold_weight(projection.P, weight_matrix(model, target))
-        elif projection.folded.shape == (L, target.N):
-            folded_exact = projection.folded
-        else:
-            raise ValueError(f"{target.name}: folded factor is {projection.folded.shape}, expected {(L, target.N)}")
-        _warn_if_out_of_range(target.name, folded_exact, dtype)
-        folded = folded_exact.astype(dtype)
+        folded = _folded_factor(model, projection)
+        p_stored = projection.P.astype(np.dtype(target.dtype))
         stem = sanitize(target.name)
         digest = hashlib.sha1(p_stored.tobytes() + str(p_stored.shape).encode()).hexdigest()
         folded_name = fresh(f"{stem}.espace_PtW")
@@ -142,6 +131,30 @@ def project(
             node.input[1] = folded_name
             _tag(node, target.name, "expand")
 
+    _insert_before(model, inserts)
+    remove_unused_constants(model, keep_weight_inputs=keep_weight_inputs)
+    return model
+
+
+def _folded_factor(model: onnx.ModelProto, projection: Projection) -> np.ndarray:
+    """The projection's PᵀW (given, or folded from the layer's weight) in the layer's dtype, shapes checked."""
+    target = projection.target
+    K, L = projection.P.shape
+    if K != target.K:
+        raise ValueError(f"{target.name}: P has {K} rows, the layer has K={target.K}")
+    dtype = np.dtype(target.dtype)
+    if projection.folded is None:
+        folded_exact = fold_weight(projection.P, weight_matrix(model, target))
+    elif projection.folded.shape == (L, target.N):
+        folded_exact = projection.folded
+    else:
+        raise ValueError(f"{target.name}: folded factor is {projection.folded.shape}, expected {(L, target.N)}")
+    _warn_if_out_of_range(target.name, folded_exact, dtype)
+    return folded_exact.astype(dtype)
+
+
+def _insert_before(model: onnx.ModelProto, inserts: dict[int, dict[str, list[onnx.NodeProto]]]) -> None:
+    """Put each graph's new nodes (``inserts``: id(graph) → node name → nodes) right before the named node."""
     for scope in scopes(model):
         before = inserts.get(id(scope.graph))
         if not before:
@@ -152,8 +165,6 @@ def project(
             rewritten.append(node)
         del scope.graph.node[:]
         scope.graph.node.extend(rewritten)
-    remove_unused_constants(model, keep_weight_inputs=keep_weight_inputs)
-    return model
 
 
 class FoldedRangeWarning(UserWarning):

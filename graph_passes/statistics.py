@@ -104,18 +104,8 @@ def add_gram_outputs(
         nodes.append(helper.make_node("Gemm", [x, x], [name + GRAM_SUFFIX], transA=1))
         gram_l2 = rows_l2 = None
         if normalized:
-            nodes += [
-                helper.make_node("Mul", [x, x], [f"{p}::sq"]),
-                helper.make_node("ReduceSum", [f"{p}::sq", axis_one], [f"{p}::n2"], keepdims=1),
-                helper.make_node("Sqrt", [f"{p}::n2"], [f"{p}::n"]),
-                helper.make_node("Max", [f"{p}::n", tiny], [f"{p}::n_safe"]),
-                helper.make_node("Div", [x, f"{p}::n_safe"], [f"{p}::xn"]),
-                helper.make_node("Gemm", [f"{p}::xn", f"{p}::xn"], [name + GRAM_L2_SUFFIX], transA=1),
-                helper.make_node("Greater", [f"{p}::n2", const(f"{p}::zero", np.array(0, dtype=np_dtype))],
-                                 [f"{p}::nonzero"]),
-                helper.make_node("Cast", [f"{p}::nonzero"], [f"{p}::nonzero_f"], to=dtype),
-                helper.make_node("ReduceSum", [f"{p}::nonzero_f"], [name + ROWS_L2_SUFFIX], keepdims=0),
-            ]  # fmt: skip
+            zero = const(f"{p}::zero", np.array(0, dtype=np_dtype))
+            nodes += _normalized_gram_nodes(p, x, name, dtype, (axis_one, tiny, zero))
             gram_l2, rows_l2 = name + GRAM_L2_SUFFIX, name + ROWS_L2_SUFFIX
         outputs[name] = GramOutputs(name + GRAM_SUFFIX, name + ROWS_SUFFIX, gram_l2, rows_l2)
         graph.output.append(helper.make_tensor_value_info(name + GRAM_SUFFIX, dtype, [K, K]))
@@ -127,3 +117,22 @@ def add_gram_outputs(
         node.name = f"espace_stats/{node.op_type}_{i}"
     graph.node.extend(nodes)
     return augmented, outputs
+
+
+def _normalized_gram_nodes(
+    p: str, x: str, name: str, dtype: int, constants: tuple[str, str, str]
+) -> list[onnx.NodeProto]:
+    """Nodes for the Gram sum of ``x``'s rows scaled to unit L2 norm, and the count of its nonzero rows
+    (``constants``: the names of the axis-1 list, the dtype's smallest normal number and zero)."""
+    axis_one, tiny, zero = constants
+    return [
+        helper.make_node("Mul", [x, x], [f"{p}::sq"]),
+        helper.make_node("ReduceSum", [f"{p}::sq", axis_one], [f"{p}::n2"], keepdims=1),
+        helper.make_node("Sqrt", [f"{p}::n2"], [f"{p}::n"]),
+        helper.make_node("Max", [f"{p}::n", tiny], [f"{p}::n_safe"]),
+        helper.make_node("Div", [x, f"{p}::n_safe"], [f"{p}::xn"]),
+        helper.make_node("Gemm", [f"{p}::xn", f"{p}::xn"], [name + GRAM_L2_SUFFIX], transA=1),
+        helper.make_node("Greater", [f"{p}::n2", zero], [f"{p}::nonzero"]),
+        helper.make_node("Cast", [f"{p}::nonzero"], [f"{p}::nonzero_f"], to=dtype),
+        helper.make_node("ReduceSum", [f"{p}::nonzero_f"], [name + ROWS_L2_SUFFIX], keepdims=0),
+    ]

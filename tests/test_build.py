@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from espace_export.deploy.build import BuildSettings, build_model, build_runner, ort_providers, synthetic_feed
+from espace_export.deploy.options import TritonOptions
 from espace_export.deploy.tensorrt import (
     EngineOptions,
     ShapeProfile,
@@ -284,18 +285,22 @@ def test_tensorrt_engine_matches_onnxruntime(tmp_path: Path, tiny_path: Path) ->
 
 
 def test_build_model_ort_cpu_writes_a_triton_repository(tmp_path: Path, tiny_path: Path) -> None:
-    result = build_model(tiny_path, "ort-cpu", seq=8, triton_repo=tmp_path / "repo", triton_name="tiny")
+    result = build_model(
+        tiny_path, "ort-cpu", seq=8, triton=TritonOptions(triton_repo=tmp_path / "repo", triton_name="tiny")
+    )
     assert result.first_run_ms > 0 and result.engine is None
     assert result.triton == tmp_path / "repo" / "tiny"
     assert (result.triton / "1" / "model.onnx").read_bytes() == tiny_path.read_bytes()
     assert "kind: KIND_CPU" in (result.triton / "config.pbtxt").read_text()
     with pytest.raises(EspaceError, match="already exists"):
-        build_model(tiny_path, "ort-cpu", seq=8, triton_repo=tmp_path / "repo", triton_name="tiny")
+        build_model(
+            tiny_path, "ort-cpu", seq=8, triton=TritonOptions(triton_repo=tmp_path / "repo", triton_name="tiny")
+        )
 
 
 def test_triton_batch_size_must_fit_the_engine_profile(tiny_path: Path, tmp_path: Path) -> None:
     with pytest.raises(EspaceError, match="exceeds the engine's largest batch"):
-        build_model(tiny_path, "tensorrt", seq=8, max_batch_size=4, triton_repo=tmp_path / "repo")
+        build_model(tiny_path, "tensorrt", seq=8, triton=TritonOptions(triton_repo=tmp_path / "repo", max_batch_size=4))
 
 
 def test_save_engine_needs_the_tensorrt_backend(tiny_path: Path, tmp_path: Path) -> None:

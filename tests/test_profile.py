@@ -241,3 +241,19 @@ def test_profile_command_prints_json(
     assert (tmp_path / "cli.md").is_file() and (tmp_path / "cli.png").is_file()
     code, _, err = run_cli([*args, "--backend", "nope"], capsys)
     assert code == 2 and "nope" in err
+
+
+def test_profile_command_adds_rounds_until_the_target_interval(
+    models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["profile", *map(str, models), "--seq", "8", "--warmup", "0", "--repeats", "2", "--threads", "1"]
+    args += ["--no-gemm", "-o", str(tmp_path / "tight.json"), "--json"]
+    code, out, _ = run_cli([*args, "--target-interval", "1e-9", "--max-repeats", "6"], capsys)
+    report = json.loads(out)  # ± 1e-9 is never reached: the rounds stop at --max-repeats
+    assert code == 0 and report["target_interval"] == 1e-9 and report["ttft"]["rounds"] == 6
+    code, out, _ = run_cli(args, capsys)  # without a target: exactly --repeats rounds
+    assert code == 0 and json.loads(out)["ttft"]["rounds"] == 2 and json.loads(out)["target_interval"] is None
+    code, _, err = run_cli([*args, "--target-interval", "0.02", "--max-repeats", "1"], capsys)
+    assert code == 2 and "--max-repeats must lie between --repeats (2)" in err
+    code, _, err = run_cli([*args, "--target-interval", "1.5"], capsys)
+    assert code == 2 and "--target-interval must be a fraction" in err

@@ -3,57 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 
 from espace_export.cli.app import app
-from espace_export.deploy.build import BACKENDS, GRAPH_BACKENDS
-from espace_export.deploy.profile import GEMM_DTYPES
-from espace_export.deploy.serving import INSTANCE_KINDS
-from espace_export.errors import EspaceError
-from espace_export.runtime import OPTIMIZATION_LEVELS
-
-Backend: Any = Literal[BACKENDS]  # typer offers a Literal's values as the choices
-GraphBackend: Any = Literal[GRAPH_BACKENDS]
-GemmDtype: Any = Literal[GEMM_DTYPES]
-Optimization: Any = Literal[OPTIMIZATION_LEVELS]
-Instance: Any = Literal[tuple(INSTANCE_KINDS)]
+from espace_export.cli.groups import command
+from espace_export.deploy.options import BuildOptions, ProfileOptions, TritonOptions, from_settings
 
 
-_ENGINE = "TensorRT engine"
-_TRITON = "Triton"
-
-
-@app.command()
+@command(app, groups=(ProfileOptions,))
 def profile(
     original: Annotated[Path, typer.Argument(help="The model before compression (.onnx).")],
     compressed: Annotated[Path, typer.Argument(help="The model `espace-export compress` wrote from it.")],
-    backend: Annotated[
-        Backend,
-        typer.Option(help="Where to time: ONNX Runtime, TensorRT, or FP16 GEMMs in PyTorch/cuBLAS."),
-    ] = "ort-cpu",
-    ttft_backend: Annotated[
-        GraphBackend | None,
-        typer.Option(
-            help="Backend for TTFT (default: --backend; torch-cuda times GEMMs only).",
-        ),
-    ] = None,
-    seq: Annotated[int, typer.Option(help="Prompt length: GEMMs run at M = batch × seq.")] = 512,
-    batch: Annotated[int, typer.Option(help="Prompts per prefill (TTFT is defined at 1).")] = 1,
-    warmup: Annotated[int, typer.Option(help="Untimed runs of each side first.")] = 2,
-    repeats: Annotated[int, typer.Option(help="Timed runs of each side, interleaved.")] = 10,
-    gemm: Annotated[bool, typer.Option("--gemm/--no-gemm", help="Time the GEMMs layer by layer.")] = True,
-    ttft: Annotated[bool, typer.Option("--ttft/--no-ttft", help="Time the whole prefill.")] = True,
-    gemm_dtype: Annotated[
-        GemmDtype | None,
-        typer.Option(help="GEMM operand dtype (default: float32 on ort-cpu, float16 on GPUs)."),
-    ] = None,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: one per core).")] = None,
-    optimization: Annotated[Optimization, typer.Option(help="ONNX Runtime graph optimisation level.")] = "all",
-    fp16: Annotated[
-        bool, typer.Option("--fp16/--no-fp16", help="FP16 kernels on tensorrt/ort-tensorrt.", rich_help_panel=_ENGINE)
-    ] = True,
+    settings: dict[str, Any],
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="JSON report (default: COMPRESSED.profile.json; .md and .png beside it)."),
@@ -62,25 +25,11 @@ def profile(
     json_out: Annotated[bool, typer.Option("--json", help="Print the JSON report to stdout.")] = False,
 ) -> None:
     """Time GEMMs and time-to-first-token of COMPRESSED against ORIGINAL, interleaved, on one backend."""
-    from espace_export.deploy.build import BuildSettings
-    from espace_export.deploy.profile import ProfileSettings, headline
+    from espace_export.deploy.profile import headline
     from espace_export.deploy.profile import profile as run_profile
-    from espace_export.deploy.tensorrt import EngineOptions
 
-    settings = ProfileSettings(
-        backend=backend,
-        ttft_backend=ttft_backend,
-        seq=seq,
-        batch=batch,
-        warmup=warmup,
-        repeats=repeats,
-        gemm=gemm,
-        ttft=ttft,
-        gemm_dtype=gemm_dtype,
-        build=BuildSettings(threads=threads, optimization=optimization, engine=EngineOptions(fp16=fp16)),
-    )
     log = None if (quiet or json_out) else (lambda line: typer.echo(line, err=True))
-    result = run_profile(original, compressed, settings, output=output, log=log)
+    result = run_profile(original, compressed, ProfileOptions(**settings).settings(), output=output, log=log)
     if json_out:
         import json
 
@@ -148,112 +97,16 @@ def check(
         raise typer.Exit(1)
 
 
-@app.command()
+@command(app, groups=(BuildOptions, TritonOptions))
 def build(
     model: Annotated[Path, typer.Argument(help="The ONNX model to build (external data beside it is fine).")],
-    backend: Annotated[GraphBackend, typer.Option(help="What to build for.")] = "ort-cpu",
-    seq: Annotated[
-        int, typer.Option(help="Typical prompt length: the profile's opt sequence, and the test run's.")
-    ] = 512,
-    max_seq: Annotated[
-        int | None, typer.Option(help="Longest sequence the engine accepts (default: --seq).", rich_help_panel=_ENGINE)
-    ] = None,
-    batch: Annotated[int, typer.Option(help="Typical batch: the profile's opt batch.")] = 1,
-    max_batch: Annotated[
-        int | None, typer.Option(help="Largest batch the engine accepts (default: --batch).", rich_help_panel=_ENGINE)
-    ] = None,
-    min_shapes: Annotated[
-        list[str] | None,
-        typer.Option(help="Explicit profile minimum, e.g. input_ids:1x1 (repeatable).", rich_help_panel=_ENGINE),
-    ] = None,
-    opt_shapes: Annotated[
-        list[str] | None, typer.Option(help="Explicit profile optimum, e.g. input_ids:1x512.", rich_help_panel=_ENGINE)
-    ] = None,
-    max_shapes: Annotated[
-        list[str] | None, typer.Option(help="Explicit profile maximum, e.g. input_ids:1x2048.", rich_help_panel=_ENGINE)
-    ] = None,
-    fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="FP16 kernels.", rich_help_panel=_ENGINE)] = True,
-    strongly_typed: Annotated[
-        bool | None,
-        typer.Option(
-            "--strongly-typed/--no-strongly-typed",
-            help="Network typing (default: from the model and TensorRT version).",
-            rich_help_panel=_ENGINE,
-        ),
-    ] = None,
-    workspace_gib: Annotated[
-        float | None, typer.Option(help="Builder workspace limit in GiB.", rich_help_panel=_ENGINE)
-    ] = None,
-    builder_optimization_level: Annotated[
-        int | None, typer.Option(help="TensorRT builder optimisation level 0-5.", rich_help_panel=_ENGINE)
-    ] = None,
-    timing_cache: Annotated[
-        Path | None, typer.Option(help="TensorRT timing cache file (read and updated).", rich_help_panel=_ENGINE)
-    ] = None,
-    save_engine: Annotated[
-        Path | None,
-        typer.Option(help="Write the TensorRT engine here (default: MODEL.plan).", rich_help_panel=_ENGINE),
-    ] = None,
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="ONNX Runtime TensorRT provider engine cache (ort-tensorrt).")
-    ] = None,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", help="TensorRT's verbose log.")] = False,
-    triton_repo: Annotated[
-        Path | None, typer.Option(help="Write a Triton model repository here.", rich_help_panel=_TRITON)
-    ] = None,
-    triton_name: Annotated[
-        str | None, typer.Option(help="Model name in the repository (default: from MODEL).", rich_help_panel=_TRITON)
-    ] = None,
-    triton_version: Annotated[int, typer.Option(help="Version folder.", rich_help_panel=_TRITON)] = 1,
-    max_batch_size: Annotated[
-        int,
-        typer.Option(
-            help="Triton max_batch_size (0: no batching; dims carry the batch axis).", rich_help_panel=_TRITON
-        ),
-    ] = 0,
-    triton_instance: Annotated[
-        Instance | None,
-        typer.Option(
-            help="instance_group kind (default: cpu for ort-cpu, else gpu).",
-            rich_help_panel=_TRITON,
-        ),
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing model in the repository.", rich_help_panel=_TRITON)
-    ] = False,
+    settings: dict[str, Any],
 ) -> None:
     """Build MODEL for a backend (ONNX Runtime session or TensorRT engine), test-run it, write a Triton repo."""
-    from espace_export.deploy.build import BuildSettings, build_model
-    from espace_export.deploy.tensorrt import EngineOptions, profile_for_model
+    from espace_export.deploy.build import build_model
 
-    profile_shapes = None
-    if backend in ("tensorrt", "ort-tensorrt"):
-        profile_shapes = profile_for_model(
-            model,
-            seq=seq,
-            max_seq=max_seq,
-            batch=batch,
-            max_batch=max_batch,
-            min_shapes=min_shapes,
-            opt_shapes=opt_shapes,
-            max_shapes=max_shapes,
-        )
-    elif min_shapes or opt_shapes or max_shapes or max_seq or max_batch:
-        raise EspaceError("shape profiles apply to TensorRT", "add --backend tensorrt or ort-tensorrt")
-    settings = BuildSettings(
-        threads=threads,
-        profile=profile_shapes,
-        cache_dir=cache_dir,
-        engine=EngineOptions(
-            fp16=fp16,
-            strongly_typed=strongly_typed,
-            workspace_gib=workspace_gib,
-            optimization_level=builder_optimization_level,
-            timing_cache=timing_cache,
-            verbose=verbose,
-        ),
-    )
+    options = from_settings(BuildOptions, settings)
+    triton = from_settings(TritonOptions, settings)
 
     def show_plan(plan: Any) -> None:
         typer.echo(
@@ -264,25 +117,12 @@ def build(
         for note in plan.notes:
             typer.echo(f"note: {note}", err=True)
 
-    result = build_model(
-        model,
-        backend,
-        settings,
-        seq=seq,
-        batch=batch,
-        save_engine=save_engine,
-        triton_repo=triton_repo,
-        triton_name=triton_name,
-        triton_version=triton_version,
-        max_batch_size=max_batch_size,
-        triton_instance=triton_instance,
-        overwrite=overwrite,
-        on_plan=show_plan,
-    )
+    result = build_model(model, options.backend, options.settings(model), seq=options.seq, batch=options.batch,
+                         save_engine=options.save_engine, triton=triton, on_plan=show_plan)  # fmt: skip
     if result.profile is not None:
         for which, shapes in result.profile.as_strings().items():
             typer.echo(f"profile {which}: {shapes}")
-    typer.echo(f"{result.backend} on {result.device}: first run at seq {seq} took {result.first_run_ms:.3g} ms")
+    typer.echo(f"{result.backend} on {result.device}: first run at seq {options.seq} took {result.first_run_ms:.3g} ms")
     if result.engine is not None:
         typer.echo(f"wrote {result.engine}")
     if result.triton is not None:

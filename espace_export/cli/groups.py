@@ -21,7 +21,9 @@ from rich.markup import escape
 
 from espace_export.options import group_class
 
-Group = str | tuple[str, Sequence[str]]  # a whole group, or (group, [field, ...]) for some of its fields
+# a whole group (its name in espace_export.options, or an options dataclass such as deploy.options.BuildOptions),
+# or (group, [field, ...]) for some of its fields
+Group = str | type | tuple[str | type, Sequence[str]]
 
 ModelArgument = Annotated[
     Path, typer.Argument(help="The exported transformer (.onnx; external data beside it is fine).")
@@ -41,16 +43,27 @@ def _annotation(hint: Any, meta: typing.Mapping[str, Any]) -> Any:
     return hint
 
 
+def _group_class(group: Group) -> type:
+    name = group[0] if isinstance(group, tuple) else group
+    return group_class(name) if isinstance(name, str) else name
+
+
+def group_fields(group: Group) -> list[dataclasses.Field[Any]]:
+    """A group's command-line fields (all of them, or the named ones)."""
+    only = group[1] if isinstance(group, tuple) else None
+    return [
+        field
+        for field in dataclasses.fields(_group_class(group))
+        if field.metadata and field.metadata.get("cli") is not False and (only is None or field.name in only)
+    ]
+
+
 def group_parameters(group: Group) -> list[inspect.Parameter]:
     """The typer parameters of a group's fields (all of them, or the named ones)."""
-    name, only = (group, None) if isinstance(group, str) else group
-    cls = group_class(name)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(_group_class(group))
     parameters = []
-    for field in dataclasses.fields(cls):
+    for field in group_fields(group):
         meta = field.metadata
-        if not meta or meta.get("cli") is False or (only is not None and field.name not in only):
-            continue
         info = typer.Option(
             *meta.get("flags", ()),
             help=escape(meta["help"]),  # rich markup would eat "[default: ...]"
@@ -76,11 +89,12 @@ def command(app: typer.Typer, *, groups: Sequence[Group], **settings: Any) -> Ca
         ]
         grouped = [p for group in groups for p in group_parameters(group)]
         names = {p.name for p in grouped}
+        repeatable = {field.name for group in groups for field in group_fields(group) if field.metadata.get("multiple")}
 
         def callback(**kwargs: Any) -> Any:
             chosen = {name: kwargs.pop(name) for name in list(kwargs) if name in names}
-            if "exclude" in chosen:
-                chosen["exclude"] = tuple(chosen["exclude"] or ())
+            for name in repeatable & chosen.keys():  # repeatable options arrive as a list or None
+                chosen[name] = tuple(chosen[name] or ())
             return function(settings=chosen, **kwargs)
 
         callback.__signature__ = inspect.Signature(own + grouped)  # type: ignore[attr-defined]

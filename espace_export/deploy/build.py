@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnx
@@ -40,6 +40,9 @@ from espace_export.io.models import (
     save_model,
 )
 from espace_export.runtime import ort_session
+
+if TYPE_CHECKING:
+    from espace_export.deploy.options import TritonOptions
 
 GRAPH_BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
 
@@ -336,16 +339,11 @@ def build_model(
     seq: int = 512,
     batch: int = 1,
     save_engine: str | os.PathLike[str] | None = None,
-    triton_repo: str | os.PathLike[str] | None = None,
-    triton_name: str | None = None,
-    triton_version: int = 1,
-    max_batch_size: int = 0,
-    triton_instance: str | None = None,
-    overwrite: bool = False,
+    triton: TritonOptions | None = None,
     on_plan: Callable[[BuildPlan], None] | None = None,
 ) -> BuildResult:
     """Build ``model`` for ``backend``, run it once on a prompt of ``seq`` tokens, and optionally save
-    the TensorRT engine and write a Triton model repository.
+    the TensorRT engine and write a Triton model repository (``triton.triton_repo``).
 
     ``settings.profile`` is the TensorRT optimisation profile (``tensorrt`` and ``ort-tensorrt``);
     when None it is derived from the model's inputs with ``seq`` and ``batch``
@@ -355,76 +353,87 @@ def build_model(
         EspaceError: bad options, a missing extra, an existing Triton model without ``overwrite``,
             or a build the backend refused.
     """
-    from espace_export.deploy.serving import model_name
-
     settings = settings or BuildSettings()
     model = Path(model)
-    check_backend(backend, graph=True)
-    if not model.is_file():
-        raise EspaceError(f"model not found: {model}", "check the path to the .onnx file")
-    if save_engine is not None and backend != "tensorrt":
-        raise EspaceError("--save-engine writes TensorRT engines", "add --backend tensorrt, or drop --save-engine")
-    if triton_repo is not None:
-        target = Path(triton_repo) / (triton_name or model_name(model))
-        if target.exists() and not overwrite:
-            raise EspaceError(f"{target} already exists", "pass --overwrite to replace it, or choose --triton-name")
+    repo = triton.triton_repo if triton is not None else None
+    _check_build(model, backend, save_engine, triton)
     structure = load_structure(model)
-    profile = settings.profile
-    if profile is None and backend in ("tensorrt", "ort-tensorrt"):
-        profile = derive_profile(input_specs(structure), seq=seq, batch=batch)
-        settings = replace(settings, profile=profile)
-    if backend == "tensorrt" and triton_repo is not None and max_batch_size > 0 and profile is not None:
-        engine_batch = min((entry.max[0] for entry in profile.inputs if entry.max), default=0)
-        if max_batch_size > engine_batch:
-            raise EspaceError(
-                f"--max-batch-size {max_batch_size} exceeds the engine's largest batch ({engine_batch})",
-                f"raise --max-batch to {max_batch_size} or lower --max-batch-size",
-            )
-    feed = synthetic_feed(structure, batch=batch, seq=seq)
-
-    result_plan: list[BuildPlan] = []
+    if settings.profile is None and backend in ("tensorrt", "ort-tensorrt"):
+        settings = replace(settings, profile=derive_profile(input_specs(structure), seq=seq, batch=batch))
+    if backend == "tensorrt" and triton is not None and repo is not None:
+        _check_engine_batch(settings.profile, triton.max_batch_size)
+    plans: list[BuildPlan] = []
 
     def remember(plan: BuildPlan) -> None:
-        result_plan.append(plan)
+        plans.append(plan)
         if on_plan is not None:
             on_plan(plan)
 
     engine_path: Path | None = None
     engine: bytes | None = None
     if backend == "tensorrt":
-        assert profile is not None
-        if save_engine is None and triton_repo is None:
+        assert settings.profile is not None
+        if save_engine is None and repo is None:
             save_engine = model.with_suffix(".plan")
-        engine = build_engine(model, profile, settings.engine, save_engine=save_engine, on_plan=remember)
+        engine = build_engine(model, settings.profile, settings.engine, save_engine=save_engine, on_plan=remember)
         engine_path = Path(save_engine) if save_engine is not None else None
         runner: Runner = TensorRTRunner(engine)
     else:
         runner = build_runner(model, backend, settings)
-    first_run_ms = runner.prepare(feed)() * 1e3
+    first_run_ms = runner.prepare(synthetic_feed(structure, batch=batch, seq=seq))() * 1e3
     device = runner.device
     runner.close()
-
-    triton = None
-    if triton_repo is not None:
-        from espace_export.deploy.serving import write_triton_repo
-
-        instance = triton_instance or ("cpu" if backend == "ort-cpu" else "gpu")
-        triton = write_triton_repo(
-            triton_repo,
-            model,
-            engine=engine,
-            name=triton_name,
-            version=triton_version,
-            max_batch_size=max_batch_size,
-            instance=instance,
-            overwrite=overwrite,
-        )
     return BuildResult(
         backend=backend,
         device=device,
         first_run_ms=first_run_ms,
-        profile=profile,
-        plan=result_plan[0] if result_plan else None,
+        profile=settings.profile,
+        plan=plans[0] if plans else None,
         engine=engine_path,
-        triton=triton,
+        triton=_write_triton(model, backend, engine, triton) if triton is not None and repo is not None else None,
+    )
+
+
+def _check_build(
+    model: Path, backend: str, save_engine: str | os.PathLike[str] | None, triton: TritonOptions | None
+) -> None:
+    """What :func:`build_model` can tell before reading the model: backend, paths, an existing Triton model."""
+    from espace_export.deploy.serving import model_name
+
+    check_backend(backend, graph=True)
+    if not model.is_file():
+        raise EspaceError(f"model not found: {model}", "check the path to the .onnx file")
+    if save_engine is not None and backend != "tensorrt":
+        raise EspaceError("--save-engine writes TensorRT engines", "add --backend tensorrt, or drop --save-engine")
+    if triton is not None and triton.triton_repo is not None:
+        target = Path(triton.triton_repo) / (triton.triton_name or model_name(model))
+        if target.exists() and not triton.overwrite:
+            raise EspaceError(f"{target} already exists", "pass --overwrite to replace it, or choose --triton-name")
+
+
+def _check_engine_batch(profile: ShapeProfile | None, max_batch_size: int) -> None:
+    """Triton's ``max_batch_size`` must fit the engine's largest batch (its profile's maximum)."""
+    if max_batch_size <= 0 or profile is None:
+        return
+    engine_batch = min((entry.max[0] for entry in profile.inputs if entry.max), default=0)
+    if max_batch_size > engine_batch:
+        raise EspaceError(
+            f"--max-batch-size {max_batch_size} exceeds the engine's largest batch ({engine_batch})",
+            f"raise --max-batch to {max_batch_size} or lower --max-batch-size",
+        )
+
+
+def _write_triton(model: Path, backend: str, engine: bytes | None, triton: TritonOptions) -> Path:
+    from espace_export.deploy.serving import write_triton_repo
+
+    assert triton.triton_repo is not None
+    return write_triton_repo(
+        triton.triton_repo,
+        model,
+        engine=engine,
+        name=triton.triton_name,
+        version=triton.triton_version,
+        max_batch_size=triton.max_batch_size,
+        instance=triton.triton_instance or ("cpu" if backend == "ort-cpu" else "gpu"),
+        overwrite=triton.overwrite,
     )

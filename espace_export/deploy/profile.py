@@ -521,15 +521,8 @@ def profile(
     from espace_export.io.models import check_writable
 
     settings = settings or ProfileSettings()
-    check_backend(settings.backend)
+    check_settings(settings)
     ttft_backend = settings.resolved_ttft_backend()
-    if ttft_backend is not None:
-        check_backend(ttft_backend, graph=True)
-    if settings.seq < 1 or settings.batch < 1 or settings.repeats < 1 or settings.warmup < 0:
-        raise EspaceError("--seq, --batch and --repeats must be at least 1, --warmup at least 0", "use positive sizes")
-    if not (settings.gemm or settings.ttft):
-        raise EspaceError("nothing to profile: both --no-gemm and --no-ttft given", "drop one of them")
-    check_rounds(settings)
     original, compressed = Path(original), Path(compressed)
     json_path = check_writable(Path(output) if output else default_profile_path(compressed))
     check_distinct_paths({"ORIGINAL": original, "COMPRESSED": compressed}, {"-o": profile_files(json_path)})
@@ -543,28 +536,7 @@ def profile(
         )
 
     started = time.perf_counter()
-    report: dict[str, Any] = {
-        "tool": "espace-export",
-        "kind": "profile",
-        "version": __version__,
-        "original": str(original),
-        "compressed": str(compressed),
-        "backend": settings.backend,
-        "ttft_backend": ttft_backend if settings.ttft else None,
-        "device": _device(settings.backend, settings.build.threads),
-        "threads": settings.build.threads,
-        "seq": settings.seq,
-        "batch": settings.batch,
-        "M": settings.M,
-        "warmup": settings.warmup,
-        "repeats": settings.repeats,
-        "target_interval": settings.target_interval,
-        "interleaved": True,
-        "flop_ratio": flop_ratio(groups),
-        "layers_compressed": sum(len(g.layers) for g in groups if g.L is not None),
-        "layers_dense": sum(len(g.layers) for g in groups if g.L is None),
-        "notes": [],
-    }
+    report = _report_header(original, compressed, groups, settings)
     if settings.gemm:
         report["gemm"] = profile_gemms(groups, settings, log)
     if settings.ttft:
@@ -579,19 +551,66 @@ def profile(
                 report["notes"].append(
                     f"GEMMs timed on {settings.backend}, TTFT on {ttft_backend}: the GEMM share mixes two backends"
                 )
-    if "gemm" in report and "ttft" in report:
-        share = report["gemm"]["original_total_ms"] / report["ttft"]["original_ms"]["median"]
-        report["gemm_share"] = share
-        report["amdahl_bound"] = 1.0 - share * (1.0 - report["flop_ratio"])
-        report["ttft_expected_from_gemm"] = 1.0 - share * (1.0 - report["gemm"]["ratio"])
-        if share > 1.0:
-            report["notes"].append(
-                f"the GEMMs timed alone take {share:.2f}× the whole prefill: isolated timing overstates them "
-                "(threading or caching differ from the graph); the Amdahl bound is not meaningful here"
-            )
+    _add_amdahl(report)
     report["elapsed_s"] = round(time.perf_counter() - started, 2)
     paths = write_profile(report, json_path)
     return ProfileResult(report, paths)
+
+
+def check_settings(settings: ProfileSettings) -> None:
+    """Backends, sizes and rounds, before any model is read."""
+    check_backend(settings.backend)
+    ttft_backend = settings.resolved_ttft_backend()
+    if ttft_backend is not None:
+        check_backend(ttft_backend, graph=True)
+    if settings.seq < 1 or settings.batch < 1 or settings.repeats < 1 or settings.warmup < 0:
+        raise EspaceError("--seq, --batch and --repeats must be at least 1, --warmup at least 0", "use positive sizes")
+    if not (settings.gemm or settings.ttft):
+        raise EspaceError("nothing to profile: both --no-gemm and --no-ttft given", "drop one of them")
+    check_rounds(settings)
+
+
+def _report_header(
+    original: Path, compressed: Path, groups: Sequence[GemmGroup], settings: ProfileSettings
+) -> dict[str, Any]:
+    """The report's fields that say what was measured and how (the timings are added after)."""
+    return {
+        "tool": "espace-export",
+        "kind": "profile",
+        "version": __version__,
+        "original": str(original),
+        "compressed": str(compressed),
+        "backend": settings.backend,
+        "ttft_backend": settings.resolved_ttft_backend() if settings.ttft else None,
+        "device": _device(settings.backend, settings.build.threads),
+        "threads": settings.build.threads,
+        "seq": settings.seq,
+        "batch": settings.batch,
+        "M": settings.M,
+        "warmup": settings.warmup,
+        "repeats": settings.repeats,
+        "target_interval": settings.target_interval,
+        "interleaved": True,
+        "flop_ratio": flop_ratio(groups),
+        "layers_compressed": sum(len(g.layers) for g in groups if g.L is not None),
+        "layers_dense": sum(len(g.layers) for g in groups if g.L is None),
+        "notes": [],
+    }
+
+
+def _add_amdahl(report: dict[str, Any]) -> None:
+    """With both GEMMs and TTFT: the GEMM share of the original prefill and the Amdahl bound it implies."""
+    if "gemm" not in report or "ttft" not in report:
+        return
+    share = report["gemm"]["original_total_ms"] / report["ttft"]["original_ms"]["median"]
+    report["gemm_share"] = share
+    report["amdahl_bound"] = 1.0 - share * (1.0 - report["flop_ratio"])
+    report["ttft_expected_from_gemm"] = 1.0 - share * (1.0 - report["gemm"]["ratio"])
+    if share > 1.0:
+        report["notes"].append(
+            f"the GEMMs timed alone take {share:.2f}× the whole prefill: isolated timing overstates them "
+            "(threading or caching differ from the graph); the Amdahl bound is not meaningful here"
+        )
 
 
 def check_rounds(settings: ProfileSettings) -> None:

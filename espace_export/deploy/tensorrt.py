@@ -396,45 +396,9 @@ def build_engine(
 
     logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if plan.strongly_typed and plan.trt_major < 11:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EspaceError(
-            f"TensorRT's ONNX parser rejected {onnx_path}: {errors[:400]}",
-            "check the opset and operators against TensorRT's ONNX support matrix, or use --backend ort-cuda",
-        )
-
-    config = builder.create_builder_config()
-    for flag in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    if options.workspace_gib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
-    if options.optimization_level is not None:
-        config.builder_optimization_level = options.optimization_level
-    cache = None
-    if options.timing_cache is not None:
-        previous = options.timing_cache.read_bytes() if options.timing_cache.is_file() else b""
-        cache = config.create_timing_cache(previous)
-        config.set_timing_cache(cache, ignore_mismatch=False)
-
-    trt_profile = builder.create_optimization_profile()
-    ranges = {entry.name: entry for entry in profile.inputs}
-    for index in range(network.num_inputs):
-        tensor = network.get_input(index)
-        if all(d >= 0 for d in tensor.shape):
-            continue  # static input: nothing to profile
-        entry = ranges.get(tensor.name)
-        if entry is None:
-            raise EspaceError(
-                f"the TensorRT network input {tensor.name!r} {tuple(tensor.shape)} is dynamic but not in the profile",
-                f"give it with --min-shapes/--opt-shapes/--max-shapes {tensor.name}:DIMS",
-            )
-        trt_profile.set_shape(tensor.name, entry.min, entry.opt, entry.max)
-    config.add_optimization_profile(trt_profile)
+    network, parser = _parse_network(trt, builder, logger, onnx_path, plan)  # the parser outlives the build
+    config, cache = _builder_config(trt, builder, plan, options)
+    config.add_optimization_profile(_optimization_profile(builder, network, profile))
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -450,6 +414,57 @@ def build_engine(
         with atomic_output(save_engine) as tmp:
             tmp.write_bytes(engine)
     return engine
+
+
+def _parse_network(trt: Any, builder: Any, logger: Any, onnx_path: Path, plan: BuildPlan) -> tuple[Any, Any]:
+    """The TensorRT network parsed from the ONNX file, and its parser (it must outlive the build)."""
+    flags = 0
+    if plan.strongly_typed and plan.trt_major < 11:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EspaceError(
+            f"TensorRT's ONNX parser rejected {onnx_path}: {errors[:400]}",
+            "check the opset and operators against TensorRT's ONNX support matrix, or use --backend ort-cuda",
+        )
+    return network, parser
+
+
+def _builder_config(trt: Any, builder: Any, plan: BuildPlan, options: EngineOptions) -> tuple[Any, Any]:
+    """The builder config (flags, workspace, optimisation level) and the timing cache it reads, if any."""
+    config = builder.create_builder_config()
+    for flag in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if options.workspace_gib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
+    if options.optimization_level is not None:
+        config.builder_optimization_level = options.optimization_level
+    cache = None
+    if options.timing_cache is not None:
+        previous = options.timing_cache.read_bytes() if options.timing_cache.is_file() else b""
+        cache = config.create_timing_cache(previous)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return config, cache
+
+
+def _optimization_profile(builder: Any, network: Any, profile: ShapeProfile) -> Any:
+    """``profile``'s ranges for every dynamic network input; an input it does not name is an error."""
+    trt_profile = builder.create_optimization_profile()
+    ranges = {entry.name: entry for entry in profile.inputs}
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        if all(d >= 0 for d in tensor.shape):
+            continue  # static input: nothing to profile
+        entry = ranges.get(tensor.name)
+        if entry is None:
+            raise EspaceError(
+                f"the TensorRT network input {tensor.name!r} {tuple(tensor.shape)} is dynamic but not in the profile",
+                f"give it with --min-shapes/--opt-shapes/--max-shapes {tensor.name}:DIMS",
+            )
+        trt_profile.set_shape(tensor.name, entry.min, entry.opt, entry.max)
+    return trt_profile
 
 
 class TensorRTRunner:
