@@ -15,7 +15,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from espace_export.calibration import distributed  # noqa: E402
-from espace_export.calibration.statistics import collect_statistics  # noqa: E402
+from espace_export.calibration.statistics import StatisticsSettings, collect_statistics  # noqa: E402
 from espace_export.runtime import ort_session  # noqa: E402
 from espace_export.selection.candidates import principal_components  # noqa: E402
 from graph_passes import find_targets  # noqa: E402
@@ -28,7 +28,7 @@ def main(model_path: str, out_path: str, num_batches: int) -> None:
     targets = find_targets(model)
     batches = [sample_inputs("llama", 2, 16, seed=s) for s in range(num_batches)]
     stats = collect_statistics(
-        ort_session, model, targets, distributed.shard(batches, rank, world), precision="float64"
+        ort_session, model, targets, distributed.shard(batches, rank, world), StatisticsSettings(precision="float64")
     )
     distributed.all_reduce_statistics(stats)
     if distributed.is_main_rank():
