@@ -165,6 +165,12 @@ def _move_new_tensors(model: onnx.ModelProto, writer: _DataWriter, written: set[
         written.add(tensor.name)
 
 
+def staged_session(model: onnx.ModelProto) -> Any:
+    """A session for one stage: ONNX Runtime without its CPU memory arena, whose blocks outlive the session
+    and would pile up over the stages (resident memory growing with depth; ``benchmarks/scale.py``)."""
+    return ort_session(model, memory_arena=False)
+
+
 @dataclass(frozen=True)
 class StreamingSettings:
     """How :func:`compress_streaming` works, besides the ranks.
@@ -174,8 +180,8 @@ class StreamingSettings:
     session reads; the boundary tensors between stages (hidden states of all batches) come on top.
     ``precision`` of the statistics' products. ``decompose(C, L)`` returns the leading ``(values, vectors)``
     of C (default :func:`espace_export.selection.candidates.eigen_decomposition`, with the eigen solver in
-    force). ``session_factory`` makes the staged sessions; ``on_group(index, count)`` is called as each
-    group starts.
+    force). ``session_factory`` makes the staged sessions (default :func:`staged_session`);
+    ``on_group(index, count)`` is called as each group starts.
     """
 
     method: str = "mse"
@@ -183,7 +189,7 @@ class StreamingSettings:
     precision: StatsPrecision = "float32"
     decompose: Decompose | None = None
     weight_factor: float = SESSION_WEIGHT_FACTOR
-    session_factory: Callable[[onnx.ModelProto], object] = ort_session
+    session_factory: Callable[[onnx.ModelProto], object] = staged_session
     on_group: Callable[[int, int], None] | None = None
 
 
