@@ -284,3 +284,14 @@ def test_cli_max_memory_compresses_group_by_group_like_the_in_memory_path(tmp_pa
     code, _, err = run_cli([str(source), "-o", str(tmp_path / "x.onnx"), "--max-memory", "2M", "--select", "proxy",
                             "--method", "best", *common], capsys)  # fmt: skip
     assert code == 2 and "--max-memory" in err and not (tmp_path / "x.onnx").exists()
+
+
+def test_staged_sessions_run_without_the_memory_arena(tmp_path: Path) -> None:
+    """The arena's blocks outlive their session, so each stage would leave its largest block resident
+    (benchmarks/scale.py: resident memory grew with depth until staged sessions ran without it)."""
+    from espace_export.streaming import StreamingSettings, staged_session
+
+    model = tiny_decoder(blocks=1)
+    assert staged_session(model).get_session_options().enable_cpu_mem_arena is False
+    assert ort_session(model).get_session_options().enable_cpu_mem_arena is True  # other runs keep it
+    assert StreamingSettings().session_factory is staged_session
