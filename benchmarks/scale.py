@@ -54,8 +54,12 @@ def proc_field(path: str, field: str) -> int:
     raise RuntimeError(f"{field} not in {path} (Linux only)")
 
 
-def measurements() -> dict[str, int]:
+def measurements() -> dict[str, float]:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
+        "cpu_s": usage.ru_utime + usage.ru_stime,  # on a shared machine, less load-dependent than wall time
         "peak_rss": proc_field("/proc/self/status", "VmHWM") * 1024,
         "rchar": proc_field("/proc/self/io", "rchar"),
         "read_bytes": proc_field("/proc/self/io", "read_bytes"),
@@ -275,7 +279,10 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     checked: dict[str, float] = {}
     per_group: list[dict[str, float]] = []
 
+    decompose_cpu = [0.0]
+
     def decompose(C: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+        tick = time.process_time()
         with eigen_solver(args.solver, precision=args.solver_precision):  # type: ignore[arg-type]
             values, vectors = eigen_decomposition(C, top=L)
         if args.check_solver and not checked:
@@ -284,6 +291,7 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
                 exact = eigen_decomposition(C, top=L)[0]
             checked.update(lapack_s=time.perf_counter() - tick, K=C.shape[0], L=L,
                            captured_energy=float(np.sum((C @ vectors) * vectors) / np.sum(exact)))  # fmt: skip
+        decompose_cpu[0] += time.process_time() - tick
         return values, vectors
 
     def on_group(index: int, count: int) -> None:
@@ -307,6 +315,7 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     )  # fmt: skip
     return {
         "timings": result.timings,
+        "decompose_cpu_s": decompose_cpu[0],
         "groups": len(info.groups),
         "activations_per_group": [len(g.activations) for g in info.groups],
         "peak_statistics_bytes": info.peak_statistics_bytes,
@@ -428,13 +437,20 @@ def main() -> None:
           f"{figures['build']['model_bytes'] / 2**30:.2f} GiB; calibration {args.tokens} tokens "
           f"({max(1, args.tokens // args.seq)} × {args.seq}); --ratio {args.ratio} --method {args.method} "
           f"--max-memory {args.max_memory} --solver {args.solver} --blas-threads {args.blas_threads}")  # fmt: skip
-    print(f"{'stage':<10} {'wall':>9} {'× forward':>10} {'peak RSS':>11} {'read (rchar)':>13} {'read (device)':>14}")
+    cpu_forward = figures["forward"]["cpu_s"]
+    print(f"{'stage':<10} {'wall':>9} {'× forward':>10} {'CPU':>9} {'× forward':>10} {'peak RSS':>11} "
+          f"{'read (rchar)':>13} {'read (device)':>14}")  # fmt: skip
     for stage in ("build", "forward", "compress", "check"):
         f = figures[stage]
-        print(f"{stage:<10} {f['wall_s']:>8.1f}s {f['wall_s'] / forward:>10.2f} {gib(f['peak_rss']):>11} "
-              f"{gib(f['rchar']):>13} {gib(f['read_bytes']):>14}")  # fmt: skip
+        print(f"{stage:<10} {f['wall_s']:>8.1f}s {f['wall_s'] / forward:>10.2f} {f['cpu_s']:>8.1f}s "
+              f"{f['cpu_s'] / cpu_forward:>10.2f} {gib(f['peak_rss']):>11} {gib(f['rchar']):>13} "
+              f"{gib(f['read_bytes']):>14}")  # fmt: skip
     c = figures["compress"]
     print("compress stages: " + ", ".join(f"{k} {v:.1f}s ({v / forward:.2f}×)" for k, v in c["timings"].items()))
+    print(
+        f"decompositions: {c['timings']['decompose'] / c['timings']['total']:.1%} of compress wall time, "
+        f"{c['decompose_cpu_s'] / c['cpu_s']:.1%} of its CPU time ({c['decompose_cpu_s']:.0f} of {c['cpu_s']:.0f} s)"
+    )
     print(f"groups {c['groups']} (activations per group {c['activations_per_group']}); statistics held at once "
           f"{gib(c['peak_statistics_bytes'])}; boundary tensors {gib(c['peak_boundary_bytes'])}; targeted compression "
           f"{c['targeted_compression']:.3f}; output {gib(c['output_bytes'])}")  # fmt: skip
