@@ -269,6 +269,13 @@ def rss() -> int:
     return proc_field("/proc/self/status", "VmRSS") * 1024
 
 
+def peak_since_reset() -> int:
+    """The peak RSS since the last call (``VmHWM``, then reset through ``/proc/self/clear_refs``)."""
+    peak = proc_field("/proc/self/status", "VmHWM") * 1024
+    Path("/proc/self/clear_refs").write_text("5")
+    return peak
+
+
 def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from espace_export.options import RankOptions
@@ -282,6 +289,8 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     decompose_cpu = [0.0]
 
     def decompose(C: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+        if "calibration_peak" not in per_group[-1]:  # the group's staged pass is over: its peak
+            per_group[-1]["calibration_peak"] = peak_since_reset()
         tick = time.process_time()
         with eigen_solver(args.solver, precision=args.solver_precision):  # type: ignore[arg-type]
             values, vectors = eigen_decomposition(C, top=L)
@@ -296,6 +305,8 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
 
     def on_group(index: int, count: int) -> None:
         now, peak = rss(), proc_field("/proc/self/status", "VmHWM") * 1024
+        if per_group:  # the previous group's decompositions and rewrite are over: their peak
+            per_group[-1]["consume_peak"] = peak_since_reset()
         per_group.append({"rss_at_start": now, "peak_so_far": peak, "at_s": time.perf_counter() - START})
         print(f"  group {index + 1}/{count} at {time.perf_counter() - START:.0f} s: RSS {gib(now)}, peak so far "
               f"{gib(peak)}", file=sys.stderr, flush=True)  # fmt: skip
@@ -307,6 +318,7 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     result = compress_streaming(
         model, output, token_batches(args.tokens, args.seq, args.vocab), RankOptions(ratio=args.ratio), settings
     )
+    per_group[-1]["consume_peak"] = peak_since_reset()  # the last group's, and the copy of the other weights
     info = result.calibration
     widest = max(layer["K"] for layer in result.layers)
     factors = max(  # one layer's P (K×L, float64 while folded) and PᵀW (L×N, the weight's dtype) + W read once
@@ -328,6 +340,7 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
         "stage_weight_bytes": info.stage_weight_bytes,
         "mse_relative": [layer["mse_relative"] for layer in result.layers if layer["mse_relative"] is not None],
         "per_group": per_group,
+        "phases_peak": max(max(g.get("calibration_peak", 0), g.get("consume_peak", 0)) for g in per_group),
         "breakdown": {
             "interpreter and libraries": baseline,
             f"largest stage's weights × {SESSION_WEIGHT_FACTOR:g} (as read + prepacked)": int(
@@ -411,7 +424,9 @@ def main() -> None:
     model = workdir / "model.onnx"
     if args.child:
         result = STAGES[args.child](args, model)
+        phases_peak = int(result.pop("phases_peak", 0))  # the stage reset VmHWM between its phases
         result.update(measurements())
+        result["peak_rss"] = max(result["peak_rss"], phases_peak)
         print(json.dumps(result))
         return
 
@@ -460,13 +475,14 @@ def main() -> None:
     print(f"dropped activation energy E‖x − PPᵀx‖²/E‖x‖² per layer: mean {np.mean(mse):.3f}, max {np.max(mse):.3f}")
     if c["solver_check"]:
         print(f"solver check: {c['solver_check']}")
-    starts = [g["rss_at_start"] for g in c["per_group"]]
-    print("RSS at each group's start: " + ", ".join(gib(r) for r in starts))
-    print(f"compress peak RSS {gib(c['peak_rss'])}, accounted for:")
+    for key, what in (("rss_at_start", "RSS at the start"), ("calibration_peak", "peak of the staged pass"),
+                      ("consume_peak", "peak of decompositions + rewrite")):  # fmt: skip
+        print(f"{what} of each group: " + ", ".join(gib(g.get(key, 0)) for g in c["per_group"]))
+    print(f"compress peak RSS {gib(c['peak_rss'])}; the largest of each part (not all alive at once):")
     for what, size in c["breakdown"].items():
         print(f"  {what:<62} {gib(size):>11}")
     accounted = sum(c["breakdown"].values())
-    print(f"  {'sum':<62} {gib(accounted):>11}  (peak − sum: {gib(c['peak_rss'] - accounted)})")
+    print(f"  {'sum':<62} {gib(accounted):>11}")
     print(f"check: {figures['check']}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
