@@ -42,6 +42,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from espace_export.calibration.statistics import (  # noqa: E402
+    StatisticsSettings,
     StatsPrecision,
     collect_statistics,
     distinct_activations,
@@ -159,9 +160,7 @@ def main() -> None:
                 model,
                 targets,
                 batches,
-                precision=args.precision,
-                normalized=normalized,
-                reduce=args.reduce,
+                StatisticsSettings(precision=args.precision, normalized=normalized, reduce=args.reduce),
             )
 
         runs: dict[str, Callable[[], None]] = {"plain": plain_pass, "calibration": calibration_pass}

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from espace_export.selection.candidates import eigen_decomposition, randomized_eigh
+from espace_export.selection.candidates import RandomizedSettings, eigen_decomposition, randomized_eigh
 
 
 def decaying_matrix(K: int, *, indefinite: bool, seed: int = 0) -> np.ndarray:
@@ -88,7 +88,9 @@ def main() -> None:
                 def run(
                     precision: str = precision, iterations: list[int] = iterations, C: np.ndarray = C, L: int = L
                 ) -> np.ndarray:
-                    result = randomized_eigh(C, L, by_magnitude=magnitude, precision=precision)  # type: ignore[arg-type]
+                    result = randomized_eigh(
+                        C, L, by_magnitude=magnitude, settings=RandomizedSettings(precision=precision)
+                    )  # type: ignore[arg-type]
                     iterations.append(result.iterations)
                     return result.vectors
 

@@ -38,7 +38,7 @@ def child(model_path: str, batch_size: int, seq: int, batches: int, mode: str) -
     import numpy as np  # noqa: F401  (imports count in the baseline, not in the peak)
     import onnxruntime  # noqa: F401
 
-    from espace_export.calibration.statistics import collect_statistics, distinct_activations
+    from espace_export.calibration.statistics import StatisticsSettings, collect_statistics, distinct_activations
     from espace_export.io.data import input_specs, random_token_batches, vocab_size
     from espace_export.io.models import load_model
     from espace_export.runtime import ort_session
@@ -58,7 +58,7 @@ def child(model_path: str, batch_size: int, seq: int, batches: int, mode: str) -
         for batch in data:  # the same batches: ONNX Runtime's arena keeps growing after the first run
             session.run(None, complete_feed(batch, specs))
     else:
-        collect_statistics(ort_session, model, targets, data, reduce=mode, normalized=False)  # type: ignore[arg-type]
+        collect_statistics(ort_session, model, targets, data, StatisticsSettings(reduce=mode, normalized=False))  # type: ignore[arg-type]
     peak = status_bytes("VmHWM")
     widths = [K for K, _ in distinct_activations(targets).values()]
     activations = sum(batch_size * seq * K * 4 for K in widths)

@@ -1,7 +1,7 @@
 """Compress a Llama-2-7B-shaped decoder under a memory budget: wall time, peak RSS and disk reads per stage.
 
     python benchmarks/scale.py --layers 2                      # 7B widths, 8 × 2048 tokens, fp16, --ratio 0.5
-    python benchmarks/scale.py --layers 4 --tokens 4096 --max-memory 6G --solver subspace
+    python benchmarks/scale.py --layers 4 --tokens 4096 --max-memory 8G --blas-threads 1
 
 The model (hidden 4096, MLP 11008, 32 heads, vocabulary 32000, ``--layers`` blocks; RMSNorm, causal
 softmax attention without rotary embeddings, SiLU-gated MLP) is built with ``onnx.helper`` one weight at a
@@ -18,9 +18,12 @@ over the calibration tokens (the unit every stage is divided by); ``compress`` i
 ``VmHWM``; bytes read are ``/proc/self/io`` ``rchar`` (through read calls, page cache included) and
 ``read_bytes`` (from the device; 0 when the files are still cached).
 
-``--solver subspace`` decomposes with a randomized subspace iteration written here as a stand-in for the
-project's fast eigensolver (issue 12, item 2): LAPACK's top-1024 of an 11008² matrix takes many minutes
-on two cores. ``--check-solver`` also runs LAPACK on the first activation and prints the captured energy.
+``--solver randomized`` (default) decomposes with :func:`espace_export.selection.candidates.randomized_eigh`
+(LAPACK's top-1024 of an 11008² matrix takes many minutes on two cores); ``--check-solver`` also runs LAPACK
+on the first activation and prints the captured energy. The compress stage prints the resident memory at
+each group's start (flat in depth when nothing outlives its group) and its peak against a breakdown: the
+interpreter, the largest stage's weights as the runtime holds them, the hidden states, one group's
+statistics, the dense matrix handed to the solver and one layer's factors.
 """
 
 from __future__ import annotations
@@ -51,8 +54,12 @@ def proc_field(path: str, field: str) -> int:
     raise RuntimeError(f"{field} not in {path} (Linux only)")
 
 
-def measurements() -> dict[str, int]:
+def measurements() -> dict[str, float]:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
+        "cpu_s": usage.ru_utime + usage.ru_stime,  # on a shared machine, less load-dependent than wall time
         "peak_rss": proc_field("/proc/self/status", "VmHWM") * 1024,
         "rchar": proc_field("/proc/self/io", "rchar"),
         "read_bytes": proc_field("/proc/self/io", "read_bytes"),
@@ -224,7 +231,7 @@ def build_model(path: Path, *, layers: int, hidden: int, inter: int, heads: int,
     onnx.checker.check_model(str(path))
 
 
-# ---- calibration data and the stand-in solver ---------------------------------------------------------------
+# ---- calibration data ------------------------------------------------------------------------------------
 
 
 def token_batches(tokens: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -235,22 +242,6 @@ def token_batches(tokens: int, seq: int, vocab: int, seed: int = 0) -> list[dict
         {"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64), "attention_mask": np.ones((1, seq), np.int64)}
         for _ in range(count)
     ]
-
-
-def subspace_top(C: np.ndarray, L: int, *, oversample: int = 64, iterations: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Leading L eigenpairs of the PSD ``C`` by randomized subspace iteration (Halko et al. 2011, alg. 4.4)
-    and Rayleigh–Ritz; float64. A stand-in: the project's solver is issue 12, item 2."""
-    K = C.shape[0]
-    width = min(K, L + oversample)
-    Q = np.linalg.qr(C @ np.random.default_rng(seed).standard_normal((K, width)))[0]
-    for _ in range(iterations):
-        Q = np.linalg.qr(C @ Q)[0]
-    values, vectors = np.linalg.eigh(Q.T @ C @ Q)
-    order = np.argsort(-values)[:L]
-    vectors = Q @ vectors[:, order]
-    pivots = np.argmax(np.abs(vectors), axis=0)
-    vectors *= np.where(vectors[pivots, np.arange(L)] < 0, -1.0, 1.0)
-    return values[order], vectors
 
 
 # ---- stages (children) --------------------------------------------------------------------------------------
@@ -274,38 +265,69 @@ def stage_forward(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     return {"session_s": loaded - START, "run_s": time.perf_counter() - loaded}
 
 
+def rss() -> int:
+    return proc_field("/proc/self/status", "VmRSS") * 1024
+
+
+def peak_since_reset() -> int:
+    """The peak RSS since the last call (``VmHWM``, then reset through ``/proc/self/clear_refs``)."""
+    peak = proc_field("/proc/self/status", "VmHWM") * 1024
+    Path("/proc/self/clear_refs").write_text("5")
+    return peak
+
+
 def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
-    from espace_export.streaming import compress_streaming, parse_memory
+    from espace_export.options import RankOptions
+    from espace_export.selection.candidates import eigen_decomposition, eigen_solver
+    from espace_export.streaming import SESSION_WEIGHT_FACTOR, StreamingSettings, compress_streaming, parse_memory
 
-    decompose = None
-    if args.solver == "subspace":
-        decompose = subspace_top
+    baseline = rss()  # interpreter, numpy, onnx, onnxruntime
     checked: dict[str, float] = {}
-    if args.check_solver:
-        from espace_export.selection.candidates import eigen_decomposition
+    per_group: list[dict[str, float]] = []
 
-        inner = decompose or (lambda C, L: eigen_decomposition(C, top=L))
+    decompose_cpu = [0.0]
 
-        def decompose(C: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-redef]
-            values, vectors = inner(C, L)
-            if not checked:
-                tick = time.perf_counter()
+    def decompose(C: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+        if "calibration_peak" not in per_group[-1]:  # the group's staged pass is over: its peak
+            per_group[-1]["calibration_peak"] = peak_since_reset()
+        tick = time.process_time()
+        with eigen_solver(args.solver, precision=args.solver_precision):  # type: ignore[arg-type]
+            values, vectors = eigen_decomposition(C, top=L)
+        if args.check_solver and not checked:
+            tick = time.perf_counter()
+            with eigen_solver("lapack"):
                 exact = eigen_decomposition(C, top=L)[0]
-                checked["lapack_s"] = time.perf_counter() - tick
-                checked["K"] = C.shape[0]
-                checked["captured_energy"] = float(np.sum((C @ vectors) * vectors) / np.sum(exact))
-            return values, vectors
+            checked.update(lapack_s=time.perf_counter() - tick, K=C.shape[0], L=L,
+                           captured_energy=float(np.sum((C @ vectors) * vectors) / np.sum(exact)))  # fmt: skip
+        decompose_cpu[0] += time.process_time() - tick
+        return values, vectors
+
+    def on_group(index: int, count: int) -> None:
+        now, peak = rss(), proc_field("/proc/self/status", "VmHWM") * 1024
+        if per_group:  # the previous group's decompositions and rewrite are over: their peak
+            per_group[-1]["consume_peak"] = peak_since_reset()
+        per_group.append({"rss_at_start": now, "peak_so_far": peak, "at_s": time.perf_counter() - START})
+        print(f"  group {index + 1}/{count} at {time.perf_counter() - START:.0f} s: RSS {gib(now)}, peak so far "
+              f"{gib(peak)}", file=sys.stderr, flush=True)  # fmt: skip
 
     output = model.with_name("compressed.onnx")
+    settings = StreamingSettings(
+        method=args.method, budget_bytes=parse_memory(args.max_memory), decompose=decompose, on_group=on_group
+    )
     result = compress_streaming(
-        model, output, token_batches(args.tokens, args.seq, args.vocab), ratio=args.ratio, method=args.method,
-        budget_bytes=parse_memory(args.max_memory), decompose=decompose,
-        on_group=lambda i, n: print(f"  group {i + 1}/{n} at {time.perf_counter() - START:.0f} s", file=sys.stderr),
-    )  # fmt: skip
+        model, output, token_batches(args.tokens, args.seq, args.vocab), RankOptions(ratio=args.ratio), settings
+    )
+    per_group[-1]["consume_peak"] = peak_since_reset()  # the last group's, and the copy of the other weights
     info = result.calibration
+    widest = max(layer["K"] for layer in result.layers)
+    factors = max(  # one layer's P (K×L, float64 while folded) and PᵀW (L×N, the weight's dtype) + W read once
+        layer["K"] * layer["L"] * 8 + layer["L"] * layer["N"] * 8 + layer["K"] * layer["N"] * 2
+        for layer in result.layers if layer["L"] is not None
+    )  # fmt: skip
     return {
         "timings": result.timings,
+        "decompose_cpu_s": decompose_cpu[0],
         "groups": len(info.groups),
         "activations_per_group": [len(g.activations) for g in info.groups],
         "peak_statistics_bytes": info.peak_statistics_bytes,
@@ -317,6 +339,18 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
         "weight_bytes_read": result.weight_bytes_read,
         "stage_weight_bytes": info.stage_weight_bytes,
         "mse_relative": [layer["mse_relative"] for layer in result.layers if layer["mse_relative"] is not None],
+        "per_group": per_group,
+        "phases_peak": max(max(g.get("calibration_peak", 0), g.get("consume_peak", 0)) for g in per_group),
+        "breakdown": {
+            "interpreter and libraries": baseline,
+            f"largest stage's weights × {SESSION_WEIGHT_FACTOR:g} (as read + prepacked)": int(
+                SESSION_WEIGHT_FACTOR * max(info.stage_weight_bytes)
+            ),
+            "hidden states between stages (all batches)": info.peak_boundary_bytes,
+            "statistics (packed, one group)": info.peak_statistics_bytes,
+            "one dense K×K (unpacked for the solver) ×2": 2 * 8 * widest * widest,
+            "one layer's factors (P, PᵀW in float64, W)": factors,
+        },
     }
 
 
@@ -344,11 +378,9 @@ START = time.perf_counter()
 
 def run_child(stage: str, argv: list[str]) -> dict[str, Any]:
     tick = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, *argv, "--child", stage], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr)
+    done = subprocess.run([sys.executable, __file__, *argv, "--child", stage], stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:  # the child's stderr (progress, errors) went straight through
         raise SystemExit(f"stage {stage} failed ({done.returncode})")
-    sys.stderr.write(done.stderr)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - tick
     return result
@@ -372,7 +404,13 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--method", default="mse", choices=["mse", "nmse"])
     parser.add_argument("--max-memory", default="50%", help="budget of compress_streaming: 12G, 800M, 50%% of RAM")
-    parser.add_argument("--solver", choices=["lapack", "subspace"], default="lapack")
+    parser.add_argument(
+        "--solver",
+        choices=["auto", "lapack", "randomized"],
+        default="randomized",
+        help="eigen solver (espace_export.selection.candidates; randomized = randomized_eigh)",
+    )
+    parser.add_argument("--solver-precision", choices=["float64", "float32"], default="float64")
     parser.add_argument("--check-solver", action="store_true", help="also run LAPACK on the first activation")
     parser.add_argument(
         "--blas-threads", type=int, help="OpenBLAS/OpenMP threads of the children (ONNX Runtime keeps its own pool)"
@@ -386,7 +424,9 @@ def main() -> None:
     model = workdir / "model.onnx"
     if args.child:
         result = STAGES[args.child](args, model)
+        phases_peak = int(result.pop("phases_peak", 0))  # the stage reset VmHWM between its phases
         result.update(measurements())
+        result["peak_rss"] = max(result["peak_rss"], phases_peak)
         print(json.dumps(result))
         return
 
@@ -412,13 +452,20 @@ def main() -> None:
           f"{figures['build']['model_bytes'] / 2**30:.2f} GiB; calibration {args.tokens} tokens "
           f"({max(1, args.tokens // args.seq)} × {args.seq}); --ratio {args.ratio} --method {args.method} "
           f"--max-memory {args.max_memory} --solver {args.solver} --blas-threads {args.blas_threads}")  # fmt: skip
-    print(f"{'stage':<10} {'wall':>9} {'× forward':>10} {'peak RSS':>11} {'read (rchar)':>13} {'read (device)':>14}")
+    cpu_forward = figures["forward"]["cpu_s"]
+    print(f"{'stage':<10} {'wall':>9} {'× forward':>10} {'CPU':>9} {'× forward':>10} {'peak RSS':>11} "
+          f"{'read (rchar)':>13} {'read (device)':>14}")  # fmt: skip
     for stage in ("build", "forward", "compress", "check"):
         f = figures[stage]
-        print(f"{stage:<10} {f['wall_s']:>8.1f}s {f['wall_s'] / forward:>10.2f} {gib(f['peak_rss']):>11} "
-              f"{gib(f['rchar']):>13} {gib(f['read_bytes']):>14}")  # fmt: skip
+        print(f"{stage:<10} {f['wall_s']:>8.1f}s {f['wall_s'] / forward:>10.2f} {f['cpu_s']:>8.1f}s "
+              f"{f['cpu_s'] / cpu_forward:>10.2f} {gib(f['peak_rss']):>11} {gib(f['rchar']):>13} "
+              f"{gib(f['read_bytes']):>14}")  # fmt: skip
     c = figures["compress"]
     print("compress stages: " + ", ".join(f"{k} {v:.1f}s ({v / forward:.2f}×)" for k, v in c["timings"].items()))
+    print(
+        f"decompositions: {c['timings']['decompose'] / c['timings']['total']:.1%} of compress wall time, "
+        f"{c['decompose_cpu_s'] / c['cpu_s']:.1%} of its CPU time ({c['decompose_cpu_s']:.0f} of {c['cpu_s']:.0f} s)"
+    )
     print(f"groups {c['groups']} (activations per group {c['activations_per_group']}); statistics held at once "
           f"{gib(c['peak_statistics_bytes'])}; boundary tensors {gib(c['peak_boundary_bytes'])}; targeted compression "
           f"{c['targeted_compression']:.3f}; output {gib(c['output_bytes'])}")  # fmt: skip
@@ -428,6 +475,14 @@ def main() -> None:
     print(f"dropped activation energy E‖x − PPᵀx‖²/E‖x‖² per layer: mean {np.mean(mse):.3f}, max {np.max(mse):.3f}")
     if c["solver_check"]:
         print(f"solver check: {c['solver_check']}")
+    for key, what in (("rss_at_start", "RSS at the start"), ("calibration_peak", "peak of the staged pass"),
+                      ("consume_peak", "peak of decompositions + rewrite")):  # fmt: skip
+        print(f"{what} of each group: " + ", ".join(gib(g.get(key, 0)) for g in c["per_group"]))
+    print(f"compress peak RSS {gib(c['peak_rss'])}; the largest of each part (not all alive at once):")
+    for what, size in c["breakdown"].items():
+        print(f"  {what:<62} {gib(size):>11}")
+    accounted = sum(c["breakdown"].values())
+    print(f"  {'sum':<62} {gib(accounted):>11}")
     print(f"check: {figures['check']}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))

@@ -526,7 +526,7 @@ def compress(
 def compress_bounded(run: Run, output: Path, report_path: Path) -> CompressionResult:
     """``compress`` under ``--max-memory``: statistics, decompositions and the rewrite group by group
     (:func:`espace_export.streaming.compress_streaming`), for ``--select none`` with a weight-free method."""
-    from espace_export.streaming import STREAMING_METHODS, compress_streaming, parse_memory
+    from espace_export.streaming import STREAMING_METHODS, StreamingSettings, compress_streaming, parse_memory
 
     options = run.options
     method = options.selection.method_name
@@ -538,12 +538,11 @@ def compress_bounded(run: Run, output: Path, report_path: Path) -> CompressionRe
             "drop --max-memory, or use those settings",
         )
     ranks = options.ranks
-    result = compress_streaming(
-        run.model_path, output, run.batches.calibration, ratio=ranks.ratio, method=method,
-        budget_bytes=parse_memory(options.data.max_memory), rank_rule=ranks.rank_rule, min_rank=ranks.min_rank,  # type: ignore[arg-type]
-        rank=ranks.rank, include_heads=ranks.include_heads, exclude=ranks.exclude, siblings=ranks.siblings,
+    settings = StreamingSettings(
+        method=method, budget_bytes=parse_memory(options.data.max_memory),  # type: ignore[arg-type]
         precision=cast(StatsPrecision, options.data.stats_precision),
     )  # fmt: skip
+    result = compress_streaming(run.model_path, output, run.batches.calibration, ranks, settings)
     report: dict[str, Any] = {
         "tool": "espace-export", "version": __version__, "model": str(run.model_path), "output": str(output),
         "ratio_requested": ranks.ratio if ranks.rank is None else None, "rank_forced": ranks.rank,

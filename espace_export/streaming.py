@@ -30,7 +30,9 @@ import onnx
 
 from espace_export.calibration.statistics import (
     GroupedCalibration,
+    MemoryBudget,
     PackedActivationStats,
+    StatisticsSettings,
     StatsPrecision,
     collect_statistics_in_groups,
 )
@@ -163,64 +165,114 @@ def _move_new_tensors(model: onnx.ModelProto, writer: _DataWriter, written: set[
         written.add(tensor.name)
 
 
+def staged_session(model: onnx.ModelProto) -> Any:
+    """A session for one stage: ONNX Runtime without its CPU memory arena, whose blocks outlive the session
+    and would pile up over the stages (resident memory growing with depth; ``benchmarks/scale.py``)."""
+    return ort_session(model, memory_arena=False)
+
+
+@dataclass(frozen=True)
+class StreamingSettings:
+    """How :func:`compress_streaming` works, besides the ranks.
+
+    ``method``: the weight-free candidate (``mse`` or ``nmse``). ``budget_bytes`` (default
+    :func:`default_max_memory`) bounds each group's statistics plus ``weight_factor`` × the weights its staged
+    session reads; the boundary tensors between stages (hidden states of all batches) come on top.
+    ``precision`` of the statistics' products. ``decompose(C, L)`` returns the leading ``(values, vectors)``
+    of C (default :func:`espace_export.selection.candidates.eigen_decomposition`, with the eigen solver in
+    force). ``session_factory`` makes the staged sessions (default :func:`staged_session`);
+    ``on_group(index, count)`` is called as each group starts.
+    """
+
+    method: str = "mse"
+    budget_bytes: int | None = None
+    precision: StatsPrecision = "float32"
+    decompose: Decompose | None = None
+    weight_factor: float = SESSION_WEIGHT_FACTOR
+    session_factory: Callable[[onnx.ModelProto], object] = staged_session
+    on_group: Callable[[int, int], None] | None = None
+
+
 def compress_streaming(
     model_path: str | os.PathLike[str],
     output: str | os.PathLike[str],
     batches: Sequence[dict[str, np.ndarray]],
-    *,
-    ratio: float = 0.5,
-    method: str = "mse",
-    budget_bytes: int | None = None,
-    rank_rule: str | int = "pow2",
-    min_rank: int = 16,
-    rank: int | None = None,
-    include_heads: bool = False,
-    exclude: Sequence[str] = (),
-    siblings: str = "shared",
-    precision: StatsPrecision = "float32",
-    session_factory: Callable[[onnx.ModelProto], object] = ort_session,
-    decompose: Decompose | None = None,
-    weight_factor: float = SESSION_WEIGHT_FACTOR,
-    on_group: Callable[[int, int], None] | None = None,
+    ranks: RankOptions | None = None,
+    settings: StreamingSettings = StreamingSettings(),
 ) -> StreamingResult:
-    """Compress ``model_path`` into ``output`` with one weight-free candidate, under ``budget_bytes`` of memory.
+    """Compress ``model_path`` into ``output`` with one weight-free candidate, under a memory budget.
 
-    Ranks follow ``ratio`` and ``rank_rule`` exactly as :func:`espace_export.compress` with ``select="none"``
-    (siblings shared as their fused GEMM, excluded layers dense, a forced ``rank``). ``budget_bytes`` (default
-    :func:`default_max_memory`) bounds each group's statistics plus ``weight_factor`` × the weights its staged
-    session reads; the boundary tensors between stages (hidden states of all batches) come on top.
-    ``decompose(C, L)`` returns the leading ``(values, vectors)`` of C (default LAPACK through
-    :func:`espace_export.candidates.eigen_decomposition`); a faster solver may be passed. The output always
-    stores its weights as external data (``<output>.data``) and is written atomically.
+    Ranks follow ``ranks`` (default :class:`~espace_export.options.RankOptions`) exactly as
+    :func:`espace_export.compress` with ``select="none"`` (siblings shared as their fused GEMM, excluded layers
+    dense, a forced ``rank``); ``settings`` says how (:class:`StreamingSettings`). The output always stores its weights as
+    external data (``<output>.data``) and is written atomically.
     """
     started = time.perf_counter()
+    model_path, output_path = _check_streaming_inputs(model_path, output, batches, settings.method)
+    model = load_model(model_path, load_weights=False)
+    calibration_graph = onnx.ModelProto()
+    calibration_graph.CopyFrom(model)  # the rewrite edits `model`; calibration reads the original graph
+    decisions = _decide(model, model_path, ranks or RankOptions(), settings.method)
+    compressed = [d for d in decisions if d.L is not None]
+    total_before = parameter_count(model)
+    source_dir = external_data_dir(model)
+    timings = {"load": time.perf_counter() - started, "decompose": 0.0, "rewrite": 0.0}
+
+    with atomic_output(output_path) as tmp_output:
+        writer = _DataWriter(tmp_output.with_name(output_path.name + ".data"))
+        consumer = _GroupConsumer(model, compressed, settings, writer, timings)
+        tick = time.perf_counter()
+        calibration = collect_statistics_in_groups(
+            settings.session_factory, calibration_graph, [d.target for d in compressed], batches,
+            MemoryBudget(_budget(settings), settings.weight_factor), consumer,
+            StatisticsSettings(precision=settings.precision, normalized=settings.method == "nmse"),
+            on_group=(lambda index, count, _group: settings.on_group(index, count)) if settings.on_group else None,  # type: ignore[misc]
+        )  # fmt: skip
+        timings["calibrate"] = time.perf_counter() - tick - timings["decompose"] - timings["rewrite"]
+        del calibration_graph
+        tick = time.perf_counter()
+        _write_rest(model, writer, consumer.written, source_dir, tmp_output)
+        timings["write"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - started
+    return StreamingResult(
+        output=output_path,
+        layers=[d.as_json(selection=False) for d in decisions],
+        calibration=calibration,
+        timings=timings,
+        targeted_params_before=sum(d.target.params for d in decisions),
+        targeted_params_after=projected_params(model) + sum(d.target.params for d in decisions if d.L is None),
+        total_params_before=total_before,
+        total_params_after=parameter_count(model),
+        weight_bytes_read=sum(calibration.stage_weight_bytes)
+        + sum(d.target.params * np.dtype(d.target.dtype).itemsize for d in compressed)
+        + writer.bytes_copied,
+    )
+
+
+def _budget(settings: StreamingSettings) -> int:
+    return default_max_memory() if settings.budget_bytes is None else int(settings.budget_bytes)
+
+
+def _check_streaming_inputs(
+    model_path: str | os.PathLike[str], output: str | os.PathLike[str], batches: Sequence[object], method: str
+) -> tuple[Path, Path]:
     if method not in STREAMING_METHODS:
         raise EspaceError(
             f"streaming compression takes a weight-free candidate, not {method!r}",
             f"use --method {' or '.join(STREAMING_METHODS)}, or drop --max-memory for the in-memory path",
         )
-    ranks = RankOptions(
-        ratio=ratio,
-        rank_rule=rank_rule,
-        min_rank=min_rank,
-        rank=rank,
-        siblings=siblings,
-        include_heads=include_heads,
-        exclude=tuple(exclude),
-    )  # fmt: skip (validated here)
     if not batches:
         raise EspaceError("no calibration batches", "give at least one calibration batch")
-    budget = default_max_memory() if budget_bytes is None else int(budget_bytes)
-    model_path = Path(model_path)
+    source = Path(model_path)
     output_path = check_writable(Path(output))
-    if output_path.resolve() == model_path.resolve():
+    if output_path.resolve() == source.resolve():
         raise EspaceError("the output would overwrite the input model", "choose another path with -o")
-    decompose = decompose or (lambda C, L: eigen_decomposition(C, top=L))
+    return source, output_path
 
-    model = load_model(model_path, load_weights=False)
-    calibration_graph = onnx.ModelProto()
-    calibration_graph.CopyFrom(model)  # the rewrite edits `model`; calibration reads the original graph
-    targets = find_targets(model, include_heads=include_heads)
+
+def _decide(model: onnx.ModelProto, model_path: Path, ranks: RankOptions, method: str) -> list[LayerRecord]:
+    """Each target's rank, as :func:`espace_export.compress` with ``select="none"`` decides it."""
+    targets = find_targets(model, include_heads=ranks.include_heads)
     if not targets:
         raise EspaceError(
             f"{model_path} has no compressible GEMM (MatMul/Gemm with a 2-D constant weight)",
@@ -228,83 +280,72 @@ def compress_streaming(
         )
     decisions = decide_layers(targets, ranks, method)
     share_siblings(decisions, ranks)
-    compressed = [d for d in decisions if d.L is not None]
-    if not compressed:
+    if not any(d.L is not None for d in decisions):
         raise EspaceError(
-            f"no layer can reach ratio {ratio} with a rank of at least {min_rank}",
+            f"no layer can reach ratio {ranks.ratio} with a rank of at least {ranks.min_rank}",
             "lower --min-rank, use --rank-rule 16, or lower --ratio",
         )
-    by_activation: dict[str, list[LayerRecord]] = {}
-    for decision in compressed:
-        by_activation.setdefault(decision.target.activation, []).append(decision)
-    total_before = parameter_count(model)
-    source_dir = external_data_dir(model)
-    timings = {"load": time.perf_counter() - started, "decompose": 0.0, "rewrite": 0.0}
+    return decisions
 
-    with atomic_output(output_path) as tmp_output:
-        writer = _DataWriter(tmp_output.with_name(output_path.name + ".data"))
-        written: set[str] = set()
 
-        def consume(stats: dict[str, PackedActivationStats]) -> None:
-            projections = []
-            tick = time.perf_counter()
-            for activation, entry in stats.items():
-                members = by_activation[activation]
-                top = max(d.L for d in members if d.L is not None)
-                C_X = entry.C_X
-                C = entry.C_X_normalized if method == "nmse" else C_X
-                values, vectors = decompose(C, top)
-                del C
-                energy = float(np.trace(C_X))
-                for decision in members:
-                    assert decision.L is not None
-                    P = np.ascontiguousarray(vectors[:, : decision.L])
-                    if method == "mse":  # Theorem 1: the dropped energy is the rest of the spectrum
-                        dropped = energy - float(np.sum(values[: decision.L]))
-                    else:
-                        dropped = projection_mse(C_X, P)
-                    decision.mse_relative = max(dropped, 0.0) / energy if energy > 0 else None
-                    projections.append(Projection(decision.target, P))
-                del C_X
-            timings["decompose"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            project(model, projections)  # folds PᵀW from each weight read from disk
-            _move_new_tensors(model, writer, written)
-            timings["rewrite"] += time.perf_counter() - tick
+class _GroupConsumer:
+    """Decomposes one group's statistics, rewrites its layers and appends their factors to the data file."""
 
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        compressed: list[LayerRecord],
+        settings: StreamingSettings,
+        writer: _DataWriter,
+        timings: dict[str, float],
+    ) -> None:
+        self.model = model
+        self.method = settings.method
+        self.decompose: Decompose = settings.decompose or (lambda C, L: eigen_decomposition(C, top=L))
+        self.writer = writer
+        self.timings = timings
+        self.written: set[str] = set()
+        self.by_activation: dict[str, list[LayerRecord]] = {}
+        for decision in compressed:
+            self.by_activation.setdefault(decision.target.activation, []).append(decision)
+
+    def __call__(self, stats: dict[str, PackedActivationStats]) -> None:
         tick = time.perf_counter()
-        calibration = collect_statistics_in_groups(
-            session_factory, calibration_graph, [d.target for d in compressed], batches, budget, consume,
-            precision=precision, normalized=method == "nmse", weight_factor=weight_factor,
-            on_group=(lambda index, count, _group: on_group(index, count)) if on_group is not None else None,
-        )  # fmt: skip
-        timings["calibrate"] = time.perf_counter() - tick - timings["decompose"] - timings["rewrite"]
-        del calibration_graph
-
+        projections = [p for activation, entry in stats.items() for p in self._project(activation, entry)]
+        self.timings["decompose"] += time.perf_counter() - tick
         tick = time.perf_counter()
-        _move_new_tensors(model, writer, written)  # weights of an in-memory model
-        for tensor in model.graph.initializer:
-            if _is_external(tensor) and tensor.name not in written:
-                writer.copy_external(tensor, source_dir)
-                written.add(tensor.name)
-        writer.close()
-        graph = without_loader_metadata(model)
-        tmp_output.write_bytes(graph.SerializeToString())
-        check_model(tmp_output)
-        timings["write"] = time.perf_counter() - tick
-    timings["total"] = time.perf_counter() - started
-    targeted_before = sum(d.target.params for d in decisions)
-    targeted_after = projected_params(model) + sum(d.target.params for d in decisions if d.L is None)
-    return StreamingResult(
-        output=output_path,
-        layers=[d.as_json(selection=False) for d in decisions],
-        calibration=calibration,
-        timings=timings,
-        targeted_params_before=targeted_before,
-        targeted_params_after=targeted_after,
-        total_params_before=total_before,
-        total_params_after=parameter_count(model),
-        weight_bytes_read=sum(calibration.stage_weight_bytes)
-        + sum(d.target.params * np.dtype(d.target.dtype).itemsize for d in compressed)
-        + writer.bytes_copied,
-    )
+        project(self.model, projections)  # folds PᵀW from each weight read from disk
+        _move_new_tensors(self.model, self.writer, self.written)
+        self.timings["rewrite"] += time.perf_counter() - tick
+
+    def _project(self, activation: str, entry: PackedActivationStats) -> list[Projection]:
+        members = self.by_activation[activation]
+        top = max(d.L for d in members if d.L is not None)
+        C_X = entry.C_X
+        values, vectors = self.decompose(entry.C_X_normalized if self.method == "nmse" else C_X, top)
+        energy = float(np.trace(C_X))
+        projections = []
+        for decision in members:
+            assert decision.L is not None
+            P = np.ascontiguousarray(vectors[:, : decision.L])
+            if self.method == "mse":  # Theorem 1: the dropped energy is the rest of the spectrum
+                dropped = energy - float(np.sum(values[: decision.L]))
+            else:
+                dropped = projection_mse(C_X, P)
+            decision.mse_relative = max(dropped, 0.0) / energy if energy > 0 else None
+            projections.append(Projection(decision.target, P))
+        return projections
+
+
+def _write_rest(
+    model: onnx.ModelProto, writer: _DataWriter, written: set[str], source_dir: str, tmp_output: Path
+) -> None:
+    """Copy the untouched weights into the data file in chunks and write the graph beside it."""
+    _move_new_tensors(model, writer, written)  # weights of an in-memory model
+    for tensor in model.graph.initializer:
+        if _is_external(tensor) and tensor.name not in written:
+            writer.copy_external(tensor, source_dir)
+            written.add(tensor.name)
+    writer.close()
+    tmp_output.write_bytes(without_loader_metadata(model).SerializeToString())
+    check_model(tmp_output)

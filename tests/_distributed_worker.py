@@ -1,4 +1,5 @@
-"""Worker for tests/test_distributed.py: calibrate a sample model on this rank's share of the batches.
+"""Worker for tests/test_distributed.py: calibrate a sample model on this rank's share of the batches and
+decompose this rank's share of the activations.
 
 Run under torchrun; rank 0 writes the all-reduced statistics and projections to OUT.npz. Run without
 torchrun it does the same in one process.
@@ -15,7 +16,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from espace_export.calibration import distributed  # noqa: E402
-from espace_export.calibration.statistics import collect_statistics  # noqa: E402
+from espace_export.calibration.statistics import StatisticsSettings, collect_statistics  # noqa: E402
 from espace_export.runtime import ort_session  # noqa: E402
 from espace_export.selection.candidates import principal_components  # noqa: E402
 from graph_passes import find_targets  # noqa: E402
@@ -28,17 +29,23 @@ def main(model_path: str, out_path: str, num_batches: int) -> None:
     targets = find_targets(model)
     batches = [sample_inputs("llama", 2, 16, seed=s) for s in range(num_batches)]
     stats = collect_statistics(
-        ort_session, model, targets, distributed.shard(batches, rank, world), precision="float64"
+        ort_session, model, targets, distributed.shard(batches, rank, world), StatisticsSettings(precision="float64")
     )
     distributed.all_reduce_statistics(stats)
+    names = sorted(stats)
+    # the decompositions split over the ranks: each returns (the rank that computed it, P)
+    projections = distributed.share_work(
+        names, lambda name: (rank, principal_components(stats[name].C_X, 16)), cost=lambda name: stats[name].K ** 3
+    )
     if distributed.is_main_rank():
         arrays = {}
-        for index, name in enumerate(sorted(stats)):
+        for index, name in enumerate(names):
             arrays[f"C{index}"] = stats[name].C_X
             arrays[f"N{index}"] = stats[name].C_X_normalized
             arrays[f"rows{index}"] = np.array([stats[name].rows, stats[name].rows_normalized])
-            arrays[f"P{index}"] = principal_components(stats[name].C_X, 16)
-        np.savez(out_path, world=np.array(world), **arrays)
+            arrays[f"P{index}"] = projections[index][1]
+        owners = np.array([owner for owner, _ in projections])
+        np.savez(out_path, world=np.array(world), owners=owners, **arrays)
     distributed.finish()
 
 

@@ -12,7 +12,9 @@ import pytest
 
 import espace_export.calibration.statistics as calibration
 from espace_export.calibration.statistics import (
+    MemoryBudget,
     PackedActivationStats,
+    StatisticsSettings,
     collect_statistics,
     collect_statistics_in_groups,
     dense_statistics_bytes,
@@ -24,8 +26,9 @@ from espace_export.calibration.statistics import (
     unpack,
 )
 from espace_export.errors import EspaceError
+from espace_export.options import RankOptions
 from espace_export.runtime import ort_session
-from espace_export.streaming import compress_streaming, parse_memory
+from espace_export.streaming import StreamingSettings, compress_streaming, parse_memory
 from graph_passes import find_targets
 from graph_passes.find import find_projected_pairs
 from tests._models import tiny_decoder
@@ -54,14 +57,17 @@ def assert_same_statistics(grouped: dict[str, PackedActivationStats], reference:
         assert relative_gap(got.sum_xx_normalized, ref.sum_xx_normalized) <= tol
 
 
-def collect_all(model: onnx.ModelProto, batches: list, budget: int, **kwargs: object) -> tuple[dict, object]:
+def collect_all(model: onnx.ModelProto, batches: list, budget: int, precision: str) -> tuple[dict, object]:
     received: dict[str, PackedActivationStats] = {}
 
     def consume(stats: dict[str, PackedActivationStats]) -> None:
         assert not set(stats) & set(received), "an activation was handed over twice"
         received.update(stats)
 
-    info = collect_statistics_in_groups(ort_session, model, find_targets(model), batches, budget, consume, **kwargs)
+    settings = StatisticsSettings(precision=precision)  # type: ignore[arg-type]
+    info = collect_statistics_in_groups(
+        ort_session, model, find_targets(model), batches, MemoryBudget(budget), consume, settings
+    )
     return received, info
 
 
@@ -87,7 +93,8 @@ def test_grouped_statistics_equal_the_one_session_path(
 ) -> None:
     model = tiny_decoder(blocks=3, hidden=32, inter=48)
     batches = token_batches(40)
-    reference = collect_statistics(ort_session, model, find_targets(model), batches, precision=precision, reduce=reduce)  # type: ignore[arg-type]
+    settings = StatisticsSettings(precision=precision, reduce=reduce)  # type: ignore[arg-type]
+    reference = collect_statistics(ort_session, model, find_targets(model), batches, settings)
     if reduce == "host":  # the grouped path reduces on the host when the graph cannot (old opsets)
         monkeypatch.setattr(calibration, "MIN_OPSET", 10**6)
     one_group = statistics_bytes(48, normalized=True, precision=precision) + 8 * 48 * 48  # type: ignore[arg-type]
@@ -104,7 +111,7 @@ def test_grouped_statistics_on_an_exported_sample(sample_model: Callable[..., Pa
     model = onnx.load(str(sample_model("llama", "torchscript")))
     targets = find_targets(model)
     batches = [sample_inputs("llama", 2, 10, seed=s) for s in range(2)]
-    reference = collect_statistics(ort_session, model, targets, batches, precision="float64")
+    reference = collect_statistics(ort_session, model, targets, batches, StatisticsSettings(precision="float64"))
     widths = [K for K, _ in distinct_activations(targets).values()]
     per_block = (
         sum(statistics_bytes(K, normalized=True, precision="float64") for K in widths[:4]) + 8 * max(widths) ** 2
@@ -145,8 +152,9 @@ def test_live_statistics_stay_under_the_budget(monkeypatch: pytest.MonkeyPatch) 
             assert np.linalg.eigvalsh(entry.C_X)[-1] > 0
 
     info = collect_statistics_in_groups(
-        ort_session, model, targets, token_batches(40), one_block, consume, normalized=False
-    )
+        ort_session, model, targets, token_batches(40), MemoryBudget(one_block), consume,
+        StatisticsSettings(normalized=False),
+    )  # fmt: skip
     assert handed == list(distinct_activations(targets))
     assert len(info.groups) == 4  # one block's four activations per group
     assert live["peak"] <= one_block < all_packed
@@ -183,7 +191,9 @@ def test_streaming_at_full_rank_is_exact(tmp_path: Path) -> None:
     source = save_external(tiny_decoder(blocks=3, hidden=32, inter=48), tmp_path / "tiny.onnx")
     batches = token_batches(40, seed=1)
     budget = statistics_bytes(48, normalized=False) + 8 * 48 * 48 + 2 * 48 * 32 * 4 * 2
-    result = compress_streaming(source, tmp_path / "out.onnx", batches, rank=64, budget_bytes=budget, min_rank=1)
+    result = compress_streaming(
+        source, tmp_path / "out.onnx", batches, RankOptions(rank=64, min_rank=1), StreamingSettings(budget_bytes=budget)
+    )
     assert len(result.calibration.groups) > 1
     assert (tmp_path / "out.onnx.data").is_file() and not list(tmp_path.glob(".out.onnx.*"))
     written = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
@@ -206,8 +216,9 @@ def test_streaming_writes_what_the_in_memory_pipeline_writes(tmp_path: Path, met
         num_batches=4, holdout=0.0, candidate=method, min_rank=4,
     )  # fmt: skip
     result = compress_streaming(
-        source, tmp_path / "streamed.onnx", batches, ratio=0.5, method=method, min_rank=4, budget_bytes=2**20
-    )
+        source, tmp_path / "streamed.onnx", batches, RankOptions(ratio=0.5, min_rank=4),
+        StreamingSettings(method=method, budget_bytes=2**20),
+    )  # fmt: skip
     assert len(result.calibration.groups) > 1
     assert [layer["L"] for layer in result.layers] == [layer["L"] for layer in expected.report["layers"]]
     assert result.targeted_params_after == expected.report["targeted_params_after"]
@@ -224,7 +235,9 @@ def test_streaming_writes_what_the_in_memory_pipeline_writes(tmp_path: Path, met
 def test_streaming_refuses_methods_that_need_more_than_one_group(tmp_path: Path) -> None:
     source = save_external(tiny_decoder(), tmp_path / "tiny.onnx")
     with pytest.raises(EspaceError, match="weight-free"):
-        compress_streaming(source, tmp_path / "out.onnx", token_batches(40), method="go-mse")
+        compress_streaming(
+            source, tmp_path / "out.onnx", token_batches(40), settings=StreamingSettings(method="go-mse")
+        )
     assert not (tmp_path / "out.onnx").exists()
 
 
@@ -271,3 +284,14 @@ def test_cli_max_memory_compresses_group_by_group_like_the_in_memory_path(tmp_pa
     code, _, err = run_cli([str(source), "-o", str(tmp_path / "x.onnx"), "--max-memory", "2M", "--select", "proxy",
                             "--method", "best", *common], capsys)  # fmt: skip
     assert code == 2 and "--max-memory" in err and not (tmp_path / "x.onnx").exists()
+
+
+def test_staged_sessions_run_without_the_memory_arena(tmp_path: Path) -> None:
+    """The arena's blocks outlive their session, so each stage would leave its largest block resident
+    (benchmarks/scale.py: resident memory grew with depth until staged sessions ran without it)."""
+    from espace_export.streaming import StreamingSettings, staged_session
+
+    model = tiny_decoder(blocks=1)
+    assert staged_session(model).get_session_options().enable_cpu_mem_arena is False
+    assert ort_session(model).get_session_options().enable_cpu_mem_arena is True  # other runs keep it
+    assert StreamingSettings().session_factory is staged_session

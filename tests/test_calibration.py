@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from espace_export.calibration.statistics import ActivationStats, collect_statistics
+from espace_export.calibration.statistics import ActivationStats, StatisticsSettings, collect_statistics
 from espace_export.runtime import ort_session
 from espace_export.selection.candidates import autocorrelation, normalized_autocorrelation
 from graph_passes import find_targets
@@ -40,8 +40,8 @@ def test_in_graph_reduction_equals_host_reduction(arch: str, exporter: str, samp
     model = onnx.load(str(sample_model(arch, exporter)))
     targets = find_targets(model)
     batches = [sample_inputs(arch, 3, 12, seed=s) for s in range(2)]  # right-padded rows included
-    host = collect_statistics(ort_session, model, targets, batches, precision="float64", reduce="host")
-    graph = collect_statistics(ort_session, model, targets, batches, precision="float64", reduce="graph")
+    host = collect_statistics(ort_session, model, targets, batches, StatisticsSettings("float64", reduce="host"))
+    graph = collect_statistics(ort_session, model, targets, batches, StatisticsSettings("float64", reduce="graph"))
     real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     for name in host:
         assert host[name].rows == graph[name].rows == real_tokens

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from espace_export.calibration.distributed import shard
+from espace_export.calibration.distributed import assign, shard, share_work
 from espace_export.errors import EspaceError
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
@@ -25,6 +25,16 @@ def test_shards_cover_every_batch_once() -> None:
     assert [len(s) for s in shards] == [3, 2, 2]
     with pytest.raises(EspaceError, match="ranks"):
         shard(batches[:1], 0, 2)
+
+
+def test_decompositions_are_assigned_largest_first_to_the_least_loaded_rank() -> None:
+    costs = [4096.0**3, 11008.0**3, 4096.0**3, 4096.0**3, 11008.0**3, 4096.0**3]
+    owners = assign(costs, 2)
+    assert owners == [0, 0, 1, 0, 1, 1]  # one 11008² each, then the 4096² ones alternate
+    loads = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(2)]
+    assert max(loads) / min(loads) == 1.0
+    assert assign(costs, 1) == [0] * 6
+    assert share_work([1, 2, 3], lambda x: x * x) == [1, 4, 9]  # one process: a plain map
 
 
 @pytest.mark.slow
@@ -45,6 +55,7 @@ def test_two_processes_match_one(sample_model: Callable[..., Path], tmp_path: Pa
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = np.load(single), np.load(double)
     assert int(one["world"]) == 1 and int(two["world"]) == 2
+    assert set(one["owners"]) == {0} and set(two["owners"]) == {0, 1}  # both ranks decomposed, rank 0 got all
     worst = 0.0
     for key in one.files:
         if key.startswith(("C", "N")):

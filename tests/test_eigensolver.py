@@ -8,6 +8,7 @@ import pytest
 
 from espace_export.selection.candidates import (
     RANDOMIZED_MIN_K,
+    RandomizedSettings,
     autocorrelation,
     candidate_matrix,
     eigen_decomposition,
@@ -43,7 +44,7 @@ def lapack_top(C: np.ndarray, L: int, by_magnitude: bool = False) -> np.ndarray:
 @pytest.mark.parametrize("L", [16, 48, 100])
 def test_randomized_captures_the_exact_top_energy(precision: str, signed: bool, L: int) -> None:
     C = decaying(400, signed=signed)
-    result = randomized_eigh(C, L, by_magnitude=signed, precision=precision)  # type: ignore[arg-type]
+    result = randomized_eigh(C, L, by_magnitude=signed, settings=RandomizedSettings(precision=precision))  # type: ignore[arg-type]
     exact = captured(C, lapack_top(C, L, signed))
     assert result.converged and result.deficit <= 1e-5
     assert captured(C, result.vectors) >= 0.9999 * exact
@@ -61,7 +62,7 @@ def test_a_clear_gap_gives_the_same_projector_as_lapack() -> None:
     values *= np.where(rng.random(300) < 0.5, -1.0, 1.0)
     C = (U * values) @ U.T
     exact = lapack_top(C, 20, by_magnitude=True)
-    tight = randomized_eigh(C, 20, by_magnitude=True, tol=1e-14).vectors
+    tight = randomized_eigh(C, 20, by_magnitude=True, settings=RandomizedSettings(tol=1e-14)).vectors
     np.testing.assert_allclose(tight @ tight.T, exact @ exact.T, atol=1e-8)
     # at the planner's default tolerance the subspace agrees to the energy's accuracy, and
     # eigen_decomposition's sign rule makes the two solvers agree vector by vector
@@ -73,8 +74,8 @@ def test_a_clear_gap_gives_the_same_projector_as_lapack() -> None:
 def test_stopping_rule_estimate_is_honest() -> None:
     C = decaying(400, power=0.7)  # slow decay: several iterations needed
     exact = captured(C, lapack_top(C, 64))
-    loose = randomized_eigh(C, 64, tol=1e-3)
-    tight = randomized_eigh(C, 64, tol=1e-8)
+    loose = randomized_eigh(C, 64, settings=RandomizedSettings(tol=1e-3))
+    tight = randomized_eigh(C, 64, settings=RandomizedSettings(tol=1e-8))
     assert loose.iterations < tight.iterations
     for result in (loose, tight):
         shortfall = 1 - captured(C, result.vectors) / exact
@@ -135,11 +136,13 @@ def test_torch_code_path_on_cpu_matches_numpy() -> None:
     pytest.importorskip("torch")
     C = decaying(300, signed=True)
     on_numpy = randomized_eigh(C, 40, by_magnitude=True)
-    on_torch = randomized_eigh(C, 40, by_magnitude=True, device="torch:cpu")
+    on_torch = randomized_eigh(C, 40, by_magnitude=True, settings=RandomizedSettings(device="torch:cpu"))
     assert on_torch.converged
     assert captured(C, on_torch.vectors) >= 0.9999 * captured(C, lapack_top(C, 40, True))
     np.testing.assert_allclose(on_torch.values, on_numpy.values, rtol=1e-3)  # same steps, other rounding
-    f32 = randomized_eigh(C, 40, by_magnitude=True, device="torch:cpu", precision="float32")
+    f32 = randomized_eigh(
+        C, 40, by_magnitude=True, settings=RandomizedSettings(device="torch:cpu", precision="float32")
+    )
     assert captured(C, f32.vectors) >= 0.9999 * captured(C, lapack_top(C, 40, True))
     values, vectors = eigen_decomposition(C, by_magnitude=True, top=40, solver="lapack", device="torch:cpu")
     np.testing.assert_allclose(vectors @ vectors.T, lapack_top(C, 40, True) @ lapack_top(C, 40, True).T, atol=1e-9)
@@ -151,7 +154,9 @@ def test_cuda_matches_lapack() -> None:
         pytest.skip("no CUDA device here: the torch code path is tested on the CPU (torch:cpu) instead")
     C = decaying(2048, signed=True)
     for precision in ("float64", "float32"):
-        result = randomized_eigh(C, 256, by_magnitude=True, device="cuda", precision=precision)  # type: ignore[arg-type]
+        result = randomized_eigh(
+            C, 256, by_magnitude=True, settings=RandomizedSettings(device="cuda", precision=precision)
+        )  # type: ignore[arg-type]
         assert captured(C, result.vectors) >= 0.9999 * captured(C, lapack_top(C, 256, True))
 
 

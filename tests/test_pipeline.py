@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 import espace_export
-from espace_export.calibration.statistics import collect_statistics, with_outputs
+from espace_export.calibration.statistics import StatisticsSettings, collect_statistics, with_outputs
 from espace_export.io.data import complete_feed, input_specs
 from espace_export.runtime import ort_session
 from espace_export.selection.candidates import eigen_decomposition
@@ -89,7 +89,7 @@ def test_theorem_1_holds_on_calibrated_statistics(sample_model: Callable[..., Pa
     model = onnx.load(str(sample_model("llama", "torchscript")))
     targets = find_targets(model)
     batches = [sample_inputs("llama", 2, 16, seed=s) for s in range(3)]
-    stats = collect_statistics(ort_session, model, targets, batches, precision="float64")
+    stats = collect_statistics(ort_session, model, targets, batches, StatisticsSettings(precision="float64"))
     specs = input_specs(model)
     name = targets[0].activation
     augmented = ort_session(with_outputs(model, [name], {name: onnx.TensorProto.FLOAT}))
@@ -115,8 +115,8 @@ def test_float32_products_keep_the_statistics_precise(sample_model: Callable[...
     model = onnx.load(str(sample_model("llama", "torchscript")))
     targets = find_targets(model)
     batches = [sample_inputs("llama", 2, 32, seed=s) for s in range(2)]
-    exact = collect_statistics(ort_session, model, targets, batches, precision="float64")
-    fast = collect_statistics(ort_session, model, targets, batches, precision="float32")
+    exact = collect_statistics(ort_session, model, targets, batches, StatisticsSettings(precision="float64"))
+    fast = collect_statistics(ort_session, model, targets, batches, StatisticsSettings(precision="float32"))
     for name in exact:
         C64, C32 = exact[name].C_X, fast[name].C_X
         assert np.linalg.norm(C32 - C64) / np.linalg.norm(C64) < 1e-5

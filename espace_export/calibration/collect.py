@@ -10,7 +10,7 @@ import onnx
 
 from espace_export._optional import require
 from espace_export.calibration import distributed
-from espace_export.calibration.statistics import StatsPrecision, collect_statistics
+from espace_export.calibration.statistics import StatisticsSettings, StatsPrecision, collect_statistics
 from espace_export.io.artifacts import Calibration, fingerprint
 from espace_export.io.data import input_specs
 from espace_export.progress import Progress
@@ -40,10 +40,8 @@ def calibrate_model(
     rank, world = distributed.init()
     batches = distributed.shard(batches, rank, world) if world > 1 else batches
     with bars.task("calibrating", len(batches)) as advance:
-        stats = collect_statistics(
-            ort_session, model, targets, batches, precision=precision, specs=specs, on_batch=advance,
-            normalized=normalized,
-        )  # fmt: skip
+        settings = StatisticsSettings(precision=precision, normalized=normalized, specs=tuple(specs), on_batch=advance)
+        stats = collect_statistics(ort_session, model, targets, batches, settings)
     grads = None
     if needs_gradients(methods):
         require("torch", extra="torch", purpose="the nl-mse candidates (activation gradients)")

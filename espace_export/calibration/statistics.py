@@ -114,44 +114,55 @@ def distinct_activations(targets: Sequence[GemmTarget]) -> dict[str, tuple[int, 
     return found
 
 
+@dataclass(frozen=True)
+class StatisticsSettings:
+    """How statistics are collected (:func:`collect_statistics`, :func:`collect_statistics_in_groups`).
+
+    ``precision``: each batch's Gram product in float32 (accumulated in float64) or float64.
+    ``normalized=False`` skips the L2-normalised sums (enough for the mse and go-mse candidates).
+    ``reduce`` picks where the Gram sums are formed: ``graph`` adds the reduction to the ONNX graph
+    (:mod:`graph_passes.statistics`, products in the runtime's GEMM kernels, activations never copied
+    out), ``host`` returns the activations and reduces them with BLAS ``syrk``; ``auto`` uses ``graph``
+    when the opset allows and falls back to ``host`` if the graph cannot run (the grouped path always
+    behaves as ``auto``). ``specs``: the model's inputs (default read from the model); ``on_batch()`` is
+    called after each batch (of each stage, when grouped).
+    """
+
+    precision: StatsPrecision = "float32"
+    normalized: bool = True
+    reduce: Literal["auto", "graph", "host"] = "auto"
+    specs: tuple[InputSpec, ...] | None = None
+    on_batch: Callable[[], None] | None = None
+
+    def with_specs(self, model: onnx.ModelProto) -> StatisticsSettings:
+        """These settings with ``specs`` filled in from ``model`` when not given."""
+        return self if self.specs is not None else replace(self, specs=tuple(input_specs(model)))
+
+
 def collect_statistics(
     session_factory: Callable[[onnx.ModelProto], object],
     model: onnx.ModelProto,
     targets: Sequence[GemmTarget],
     batches: Sequence[dict[str, np.ndarray]],
-    *,
-    precision: StatsPrecision = "float32",
-    specs: Sequence[InputSpec] | None = None,
-    on_batch: Callable[[], None] | None = None,
-    normalized: bool = True,
-    reduce: Literal["auto", "graph", "host"] = "auto",
+    settings: StatisticsSettings = StatisticsSettings(),
 ) -> dict[str, ActivationStats]:
-    """Statistics of every distinct activation the ``targets`` read, over ``batches``.
-
-    ``normalized=False`` skips the L2-normalised sums (enough for the mse and go-mse candidates).
-    ``reduce`` picks where the Gram sums are formed: ``graph`` adds the reduction to the ONNX graph
-    (:mod:`graph_passes.statistics`, products in the runtime's GEMM kernels, activations never copied
-    out), ``host`` returns the activations and reduces them with BLAS ``syrk``; ``auto`` uses ``graph``
-    when the opset allows and falls back to ``host`` if the graph cannot run.
-
-    ``session_factory`` turns the augmented model into an object with onnxruntime's ``run`` method.
+    """Statistics of every distinct activation the ``targets`` read, over ``batches`` (see
+    :class:`StatisticsSettings`). ``session_factory`` turns the augmented model into an object with
+    onnxruntime's ``run`` method.
     """
-    specs = list(specs) if specs is not None else input_specs(model)
+    settings = settings.with_specs(model)
+    specs = list(settings.specs or ())
     model, measured, keys = prefill_view(session_factory, model, targets, batches, specs)
     if keys:  # GEMMs inside If branches: measured on the main-graph copy of the branch the inputs select
-        stats = collect_statistics(
-            session_factory, model, measured, batches, precision=precision, specs=specs, on_batch=on_batch,
-            normalized=normalized, reduce=reduce,
-        )  # fmt: skip
+        stats = collect_statistics(session_factory, model, measured, batches, settings)
         return {original: stats[inlined] for original, inlined in keys.items()}
-    if reduce != "host" and default_opset(model) >= MIN_OPSET:
+    if settings.reduce != "host" and default_opset(model) >= MIN_OPSET:
         try:
-            return check_finite(
-                _collect_in_graph(session_factory, model, targets, batches, precision, specs, on_batch, normalized)
-            )
+            return check_finite(_collect_in_graph(session_factory, model, targets, batches, settings))
         except _GraphReductionUnavailable:
-            if reduce == "graph":
+            if settings.reduce == "graph":
                 raise
+    precision, normalized, on_batch = settings.precision, settings.normalized, settings.on_batch
     activations = distinct_activations(targets)
     names = list(activations)
     augmented = with_outputs(model, names, {n: t for n, (_, t) in activations.items()})
@@ -243,12 +254,10 @@ def _collect_in_graph(
     model: onnx.ModelProto,
     targets: Sequence[GemmTarget],
     batches: Sequence[dict[str, np.ndarray]],
-    precision: StatsPrecision,
-    specs: Sequence[InputSpec],
-    on_batch: Callable[[], None] | None,
-    normalized: bool,
+    settings: StatisticsSettings,
 ) -> dict[str, ActivationStats]:
     """Like :func:`collect_statistics`, with the Gram sums formed inside the graph."""
+    specs, precision, normalized = list(settings.specs or ()), settings.precision, settings.normalized
     widths = {name: K for name, (K, _) in distinct_activations(targets).items()}
     has_mask = any(spec.name == "attention_mask" for spec in specs)
     # Block activations are [batch, seq, K] (or [batch·seq, K]) and line up with the attention mask; if one
@@ -280,8 +289,8 @@ def _collect_in_graph(
             if out.gram_l2 and out.rows_l2:
                 target.sum_xx_normalized += values[out.gram_l2]
                 target.rows_normalized += int(round(float(values[out.rows_l2])))
-        if on_batch is not None:
-            on_batch()
+        if settings.on_batch is not None:
+            settings.on_batch()
     for target in stats.values():  # the GEMM forms both triangles; keep the sums exactly symmetric
         target.sum_xx = (target.sum_xx + target.sum_xx.T) / 2
         if normalized:
@@ -617,72 +626,206 @@ def stage_model(model: onnx.ModelProto, stage: Stage, input_types: Mapping[str, 
     return staged
 
 
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What one group of :func:`collect_statistics_in_groups` may hold: ``budget_bytes`` for its statistics,
+    the dense unpacking of its widest activation, and ``weight_factor`` × the weights its staged session
+    reads (see :func:`plan_groups`)."""
+
+    budget_bytes: int
+    weight_factor: float = 0.0
+
+
 def collect_statistics_in_groups(
     session_factory: Callable[[onnx.ModelProto], object],
     model: onnx.ModelProto,
     targets: Sequence[GemmTarget],
     batches: Sequence[dict[str, np.ndarray]],
-    budget_bytes: int,
+    budget: MemoryBudget,
     consume: Callable[[dict[str, PackedActivationStats]], None],
-    *,
-    precision: StatsPrecision = "float32",
-    specs: Sequence[InputSpec] | None = None,
-    normalized: bool = True,
-    weight_factor: float = 0.0,
-    on_batch: Callable[[], None] | None = None,
+    settings: StatisticsSettings = StatisticsSettings(),
     on_group: Callable[[int, int, CalibrationGroup], None] | None = None,
 ) -> GroupedCalibration:
     """The statistics of :func:`collect_statistics`, under a memory budget, handed over one group at a time.
 
-    The activations are split by :func:`plan_groups` into consecutive groups that fit ``budget_bytes``; the
+    The activations are split by :func:`plan_groups` into consecutive groups that fit ``budget``; the
     graph is cut into one stage per group (:func:`stage_graph`), and each stage runs on every batch from the
     tensors the previous stages left (cached, per batch), so the whole calibration costs about one forward
     pass however many groups there are, and each session holds only its stage's weights. A group's sums are
     packed upper triangles in float64; ``consume`` gets them when the group is done and may decompose them —
-    they are dropped before the next group starts. Same numbers as :func:`collect_statistics` (up to the
-    runtime's rounding when a fusion straddles a cut).
+    they are dropped before the next group starts, and the freed heap is handed back to the system
+    (:func:`release_freed_memory`), so the resident memory does not grow with depth. Same numbers as
+    :func:`collect_statistics` (up to the runtime's rounding when a fusion straddles a cut).
 
-    The reduction is formed in the graph (opset ≥ 13) or, failing that, on the host. ``on_group(index,
-    count, group)`` is called as each group starts, ``on_batch()`` after each batch of each stage.
+    The reduction is formed in the graph (opset ≥ 13) or, failing that, on the host (``settings.reduce`` is
+    not consulted). ``on_group(index, count, group)`` is called as each group starts.
     """
-    specs = list(specs) if specs is not None else input_specs(model)
-    groups = plan_groups(targets, budget_bytes, normalized=normalized, precision=precision, weight_factor=weight_factor)
-    widths = {name: K for name, (K, _) in distinct_activations(targets).items()}
-    activation_types = {name: t for name, (_, t) in distinct_activations(targets).items()}
+    settings = settings.with_specs(model)
+    groups = plan_groups(
+        targets, budget.budget_bytes, normalized=settings.normalized, precision=settings.precision,
+        weight_factor=budget.weight_factor,
+    )  # fmt: skip
+    activations = distinct_activations(targets)
     stages = stage_graph(model, [g.activations for g in groups])
-    has_mask = any(spec.name == "attention_mask" for spec in specs)
-    in_graph = default_opset(model) >= MIN_OPSET
-    feeds = [complete_feed(batch, specs) for batch in batches]
-    cache: list[dict[str, np.ndarray]] = [{} for _ in batches]  # boundary tensors, per batch
+    runner = _StageRunner(session_factory, model, batches, settings, {n: t for n, (_, t) in activations.items()})
     result = GroupedCalibration(groups)
     for index, (group, stage) in enumerate(zip(groups, stages, strict=True)):
         if on_group is not None:
             on_group(index, len(groups), group)
-        types = {name: onnx.helper.np_dtype_to_tensor_dtype(cache[0][name].dtype) for name in stage.inputs}
-        staged = stage_model(model, stage, types)
-        stats = {name: PackedActivationStats(widths[name], normalized) for name in group.activations}
+        stats = runner.run(stage, {name: activations[name][0] for name in group.activations})
         result.peak_statistics_bytes = max(result.peak_statistics_bytes, sum(s.nbytes for s in stats.values()))
         result.stage_nodes.append(len(stage.nodes))
         result.stage_weight_bytes.append(_initializer_bytes(model, stage.initializers))
-        run_stage = _graph_stage if in_graph else _host_stage
-        try:
-            run_stage(session_factory, staged, stage, stats, feeds, cache, precision, has_mask, activation_types,
-                      on_batch)  # fmt: skip
-        except _GraphReductionUnavailable:
-            if not in_graph:
-                raise
-            in_graph = False
-            del stats
-            stats = {name: PackedActivationStats(widths[name], normalized) for name in group.activations}
-            _host_stage(session_factory, staged, stage, stats, feeds, cache, precision, has_mask, activation_types,
-                        on_batch)  # fmt: skip
-        result.peak_boundary_bytes = max(
-            result.peak_boundary_bytes, sum(v.nbytes for values in cache for v in values.values())
-        )
+        result.peak_boundary_bytes = max(result.peak_boundary_bytes, runner.boundary_bytes())
         _check_packed_finite(stats)
         consume(stats)
         del stats  # before the next group's sums are allocated
+        release_freed_memory()
     return result
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the operating system (glibc ``malloc_trim``).
+
+    glibc serves blocks below its mmap threshold (which grows to 32 MiB once a large block is freed) from
+    heaps it keeps: the runtime's per-run buffers, a stage's weights and the statistics of a finished group
+    are freed there but stay resident, and the next group, with different sizes, cannot always reuse them.
+    Without this, resident memory grew by about a block's worth per group (``benchmarks/scale.py``). A no-op
+    where the C library has no ``malloc_trim``.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+class _StageRunner:
+    """Runs one stage of the staged graph over every batch: its session, the batch loop, the boundary cache.
+
+    ``boundary``: per batch, the tensors later stages read (hidden states, the causal mask …), kept between
+    stages and dropped once no later stage needs them. The reduction is formed in the graph while the opset
+    allows and the augmented graph runs; once it fails, this and every later stage reduce on the host.
+    """
+
+    def __init__(
+        self,
+        session_factory: Callable[[onnx.ModelProto], object],
+        model: onnx.ModelProto,
+        batches: Sequence[dict[str, np.ndarray]],
+        settings: StatisticsSettings,
+        activation_types: dict[str, int],
+    ) -> None:
+        self.session_factory = session_factory
+        self.model = model
+        self.settings = settings
+        self.feeds = [complete_feed(batch, list(settings.specs or ())) for batch in batches]
+        self.boundary: list[dict[str, np.ndarray]] = [{} for _ in batches]
+        self.has_mask = any(spec.name == "attention_mask" for spec in settings.specs or ())
+        self.in_graph = default_opset(model) >= MIN_OPSET
+        self.activation_types = activation_types
+
+    def boundary_bytes(self) -> int:
+        return sum(v.nbytes for values in self.boundary for v in values.values())
+
+    def run(self, stage: Stage, widths: dict[str, int]) -> dict[str, PackedActivationStats]:
+        """The packed statistics of the activations ``widths`` (name → K), from one pass of ``stage``."""
+        types = {name: onnx.helper.np_dtype_to_tensor_dtype(self.boundary[0][name].dtype) for name in stage.inputs}
+        staged = stage_model(self.model, stage, types)
+        if self.in_graph:
+            stats = self._fresh(widths)
+            try:
+                self._run_in_graph(staged, stage, stats)
+                return stats
+            except _GraphReductionUnavailable:
+                self.in_graph = False
+                del stats
+        stats = self._fresh(widths)
+        self._run_on_host(staged, stage, stats)
+        return stats
+
+    def _fresh(self, widths: dict[str, int]) -> dict[str, PackedActivationStats]:
+        return {name: PackedActivationStats(K, self.settings.normalized) for name, K in widths.items()}
+
+    def _run_in_graph(self, staged: onnx.ModelProto, stage: Stage, stats: dict[str, PackedActivationStats]) -> None:
+        widths = {name: entry.K for name, entry in stats.items()}
+        try:
+            augmented, outputs = add_gram_outputs(
+                staged, widths, mask_input="attention_mask" if self.has_mask else None,
+                masked=set(widths) if self.has_mask else set(), normalized=self.settings.normalized,
+                precision=self.settings.precision,
+            )  # fmt: skip
+            session = self.session_factory(augmented)
+        except Exception as exc:
+            raise _GraphReductionUnavailable(str(exc)) from exc
+        del augmented
+        names = list(stage.outputs)
+        for out in outputs.values():
+            names += [out.gram, out.rows] + ([out.gram_l2, out.rows_l2] if out.gram_l2 and out.rows_l2 else [])
+
+        def reduce(values: dict[str, np.ndarray], feed: dict[str, np.ndarray]) -> None:
+            for name, out in outputs.items():
+                gram_l2 = values[out.gram_l2] if out.gram_l2 else None
+                rows_l2 = int(round(float(values[out.rows_l2]))) if out.rows_l2 else 0
+                stats[name].add_gram(values[out.gram], int(round(float(values[out.rows]))), gram_l2, rows_l2)
+
+        self._batches(session, stage, names, reduce, fallback_on_first=True)
+
+    def _run_on_host(self, staged: onnx.ModelProto, stage: Stage, stats: dict[str, PackedActivationStats]) -> None:
+        produced = {out for node in stage.nodes for out in node.output}
+        computed = [name for name in stats if name in produced and name not in stage.outputs]
+        augmented = with_outputs(staged, computed, self.activation_types)
+        with runtime_errors("to load the model", _LOAD_FIX):
+            session = self.session_factory(augmented)
+        del augmented
+
+        def reduce(values: dict[str, np.ndarray], feed: dict[str, np.ndarray]) -> None:
+            for name, entry in stats.items():
+                rows = (values[name] if name in values else feed[name]).reshape(-1, entry.K)
+                mask = token_mask(feed, rows.shape[0])
+                entry.add(rows if mask is None else rows[mask], self.settings.precision)
+
+        self._batches(session, stage, list(stage.outputs) + computed, reduce, fallback_on_first=False)
+
+    def _batches(
+        self,
+        session: object,
+        stage: Stage,
+        names: list[str],
+        reduce: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None],
+        fallback_on_first: bool,
+    ) -> None:
+        """Run ``session`` on every batch (its feed plus the boundary tensors the stage reads), ``reduce``
+        each run's outputs, keep what later stages read; a failure on the first batch is
+        :class:`_GraphReductionUnavailable` when ``fallback_on_first``."""
+        for index, feed in enumerate(self.feeds):
+            cached = self.boundary[index]
+            run_feed = {**feed, **{name: cached[name] for name in stage.inputs}}
+            try:
+                with runtime_errors("on a calibration batch", _BATCH_FIX):
+                    values = dict(zip(names, session.run(names, run_feed), strict=True))  # type: ignore[attr-defined]
+            except Exception as exc:
+                if fallback_on_first and index == 0:
+                    raise _GraphReductionUnavailable(str(exc)) from exc
+                raise
+            reduce(values, run_feed)
+            for name in list(cached):  # keep what later stages read; drop what none needs any more
+                if name not in stage.keep:
+                    del cached[name]
+            for name in stage.outputs:
+                cached[name] = values[name]
+            del values, run_feed
+            if self.settings.on_batch is not None:
+                self.settings.on_batch()
 
 
 def _initializer_bytes(model: onnx.ModelProto, names: Sequence[str]) -> int:
@@ -701,91 +844,3 @@ def _check_packed_finite(stats: dict[str, PackedActivationStats]) -> None:
                 f"activation '{name}' reached inf/NaN during calibration: the model overflows on these inputs",
                 "calibrate a float32 export of the model, or --exclude the layers reading it",
             )
-
-
-def _keep_boundary(cache: dict[str, np.ndarray], stage: Stage, values: dict[str, np.ndarray]) -> None:
-    """Keep what later stages read; drop what no later stage needs any more."""
-    for name in list(cache):
-        if name not in stage.keep:
-            del cache[name]
-    for name in stage.outputs:
-        cache[name] = values[name]
-
-
-def _graph_stage(
-    session_factory: Callable[[onnx.ModelProto], object],
-    staged: onnx.ModelProto,
-    stage: Stage,
-    stats: dict[str, PackedActivationStats],
-    feeds: Sequence[dict[str, np.ndarray]],
-    cache: list[dict[str, np.ndarray]],
-    precision: StatsPrecision,
-    has_mask: bool,
-    activation_types: dict[str, int],
-    on_batch: Callable[[], None] | None,
-) -> None:
-    widths = {name: entry.K for name, entry in stats.items()}
-    normalized = any(entry.normalized for entry in stats.values())
-    boundary = list(stage.outputs)
-    try:
-        augmented, outputs = add_gram_outputs(
-            staged, widths, mask_input="attention_mask" if has_mask else None,
-            masked=set(widths) if has_mask else set(), normalized=normalized, precision=precision,
-        )  # fmt: skip
-        session = session_factory(augmented)
-    except Exception as exc:
-        raise _GraphReductionUnavailable(str(exc)) from exc
-    names = list(boundary)
-    for out in outputs.values():
-        names += [out.gram, out.rows] + ([out.gram_l2, out.rows_l2] if out.gram_l2 and out.rows_l2 else [])
-    for index, feed in enumerate(feeds):
-        run_feed = {**feed, **{name: cache[index][name] for name in stage.inputs}}
-        try:
-            with runtime_errors("on a calibration batch", _BATCH_FIX):
-                values = dict(zip(names, session.run(names, run_feed), strict=True))  # type: ignore[attr-defined]
-        except Exception as exc:
-            if index == 0:
-                raise _GraphReductionUnavailable(str(exc)) from exc
-            raise
-        for name, out in outputs.items():
-            gram_l2 = values[out.gram_l2] if out.gram_l2 else None
-            rows_l2 = int(round(float(values[out.rows_l2]))) if out.rows_l2 else 0
-            stats[name].add_gram(values[out.gram], int(round(float(values[out.rows]))), gram_l2, rows_l2)
-        _keep_boundary(cache[index], stage, values)
-        del values
-        if on_batch is not None:
-            on_batch()
-
-
-def _host_stage(
-    session_factory: Callable[[onnx.ModelProto], object],
-    staged: onnx.ModelProto,
-    stage: Stage,
-    stats: dict[str, PackedActivationStats],
-    feeds: Sequence[dict[str, np.ndarray]],
-    cache: list[dict[str, np.ndarray]],
-    precision: StatsPrecision,
-    has_mask: bool,
-    activation_types: dict[str, int],
-    on_batch: Callable[[], None] | None,
-) -> None:
-    boundary = list(stage.outputs)
-    produced = {out for node in stage.nodes for out in node.output}
-    computed = [name for name in stats if name in produced and name not in boundary]
-    augmented = with_outputs(staged, computed, activation_types)
-    with runtime_errors("to load the model", _LOAD_FIX):
-        session = session_factory(augmented)
-    names = boundary + computed
-    for index, feed in enumerate(feeds):
-        run_feed = {**feed, **{name: cache[index][name] for name in stage.inputs}}
-        with runtime_errors("on a calibration batch", _BATCH_FIX):
-            values = dict(zip(names, session.run(names, run_feed), strict=True))  # type: ignore[attr-defined]
-        for name, entry in stats.items():
-            value = values[name] if name in values else run_feed[name]
-            rows = value.reshape(-1, entry.K)
-            mask = token_mask(feed, rows.shape[0])
-            entry.add(rows if mask is None else rows[mask], precision)
-        _keep_boundary(cache[index], stage, values)
-        del values
-        if on_batch is not None:
-            on_batch()

@@ -160,7 +160,8 @@ def eigen_decomposition(
     settings = solver_settings()
     device = device or settings.device
     if uses_randomized(K, top, solver):
-        result = randomized_eigh(C, top, by_magnitude=by_magnitude, precision=settings.precision, device=device)
+        iteration = RandomizedSettings(precision=settings.precision, device=device)
+        result = randomized_eigh(C, top, by_magnitude=by_magnitude, settings=iteration)
         values, vectors = result.values, result.vectors
     elif device != "cpu":
         values, vectors = _torch_eigh(C, device)
@@ -219,19 +220,25 @@ class RandomizedEigen:
     converged: bool
 
 
+@dataclass(frozen=True)
+class RandomizedSettings:
+    """How :func:`randomized_eigh` iterates: ``oversample`` extra block vectors (default max(16, top/4)),
+    Chebyshev filter ``degree``, stopping ``tol`` on the estimated energy shortfall, ``lock_tol`` on the
+    relative residual of a Ritz pair it locks, at most ``max_iter`` iterations, ``precision`` of the
+    iterations, ``device`` (``cpu`` or a torch device) and the ``seed`` of the start block."""
+
+    oversample: int | None = None
+    degree: int = 4
+    tol: float = 1e-5
+    lock_tol: float = 1e-10
+    max_iter: int = 30
+    precision: Precision = "float64"
+    device: str = "cpu"
+    seed: int = 0
+
+
 def randomized_eigh(
-    C: np.ndarray,
-    top: int,
-    *,
-    by_magnitude: bool = False,
-    oversample: int | None = None,
-    degree: int = 4,
-    tol: float = 1e-5,
-    lock_tol: float = 1e-10,
-    max_iter: int = 30,
-    precision: Precision = "float64",
-    device: str = "cpu",
-    seed: int = 0,
+    C: np.ndarray, top: int, *, by_magnitude: bool = False, settings: RandomizedSettings = RandomizedSettings()
 ) -> RandomizedEigen:
     """The ``top`` eigenpairs of the symmetric K×K ``C`` with the largest ``|λ|``, by randomized subspace
     iteration with a Rayleigh–Ritz step every iteration (Halko, Martinsson & Tropp 2011, alg. 4.4/5.3;
@@ -266,11 +273,13 @@ def randomized_eigh(
     K = C.shape[0]
     if not 1 <= top <= K:
         raise ValueError(f"top={top} outside [1, {K}]")
+    precision, tol, max_iter, degree = settings.precision, settings.tol, settings.max_iter, settings.degree
+    oversample = settings.oversample
     if oversample is None:
         oversample = max(16, math.ceil(0.25 * top))
     block = min(K, top + oversample)
-    ops = _LinearAlgebra(device)
-    start = np.random.default_rng(seed).standard_normal((K, block))
+    ops = _LinearAlgebra(settings.device)
+    start = np.random.default_rng(settings.seed).standard_normal((K, block))
     C_iter = ops.array(C, np.float32 if precision == "float32" else np.float64)
 
     def ritz(C_used: Any, Q_used: Any) -> tuple[Any, Any, Any, float]:
@@ -289,7 +298,7 @@ def randomized_eigh(
         # lock the leading Ritz pairs that have converged: they pass through unchanged, and the filter
         # runs on the rest with C deflated by them (so its degree is not capped by the outliers' |λ|)
         residuals = ops.numpy(ops.column_norms(CV - V * theta[None, :]))
-        converged_pairs = residuals <= lock_tol * abs(float(ops.numpy(theta[:1])[0]))
+        converged_pairs = residuals <= settings.lock_tol * abs(float(ops.numpy(theta[:1])[0]))
         locked = min(int(np.argmin(converged_pairs)) if not converged_pairs.all() else block, top)
         filtered = _chebyshev_filter(
             ops, _deflated(C_iter, V[:, :locked], theta[:locked]), V[:, locked:], CV[:, locked:],
