@@ -23,6 +23,7 @@ from espace_export.errors import EspaceError
 from espace_export.io.data import check_calibration_sizes, compile_patterns
 from espace_export.selection.candidates import CANDIDATES, EIGEN_SOLVERS
 from espace_export.selection.factorizations import AUTO_METHODS, METHODS
+from espace_export.selection.planner import GRADIENT_METHODS
 from espace_export.selection.ranks import SIBLING_MODES, check_ratio, check_siblings, parse_rank_rule
 from espace_export.selection.validation import VALIDATION_LOSSES
 
@@ -258,15 +259,25 @@ class SelectionOptions:
 
     @property
     def methods(self) -> list[str]:
-        return resolve_methods(self.method_name)
+        """The methods to try; the preset's ``auto`` without the gradient candidates where torch is absent
+        (they need it; a core install still gets the recommended path, and its report says so)."""
+        methods = resolve_methods(self.method_name)
+        if self.method is None and self.method_name == "auto" and not torch_installed():
+            return [m for m in methods if m not in GRADIENT_METHODS]
+        return methods
 
     def summary(self) -> dict[str, Any]:
         """The settings a run used, for its report: the preset (``custom`` where something was chosen
-        explicitly), the method and selection, and why the fast preset was used when it was not asked for."""
+        explicitly), the method and selection, and why the run differs from what was asked (``note``): the
+        fast preset used without being asked for, or the preset's ``auto`` without torch."""
         settings = {"preset": "custom" if self.explicit else self.preset, "method": self.method_name,
                     "select": self.select}  # fmt: skip
-        if self.fallback and not self.fast and self.from_preset:
-            settings["note"] = self.fallback
+        notes = [self.fallback] if self.fallback and not self.fast and self.from_preset else []
+        dropped = [m for m in resolve_methods(self.method_name) if m not in self.methods]
+        if dropped:
+            notes.append(f"torch is not installed, so auto leaves out {', '.join(dropped)} (the torch extra adds them)")
+        if notes:
+            settings["note"] = "; ".join(notes)
         return settings
 
     @property
@@ -275,6 +286,13 @@ class SelectionOptions:
         return self.select_mode is None or (
             self.method is None and self.candidate is None and self.select_mode != "none"
         )
+
+
+def torch_installed() -> bool:
+    """Whether torch can be found (not imported: that takes seconds), for the gradient candidates."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 #: ``(method, select)`` of each preset: what fills --method and --select when they are not given.

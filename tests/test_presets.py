@@ -149,3 +149,24 @@ def test_staged_report_names_the_plans_settings(
     assert code == 0, err
     report = json.loads(out.with_name("applied.report.json").read_text())
     assert report["settings"] == {"preset": "custom", "method": "mse", "select": "proxy"}
+
+
+def test_recommended_without_torch_leaves_out_the_gradient_candidates(
+    model_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A core install (no torch) still runs the recommended path: auto without nl-mse, said in one line."""
+    import espace_export.options
+
+    monkeypatch.setattr(espace_export.options, "torch_installed", lambda: False)
+    model, data = model_and_data
+    report, _, _, stderr = compress_cli(model, data, tmp_path / "core.onnx", [], capsys)
+    forward = [m for m in AUTO_METHODS if not m.startswith("nl-")]
+    assert report["selection"]["methods"] == forward and report["select"] == "validate"
+    assert (
+        report["settings"]["preset"] == "recommended" and "leaves out nl-mse, nl-mse-l2" in report["settings"]["note"]
+    )
+    assert len([line for line in stderr.splitlines() if line.startswith("note:")]) == 1
+    # asked for explicitly, auto keeps every candidate (and needs torch, with its one-line error if absent)
+    selection = CompressOptions.from_settings(calib_text="builtin:pydoc", method="auto").selection
+    assert selection.methods == list(AUTO_METHODS) and "note" not in selection.summary()
