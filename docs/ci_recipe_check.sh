@@ -52,7 +52,7 @@ cd "$work"
 echo "--- workdir $work: sample model, calibration arrays, baseline"
 python "$repo/samples/make_models.py" --arch llama --exporter torchscript --hidden 64 --intermediate 128 \
     --vocab 256 --layers 2 -o model.onnx >/dev/null
-python -c "import numpy as np; np.savez('calib.npz', input_ids=np.random.default_rng(0).integers(0, 256, (8, 32)))"
+python -c "import numpy as np; np.savez('calib.npz', input_ids=np.random.default_rng(0).integers(0, 256, (16, 32)))"  # 4 batches: calibration, validation, held out
 "${cli[@]}" compress model.onnx --ratio 0.5 --calib-data calib.npz -o baseline/model.espace.onnx -q
 "${cli[@]}" profile model.onnx baseline/model.espace.onnx --backend ort-cpu --seq 32 --warmup 3 --repeats 3 \
     -o baseline/latency.json -q >/dev/null

@@ -23,6 +23,7 @@ from espace_export.errors import EspaceError
 from espace_export.io.data import check_calibration_sizes, compile_patterns
 from espace_export.selection.candidates import CANDIDATES, EIGEN_SOLVERS
 from espace_export.selection.factorizations import AUTO_METHODS, METHODS
+from espace_export.selection.planner import GRADIENT_METHODS
 from espace_export.selection.ranks import SIBLING_MODES, check_ratio, check_siblings, parse_rank_rule
 from espace_export.selection.validation import VALIDATION_LOSSES
 
@@ -84,8 +85,9 @@ class DataOptions:
     )
     max_memory: str | None = option(
         None,
-        "Memory budget (12G, 800M, 50%): with --select none and --method mse or nmse the model is calibrated and "
-        "compressed group by group, each on a slice of the graph, and never held whole [default: off].",
+        "Memory budget (12G, 800M, 50%): the model is calibrated and compressed group by group, each on a slice "
+        "of the graph, and never held whole; takes the fast settings (explicitly: --select none, --method mse or "
+        "nmse) [default: off].",
         panel=_CALIBRATION,
     )
     validation: float = option(
@@ -159,23 +161,42 @@ class RankOptions:
 
 @dataclass(frozen=True)
 class SelectionOptions:
-    """What factorizes each layer and how layers are chosen to meet the ratio."""
+    """What factorizes each layer and how layers are chosen to meet the ratio.
 
-    candidate: str = option("mse", "Projection candidate (paper §3).", panel=_PROJECTION, choices=CANDIDATES)
+    ``method`` and ``select`` left unset come from a preset (:data:`PRESETS`): ``recommended`` (``auto`` scored
+    by ``validate``: the best result, minutes on a small model) or, with ``fast``, the cheap path (``mse``, no
+    selection: seconds). What is given explicitly always wins; ``--select none`` alone takes ``--candidate``.
+    :class:`CompressOptions` switches to the fast preset where the recommended one cannot run or means
+    nothing (``fallback`` says why).
+    """
+
+    candidate: str | None = option(
+        None, "Projection candidate (paper §3) of single-method runs [default: mse].", panel=_PROJECTION,
+        choices=CANDIDATES,
+    )  # fmt: skip
     method: str | None = option(
         None,
         "best: the six candidates, best per layer; svd/asvd/whitened-svd: baselines; oblique: whitened SVD as a "
         "static (A, M) pair that still heals; auto: six + oblique "
-        "[default: --candidate].",
+        "[default: auto; with --fast or --select none: --candidate].",
         panel=_SELECTION,
         choices=METHOD_CHOICES,
     )
-    select: str = option(
-        "none",
+    select_mode: str | None = option(
+        None,
         "none: every layer at --ratio; validate: score each layer x method on validation batches, then apply "
-        "progressively to --ratio; proxy: same, scored by the calibrated output error (no extra passes).",
+        "progressively to --ratio; proxy: same, scored by the calibrated output error (no extra passes) "
+        "[default: validate; with --fast: none].",
+        "--select",
         panel=_SELECTION,
         choices=SELECT_MODES,
+    )
+    fast: bool = option(
+        False,
+        "The cheapest useful run: --method mse --select none (seconds instead of minutes, lower fidelity); an "
+        "explicit --method/--select still wins.",
+        "--fast",
+        panel=_SELECTION,
     )
     max_layer_loss: float | None = option(
         None, "Skip layers whose alone loss increase exceeds this (relative; paper 0.02).", panel=_SELECTION
@@ -204,21 +225,78 @@ class SelectionOptions:
     full_curve: bool = option(
         True, "Trace the progressive curve past the target (for --curve and --stop knee).", cli=False
     )
+    fallback: str | None = option(None, "Why the fast preset replaced the recommended one.", cli=False)
 
     def __post_init__(self) -> None:
-        _choice(self.candidate, CANDIDATES, "candidate")
+        if self.candidate is not None:
+            _choice(self.candidate, CANDIDATES, "candidate")
         resolve_methods(self.method_name)
         _choice(self.select, SELECT_MODES, "selection")
         _choice(self.stop, STOP_RULES, "stop rule")
         _choice(self.valid_loss, VALIDATION_LOSSES, "validation loss")
 
     @property
+    def preset(self) -> str:
+        """``fast`` (asked for, or a fallback) or ``recommended``: what fills the options left unset."""
+        return "fast" if self.fast or self.fallback else "recommended"
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the method or the selection was chosen explicitly (then the preset fills only the rest)."""
+        return self.method is not None or self.candidate is not None or self.select_mode is not None
+
+    @property
+    def select(self) -> str:
+        return self.select_mode if self.select_mode is not None else PRESETS[self.preset][1]
+
+    @property
     def method_name(self) -> str:
-        return self.method if self.method is not None else self.candidate
+        if self.method is not None:
+            return self.method
+        if self.candidate is not None or self.select_mode == "none":
+            return self.candidate or "mse"
+        return PRESETS[self.preset][0]
 
     @property
     def methods(self) -> list[str]:
-        return resolve_methods(self.method_name)
+        """The methods to try; the preset's ``auto`` without the gradient candidates where torch is absent
+        (they need it; a core install still gets the recommended path, and its report says so)."""
+        methods = resolve_methods(self.method_name)
+        if self.method is None and self.method_name == "auto" and not torch_installed():
+            return [m for m in methods if m not in GRADIENT_METHODS]
+        return methods
+
+    def summary(self) -> dict[str, Any]:
+        """The settings a run used, for its report: the preset (``custom`` where something was chosen
+        explicitly), the method and selection, and why the run differs from what was asked (``note``): the
+        fast preset used without being asked for, or the preset's ``auto`` without torch."""
+        settings = {"preset": "custom" if self.explicit else self.preset, "method": self.method_name,
+                    "select": self.select}  # fmt: skip
+        notes = [self.fallback] if self.fallback and not self.fast and self.from_preset else []
+        dropped = [m for m in resolve_methods(self.method_name) if m not in self.methods]
+        if dropped:
+            notes.append(f"torch is not installed, so auto leaves out {', '.join(dropped)} (the torch extra adds them)")
+        if notes:
+            settings["note"] = "; ".join(notes)
+        return settings
+
+    @property
+    def from_preset(self) -> bool:
+        """Whether the preset decided the method or the selection (something was left unset)."""
+        return self.select_mode is None or (
+            self.method is None and self.candidate is None and self.select_mode != "none"
+        )
+
+
+def torch_installed() -> bool:
+    """Whether torch can be found (not imported: that takes seconds), for the gradient candidates."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+#: ``(method, select)`` of each preset: what fills --method and --select when they are not given.
+PRESETS = {"recommended": ("auto", "validate"), "fast": ("mse", "none")}
 
 
 @dataclass(frozen=True)
@@ -242,7 +320,13 @@ class OutputOptions:
     progress: bool = option(False, "Show progress bars.", cli=False)
 
 
-_LEGACY_NAMES = {"report_path": "report", "plan_path": "plan", "curve_path": "curve", "validation_loss": "valid_loss"}
+_LEGACY_NAMES = {
+    "report_path": "report",
+    "plan_path": "plan",
+    "curve_path": "curve",
+    "validation_loss": "valid_loss",
+    "select": "select_mode",
+}
 
 
 @dataclass(frozen=True)
@@ -255,6 +339,11 @@ class CompressOptions:
     output: OutputOptions = field(default_factory=OutputOptions)
 
     GROUPS = ("data", "ranks", "selection", "output")
+
+    def __post_init__(self) -> None:
+        reason = fast_fallback(self.data)
+        if reason != self.selection.fallback:
+            object.__setattr__(self, "selection", dataclasses.replace(self.selection, fallback=reason))
 
     @classmethod
     def from_settings(cls, base: CompressOptions | None = None, **settings: Any) -> CompressOptions:
@@ -271,6 +360,16 @@ class CompressOptions:
                 value = tuple(value or ())
             routed[group][name] = value
         return cls(**{group: dataclasses.replace(getattr(base, group), **routed[group]) for group in cls.GROUPS})
+
+
+def fast_fallback(data: DataOptions) -> str | None:
+    """Why the recommended preset (selection scored on validation batches, the whole model in memory) gives
+    way to the fast one for this data, or None: under --max-memory, or on random calibration ids."""
+    if data.max_memory is not None:
+        return "--max-memory compresses group by group, which takes the fast settings"
+    if data.calib_data is None and data.calib_text is None:
+        return "random calibration ids, on which selection would score noise: give --calib-text or --calib-data"
+    return None
 
 
 def group_class(group: str) -> type:

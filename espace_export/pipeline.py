@@ -316,7 +316,7 @@ def plan(
         chosen = make_plan(inputs, plan_settings, validator=validator, on_step=bars.stepper())
     chosen.info.update(
         {"model": str(run.model_path), "layer_ratio": run.options.ranks.per_layer(selection.select),
-         "rank_rule": str(run.options.ranks.rank_rule)}
+         "rank_rule": str(run.options.ranks.rank_rule), "settings": selection.summary()}
     )  # fmt: skip
     if validator is not None:
         chosen.info["validation"] = {"batches": len(run.batches.validation), "passes": validator.passes}
@@ -460,6 +460,7 @@ def compression_report(
         "candidate": options.selection.methods[0],
         "method": options.selection.method_name if plan.select == "none" else "+".join(plan.methods),
         "select": plan.select,
+        "settings": plan.info.get("settings", options.selection.summary()),  # the preset the plan was made with
         "siblings": plan.info.get("siblings", options.ranks.siblings),
         "rank_rule": str(options.ranks.rank_rule),
         "min_rank": options.ranks.min_rank,
@@ -546,7 +547,8 @@ def compress_bounded(run: Run, output: Path, report_path: Path) -> CompressionRe
     report: dict[str, Any] = {
         "tool": "espace-export", "version": __version__, "model": str(run.model_path), "output": str(output),
         "ratio_requested": ranks.ratio if ranks.rank is None else None, "rank_forced": ranks.rank,
-        "candidate": method, "method": method, "select": "none", "siblings": ranks.siblings,
+        "candidate": method, "method": method, "select": "none", "settings": options.selection.summary(),
+        "siblings": ranks.siblings,
         "rank_rule": str(ranks.rank_rule), "min_rank": ranks.min_rank,
         "targeted_params_before": result.targeted_params_before, "targeted_params_after": result.targeted_params_after,
         "targeted_compression": 1.0 - result.targeted_params_after / result.targeted_params_before,

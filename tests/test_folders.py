@@ -64,7 +64,7 @@ def test_folder_output_is_a_drop_in_copy(tmp_path: Path) -> None:
             result = compress(
                 source.model, rank=64, include_heads=True, output=model_path, report_path=report_path_for(out),
                 calib_text="builtin:pydoc", tokenizer=source.tokenizer_dir, seq_len=8, num_batches=2, batch_size=2,
-                holdout=0.0,
+                holdout=0.0, fast=True,
             )  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == sorted([source.model.name, *(p.name for p in source.sidecars)])
     assert result.report["layers_compressed"] == 5

@@ -190,6 +190,7 @@ def test_torch_calibration_finds_the_same_subspaces_as_the_onnx_path(tmp_path: P
         calib_data=tmp_path / "calib.npz",
         batch_size=4,
         holdout=0,
+        fast=True,
     )
     from_onnx = heal.load_projections(result.output)
     batch = {k: torch.from_numpy(v) for k, v in feeds.items()}

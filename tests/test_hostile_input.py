@@ -134,7 +134,9 @@ def test_bad_float_calibration_arrays(poison: str, tmp_path: Path, capsys: pytes
     np.savez(tmp_path / "calib.npz", ids=ids, x2=x2)
     inputs = {p: digest(p) for p in (source, tmp_path / "calib.npz")}
     output = tmp_path / "out.onnx"
-    code, err = run_cli([str(source), "-o", str(output), "-q", "--calib-data", str(tmp_path / "calib.npz")], capsys)
+    code, err = run_cli(
+        [str(source), "-o", str(output), "-q", "--fast", "--calib-data", str(tmp_path / "calib.npz")], capsys
+    )
     assert code == 2
     assert_clean_outcome(code, err, output, inputs)
 
@@ -150,7 +152,7 @@ def test_good_float_calibration_arrays_work(tmp_path: Path, capsys: pytest.Captu
         x2=rng.standard_normal((8, HIDDEN)).astype(np.float32),
     )
     output = tmp_path / "out.onnx"
-    args = [str(source), "-o", str(output), "-q", "--calib-data", str(tmp_path / "calib.npz"), "--rank", "4"]
+    args = [str(source), "-o", str(output), "-q", "--fast", "--calib-data", str(tmp_path / "calib.npz"), "--rank", "4"]
     code, err = run_cli(args + ["--batch-size", "2"], capsys)
     assert code == 0, err
     onnx.checker.check_model(str(output))

@@ -71,7 +71,7 @@ def _compressed(source_dir: Path, out: Path, **settings: object) -> Path:
         with output_folder(source, out) as model_path:
             compress(
                 source.model, output=model_path, report_path=report_path_for(out), calib_text="builtin:pydoc",
-                tokenizer=source.tokenizer_dir, seq_len=32, num_batches=4, batch_size=2, holdout=0.0,
+                tokenizer=source.tokenizer_dir, seq_len=32, num_batches=4, batch_size=2, holdout=0.0, fast=True,
                 **settings,  # type: ignore[arg-type]
             )  # fmt: skip
     return out

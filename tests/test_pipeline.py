@@ -156,7 +156,7 @@ def test_folded_values_beyond_float16_are_reported(tmp_path: Path) -> None:
     np.savez(tmp_path / "c.npz", ids=rng.integers(0, 50, (8, 5)), x2=rng.standard_normal((8, 16)).astype(np.float16))
     with pytest.warns(FoldedRangeWarning):
         result = espace_export.compress(
-            source, output=tmp_path / "out.onnx", calib_data=tmp_path / "c.npz", rank=4, batch_size=2
+            source, output=tmp_path / "out.onnx", calib_data=tmp_path / "c.npz", rank=4, batch_size=2, fast=True
         )
     assert any("layers.0.attn.q_proj" in w and "float16" in w for w in result.report["warnings"])
     assert json.loads(result.report_path.read_text())["warnings"] == result.report["warnings"]
@@ -182,6 +182,6 @@ def test_overflowing_model_gives_a_clear_error(tmp_path: Path) -> None:
     np.savez(tmp_path / "c.npz", ids=rng.integers(0, 50, (8, 5)), x2=rng.standard_normal((8, 16)).astype(np.float16))
     with pytest.raises(EspaceError, match="inf/NaN during calibration"):
         espace_export.compress(
-            source, output=tmp_path / "out.onnx", calib_data=tmp_path / "c.npz", rank=4, batch_size=2
+            source, output=tmp_path / "out.onnx", calib_data=tmp_path / "c.npz", rank=4, batch_size=2, fast=True
         )
     assert not (tmp_path / "out.onnx").exists()

@@ -48,7 +48,7 @@ def test_tokenizer_with_custom_code_is_refused(
     text.write_text(" ".join(f"w{i % (VOCAB - 1) + 1}" for i in range(4000)))
 
     code, _, err = run_cli(
-        [str(model), "--calib-text", str(text), "--tokenizer", str(tok), "--rank", "16", "-q"], capsys
+        [str(model), "--calib-text", str(text), "--tokenizer", str(tok), "--rank", "16", "--fast", "-q"], capsys
     )
 
     assert code == 2, err
@@ -68,7 +68,7 @@ def test_standard_tokenizer_still_loads(tmp_path: Path, capsys: pytest.CaptureFi
     text.write_text("\n\n".join(" ".join(f"w{(i + j) % (VOCAB - 1) + 1}" for j in range(200)) for i in range(40)))
     code, _, err = run_cli(
         [str(model), "--calib-text", str(text), "--tokenizer", str(tok), "--seq-len", "16", "--num-batches", "4",
-         "--rank", "16", "-q"],
+         "--rank", "16", "--fast", "-q"],
         capsys,
     )  # fmt: skip
     assert code == 0, err

@@ -35,7 +35,13 @@ def _main(
 
 
 def emit(report: dict[str, Any], *, quiet: bool, json_out: bool) -> None:
-    """The report as JSON on stdout, or as the summary table (nothing with ``quiet``)."""
+    """The report as JSON on stdout, or as the summary table (nothing with ``quiet``); a fallback to the fast
+    settings is said in one line on stderr in every mode."""
+    from espace_export.io.reports import settings_note
+
+    note = settings_note(report)
+    if note:
+        typer.echo(note, err=True)
     if json_out:
         import json
 

@@ -551,8 +551,8 @@ def load_batches(model: onnx.ModelProto, data: DataOptions, *, validate: bool = 
         else:
             if len(calibration) < 2:
                 raise EspaceError(
-                    "--select validate needs at least 2 non-held-out batches (calibration + validation)",
-                    "raise --num-batches or pass --valid-text/--valid-data",
+                    "--select validate (the default) needs at least 2 non-held-out batches (calibration + validation)",
+                    "give more calibration data or raise --num-batches, pass --valid-text/--valid-data, or use --fast",
                 )
             calibration, validation = split_holdout(calibration, data.validation)
     limits = token_id_limits(model)

@@ -12,8 +12,22 @@ from espace_export.io.artifacts import Plan
 from espace_export.io.models import atomic_output, atomic_output_set, strict_json
 
 
-def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
-    rows = [
+def settings_line(settings: dict[str, Any], *, note: bool = True) -> str:
+    """``recommended (auto, validate)``, ``fast (mse, none): why`` — the preset of a run and what it chose."""
+    line = f"{settings['preset']} ({settings['method']}, {settings['select']})"
+    return line + (f": {settings['note']}" if note and settings.get("note") else "")
+
+
+def settings_note(report: dict[str, Any]) -> str | None:
+    """One line when the run fell back to the fast settings without being asked (the terminal prints it)."""
+    settings = report.get("settings") or {}
+    return f"note: {settings_line(settings)}" if settings.get("note") else None
+
+
+def _summary_rows(report: dict[str, Any], *, notes: bool = True) -> list[tuple[str, str]]:
+    settings = report.get("settings")
+    rows = [("settings", settings_line(settings, note=notes))] if settings else []
+    rows += [
         ("targeted params", f"{report['targeted_params_before']:,} → {report['targeted_params_after']:,}"),
         (
             "targeted compression",
@@ -132,7 +146,7 @@ def print_summary(report: dict[str, Any], console: Any = None, *, max_layers: in
     summary = Table(title="Summary", show_header=False)
     summary.add_column(style="bold", no_wrap=True)
     summary.add_column()
-    for key, value in _summary_rows(report):
+    for key, value in _summary_rows(report, notes=False):  # a fallback's note: one line of its own (emit)
         summary.add_row(key, value)
     console.print(summary)
 

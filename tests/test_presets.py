@@ -1,0 +1,172 @@
+"""Presets: the default run is the recommended path (``auto`` scored by ``validate``), ``--fast`` the cheap one
+(``mse``, no selection); explicit ``--method``/``--select`` override a preset, and runs where the recommended
+path cannot run or means nothing (``--max-memory``, random calibration ids) fall back to the fast one and
+say so. Every report (JSON, Markdown, the terminal summary) names the settings it used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from espace_export.options import CompressOptions
+from espace_export.selection.factorizations import AUTO_METHODS
+from tests._cli import run_cli
+from tests._models import tiny_decoder
+
+SMALL = ["--min-rank", "4", "--batch-size", "2", "--num-batches", "8", "--seq-len", "9"]
+
+
+@pytest.fixture
+def model_and_data(tmp_path: Path) -> tuple[Path, Path]:
+    """A two-block decoder and calibration ids for it (16 sequences of 9 tokens, right-padded)."""
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny_decoder(blocks=2, hidden=64, inter=128, vocab=50), model)
+    rng = np.random.default_rng(3)
+    mask = np.ones((16, 9), dtype=np.int64)
+    mask[::3, 6:] = 0
+    np.savez(tmp_path / "calib.npz", input_ids=rng.integers(0, 50, (16, 9)), attention_mask=mask)
+    return model, tmp_path / "calib.npz"
+
+
+def compress_cli(model: Path, data: Path, out: Path, extra: list[str], capsys: pytest.CaptureFixture[str]):
+    code, stdout, err = run_cli([str(model), "--calib-data", str(data), "-o", str(out), *SMALL, *extra], capsys)
+    assert code == 0, err
+    report = json.loads(out.with_name(out.stem + ".report.json").read_text())
+    markdown = out.with_name(out.stem + ".report.md").read_text()
+    return report, markdown, stdout, err
+
+
+def test_default_run_is_the_recommended_preset(
+    model_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = model_and_data
+    report, markdown, stdout, stderr = compress_cli(model, data, tmp_path / "default.onnx", [], capsys)
+    assert report["settings"] == {"preset": "recommended", "method": "auto", "select": "validate"}
+    assert report["select"] == "validate" and report["selection"]["methods"] == list(AUTO_METHODS)
+    assert report["selection"]["validation"]["passes"] > 0  # scored on validation batches, not by the proxy
+    assert "| settings | recommended (auto, validate) |" in markdown
+    assert "recommended (auto, validate)" in stdout and "note:" not in stderr
+
+
+def test_fast_is_the_old_cheap_path(
+    model_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--fast`` is exactly ``--method mse --select none``: same ranks, same held-out fidelity."""
+    model, data = model_and_data
+    fast, markdown, stdout, _ = compress_cli(model, data, tmp_path / "fast.onnx", ["--fast"], capsys)
+    explicit, _, _, _ = compress_cli(model, data, tmp_path / "explicit.onnx", ["--method", "mse", "--select", "none"],
+                                  capsys)  # fmt: skip
+    assert fast["settings"] == {"preset": "fast", "method": "mse", "select": "none"}
+    assert explicit["settings"] == {"preset": "custom", "method": "mse", "select": "none"}
+    assert "selection" not in fast
+    assert {layer["candidate"] for layer in fast["layers"] if layer["compressed"]} == {"mse"}
+    assert [layer["L"] for layer in fast["layers"]] == [layer["L"] for layer in explicit["layers"]]
+    assert fast["fidelity"]["outputs"] == explicit["fidelity"]["outputs"]
+    assert "| settings | fast (mse, none) |" in markdown and "fast (mse, none)" in stdout
+
+
+def test_explicit_selection_overrides_the_preset(
+    model_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = model_and_data
+    report, _, stdout, _ = compress_cli(model, data, tmp_path / "proxy.onnx", ["--fast", "--select", "proxy"], capsys)
+    assert report["settings"] == {"preset": "custom", "method": "mse", "select": "proxy"}
+    assert report["select"] == "proxy" and report["selection"]["methods"] == ["mse"]
+    assert "custom (mse, proxy)" in stdout
+
+
+@pytest.mark.parametrize(
+    ("settings", "method", "select"),
+    [
+        ({}, "auto", "validate"),
+        ({"fast": True}, "mse", "none"),
+        ({"method": "nmse"}, "nmse", "validate"),  # the preset fills only what is not given
+        ({"candidate": "go-mse"}, "go-mse", "validate"),
+        ({"select": "proxy"}, "auto", "proxy"),
+        ({"select": "none"}, "mse", "none"),  # a selection of none takes the single --candidate
+        ({"select": "none", "candidate": "nmse"}, "nmse", "none"),
+        ({"fast": True, "method": "best", "select": "validate"}, "best", "validate"),
+    ],
+)
+def test_preset_fills_what_is_not_given(settings: dict[str, object], method: str, select: str) -> None:
+    selection = CompressOptions.from_settings(calib_text="builtin:pydoc", **settings).selection
+    assert (selection.method_name, selection.select) == (method, select)
+    expected = "recommended" if not settings else "fast" if settings == {"fast": True} else "custom"
+    assert selection.summary() == {"preset": expected, "method": method, "select": select}
+
+
+def test_random_ids_fall_back_to_fast_and_say_why() -> None:
+    """Without calibration data, selection would score random ids: the default is the fast path, with a note."""
+    summary = CompressOptions.from_settings().selection.summary()
+    assert (summary["preset"], summary["method"], summary["select"]) == ("fast", "mse", "none")
+    assert "random calibration ids" in summary["note"]
+    explicit = CompressOptions.from_settings(method="nmse", select="proxy").selection.summary()
+    assert explicit == {"preset": "custom", "method": "nmse", "select": "proxy"}  # nothing fell back: no note
+    # settings carried over from a base follow the data given later
+    base = CompressOptions.from_settings()
+    assert CompressOptions.from_settings(base, calib_text="builtin:pydoc").selection.preset == "recommended"
+
+
+def test_max_memory_falls_back_to_fast_in_one_line(
+    model_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = model_and_data
+    report, markdown, stdout, stderr = compress_cli(model, data, tmp_path / "bounded.onnx", ["--max-memory", "1G"],
+                                                    capsys)  # fmt: skip
+    assert (report["settings"]["preset"], report["settings"]["method"], report["settings"]["select"]) == (
+        "fast", "mse", "none"
+    )  # fmt: skip
+    assert report["calibration"]["max_memory"] == "1G" and report["layers_compressed"] > 0
+    notes = [line for line in stderr.splitlines() if "--max-memory" in line]
+    assert notes == ["note: fast (mse, none): --max-memory compresses group by group, which takes the fast settings"]
+    assert "--max-memory" not in stdout and "fast (mse, none)" in stdout  # the table's row, without the note
+    assert "| settings | fast (mse, none): --max-memory compresses group by group" in markdown
+    # chosen explicitly, the recommended selection is still refused under --max-memory, in one line
+    out = tmp_path / "refused.onnx"
+    code, _, err = run_cli(
+        [str(model), "--calib-data", str(data), "-o", str(out), *SMALL, "--max-memory", "1G", "--select", "validate"],
+        capsys,
+    )
+    assert code == 2 and err.startswith("error: --max-memory") and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_staged_report_names_the_plans_settings(
+    model_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``apply`` reports the settings the plan was made with, not its own (unset) selection flags."""
+    model, data = model_and_data
+    source = [str(model), "--calib-data", str(data), *SMALL]
+    stats, plan, out = tmp_path / "stats.npz", tmp_path / "plan.json", tmp_path / "applied.onnx"
+    assert run_cli(["calibrate", *source, "--fast", "-o", str(stats)], capsys)[0] == 0
+    assert run_cli(["plan", *source, "--fast", "--select", "proxy", "--statistics", str(stats), "-o", str(plan)],
+                   capsys)[0] == 0  # fmt: skip
+    code, _, err = run_cli(["apply", *source, "--plan", str(plan), "-o", str(out), "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out.with_name("applied.report.json").read_text())
+    assert report["settings"] == {"preset": "custom", "method": "mse", "select": "proxy"}
+
+
+def test_recommended_without_torch_leaves_out_the_gradient_candidates(
+    model_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A core install (no torch) still runs the recommended path: auto without nl-mse, said in one line."""
+    import espace_export.options
+
+    monkeypatch.setattr(espace_export.options, "torch_installed", lambda: False)
+    model, data = model_and_data
+    report, _, _, stderr = compress_cli(model, data, tmp_path / "core.onnx", [], capsys)
+    forward = [m for m in AUTO_METHODS if not m.startswith("nl-")]
+    assert report["selection"]["methods"] == forward and report["select"] == "validate"
+    assert (
+        report["settings"]["preset"] == "recommended" and "leaves out nl-mse, nl-mse-l2" in report["settings"]["note"]
+    )
+    assert len([line for line in stderr.splitlines() if line.startswith("note:")]) == 1
+    # asked for explicitly, auto keeps every candidate (and needs torch, with its one-line error if absent)
+    selection = CompressOptions.from_settings(calib_text="builtin:pydoc", method="auto").selection
+    assert selection.methods == list(AUTO_METHODS) and "note" not in selection.summary()
