@@ -134,3 +134,14 @@ def test_selection_and_gradients_run_on_branch_and_attention_targets(builder, ar
     compressed = onnx.load(str(out))
     feed = decoder_feeds(past=2, merged=True) if builder is merged_decoder else _encoder_feed()
     assert all(np.isfinite(o).all() for o in run(compressed, feed))
+
+
+def test_nl_mse_reads_weights_kept_in_external_data(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "decoder.onnx"
+    onnx.save(kv_decoder(), str(source), save_as_external_data=True, location="decoder.onnx.data", size_threshold=100)
+    out = tmp_path / "out.onnx"
+    common = ["--ratio", "0.5", "--min-rank", "4", "--seq-len", "6", "--num-batches", "2", "--batch-size", "2"]
+    code, _, err = run_cli([str(source), *common, "--method", "nl-mse", "-o", str(out), "-q"], capsys)
+    assert code == 0, err
+    layers = json.loads(out.with_suffix(".report.json").read_text())["layers"]
+    assert {layer["candidate"] for layer in layers if layer["compressed"]} == {"nl-mse"}

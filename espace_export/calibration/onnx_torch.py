@@ -22,6 +22,7 @@ from onnx import numpy_helper
 
 from espace_export._optional import require
 from espace_export.errors import EspaceError
+from graph_passes.find import external_data_dir
 
 
 def _torch() -> Any:
@@ -50,9 +51,6 @@ class TorchGraph:
         self.graph = model.graph
         self.float64 = float64  # evaluate float32 tensors in float64 (finite-difference checks)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-        self.constants: dict[str, Any] = {
-            t.name: self._widen(torch.from_numpy(np.array(numpy_helper.to_array(t)))) for t in model.graph.initializer
-        }
         self.output_names = [o.name for o in model.graph.output]
         self.ops = [_operator(node) for node in model.graph.node]  # unnamed nodes too: by position
         unsupported = sorted({n.op_type for n, op in zip(model.graph.node, self.ops, strict=True) if op is None})
@@ -62,6 +60,11 @@ class TorchGraph:
                 "use --method mse, nmse, go-mse or go-mse-l2 (best and auto include the nl-mse candidates), "
                 "or pass the PyTorch model",
             )
+        base_dir = external_data_dir(model)  # weights left on disk by load_model(load_weights=False)
+        self.constants: dict[str, Any] = {
+            t.name: self._widen(torch.from_numpy(np.array(numpy_helper.to_array(t, base_dir))))
+            for t in model.graph.initializer
+        }
 
     def run(
         self,
