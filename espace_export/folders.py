@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -180,7 +180,42 @@ def update_genai_config(path: Path, model_name: str, data_files: tuple[str, ...]
 
 
 def report_path_for(out_dir: str | os.PathLike[str]) -> Path:
-    """Where the report of a folder output goes: beside the folder (``OUTDIR.report.json``), so the folder
-    stays exactly what the loaders expect."""
+    """Where the report of a folder output goes: beside the folder (``OUTDIR.report.json``, its Markdown twin
+    ``OUTDIR.report.md``), so the folder stays exactly what the loaders expect."""
     out_dir = Path(out_dir)
     return out_dir.with_name(out_dir.name + ".report.json")
+
+
+def compress_into_folder(
+    source: ModelFolder,
+    out_dir: str | os.PathLike[str],
+    report: str | os.PathLike[str] | None,
+    compress: Callable[[Path, Path], Any],
+) -> Any:
+    """Run ``compress(model_path, report_path)`` into a drop-in copy of ``source`` at ``out_dir``
+    (:func:`output_folder`); the report goes to ``report`` (default :func:`report_path_for`, beside the folder,
+    never inside it) and names the model at its final place. ``compress`` returns a result with ``report``
+    (the dict) and ``report_path``, as :func:`espace_export.compress` does. A failure leaves neither the folder
+    nor a report of it behind.
+    """
+    from espace_export.io.models import report_files
+    from espace_export.io.reports import write_report
+
+    out_dir = Path(out_dir)
+    report_path = Path(report) if report is not None else report_path_for(out_dir)
+    if report_path.resolve().is_relative_to(out_dir.resolve()):
+        raise EspaceError(
+            f"--report {report_path} lies inside the output folder", "leave --report out: it goes beside the folder"
+        )
+    result = None
+    try:
+        with output_folder(source, out_dir) as model_path:
+            result = compress(model_path, report_path)
+    except BaseException:
+        if result is not None:  # the model was written and reported, then the folder failed
+            for path in report_files(Path(result.report_path)):
+                Path(path).unlink(missing_ok=True)
+        raise
+    result.report["output"] = str(out_dir / source.model.name)
+    write_report(result.report, Path(result.report_path))
+    return result

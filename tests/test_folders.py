@@ -124,3 +124,30 @@ def test_folder_errors_are_one_line(tmp_path: Path) -> None:
         check_output_folder(source.root, source)
     with pytest.raises(EspaceError, match="not empty"):
         check_output_folder(several, source)
+
+
+def test_folder_command_writes_its_report_beside_the_folder(tmp_path: Path, capsys) -> None:
+    from tests._cli import run_cli
+
+    source = resolve_model_folder(_optimum_folder(tmp_path))
+    out = tmp_path / "compressed"
+    args = [str(source.root), "--ratio", "0.5", "--min-rank", "4", "--seq-len", "8", "--num-batches", "2"]
+    code, stdout, err = run_cli([*args, "--batch-size", "2", "-o", str(out)], capsys)
+    assert code == 0, err
+    report_path = report_path_for(out)
+    assert report_path == tmp_path / "compressed.report.json" and report_path.with_suffix(".md").is_file()
+    assert f"wrote {out} and {report_path}" in stdout
+    # the folder holds what the loaders expect, nothing more; the report names the model where it now lies
+    assert sorted(p.name for p in out.iterdir()) == sorted([source.model.name, *(p.name for p in source.sidecars)])
+    assert json.loads(report_path.read_text())["output"] == str(out / "model.onnx")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".compressed")]  # no temporary folder left
+
+
+def test_folder_report_inside_the_output_folder_is_refused(tmp_path: Path, capsys) -> None:
+    from tests._cli import run_cli
+
+    source = resolve_model_folder(_optimum_folder(tmp_path))
+    out = tmp_path / "compressed"
+    code, _, err = run_cli([str(source.root), "--rank", "8", "-o", str(out), "--report", str(out / "r.json")], capsys)
+    assert code == 2 and "inside the output folder" in err and err.count("\n") == 1
+    assert not out.exists()

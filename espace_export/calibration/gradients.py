@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from espace_export.calibration.statistics import StatsPrecision, distinct_activations
+from espace_export.calibration.statistics import StatsPrecision, distinct_activations, prefill_view
 from espace_export.errors import EspaceError
 from espace_export.io.data import InputSpec, complete_feed, input_specs
 from graph_passes.find import GemmTarget
@@ -242,6 +242,11 @@ def collect_gradient_statistics(
     import torch
 
     specs = list(specs) if specs is not None else input_specs(model)
+    if torch_module is None:  # GEMMs inside If branches (merged decoders): the branch the batches select, inlined
+        view, measured, keys = _prefill_view(model, targets, batches, specs)
+        if keys:
+            stats = collect_gradient_statistics(view, measured, batches, settings, specs=specs, on_batch=on_batch)
+            return {original: stats[inlined] for original, inlined in keys.items()}
     kind = resolve_loss(model, settings.loss)
     widths = {name: K for name, (K, _) in distinct_activations(targets).items()}
     stats = {name: GradientStats(K, settings.normalized) for name, K in widths.items()}
@@ -273,6 +278,18 @@ def collect_gradient_statistics(
             "check that the model output depends on it",
         )
     return stats
+
+
+def _prefill_view(
+    model: onnx.ModelProto,
+    targets: Sequence[GemmTarget],
+    batches: Sequence[dict[str, np.ndarray]],
+    specs: Sequence[InputSpec],
+) -> tuple[onnx.ModelProto, list[GemmTarget], dict[str, str]]:
+    """:func:`espace_export.calibration.statistics.prefill_view` with ONNX Runtime probing the conditions."""
+    from espace_export.runtime import ort_session
+
+    return prefill_view(ort_session, model, targets, batches, specs)
 
 
 def _reduce_sequences(stats: GradientStats, X: Any, G: Any, mask: Any, precision: StatsPrecision = "float64") -> None:

@@ -22,6 +22,7 @@ from onnx import numpy_helper
 
 from espace_export._optional import require
 from espace_export.errors import EspaceError
+from graph_passes.find import external_data_dir
 
 
 def _torch() -> Any:
@@ -50,19 +51,20 @@ class TorchGraph:
         self.graph = model.graph
         self.float64 = float64  # evaluate float32 tensors in float64 (finite-difference checks)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-        self.constants: dict[str, Any] = {
-            t.name: self._widen(torch.from_numpy(np.array(numpy_helper.to_array(t)))) for t in model.graph.initializer
-        }
         self.output_names = [o.name for o in model.graph.output]
-        unsupported = sorted(
-            {n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")}
-            | {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type not in _OPS}
-        )
+        self.ops = [_operator(node) for node in model.graph.node]  # unnamed nodes too: by position
+        unsupported = sorted({n.op_type for n, op in zip(model.graph.node, self.ops, strict=True) if op is None})
         if unsupported:
             raise EspaceError(
                 f"the gradient pass cannot evaluate ONNX operator(s) {', '.join(unsupported)}",
-                "use the forward-only candidates (mse, nmse, go-mse, go-mse-l2) or pass the PyTorch model",
+                "use --method mse, nmse, go-mse or go-mse-l2 (best and auto include the nl-mse candidates), "
+                "or pass the PyTorch model",
             )
+        base_dir = external_data_dir(model)  # weights left on disk by load_model(load_weights=False)
+        self.constants: dict[str, Any] = {
+            t.name: self._widen(torch.from_numpy(np.array(numpy_helper.to_array(t, base_dir))))
+            for t in model.graph.initializer
+        }
 
     def run(
         self,
@@ -76,9 +78,9 @@ class TorchGraph:
         env: dict[str, Any] = dict(self.constants)
         for name, value in feeds.items():
             env[name] = self._widen(value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value)))
-        for node in self.graph.node:
+        for node, op in zip(self.graph.node, self.ops, strict=True):
             args = [env[i] if i else None for i in node.input]
-            result = _OPS[node.op_type](args, _attrs(node), self)
+            result = op(args, _attrs(node), self)  # type: ignore[misc]
             results = tuple(self._widen(r) for r in (result if isinstance(result, tuple) else (result,)))
             for name, value in zip(node.output, results, strict=False):
                 if name:
@@ -334,6 +336,16 @@ def _not(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
     return _torch().logical_not(args[0])
 
 
+def _operator(node: onnx.NodeProto) -> Callable[[list[Any], dict[str, Any], TorchGraph], Any] | None:
+    """The interpreter of ``node``: an ONNX operator, or one of ONNX Runtime's
+    (:mod:`espace_export.calibration.onnx_torch_runtime`); None when neither covers it."""
+    from espace_export.calibration.onnx_torch_runtime import runtime_op
+
+    if node.domain in ("", "ai.onnx") and node.op_type in _OPS:
+        return _OPS[node.op_type]
+    return runtime_op(node.domain, node.op_type)
+
+
 _OPS: dict[str, Callable[[list[Any], dict[str, Any], TorchGraph], Any]] = {
     "Add": _binary("add"),
     "Sub": _binary("sub"),
@@ -351,6 +363,7 @@ _OPS: dict[str, Callable[[list[Any], dict[str, Any], TorchGraph], Any]] = {
     "Min": _binary("minimum"),
     "Max": _max,
     "Not": _not,
+    "IsNaN": _unary("isnan"),
     "Sqrt": _unary("sqrt"),
     "Neg": _unary("neg"),
     "Reciprocal": _unary("reciprocal"),

@@ -34,19 +34,21 @@ def compress(
 
     progress = progress_wanted(quiet, json_out)
     if model.is_dir():  # an optimum or onnxruntime-genai folder in, a drop-in folder out
-        from espace_export.folders import output_folder, report_path_for, resolve_model_folder
+        from espace_export.folders import compress_into_folder, resolve_model_folder
 
         folder = resolve_model_folder(model)
         settings["tokenizer"] = settings.get("tokenizer") or folder.tokenizer_dir
         out_dir = settings.pop("output", None) or model.with_name(model.name + ".espace")
-        with output_folder(folder, out_dir) as path:
-            report = settings.pop("report", None) or report_path_for(out_dir)
-            result = run(
-                folder.model, **settings, output=path, report=path.parent / Path(report).name, progress=progress
-            )
+        report = settings.pop("report", None)  # default: OUTDIR.report.json, beside the folder
+        result = compress_into_folder(
+            folder,
+            out_dir,
+            report,
+            lambda path, at: run(folder.model, **settings, output=path, report=at, progress=progress),
+        )
         emit(result.report, quiet=quiet, json_out=json_out)
         if not (quiet or json_out):
-            typer.echo(f"wrote {out_dir}")
+            typer.echo(f"wrote {out_dir} and {result.report_path}")
         return
     result = run(model, **settings, progress=progress)
     emit(result.report, quiet=quiet, json_out=json_out)

@@ -41,6 +41,7 @@ from espace_export.deploy.build import (
     load_structure,
     synthetic_feed,
 )
+from espace_export.deploy.decode import add_decode, decode_markdown, decode_rows, is_decoder, prefill_feed
 from espace_export.deploy.tensorrt import cuda_device_name, derive_profile, fixed_profile
 from espace_export.errors import EspaceError
 from espace_export.io.data import input_specs
@@ -456,10 +457,13 @@ def profile_ttft(
     """Prefill of one prompt through both whole graphs, interleaved; medians and spread."""
     backend = settings.resolved_ttft_backend()
     assert backend is not None
-    feed = synthetic_feed(structure, batch=settings.batch, seq=settings.seq, seed=settings.seed)
+    feed = prefill_feed(structure, batch=settings.batch, seq=settings.seq, seed=settings.seed)  # empty past
     build = settings.build
     if backend == "tensorrt":
-        profile = derive_profile(input_specs(structure), seq=settings.seq, batch=settings.batch)
+        if is_decoder(structure):
+            profile = fixed_profile(feed)
+        else:
+            profile = derive_profile(input_specs(structure), seq=settings.seq, batch=settings.batch)
         build = replace(build, profile=profile)
     if log:
         log(f"TTFT: building {backend} sessions")
@@ -551,6 +555,7 @@ def profile(
                 report["notes"].append(
                     f"GEMMs timed on {settings.backend}, TTFT on {ttft_backend}: the GEMM share mixes two backends"
                 )
+            add_decode(report, (original, compressed), structures[0], groups, settings, log)  # KV-cache graphs
     _add_amdahl(report)
     report["elapsed_s"] = round(time.perf_counter() - started, 2)
     paths = write_profile(report, json_path)
@@ -673,7 +678,7 @@ def headline(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("GEMM share of original TTFT", f"{report['gemm_share']:.3f}"))
         rows.append(("Amdahl bound on TTFT ratio", f"{report['amdahl_bound']:.3f}"))
         rows.append(("TTFT expected from GEMM ratio", f"{report['ttft_expected_from_gemm']:.3f}"))
-    return rows
+    return rows + decode_rows(report)
 
 
 def to_markdown(report: Mapping[str, Any]) -> str:
@@ -725,6 +730,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             f"| {ttft['ratio_paired']['p25']:.3f}–{ttft['ratio_paired']['p75']:.3f} "
             f"| {report.get('amdahl_bound', float('nan')):.3f} |",
         ]
+    lines += decode_markdown(report)
     if report.get("notes"):
         lines += ["", *[f"- {note}" for note in report["notes"]]]
     return "\n".join(lines) + "\n"
@@ -760,7 +766,10 @@ def write_chart(report: Mapping[str, Any], path: Path) -> None:
     if "ttft" in report:
         labels.append("TTFT")
         values.append(report["ttft"]["ratio"])
-    right.bar(labels, values, color=["tab:blue", "tab:green"][: len(values)])
+    if "decode" in report:
+        labels.append("per token")
+        values.append(report["decode"]["ratio"])
+    right.bar(labels, values, color=["tab:blue", "tab:green", "tab:purple"][: len(values)])
     right.axhline(report["flop_ratio"], linestyle="--", color="black", label=f"FLOP ratio {report['flop_ratio']:.2f}")
     if "amdahl_bound" in report:
         right.axhline(

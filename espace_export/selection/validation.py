@@ -64,16 +64,19 @@ def node_view(target: GemmTarget, W: np.ndarray) -> np.ndarray:
 
 
 def with_weight_inputs(model: onnx.ModelProto, targets: Sequence[GemmTarget]) -> onnx.ModelProto:
-    """A copy of ``model`` whose targeted GEMMs read their weight from graph inputs ``espace.weight.<i>``."""
+    """A copy of ``model`` whose targeted GEMMs read their weight from graph inputs ``espace.weight.<i>``
+    (every copy of a target: its node and, in the branches of a merged decoder, ``target.also``, which read
+    the main-graph input from inside their bodies)."""
+    from graph_passes.find import nodes_by_path
     from graph_passes.project import remove_unused_constants
 
     switched = onnx.ModelProto()
     switched.CopyFrom(model)
-    nodes = {node.name: node for node in switched.graph.node}
+    nodes = nodes_by_path(switched)
     for index, target in enumerate(targets):
         name = WEIGHT_INPUT.format(index)
-        node = nodes[target.node]
-        node.input[1] = name
+        for path, _ in target.occurrences:
+            nodes[path][1].input[1] = name
         shape = (target.N, target.K) if target.pattern == "gemm" and target.stored_transposed else (target.K, target.N)
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(target.dtype))
         switched.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, list(shape)))

@@ -1,0 +1,147 @@
+"""The torch interpreter on LLM deployment graphs: ONNX Runtime's own operators agree with an ONNX Runtime
+session, merged decoders (GEMMs inside If branches) get gradients through the branch the batches select, and
+--select validate / proxy and the nl-mse candidates run on them and on packed-QKV Attention encoders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+torch = pytest.importorskip("torch")
+
+from espace_export import EspaceError  # noqa: E402
+from espace_export.calibration.gradients import collect_gradient_statistics  # noqa: E402
+from espace_export.calibration.onnx_torch import TorchGraph  # noqa: E402
+from espace_export.io.data import complete_feed, input_specs  # noqa: E402
+from graph_passes import find_targets  # noqa: E402
+from tests._cli import run_cli  # noqa: E402
+from tests._graphs import HIDDEN, VOCAB, decoder_feeds, kv_decoder, merged_decoder, packed_attention_encoder, run  # noqa: E402
+
+
+def _agree(model: onnx.ModelProto, feed: dict[str, np.ndarray], tolerance: float = 1e-5) -> None:
+    expected = run(model, feed)
+    got = TorchGraph(model).run(feed)
+    for name, reference in zip([o.name for o in model.graph.output], expected, strict=True):
+        value = got[name].detach().numpy()
+        assert value.shape == reference.shape, name
+        assert np.abs(value - reference).max() <= tolerance * max(1.0, np.abs(reference).max()), name
+
+
+def _encoder_feed(mask_tail: int = 2, batch: int = 2, seq: int = 6) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    mask = np.ones((batch, seq), np.int32)
+    mask[1, seq - mask_tail :] = 0  # right padding in the second row
+    return {
+        "input_ids": rng.integers(0, VOCAB, size=(batch, seq)).astype(np.int32),
+        "token_type_ids": rng.integers(0, 2, size=(batch, seq)).astype(np.int32),
+        "attention_mask": mask,
+    }
+
+
+def test_packed_qkv_attention_and_embed_layer_norm_match_onnx_runtime() -> None:
+    _agree(packed_attention_encoder(), _encoder_feed())
+
+
+@pytest.mark.parametrize("past", [0, 3])
+def test_simplified_layer_norm_decoder_matches_onnx_runtime(past: int) -> None:
+    _agree(kv_decoder(), decoder_feeds(past=past))
+
+
+def _fused_ops_graph() -> onnx.ModelProto:
+    """x, skip ─SkipSimplifiedLayerNormalization─► y1, sum ─SkipLayerNormalization(+bias)─► y2 ─BiasGelu─► y3."""
+    rng = np.random.default_rng(0)
+
+    def w(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "g1"], ["y1", "", "", "s1"],
+                         domain="com.microsoft", epsilon=1e-6),
+        helper.make_node("SkipLayerNormalization", ["y1", "s1", "g2", "b2", "bias"], ["y2"], domain="com.microsoft",
+                         epsilon=1e-5),
+        helper.make_node("BiasGelu", ["y2", "bias"], ["y3"], domain="com.microsoft"),
+    ]  # fmt: skip
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "fused",
+        [value("x", TensorProto.FLOAT, ["b", "s", HIDDEN]), value("skip", TensorProto.FLOAT, ["b", "s", HIDDEN])],
+        [value(n, TensorProto.FLOAT, None) for n in ("y1", "s1", "y3")],
+        [w("g1", HIDDEN), w("g2", HIDDEN), w("b2", HIDDEN), w("bias", HIDDEN)],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 8
+    return model
+
+
+def test_skip_norms_and_bias_gelu_match_onnx_runtime() -> None:
+    rng = np.random.default_rng(1)
+    feed = {name: rng.standard_normal((2, 5, HIDDEN)).astype(np.float32) for name in ("x", "skip")}
+    _agree(_fused_ops_graph(), feed)
+
+
+def test_an_uncovered_operator_is_refused_with_the_forward_only_methods() -> None:
+    model = _fused_ops_graph()
+    model.graph.node[2].op_type = "FastGelu"
+    with pytest.raises(EspaceError, match=r"FastGelu.*--method mse, nmse, go-mse or go-mse-l2"):
+        TorchGraph(model)
+
+
+def test_merged_decoder_gradients_equal_the_with_past_decoders() -> None:
+    """The merged decoder's prefill branch is the with-past decoder at an empty past: same weights, so the
+    same activation-gradient statistics, keyed by the merged decoder's own activation names."""
+    batches = [{"input_ids": decoder_feeds(seed=s)["input_ids"]} for s in (1, 2)]
+    merged, plain = merged_decoder(), kv_decoder()
+    merged_targets, plain_targets = find_targets(merged), find_targets(plain)
+    got = collect_gradient_statistics(merged, merged_targets, batches, specs=input_specs(merged))
+    want = collect_gradient_statistics(plain, plain_targets, batches, specs=input_specs(plain))
+    assert set(got) == {t.activation for t in merged_targets}
+    by_weight = {t.weight: t.activation for t in plain_targets}
+    for target in merged_targets:
+        a, b = got[target.activation], want[by_weight[target.weight]]
+        assert a.sequences == b.sequences > 0
+        np.testing.assert_allclose(a.C_XG, b.C_XG, rtol=1e-6, atol=1e-12)
+
+
+def test_merged_decoder_prefill_is_the_branch_the_feed_selects() -> None:
+    feed = complete_feed({"input_ids": decoder_feeds()["input_ids"]}, input_specs(merged_decoder()))
+    assert feed["use_cache_branch"].tolist() == [False]
+    _agree(kv_decoder(), {k: v for k, v in feed.items() if k != "use_cache_branch"})
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--method", "nl-mse"], ["--select", "validate", "--method", "best"], ["--select", "proxy", "--method", "auto"]],
+    ids=["nl-mse", "validate-best", "proxy-auto"],
+)
+@pytest.mark.parametrize("builder", [merged_decoder, packed_attention_encoder], ids=["merged", "attention"])
+def test_selection_and_gradients_run_on_branch_and_attention_targets(builder, args, tmp_path: Path, capsys) -> None:
+    source, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
+    onnx.save(builder(), str(source))
+    common = ["--ratio", "0.5", "--min-rank", "4", "--seq-len", "6", "--num-batches", "4", "--batch-size", "2"]
+    code, _, err = run_cli([str(source), *common, *args, "-o", str(out), "-q"], capsys)
+    assert code == 0, err
+    assert "Traceback" not in err
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["layers_compressed"] >= 1
+    compressed = onnx.load(str(out))
+    feed = decoder_feeds(past=2, merged=True) if builder is merged_decoder else _encoder_feed()
+    assert all(np.isfinite(o).all() for o in run(compressed, feed))
+
+
+def test_nl_mse_reads_weights_kept_in_external_data(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "decoder.onnx"
+    onnx.save(kv_decoder(), str(source), save_as_external_data=True, location="decoder.onnx.data", size_threshold=100)
+    out = tmp_path / "out.onnx"
+    common = ["--ratio", "0.5", "--min-rank", "4", "--seq-len", "6", "--num-batches", "2", "--batch-size", "2"]
+    code, _, err = run_cli([str(source), *common, "--method", "nl-mse", "-o", str(out), "-q"], capsys)
+    assert code == 0, err
+    layers = json.loads(out.with_suffix(".report.json").read_text())["layers"]
+    assert {layer["candidate"] for layer in layers if layer["compressed"]} == {"nl-mse"}
