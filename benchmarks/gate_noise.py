@@ -99,6 +99,11 @@ def main() -> None:
     parser.add_argument("--slowdown", type=float, default=0.10)
     parser.add_argument("--width", type=int, default=None, help="planted MatMul width (default: calibrated)")
     parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="profile candidates without --reference (the cross-run ttft.ratio decides, as before)",
+    )
+    parser.add_argument(
         "--fresh-baseline",
         action="store_true",
         help="profile the accepted pair again right before each candidate (as a CI job on a shared runner "
@@ -109,7 +114,7 @@ def main() -> None:
 
     import espace_export
     from espace_export.deploy.build import BuildSettings
-    from espace_export.deploy.gate import compare, load_report
+    from espace_export.deploy.gate import SIDE_BY_SIDE, compare, load_report
     from espace_export.deploy.profile import ProfileSettings, profile
     from samples.make_models import export_sample
 
@@ -156,7 +161,10 @@ def main() -> None:
 
     def gate(candidate: Path, index: int, tag: str) -> tuple[bool, list[str], int]:
         accepted = baseline or measure_baseline(f"base-{tag}{index}")
-        path = profile(original, candidate, settings, output=workdir / f"{tag}{index}.json").paths["json"]
+        reference = None if args.no_reference else compressed  # the accepted model, timed side by side
+        path = profile(
+            original, candidate, settings, output=workdir / f"{tag}{index}.json", reference=reference
+        ).paths["json"]
         report = load_report(path)
         result = compare(report, accepted, max_regression=args.max_regression)
         rounds = report["ttft"]["rounds"]
@@ -165,7 +173,7 @@ def main() -> None:
             if r.interval
             else f"{r.metric} {r.change:+.1%} {r.status}"
             for r in result.rows
-            if r.status != "ok" or r.metric == "ttft.ratio"
+            if r.status != "ok" or r.metric in ("ttft.ratio", SIDE_BY_SIDE)
         ]
         return result.passed, shown, rounds
 
@@ -181,7 +189,8 @@ def main() -> None:
     print(f"planted: MatMul width {planted_width}, measured slowdown of the compressed prefill {planted_slowdown:+.1%}")
     print(
         f"gate: --max-regression {args.max_regression}, 95 % bootstrap intervals, target ± {args.target_interval}, "
-        f"{'a fresh baseline before each try' if args.fresh_baseline else 'one stored baseline'}"
+        f"{'a fresh baseline before each try' if args.fresh_baseline else 'one stored baseline'}, "
+        f"{'cross-run ttft.ratio' if args.no_reference else 'accepted model timed side by side (--reference)'}"
     )
     print(f"unchanged model passes: {counts['unchanged']}/{args.tries}")
     print(f"planted slowdown fails: {counts['planted']}/{args.tries}")
