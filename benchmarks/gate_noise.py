@@ -162,9 +162,9 @@ def main() -> None:
     def gate(candidate: Path, index: int, tag: str) -> tuple[bool, list[str], int]:
         accepted = baseline or measure_baseline(f"base-{tag}{index}")
         reference = None if args.no_reference else compressed  # the accepted model, timed side by side
-        path = profile(
-            original, candidate, settings, output=workdir / f"{tag}{index}.json", reference=reference
-        ).paths["json"]
+        path = profile(original, candidate, settings, output=workdir / f"{tag}{index}.json", reference=reference).paths[
+            "json"
+        ]
         report = load_report(path)
         result = compare(report, accepted, max_regression=args.max_regression)
         rounds = report["ttft"]["rounds"]

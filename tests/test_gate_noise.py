@@ -167,3 +167,62 @@ def test_target_interval_must_be_a_fraction(target: float) -> None:
         check_rounds(ProfileSettings(target_interval=target))
     with pytest.raises(EspaceError, match="max-repeats"):
         check_rounds(ProfileSettings(repeats=10, max_repeats=5))
+
+
+# ---------------------------------------------------------------------------------------------- side by side
+
+
+def with_reference(current: dict, reference: list[float]) -> dict:
+    """``current`` as profiled with ``--reference``: the accepted model's rounds beside the candidate's."""
+    out = copy.deepcopy(current)
+    out["ttft"]["reference_ms"] = {"median": 1.0, "samples": reference}  # the gate reads the rounds only
+    return out
+
+
+def drifting(ms: float, n: int, rng: np.random.Generator, drift: float) -> list[float]:
+    """Rounds whose speed drifts by ``drift`` over the run (the shared cache filling up with other jobs)."""
+    return [t * (1 + drift * i / n) for i, t in enumerate(rounds(ms, n, rng))]
+
+
+@pytest.mark.parametrize("drift", [-0.08, 0.0, 0.08])
+def test_side_by_side_decides_ttft_and_cancels_drift_between_runs(drift: float) -> None:
+    """The run after the baseline sees the compressed model ``drift`` slower relative to the original (cache
+    contention hits the two differently): cross-run, that reads as a regression or hides one; timed beside
+    the accepted model in the same rounds, the unchanged model passes and a planted +10 % fails."""
+    rng = np.random.default_rng(13)
+    n = 600
+    baseline = report(rounds(2.0, n, rng), rounds(1.2, n, rng))
+    original = rounds(2.0, n, rng)
+    accepted = [t * (1 + drift) for t in drifting(1.2, n, rng, 0.0)]
+    unchanged = with_reference(report(original, [t * (1 + drift) for t in rounds(1.2, n, rng)]), accepted)
+    planted = with_reference(report(original, [t * (1 + drift) * 1.10 for t in rounds(1.2, n, rng)]), accepted)
+    same, slower = compare(unchanged, baseline), compare(planted, baseline)
+    assert same.passed and not slower.passed
+    rows = {row.metric: row for row in slower.rows}
+    assert rows["ttft.vs_reference"].status == "regressed"
+    assert rows["ttft.vs_reference"].interval[0] < 0.10 < rows["ttft.vs_reference"].interval[1]  # type: ignore[index]
+    assert rows["ttft.ratio"].status in ("drift", "ok")  # shown, never gated once the reference decides
+    if drift > 0:  # cross-run alone, the unchanged model would have failed
+        assert not compare(report(original, unchanged["ttft"]["compressed_ms"]["samples"]), baseline).passed
+
+
+def test_side_by_side_rounds_must_pair_with_the_compressed_ones() -> None:
+    from espace_export.errors import EspaceError
+
+    rng = np.random.default_rng(2)
+    current = report(rounds(2.0, 50, rng), rounds(1.2, 50, rng))
+    for samples in (rounds(1.2, 49, rng), [1.0, "x"] + rounds(1.2, 48, rng), [-1.0] * 50):
+        with pytest.raises(EspaceError):
+            compare(with_reference(current, samples), current)  # type: ignore[arg-type]
+
+
+def test_three_benches_rotate_without_self_repeats_and_balance_predecessors() -> None:
+    order: list[str] = []
+    benches = [lambda name=name: order.append(name) or 0.001 for name in "ABC"]
+    interleave_until_tight(benches, ProfileSettings(warmup=0, repeats=60))  # type: ignore[arg-type]
+    sequence = "".join(order)
+    pairs = [sequence[i : i + 2] for i in range(len(sequence) - 1)]
+    assert not [p for p in pairs if p[0] == p[1]], "a bench ran right after itself"
+    follows = {p: pairs.count(p) for p in ("AB", "AC", "BC", "CB")}
+    assert follows["AB"] == follows["AC"] and follows["BC"] == follows["CB"], follows
+    assert [sequence[i : i + 3] for i in range(0, 18, 3)] == ["ABC", "BCA", "CAB", "ACB", "CBA", "BAC"]

@@ -22,6 +22,13 @@ max_regression``. The percentile bootstrap is deliberately simple: it treats rou
 interleaving makes close to true, and it cannot see noise that stays constant within one run (the load
 of the machine while that run lasted): measure the baseline with more rounds than the candidates, and
 keep ``max_regression`` above that run-to-run drift (benchmarks/gate_noise.py measures it).
+
+**Side by side.** That drift is why a report profiled with ``reference`` (the accepted compressed model,
+timed in the same interleaved rounds as the candidate) is judged on :func:`side_by_side` instead: the
+change is ``Q(candidate) / Q(reference) − 1`` of one run, with its paired bootstrap interval, and the
+cross-run ``ttft.ratio`` row is kept for the eye (status ``drift`` when it moved past the allowance).
+The status rule is the same (:func:`_status`): regressed when the interval's low end is above the
+allowance, uncertain (not failed) when only the point is, ok otherwise.
 """
 
 from __future__ import annotations
@@ -368,7 +375,11 @@ SIDE_BY_SIDE = "ttft.vs_reference"
 
 
 def side_by_side(
-    report: Mapping[str, Any], *, quantile: float = GATE_QUANTILE, confidence: float = 0.95, replicates: int = REPLICATES
+    report: Mapping[str, Any],
+    *,
+    quantile: float = GATE_QUANTILE,
+    confidence: float = 0.95,
+    replicates: int = REPLICATES,
 ) -> Comparison | None:
     """The prefill of the report's COMPRESSED against its ``--reference`` (the accepted model), timed in
     the same interleaved rounds: ``Q(compressed) / Q(reference) − 1`` with its paired bootstrap interval.

@@ -262,9 +262,11 @@ def interleave(
     benches: Sequence[Callable[[], float]], *, warmup: int, repeats: int, first_round: int = 0
 ) -> list[list[float]]:
     """Run each bench ``warmup`` times, then ``repeats`` rounds alternating the order so drift and order
-    effects fall on every bench alike: two benches AB BA AB ..., three or more in rotation (ABC BCA CAB
-    ...: every bench follows every other equally often, none follows itself — with ABC CBA the middle
-    one never ran right after itself, and measured 17 % slower than an identical copy on the ends).
+    effects fall on every bench alike: two benches AB BA AB ..., three or more in rotation and then in
+    mirrored rotation (ABC BCA CAB ACB CBA BAC ...: none follows itself, and B and C follow A equally
+    often). Both matter on a CPU: with ABC CBA the middle bench never ran right after itself and measured
+    17 % slower than an identical copy on the ends; with rotations alone B followed A (the large
+    original, which evicts the caches) twice as often as C did and measured 2-3 % slower than C.
     Returns seconds per bench per round. ``first_round`` continues the alternation of an earlier call
     (more rounds of the same measurement)."""
     for _ in range(warmup):
@@ -275,8 +277,9 @@ def interleave(
         count = len(benches)
         if count <= 2:
             order: Sequence[int] = range(count) if round_index % 2 == 0 else range(count - 1, -1, -1)
-        else:
-            order = [(round_index + k) % count for k in range(count)]
+        else:  # rotations, then the same mirrored (0 fixed, 1 ↔ count−1, ...): predecessors balance out
+            sign = 1 if (round_index // count) % 2 == 0 else -1
+            order = [(sign * (round_index + k)) % count for k in range(count)]
         for index in order:
             times[index].append(float(benches[index]()))
     return times
