@@ -251,7 +251,7 @@ def build(
             opt_shapes=opt_shapes,
             max_shapes=max_shapes,
         )
-    elif min_shapes or opt_shapes or max_shapes or max_seq or max_batch:
+    elif min_shapes or opt_shapes or max_shapes or max_seq is not None or max_batch is not None:
         raise EspaceError("shape profiles apply to TensorRT", "add --backend tensorrt or ort-tensorrt")
     settings = BuildSettings(
         threads=threads,

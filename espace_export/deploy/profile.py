@@ -37,6 +37,7 @@ from espace_export.deploy.build import (
     Runner,
     build_runner,
     check_backend,
+    check_prompt,
     cpu_description,
     load_structure,
     synthetic_feed,
@@ -551,8 +552,12 @@ def profile(
     ttft_backend = settings.resolved_ttft_backend()
     if ttft_backend is not None:
         check_backend(ttft_backend, graph=True)
-    if settings.seq < 1 or settings.batch < 1 or settings.repeats < 1 or settings.warmup < 0:
-        raise EspaceError("--seq, --batch and --repeats must be at least 1, --warmup at least 0", "use positive sizes")
+    check_prompt(settings.seq, settings.batch)
+    if not (1 <= settings.repeats <= 100_000 and 0 <= settings.warmup <= 10_000):
+        raise EspaceError(
+            f"--repeats must lie in [1, 100000] and --warmup in [0, 10000], got {settings.repeats} and {settings.warmup}",
+            "use --repeats 10 --warmup 2 (more rounds: --target-interval)",
+        )
     if not (settings.gemm or settings.ttft):
         raise EspaceError("nothing to profile: both --no-gemm and --no-ttft given", "drop one of them")
     check_rounds(settings)
