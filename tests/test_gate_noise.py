@@ -226,3 +226,42 @@ def test_three_benches_rotate_without_self_repeats_and_balance_predecessors() ->
     follows = {p: pairs.count(p) for p in ("AB", "AC", "BC", "CB")}
     assert follows["AB"] == follows["AC"] and follows["BC"] == follows["CB"], follows
     assert [sequence[i : i + 3] for i in range(0, 18, 3)] == ["ABC", "BCA", "CAB", "ACB", "CBA", "BAC"]
+
+
+def test_profile_times_the_reference_in_the_same_rounds(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A real profile with ``reference``: the accepted model's rounds sit beside the candidate's, the gate
+    judges the candidate against them, and a reference the prompt cannot feed is refused before timing."""
+    import onnx
+
+    from espace_export.deploy.build import BuildSettings
+    from espace_export.deploy.gate import SIDE_BY_SIDE, load_report
+    from espace_export.deploy.profile import profile
+    from espace_export.errors import EspaceError
+    from tests._models import compress_tiny, tiny_decoder
+
+    original, accepted = tmp_path / "tiny.onnx", tmp_path / "tiny.espace.onnx"
+    onnx.save(tiny_decoder(), str(original))
+    onnx.save(compress_tiny(tiny_decoder()), str(accepted))
+    settings = ProfileSettings(seq=8, warmup=1, repeats=12, build=BuildSettings(threads=1))
+    base = load_report(profile(original, accepted, settings, output=tmp_path / "base.json").paths["json"])
+    report = load_report(
+        profile(original, accepted, settings, output=tmp_path / "now.json", reference=accepted).paths["json"]
+    )
+    assert report["reference"] == str(accepted)
+    assert len(report["ttft"]["reference_ms"]["samples"]) == len(report["ttft"]["compressed_ms"]["samples"]) == 12
+    assert report["ttft"]["vs_reference"]["rounds"] == 12
+    rows = {row.metric: row for row in compare(report, base).rows}
+    assert SIDE_BY_SIDE in rows and rows[SIDE_BY_SIDE].baseline == 1.0 and rows[SIDE_BY_SIDE].interval is not None
+    other = tmp_path / "other.onnx"
+    model = tiny_decoder()
+    model.graph.input[0].name = "ids"
+    for node in model.graph.node:
+        node.input[:] = ["ids" if name == tiny_decoder().graph.input[0].name else name for name in node.input]
+    onnx.save(model, str(other))
+    with pytest.raises(EspaceError, match="--reference has other inputs"):
+        profile(original, accepted, settings, output=tmp_path / "x.json", reference=other)
+    with pytest.raises(EspaceError, match="--reference is timed in the TTFT rounds"):
+        profile(
+            original, accepted, replace_settings(settings, ttft=False), output=tmp_path / "x.json", reference=accepted
+        )
+    assert not list(tmp_path.glob("x.*"))
