@@ -54,7 +54,7 @@ from espace_export.io.models import (
     save_model,
 )
 from espace_export.io.reports import stage_report, write_curve
-from espace_export.options import CompressOptions, RankOptions
+from espace_export.options import CompressOptions, RankOptions, SelectionOptions
 from espace_export.progress import Progress
 from espace_export.projection.fidelity import output_fidelity
 from espace_export.projection.rewrite import apply_factorizations, projected_params
@@ -350,7 +350,7 @@ def check_statistics(run: Run, calibration: Calibration) -> None:
     check_statistics_kinds(run.options.selection, calibration, {t.activation for t in compressed})
 
 
-def check_statistics_kinds(selection: Any, calibration: Calibration, activations: set[str]) -> None:
+def check_statistics_kinds(selection: SelectionOptions, calibration: Calibration, activations: set[str]) -> None:
     """The sums the run's methods need: the L2-normalised ones (nmse, nl-mse-l2) and the gradient ones
     (nl-mse*) are only collected when ``calibrate`` was run for such a method."""
     from espace_export.selection.planner import GRADIENT_METHODS, needs_gradients, needs_normalized
