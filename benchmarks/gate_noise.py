@@ -89,6 +89,36 @@ def measured_slowdown(compressed: Path, planted: Path, *, seq: int, threads: int
     return float(np.quantile(times[1], GATE_QUANTILE) / np.quantile(times[0], GATE_QUANTILE)) - 1.0
 
 
+def _shown(result: object) -> str:
+    from espace_export.deploy.gate import SIDE_BY_SIDE
+
+    rows = [
+        f"{r.metric} {r.change:+.1%} [{r.interval[0]:+.1%},{r.interval[1]:+.1%}] {r.status}"
+        if r.interval
+        else f"{r.metric} {r.change:+.1%} {r.status}"
+        for r in result.rows  # type: ignore[attr-defined]
+        if r.status != "ok" or r.metric in ("ttft.ratio", SIDE_BY_SIDE)
+    ]
+    return "; ".join(rows)
+
+
+def regate(workdir: Path | None, tries: int, max_regression: float) -> None:
+    """The pass/fail counts of a finished run's reports (base.json, unchanged<i>.json, planted<i>.json)."""
+    from espace_export.deploy.gate import compare, load_report
+
+    if workdir is None:
+        raise SystemExit("--regate needs the --workdir of a finished run")
+    baseline = load_report(workdir / "base.json")
+    counts = {"unchanged": 0, "planted": 0}
+    for index in range(tries):
+        for tag in counts:
+            result = compare(load_report(workdir / f"{tag}{index}.json"), baseline, max_regression=max_regression)
+            counts[tag] += result.passed if tag == "unchanged" else not result.passed
+            print(f"{tag} #{index + 1}: {'pass' if result.passed else 'FAIL'} {_shown(result)}")
+    print(f"unchanged model passes: {counts['unchanged']}/{tries}")
+    print(f"planted slowdown fails: {counts['planted']}/{tries}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -115,12 +145,20 @@ def main() -> None:
         help="profile the accepted pair again right before each candidate (as a CI job on a shared runner "
         "should), instead of one stored baseline for all tries",
     )
+    parser.add_argument(
+        "--regate",
+        action="store_true",
+        help="no profiling: judge the reports a finished run left in --workdir again, with this checkout's gate",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    if args.regate:
+        regate(args.workdir, args.tries, args.max_regression)
+        return
 
     import espace_export
     from espace_export.deploy.build import BuildSettings
-    from espace_export.deploy.gate import SIDE_BY_SIDE, compare, load_report
+    from espace_export.deploy.gate import compare, load_report
     from espace_export.deploy.profile import ProfileSettings, profile
     from samples.make_models import export_sample
 
@@ -173,15 +211,7 @@ def main() -> None:
         ]
         report = load_report(path)
         result = compare(report, accepted, max_regression=args.max_regression)
-        rounds = report["ttft"]["rounds"]
-        shown = [
-            f"{r.metric} {r.change:+.1%} [{r.interval[0]:+.1%},{r.interval[1]:+.1%}] {r.status}"
-            if r.interval
-            else f"{r.metric} {r.change:+.1%} {r.status}"
-            for r in result.rows
-            if r.status != "ok" or r.metric in ("ttft.ratio", SIDE_BY_SIDE)
-        ]
-        return result.passed, shown, rounds
+        return result.passed, [_shown(result)], report["ttft"]["rounds"]
 
     counts = {"unchanged": 0, "planted": 0}
     for index in range(args.tries):  # alternated, so both kinds of try see the machine's drift alike

@@ -265,3 +265,35 @@ def test_profile_times_the_reference_in_the_same_rounds(tmp_path) -> None:  # ty
             original, accepted, replace_settings(settings, ttft=False), output=tmp_path / "x.json", reference=accepted
         )
     assert not list(tmp_path.glob("x.*"))
+
+
+def with_gemm(current: dict, original: list[float], compressed: list[float]) -> dict:
+    """``current`` with one compressed GEMM shape timed in these rounds (what ``profile_gemms`` writes)."""
+    out = copy.deepcopy(current)
+    ratio = float(np.median(compressed) / np.median(original))
+    group = {
+        "count": 1, "L": 64, "label": "256→256 (L=64)", "ratio": ratio,
+        "original_ms": {"median": float(np.median(original)), "samples": original},
+        "compressed_ms": {"median": float(np.median(compressed)), "samples": compressed},
+    }  # fmt: skip
+    out["gemm"] = {"groups": [group], "ratio": ratio, "original_total_ms": 1.0, "compressed_total_ms": ratio}
+    return out
+
+
+def test_with_a_reference_cross_run_gemm_drift_is_shown_not_failed() -> None:
+    """Under load the GEMM shapes of an unchanged model drifted +6 % between two runs: without a reference
+    that fails the gate; with one, the side-by-side prefill decides and the GEMM row says ``drift``."""
+    rng = np.random.default_rng(21)
+    n = 400
+    baseline = with_gemm(report(rounds(2.0, n, rng), rounds(1.2, n, rng)), rounds(1.0, n, rng), rounds(0.6, n, rng))
+    drifted = with_gemm(
+        report(rounds(2.0, n, rng), rounds(1.2, n, rng)), rounds(1.0, n, rng), rounds(0.6 * 1.08, n, rng)
+    )
+    assert not compare(drifted, baseline).passed
+    side = with_reference(drifted, rounds(1.2, n, rng))
+    result = compare(side, baseline)
+    rows = {row.metric: row.status for row in result.rows}
+    assert result.passed and rows["gemm[256→256 (L=64)].ratio"] == "drift" and rows["gemm.ratio"] == "drift"
+    vanished = copy.deepcopy(side)
+    del vanished["gemm"]
+    assert not compare(vanished, baseline).passed  # a vanished measurement still fails

@@ -112,7 +112,8 @@ CHECK_HELP = (
     "\n\n"
     "TTFT: profile CURRENT with --reference ACCEPTED.onnx (the model the baseline measured) and the verdict is "
     "ttft.vs_reference, both timed in the same interleaved rounds, which cancels the runner's drift (a cross-run "
-    "ratio drifts by up to 6 % on a shared runner); ttft.ratio is then shown as drift, not gated."
+    "ratio drifts by 6 % and more on a shared runner); the cross-run ratios (ttft, GEMM total and shapes) are then "
+    "shown as drift, not gated."
 )
 
 
