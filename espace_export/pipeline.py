@@ -42,7 +42,7 @@ from espace_export.io.artifacts import (
 )
 from espace_export.io.data import BUILTIN_PYDOC, Batches, load_batches
 from espace_export.io.models import (
-    atomic_output,
+    atomic_output_set,
     check_distinct_paths,
     check_model,
     check_writable,
@@ -53,8 +53,8 @@ from espace_export.io.models import (
     report_files,
     save_model,
 )
-from espace_export.io.reports import write_curve, write_report
-from espace_export.options import CompressOptions, RankOptions
+from espace_export.io.reports import stage_report, write_curve
+from espace_export.options import CompressOptions, RankOptions, SelectionOptions
 from espace_export.progress import Progress
 from espace_export.projection.fidelity import output_fidelity
 from espace_export.projection.rewrite import apply_factorizations, projected_params
@@ -347,6 +347,28 @@ def check_statistics(run: Run, calibration: Calibration) -> None:
             f"the statistics file has no statistics for the input of {missing[0]} ({len(missing)} layer(s) missing)",
             "re-run `espace-export calibrate` with the same --exclude/--include-heads as this run",
         )
+    check_statistics_kinds(run.options.selection, calibration, {t.activation for t in compressed})
+
+
+def check_statistics_kinds(selection: SelectionOptions, calibration: Calibration, activations: set[str]) -> None:
+    """The sums the run's methods need: the L2-normalised ones (nmse, nl-mse-l2) and the gradient ones
+    (nl-mse*) are only collected when ``calibrate`` was run for such a method."""
+    from espace_export.selection.planner import GRADIENT_METHODS, needs_gradients, needs_normalized
+
+    methods = list(selection.methods)
+    fix = f"re-calibrate for this method: espace-export calibrate MODEL --method {selection.method} -o STATS"
+    if needs_normalized(methods) and any(not calibration.stats[a].normalized for a in activations):
+        raise EspaceError(
+            f"--method {selection.method} needs the L2-normalised sums, which the statistics file lacks", fix
+        )
+    if needs_gradients(methods):
+        gradients = calibration.gradients or {}
+        lacking = [a for a in activations if a not in gradients]
+        normalized = [m for m in methods if m in GRADIENT_METHODS and m.endswith("-l2")]
+        if lacking or (normalized and any(not gradients[a].normalized for a in activations)):
+            raise EspaceError(
+                f"--method {selection.method} needs gradient statistics, which the statistics file lacks", fix
+            )
 
 
 def apply(
@@ -376,7 +398,7 @@ def apply(
     for w in caught:  # still shown to the user, once each
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     report = compression_report(run, plan, calibration, output, total_before)
-    with atomic_output(output) as tmp_output:
+    with model_output_set(output, report_path) as (tmp_output, tmp_json, tmp_markdown):
         save_model(run.model, tmp_output, external_data=run.options.output.external_data)
         check_model(tmp_output)
         with run.timed("fidelity"):
@@ -394,11 +416,22 @@ def apply(
         run.timings["total"] = time.perf_counter() - run.started
         report["timings_s"] = {k: round(v, 3) for k, v in run.timings.items()}
         report["warnings"] = range_warnings
-        write_report(report, report_path)
-    if run.options.output.quantize != "none":
-        report["quantization"] = quantize_output(run, output)
-        write_report(report, report_path)
+        if run.options.output.quantize != "none":  # quantized in the staging, so it commits with the rest
+            report["quantization"] = {**quantize_output(run, tmp_output), "output": str(output)}
+        stage_report(report, tmp_json, tmp_markdown)
     return CompressionResult(output, report_path, report)
+
+
+@contextlib.contextmanager
+def model_output_set(output: Path, report_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """The compressed model, its external-data file and its report (JSON, Markdown) committed as ONE output
+    set (:func:`espace_export.io.models.atomic_output_set`): the model moves in last, so a reader who sees the
+    new model sees its report; a kill before that leaves the previous model *and* its report. Yields the
+    temporaries of the model, the report JSON and its Markdown; a data file written beside the model's
+    temporary travels with it (a stale one of the previous set is removed)."""
+    paths = [*model_files(output), *report_files(report_path)]
+    with atomic_output_set(paths) as temporaries:
+        yield temporaries[0], temporaries[2], temporaries[3]
 
 
 def quantize_output(run: Run, output: Path) -> dict[str, Any]:
@@ -527,7 +560,7 @@ def compress(
 def compress_bounded(run: Run, output: Path, report_path: Path) -> CompressionResult:
     """``compress`` under ``--max-memory``: statistics, decompositions and the rewrite group by group
     (:func:`espace_export.streaming.compress_streaming`), for ``--select none`` with a weight-free method."""
-    from espace_export.streaming import STREAMING_METHODS, StreamingSettings, compress_streaming, parse_memory
+    from espace_export.streaming import STREAMING_METHODS
 
     options = run.options
     method = options.selection.method_name
@@ -538,12 +571,24 @@ def compress_bounded(run: Run, output: Path, report_path: Path) -> CompressionRe
             "--statistics/--plan side outputs",
             "drop --max-memory, or use those settings",
         )
+    with model_output_set(output, report_path) as (tmp_output, tmp_json, tmp_markdown):
+        report = _compress_bounded_staged(run, output, tmp_output)
+        stage_report(report, tmp_json, tmp_markdown)
+    return CompressionResult(output, report_path, report)
+
+
+def _compress_bounded_staged(run: Run, output: Path, tmp_output: Path) -> dict[str, Any]:
+    """:func:`compress_bounded`'s model, written to ``tmp_output`` (the staging of its output set), and its report."""
+    from espace_export.streaming import StreamingSettings, compress_streaming, parse_memory
+
+    options = run.options
+    method = options.selection.method_name
     ranks = options.ranks
     settings = StreamingSettings(
         method=method, budget_bytes=parse_memory(options.data.max_memory),  # type: ignore[arg-type]
         precision=cast(StatsPrecision, options.data.stats_precision),
     )  # fmt: skip
-    result = compress_streaming(run.model_path, output, run.batches.calibration, ranks, settings)
+    result = compress_streaming(run.model_path, tmp_output, run.batches.calibration, ranks, settings)
     report: dict[str, Any] = {
         "tool": "espace-export", "version": __version__, "model": str(run.model_path), "output": str(output),
         "ratio_requested": ranks.ratio if ranks.rank is None else None, "rank_forced": ranks.rank,
@@ -563,5 +608,4 @@ def compress_bounded(run: Run, output: Path, report_path: Path) -> CompressionRe
         "fidelity": {"outputs": {}, "measured_on": "not measured under --max-memory (two sessions of the model)"},
         "warnings": [],
     }  # fmt: skip
-    write_report(report, report_path)
-    return CompressionResult(output, report_path, report)
+    return report

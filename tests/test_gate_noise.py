@@ -167,3 +167,133 @@ def test_target_interval_must_be_a_fraction(target: float) -> None:
         check_rounds(ProfileSettings(target_interval=target))
     with pytest.raises(EspaceError, match="max-repeats"):
         check_rounds(ProfileSettings(repeats=10, max_repeats=5))
+
+
+# ---------------------------------------------------------------------------------------------- side by side
+
+
+def with_reference(current: dict, reference: list[float]) -> dict:
+    """``current`` as profiled with ``--reference``: the accepted model's rounds beside the candidate's."""
+    out = copy.deepcopy(current)
+    out["ttft"]["reference_ms"] = {"median": 1.0, "samples": reference}  # the gate reads the rounds only
+    return out
+
+
+def drifting(ms: float, n: int, rng: np.random.Generator, drift: float) -> list[float]:
+    """Rounds whose speed drifts by ``drift`` over the run (the shared cache filling up with other jobs)."""
+    return [t * (1 + drift * i / n) for i, t in enumerate(rounds(ms, n, rng))]
+
+
+@pytest.mark.parametrize("drift", [-0.08, 0.0, 0.08])
+def test_side_by_side_decides_ttft_and_cancels_drift_between_runs(drift: float) -> None:
+    """The run after the baseline sees the compressed model ``drift`` slower relative to the original (cache
+    contention hits the two differently): cross-run, that reads as a regression or hides one; timed beside
+    the accepted model in the same rounds, the unchanged model passes and a planted +10 % fails."""
+    rng = np.random.default_rng(13)
+    n = 600
+    baseline = report(rounds(2.0, n, rng), rounds(1.2, n, rng))
+    original = rounds(2.0, n, rng)
+    accepted = [t * (1 + drift) for t in drifting(1.2, n, rng, 0.0)]
+    unchanged = with_reference(report(original, [t * (1 + drift) for t in rounds(1.2, n, rng)]), accepted)
+    planted = with_reference(report(original, [t * (1 + drift) * 1.10 for t in rounds(1.2, n, rng)]), accepted)
+    same, slower = compare(unchanged, baseline), compare(planted, baseline)
+    assert same.passed and not slower.passed
+    rows = {row.metric: row for row in slower.rows}
+    assert rows["ttft.vs_reference"].status == "regressed"
+    assert rows["ttft.vs_reference"].interval[0] < 0.10 < rows["ttft.vs_reference"].interval[1]  # type: ignore[index]
+    assert rows["ttft.ratio"].status in ("drift", "ok")  # shown, never gated once the reference decides
+    if drift > 0:  # cross-run alone, the unchanged model would have failed
+        assert not compare(report(original, unchanged["ttft"]["compressed_ms"]["samples"]), baseline).passed
+
+
+def test_side_by_side_rounds_must_pair_with_the_compressed_ones() -> None:
+    from espace_export.errors import EspaceError
+
+    rng = np.random.default_rng(2)
+    current = report(rounds(2.0, 50, rng), rounds(1.2, 50, rng))
+    for samples in (rounds(1.2, 49, rng), [1.0, "x"] + rounds(1.2, 48, rng), [-1.0] * 50):
+        with pytest.raises(EspaceError):
+            compare(with_reference(current, samples), current)  # type: ignore[arg-type]
+
+
+def test_three_benches_rotate_without_self_repeats_and_balance_predecessors() -> None:
+    order: list[str] = []
+    benches = [lambda name=name: order.append(name) or 0.001 for name in "ABC"]
+    interleave_until_tight(benches, ProfileSettings(warmup=0, repeats=60))  # type: ignore[arg-type]
+    sequence = "".join(order)
+    pairs = [sequence[i : i + 2] for i in range(len(sequence) - 1)]
+    assert not [p for p in pairs if p[0] == p[1]], "a bench ran right after itself"
+    follows = {p: pairs.count(p) for p in ("AB", "AC", "BC", "CB")}
+    assert follows["AB"] == follows["AC"] and follows["BC"] == follows["CB"], follows
+    assert [sequence[i : i + 3] for i in range(0, 18, 3)] == ["ABC", "BCA", "CAB", "ACB", "CBA", "BAC"]
+
+
+def test_profile_times_the_reference_in_the_same_rounds(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A real profile with ``reference``: the accepted model's rounds sit beside the candidate's, the gate
+    judges the candidate against them, and a reference the prompt cannot feed is refused before timing."""
+    import onnx
+
+    from espace_export.deploy.build import BuildSettings
+    from espace_export.deploy.gate import SIDE_BY_SIDE, load_report
+    from espace_export.deploy.profile import profile
+    from espace_export.errors import EspaceError
+    from tests._models import compress_tiny, tiny_decoder
+
+    original, accepted = tmp_path / "tiny.onnx", tmp_path / "tiny.espace.onnx"
+    onnx.save(tiny_decoder(), str(original))
+    onnx.save(compress_tiny(tiny_decoder()), str(accepted))
+    settings = ProfileSettings(seq=8, warmup=1, repeats=12, build=BuildSettings(threads=1))
+    base = load_report(profile(original, accepted, settings, output=tmp_path / "base.json").paths["json"])
+    report = load_report(
+        profile(original, accepted, settings, output=tmp_path / "now.json", reference=accepted).paths["json"]
+    )
+    assert report["reference"] == str(accepted)
+    assert len(report["ttft"]["reference_ms"]["samples"]) == len(report["ttft"]["compressed_ms"]["samples"]) == 12
+    assert report["ttft"]["vs_reference"]["rounds"] == 12
+    rows = {row.metric: row for row in compare(report, base).rows}
+    assert SIDE_BY_SIDE in rows and rows[SIDE_BY_SIDE].baseline == 1.0 and rows[SIDE_BY_SIDE].interval is not None
+    other = tmp_path / "other.onnx"
+    model = tiny_decoder()
+    model.graph.input[0].name = "ids"
+    for node in model.graph.node:
+        node.input[:] = ["ids" if name == tiny_decoder().graph.input[0].name else name for name in node.input]
+    onnx.save(model, str(other))
+    with pytest.raises(EspaceError, match="--reference has other inputs"):
+        profile(original, accepted, settings, output=tmp_path / "x.json", reference=other)
+    with pytest.raises(EspaceError, match="--reference is timed in the TTFT rounds"):
+        profile(
+            original, accepted, replace_settings(settings, ttft=False), output=tmp_path / "x.json", reference=accepted
+        )
+    assert not list(tmp_path.glob("x.*"))
+
+
+def with_gemm(current: dict, original: list[float], compressed: list[float]) -> dict:
+    """``current`` with one compressed GEMM shape timed in these rounds (what ``profile_gemms`` writes)."""
+    out = copy.deepcopy(current)
+    ratio = float(np.median(compressed) / np.median(original))
+    group = {
+        "count": 1, "L": 64, "label": "256→256 (L=64)", "ratio": ratio,
+        "original_ms": {"median": float(np.median(original)), "samples": original},
+        "compressed_ms": {"median": float(np.median(compressed)), "samples": compressed},
+    }  # fmt: skip
+    out["gemm"] = {"groups": [group], "ratio": ratio, "original_total_ms": 1.0, "compressed_total_ms": ratio}
+    return out
+
+
+def test_with_a_reference_cross_run_gemm_drift_is_shown_not_failed() -> None:
+    """Under load the GEMM shapes of an unchanged model drifted +6 % between two runs: without a reference
+    that fails the gate; with one, the side-by-side prefill decides and the GEMM row says ``drift``."""
+    rng = np.random.default_rng(21)
+    n = 400
+    baseline = with_gemm(report(rounds(2.0, n, rng), rounds(1.2, n, rng)), rounds(1.0, n, rng), rounds(0.6, n, rng))
+    drifted = with_gemm(
+        report(rounds(2.0, n, rng), rounds(1.2, n, rng)), rounds(1.0, n, rng), rounds(0.6 * 1.08, n, rng)
+    )
+    assert not compare(drifted, baseline).passed
+    side = with_reference(drifted, rounds(1.2, n, rng))
+    result = compare(side, baseline)
+    rows = {row.metric: row.status for row in result.rows}
+    assert result.passed and rows["gemm[256→256 (L=64)].ratio"] == "drift" and rows["gemm.ratio"] == "drift"
+    vanished = copy.deepcopy(side)
+    del vanished["gemm"]
+    assert not compare(vanished, baseline).passed  # a vanished measurement still fails

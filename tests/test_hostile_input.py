@@ -818,3 +818,91 @@ def test_gate_verdicts_follow_the_interval(profile_report: dict) -> None:
     assert row.status == "regressed" and row.interval is not None and row.interval[0] > 0.05
     assert row.change == pytest.approx(0.5)
     assert compare(quiet, quiet).passed
+
+
+# ---------------------------------------------------------------------------------------------- every subcommand
+# Hostile options found still breaking the promise after the classes above (a traceback, exit 0 on a
+# nonsense value, a Typer panel of many lines): each must end in one `error:` line, exit 2, no file
+# written, no input modified. ``{model}``, ``{compressed}``, ``{stats}`` (statistics without the
+# normalised sums) and ``{out}`` (a fresh folder) are filled in per case.
+
+SUBCOMMAND_CASES: dict[str, tuple[str, str]] = {
+    # compress / inspect: rank rules that are not pow2 nor an ASCII granularity
+    "compress-rank-rule-superscript": ("{model} -o {out}/o.onnx --rank-rule ²", "rank rule"),
+    "compress-rank-rule-arabic-digits": ("{model} -o {out}/o.onnx --rank-rule ١٦", "rank rule"),
+    "compress-rank-rule-float": ("{model} -o {out}/o.onnx --rank-rule 16.0", "rank rule"),
+    "compress-rank-rule-huge": ("{model} -o {out}/o.onnx --rank-rule 99999999999999", "rank rule"),
+    "compress-rank-rule-zero": ("{model} -o {out}/o.onnx --rank-rule 0", "granularity"),
+    "compress-unknown-option": ("{model} -o {out}/o.onnx --no-such-option", "no such option"),
+    "inspect-rank-rule-superscript": ("inspect {model} --rank-rule ²", "rank rule"),
+    # calibrate: a usage error is one line too
+    "calibrate-unknown-method": ("calibrate {model} -o {out}/s.npz --method bogus", "--method"),
+    "calibrate-missing-model": ("calibrate", "missing argument"),
+    # plan: statistics that lack what the method needs
+    "plan-best-proxy-without-normalised-sums": (
+        "plan {model} --statistics {stats} -o {out}/p.json --method best --select proxy",
+        "calibrate MODEL --method best",
+    ),
+    "plan-nmse-without-normalised-sums": (
+        "plan {model} --statistics {stats} -o {out}/p.json --method nmse",
+        "normalised sums",
+    ),
+    "plan-nl-mse-without-gradients": (
+        "plan {model} --statistics {stats} -o {out}/p.json --method nl-mse",
+        "gradient statistics",
+    ),
+    # apply
+    "apply-missing-plan": ("apply {model} -o {out}/o.onnx", "--plan"),
+    "apply-rank-rule-superscript": ("apply {model} --plan {out}/p.json -o {out}/o.onnx --rank-rule ²", "rank rule"),
+    # build: thread counts and prompt sizes out of range
+    "build-negative-threads": ("build {compressed} --threads -1 --seq 4", "--threads"),
+    "build-huge-threads": ("build {compressed} --threads 99999 --seq 4", "--threads"),
+    "build-huge-prompt": ("build {compressed} --seq 100000000000", "tokens exceeds"),
+    "build-huge-batch": ("build {compressed} --seq 1000 --batch 99999999", "tokens exceeds"),
+    "build-max-seq-zero-on-cpu": ("build {compressed} --max-seq 0 --seq 4", "tensorrt"),
+    # profile
+    "profile-negative-threads": ("profile {model} {compressed} --threads -2 -o {out}/p.json", "--threads"),
+    "profile-huge-prompt": ("profile {model} {compressed} --seq 100000000000 -o {out}/p.json", "tokens exceeds"),
+    "profile-huge-repeats": ("profile {model} {compressed} --repeats 10000000000 -o {out}/p.json", "--repeats"),
+    "profile-huge-warmup": ("profile {model} {compressed} --warmup 99999999 -o {out}/p.json", "--warmup"),
+    "profile-repeats-not-a-number": ("profile {model} {compressed} --repeats abc -o {out}/p.json", "--repeats"),
+    # check
+    "check-missing-baseline": ("check {out}/p.json", "--baseline"),
+    "check-unknown-option": ("check {out}/p.json --baseline {out}/p.json --fail-fast", "no such option"),
+}
+
+
+@pytest.fixture(scope="module")
+def subcommand_inputs(plan_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests._models import compress_tiny, tiny_decoder
+
+    folder = tmp_path_factory.mktemp("subcommands")
+    tiny = tiny_decoder()
+    compressed = folder / "tiny.espace.onnx"
+    onnx.save(compress_tiny(tiny), str(compressed))
+    stats = plan_files["model"].with_name("stats.npz")
+    from espace_export.io.artifacts import load_calibration
+
+    assert not any(s.normalized for s in load_calibration(stats).stats.values())  # made for --method mse
+    return {"model": plan_files["model"], "compressed": compressed, "stats": stats}
+
+
+@pytest.mark.parametrize("case", sorted(SUBCOMMAND_CASES))
+def test_every_subcommand_refuses_hostile_options_in_one_line(
+    case: str, subcommand_inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shlex
+
+    template, expected = SUBCOMMAND_CASES[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    args = shlex.split(template.format(out=out, **subcommand_inputs))
+    inputs = {p: digest(p) for p in subcommand_inputs.values()}
+    code, err = run_cli(args, capsys)
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
+    assert expected.lower() in lines[0].lower(), lines[0]
+    assert list(out.iterdir()) == [], "a refused run wrote files"
+    assert {p: digest(p) for p in inputs} == inputs, "an input was modified"
+    CASES_TRIED["subcommands"] = CASES_TRIED.get("subcommands", 0) + 1

@@ -355,3 +355,70 @@ def test_full_disk_is_one_line_and_keeps_the_previous_set(small_disk: Path) -> N
         "m.onnx",
         "m.report.json",
     ]  # the lock file goes with its run
+
+
+# ---------------------------------------------------------------------------------------------- the real compress
+
+
+def _consistent(out: Path) -> float:
+    """The compressed model on disk and the report beside it describe the same model (its parameter count);
+    returns the ratio the report says was asked for."""
+    import json
+
+    from graph_passes.find import parameter_count
+
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    markdown = out.with_suffix(".report.md").read_text()
+    assert parameter_count(load_model(out)) == report["total_params_after"], "the model and its report disagree"
+    assert f"{report['total_params_after']:,}" in markdown or str(report["total_params_after"]) in markdown
+    return float(report["ratio_requested"])
+
+
+def _compress(model: Path, out: Path, ratio: str, **env: str) -> subprocess.Popen[bytes]:
+    arguments = [str(model), "-o", str(out), "--ratio", ratio, "--num-batches", "2", "--seq-len", "8"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "espace_export", *arguments, "--min-rank", "4", "-q"],
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, set()),
+    )
+
+
+@pytest.mark.slow
+def test_compressed_model_and_report_flip_as_one_set(sample_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Before every commit's renames (where a kill leaves the files as they are) the model and the report
+    on disk describe one model, and a SIGKILL mid-commit leaves one whole set after recovery. With the
+    model and the report committed one after the other, the pause before the second commit found the new
+    model beside the old report."""
+    source = tmp_path / "llama.onnx"
+    source.write_bytes(sample_model("llama", "torchscript", hidden=32, layers=1).read_bytes())
+    out = tmp_path / "out" / "model.espace.onnx"
+    assert _compress(source, out, "0.5").wait(timeout=300) == 0
+    assert _consistent(out) == 0.5
+    for kill, ratio in ((False, "0.25"), (True, "0.75")):
+        process = _compress(
+            source, out, ratio, ESPACE_TEST_PAUSE_BEFORE_RENAME="1.5", ESPACE_TEST_PAUSE_MID_COMMIT="1.5"
+        )
+        seen: set[str] = set()
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            markers = {str(p) for p in out.parent.glob(".*.tmp/.complete")} | {
+                str(p) for p in out.parent.glob(".*.tmp/.midway")
+            }
+            for marker in sorted(markers - seen):  # the writer is paused here
+                seen.add(marker)
+                if marker.endswith(".complete"):  # before a commit's renames: what a kill here leaves
+                    _consistent(out)
+                elif kill:  # mid-commit (the model not yet moved): the next writer rolls it forward
+                    process.kill()
+            time.sleep(0.05)
+        process.communicate(timeout=60)
+        assert seen, "the writer never paused at a commit"
+        if kill:
+            assert process.returncode == -signal.SIGKILL
+            with output_lock(out):  # the next writer rolls the begun commit forward
+                pass
+        else:
+            assert process.returncode == 0
+        assert _consistent(out) == float(ratio)
+        assert not list(out.parent.glob(".*.tmp"))

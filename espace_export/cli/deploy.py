@@ -21,6 +21,13 @@ def profile(
         Path | None,
         typer.Option("--output", "-o", help="JSON report (default: COMPRESSED.profile.json; .md and .png beside it)."),
     ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="The accepted compressed model (the one the CI baseline measured): timed in the same rounds, "
+            "so `check` judges COMPRESSED against it side by side."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the JSON report to stdout.")] = False,
 ) -> None:
@@ -29,7 +36,9 @@ def profile(
     from espace_export.deploy.profile import profile as run_profile
 
     log = None if (quiet or json_out) else (lambda line: typer.echo(line, err=True))
-    result = run_profile(original, compressed, ProfileOptions(**settings).settings(), output=output, log=log)
+    result = run_profile(
+        original, compressed, ProfileOptions(**settings).settings(), output=output, log=log, reference=reference
+    )
     if json_out:
         import json
 
@@ -52,7 +61,21 @@ def profile(
     typer.echo(f"wrote {', '.join(str(p) for p in result.paths.values())}")
 
 
-@app.command()
+CHECK_HELP = (
+    "CI gate: exit 1 with a table of what regressed beyond --max-regression, 0 otherwise, 2 for unusable input."
+    "\n\n"
+    "Each metric's 95 % bootstrap interval (lo, hi) of its change decides: regressed (exit 1) when lo is above "
+    "--max-regression; uncertain (listed, exit 0) when the change is past it but lo is not (profile with a tighter "
+    "--target-interval to decide); improved when hi is below minus the allowance; ok otherwise."
+    "\n\n"
+    "TTFT: profile CURRENT with --reference ACCEPTED.onnx (the model the baseline measured) and the verdict is "
+    "ttft.vs_reference, both timed in the same interleaved rounds, which cancels the runner's drift (a cross-run "
+    "ratio drifts by 6 % and more on a shared runner); the cross-run ratios (ttft, GEMM total and shapes) are then "
+    "shown as drift, not gated."
+)
+
+
+@app.command(help=CHECK_HELP)
 def check(
     current: Annotated[Path, typer.Argument(help="The profile report to judge (JSON from `espace-export profile`).")],
     baseline: Annotated[Path, typer.Option(help="The accepted profile report to compare against.")],
@@ -69,12 +92,13 @@ def check(
         Path | None, typer.Option(help="Also write the table as Markdown here (e.g. $GITHUB_STEP_SUMMARY).")
     ] = None,
 ) -> None:
-    """CI gate: exit 1 with a table of what regressed beyond --max-regression, 0 otherwise."""
+    """CI gate: exit 1 with a table of what regressed beyond --max-regression, 0 otherwise (see CHECK_HELP)."""
     from rich.console import Console
     from rich.table import Table
 
-    from espace_export.deploy.gate import compare, load_report, table_rows, to_markdown
+    from espace_export.deploy.gate import append_summary, compare, load_report, summary_path, table_rows
 
+    summary = summary_path(summary, reports=(current, baseline))  # checked before the gate runs
     result = compare(
         load_report(current),
         load_report(baseline),
@@ -86,13 +110,11 @@ def check(
     table = Table(title=f"ESPACE latency gate (max regression {max_regression:.1%}): {verdict}")
     for column in ("metric", "baseline", "current", "change", "status"):
         table.add_column(column, justify="left" if column in ("metric", "status") else "right")
-    styles = {"regressed": "bold red", "missing": "bold red", "improved": "green"}
+    styles = {"regressed": "bold red", "missing": "bold red", "improved": "green", "uncertain": "yellow"}
     for row in table_rows(result):
         table.add_row(*row, style=styles.get(row[-1]))
     Console().print(table)
-    if summary is not None:
-        with summary.open("a", encoding="utf-8") as handle:  # appended: CI summaries collect several steps
-            handle.write(to_markdown(result))
+    append_summary(result, summary)  # appended: CI summaries collect several steps
     if not result.passed:
         raise typer.Exit(1)
 

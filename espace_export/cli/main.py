@@ -19,6 +19,11 @@ from espace_export.cli import deploy as _deploy_commands  # noqa: F401
 from espace_export.cli.app import app
 from espace_export.errors import EspaceError
 
+try:  # typer vendors its own click (typer._click) in recent releases; older ones use click itself
+    from typer._click import exceptions as click_errors  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors  # type: ignore[no-redef,unused-ignore]
+
 
 def _format_warning(message: Any, category: Any, filename: str, lineno: int, line: str | None = None) -> str:
     return f"warning: {message}\n"
@@ -56,11 +61,22 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_onnxruntime()
     _terminate_like_interrupt()
     try:
-        # standalone mode: typer/click print usage errors their usual way (exit 2) and map Ctrl-C to exit 1
-        app(args=args, prog_name="espace-export", standalone_mode=True)
+        # not standalone: a usage error is one line like any other bad input (click would print a panel)
+        code = app(args=args, prog_name="espace-export", standalone_mode=False)
     except EspaceError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(exc.exit_code) from None
+    except click_errors.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "espace-export"
+        typer.echo(f"error: {' '.join(exc.format_message().split())} — see {command} --help", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except click_errors.ClickException as exc:  # a bad file argument and the like: also one line
+        typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:  # Ctrl-C (or SIGTERM, above): the outputs were left as they were
+        typer.echo("Aborted!", err=True)
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)  # typer.Exit(1): check's "regressed"; as click does
 
 
 if __name__ == "__main__":  # pragma: no cover

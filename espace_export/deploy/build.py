@@ -93,6 +93,34 @@ class BuildSettings:
     cache_dir: Path | None = None
     device_id: int = 0
 
+    def __post_init__(self) -> None:
+        threads = self.threads
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= 4096
+        ):
+            raise EspaceError(
+                f"--threads must lie between 0 (ONNX Runtime's default) and 4096, got {threads!r}", "try --threads 1"
+            )
+        if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
+            raise EspaceError(f"the device id must be at least 0, got {self.device_id!r}", "try --device-id 0")
+
+
+# The longest prompt (batch × seq tokens) a build or profile run feeds: far past any model's context, and
+# small enough that its int64 ids and masks (32 MiB each) never exhaust memory before the model runs.
+MAX_PROMPT_TOKENS = 1 << 22
+
+
+def check_prompt(seq: int, batch: int) -> None:
+    """``--seq`` and ``--batch`` at least 1, and their product within :data:`MAX_PROMPT_TOKENS`."""
+    for name, value in (("--seq", seq), ("--batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EspaceError(f"{name} must be at least 1, got {value!r}", "use a positive size")
+    if seq * batch > MAX_PROMPT_TOKENS:
+        raise EspaceError(
+            f"--batch × --seq = {batch * seq} tokens exceeds {MAX_PROMPT_TOKENS}",
+            "measure a prompt the model can take (its context length)",
+        )
+
 
 def check_backend(backend: str, *, graph: bool = False) -> None:
     allowed = GRAPH_BACKENDS if graph else BACKENDS
@@ -356,7 +384,7 @@ def build_model(
     settings = settings or BuildSettings()
     model = Path(model)
     repo = triton.triton_repo if triton is not None else None
-    _check_build(model, backend, save_engine, triton)
+    _check_build(model, backend, (seq, batch), save_engine, triton)
     structure = load_structure(model)
     if settings.profile is None and backend in ("tensorrt", "ort-tensorrt"):
         settings = replace(settings, profile=derive_profile(input_specs(structure), seq=seq, batch=batch))
@@ -395,12 +423,17 @@ def build_model(
 
 
 def _check_build(
-    model: Path, backend: str, save_engine: str | os.PathLike[str] | None, triton: TritonOptions | None
+    model: Path,
+    backend: str,
+    prompt: tuple[int, int],
+    save_engine: str | os.PathLike[str] | None,
+    triton: TritonOptions | None,
 ) -> None:
     """What :func:`build_model` can tell before reading the model: backend, paths, an existing Triton model."""
     from espace_export.deploy.serving import model_name
 
     check_backend(backend, graph=True)
+    check_prompt(*prompt)
     if not model.is_file():
         raise EspaceError(f"model not found: {model}", "check the path to the .onnx file")
     if save_engine is not None and backend != "tensorrt":

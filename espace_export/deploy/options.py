@@ -92,7 +92,13 @@ class BuildOptions:
                 opt_shapes=self.opt_shapes,
                 max_shapes=self.max_shapes,
             )
-        if self.min_shapes or self.opt_shapes or self.max_shapes or self.max_seq or self.max_batch:
+        if (
+            self.min_shapes
+            or self.opt_shapes
+            or self.max_shapes
+            or self.max_seq is not None
+            or self.max_batch is not None
+        ):
             raise EspaceError("shape profiles apply to TensorRT", "add --backend tensorrt or ort-tensorrt")
         return None
 

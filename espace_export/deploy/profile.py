@@ -37,6 +37,7 @@ from espace_export.deploy.build import (
     Runner,
     build_runner,
     check_backend,
+    check_prompt,
     cpu_description,
     load_structure,
     synthetic_feed,
@@ -262,15 +263,25 @@ def torch_gemm(
 def interleave(
     benches: Sequence[Callable[[], float]], *, warmup: int, repeats: int, first_round: int = 0
 ) -> list[list[float]]:
-    """Run each bench ``warmup`` times, then ``repeats`` rounds alternating the order (ABBA...) so
-    drift and order effects fall on every bench alike. Returns seconds per bench per round.
-    ``first_round`` continues the alternation of an earlier call (more rounds of the same measurement)."""
+    """Run each bench ``warmup`` times, then ``repeats`` rounds alternating the order so drift and order
+    effects fall on every bench alike: two benches AB BA AB ..., three or more in rotation and then in
+    mirrored rotation (ABC BCA CAB ACB CBA BAC ...: none follows itself, and B and C follow A equally
+    often). Both matter on a CPU: with ABC CBA the middle bench never ran right after itself and measured
+    17 % slower than an identical copy on the ends; with rotations alone B followed A (the large
+    original, which evicts the caches) twice as often as C did and measured 2-3 % slower than C.
+    Returns seconds per bench per round. ``first_round`` continues the alternation of an earlier call
+    (more rounds of the same measurement)."""
     for _ in range(warmup):
         for bench in benches:
             bench()
     times: list[list[float]] = [[] for _ in benches]
     for round_index in range(first_round, first_round + repeats):
-        order = range(len(benches)) if round_index % 2 == 0 else reversed(range(len(benches)))
+        count = len(benches)
+        if count <= 2:
+            order: Sequence[int] = range(count) if round_index % 2 == 0 else range(count - 1, -1, -1)
+        else:  # rotations, then the same mirrored (0 fixed, 1 ↔ count−1, ...): predecessors balance out
+            sign = 1 if (round_index // count) % 2 == 0 else -1
+            order = [(sign * (round_index + k)) % count for k in range(count)]
         for index in order:
             times[index].append(float(benches[index]()))
     return times
@@ -278,13 +289,18 @@ def interleave(
 
 def interleave_until_tight(benches: Sequence[Callable[[], float]], settings: ProfileSettings) -> list[list[float]]:
     """:func:`interleave` for ``settings.repeats`` rounds; then, with ``settings.target_interval`` and two
-    benches (original, compressed), more rounds in growing blocks until the 95 % bootstrap interval
-    of their ratio is within ± ``target_interval`` of it (relative), or ``settings.max_repeats`` rounds."""
+    or three benches (original, compressed[, reference]), more rounds in growing blocks until the 95 %
+    bootstrap interval of each gated ratio (compressed/original, compressed/reference) is within
+    ± ``target_interval`` of it (relative), or ``settings.max_repeats`` rounds."""
     times = interleave(benches, warmup=settings.warmup, repeats=settings.repeats)
     target = settings.target_interval
-    if target is None or len(benches) != 2:
+    if target is None or len(benches) not in (2, 3):
         return times
-    while len(times[0]) < settings.max_repeats and _relative_halfwidth(times[0], times[1]) > target:
+
+    def widest() -> float:
+        return max(_relative_halfwidth(times[other], times[1]) for other in range(len(times)) if other != 1)
+
+    while len(times[0]) < settings.max_repeats and widest() > target:
         # blocks grow with the rounds taken (a quarter more each time): few interval checks on long runs
         block = min(max(settings.repeats, len(times[0]) // 4), settings.max_repeats - len(times[0]))
         more = interleave(benches, warmup=0, repeats=block, first_round=len(times[0]))
@@ -453,8 +469,10 @@ def profile_ttft(
     structure: onnx.ModelProto,
     settings: ProfileSettings,
     log: Log | None = None,
+    reference: Path | None = None,
 ) -> dict[str, Any]:
-    """Prefill of one prompt through both whole graphs, interleaved; medians and spread."""
+    """Prefill of one prompt through both whole graphs (and ``reference``, the accepted compressed model,
+    when given), interleaved; medians and spread."""
     backend = settings.resolved_ttft_backend()
     assert backend is not None
     feed = prefill_feed(structure, batch=settings.batch, seq=settings.seq, seed=settings.seed)  # empty past
@@ -467,7 +485,8 @@ def profile_ttft(
         build = replace(build, profile=profile)
     if log:
         log(f"TTFT: building {backend} sessions")
-    runners = [build_runner(path, backend, build) for path in (original, compressed)]
+    paths = [original, compressed] + ([reference] if reference is not None else [])
+    runners = [build_runner(path, backend, build) for path in paths]
     benches = [runner.prepare(feed) for runner in runners]
     if log:
         log(
@@ -478,7 +497,7 @@ def profile_ttft(
     for runner in runners:
         runner.close()
     original_ms, compressed_ms = summarize(times[0]), summarize(times[1])
-    return {
+    entry = {
         "backend": backend,
         "device": device,
         "original_ms": original_ms,
@@ -487,6 +506,10 @@ def profile_ttft(
         "ratio_paired": paired_ratios(times[0], times[1]),
         **ratio_spread(times[0], times[1]),
     }
+    if reference is not None:  # the gate's side-by-side verdict: compressed/reference of the same rounds
+        entry["reference_ms"] = summarize(times[2])
+        entry["vs_reference"] = ratio_spread(times[2], times[1])
+    return entry
 
 
 # ---------------------------------------------------------------------------------------------- the whole profile
@@ -509,6 +532,7 @@ def profile(
     *,
     output: str | os.PathLike[str] | None = None,
     log: Log | None = None,
+    reference: str | os.PathLike[str] | None = None,
 ) -> ProfileResult:
     """GEMM latency and TTFT of ``compressed`` against ``original``; writes JSON, Markdown and a PNG chart.
 
@@ -518,6 +542,9 @@ def profile(
         settings: backend, sizes and repetitions (:class:`ProfileSettings`).
         output: the JSON report (default ``<compressed>.profile.json``); ``.md`` and ``.png`` beside it.
         log: receives one line per step.
+        reference: the accepted compressed model (the one the CI baseline report measured): its prefill is
+            timed in the same interleaved rounds, and ``espace-export check`` then judges ``compressed``
+            against it side by side, which cancels the drift between two runs (docs/ci-gate.md).
 
     Raises:
         EspaceError: unreadable or mismatched models, an unknown backend, a missing extra or device.
@@ -528,9 +555,18 @@ def profile(
     check_settings(settings)
     ttft_backend = settings.resolved_ttft_backend()
     original, compressed = Path(original), Path(compressed)
+    accepted = Path(reference) if reference is not None else None
     json_path = check_writable(Path(output) if output else default_profile_path(compressed))
-    check_distinct_paths({"ORIGINAL": original, "COMPRESSED": compressed}, {"-o": profile_files(json_path)})
+    inputs = {"ORIGINAL": original, "COMPRESSED": compressed} | ({"--reference": accepted} if accepted else {})
+    check_distinct_paths(inputs, {"-o": profile_files(json_path)})
     structures = [_load_structure(path) for path in (original, compressed)]
+    if accepted is not None:
+        if not settings.ttft or ttft_backend is None:
+            raise EspaceError(
+                "--reference is timed in the TTFT rounds, which this profile skips",
+                "drop --no-ttft (on GEMM-only backends pass --ttft-backend), or drop --reference",
+            )
+        _check_reference(structures[1], _load_structure(accepted))
     groups = gemm_groups(*structures)
     names = [[s.name for s in input_specs(m)] for m in structures]
     if names[0] != names[1]:
@@ -541,6 +577,7 @@ def profile(
 
     started = time.perf_counter()
     report = _report_header(original, compressed, groups, settings)
+    report["reference"] = str(accepted) if accepted is not None else None
     if settings.gemm:
         report["gemm"] = profile_gemms(groups, settings, log)
     if settings.ttft:
@@ -550,7 +587,7 @@ def profile(
                 "(or tensorrt) to time the whole graph"
             )
         else:
-            report["ttft"] = profile_ttft(original, compressed, structures[0], settings, log)
+            report["ttft"] = profile_ttft(original, compressed, structures[0], settings, log, accepted)
             if ttft_backend != settings.backend and settings.gemm:
                 report["notes"].append(
                     f"GEMMs timed on {settings.backend}, TTFT on {ttft_backend}: the GEMM share mixes two backends"
@@ -568,8 +605,12 @@ def check_settings(settings: ProfileSettings) -> None:
     ttft_backend = settings.resolved_ttft_backend()
     if ttft_backend is not None:
         check_backend(ttft_backend, graph=True)
-    if settings.seq < 1 or settings.batch < 1 or settings.repeats < 1 or settings.warmup < 0:
-        raise EspaceError("--seq, --batch and --repeats must be at least 1, --warmup at least 0", "use positive sizes")
+    check_prompt(settings.seq, settings.batch)
+    if not (1 <= settings.repeats <= 100_000 and 0 <= settings.warmup <= 10_000):
+        raise EspaceError(
+            f"--repeats must lie in [1, 100000] and --warmup in [0, 10000], got {settings.repeats} and {settings.warmup}",
+            "use --repeats 10 --warmup 2 (more rounds: --target-interval)",
+        )
     if not (settings.gemm or settings.ttft):
         raise EspaceError("nothing to profile: both --no-gemm and --no-ttft given", "drop one of them")
     check_rounds(settings)
@@ -615,6 +656,16 @@ def _add_amdahl(report: dict[str, Any]) -> None:
         report["notes"].append(
             f"the GEMMs timed alone take {share:.2f}× the whole prefill: isolated timing overstates them "
             "(threading or caching differ from the graph); the Amdahl bound is not meaningful here"
+        )
+
+
+def _check_reference(compressed: onnx.ModelProto, reference: onnx.ModelProto) -> None:
+    """``--reference`` must take the inputs COMPRESSED takes (it is fed the same prompt)."""
+    names = [[s.name for s in input_specs(m)] for m in (compressed, reference)]
+    if names[0] != names[1]:
+        raise EspaceError(
+            f"--reference has other inputs than COMPRESSED ({names[1]} vs {names[0]})",
+            "pass the accepted compressed model of the same original as --reference",
         )
 
 

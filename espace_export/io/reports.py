@@ -226,3 +226,10 @@ def write_report_files(
 def write_report(report: dict[str, Any], path: Path) -> None:
     """The compression report: JSON and its Markdown twin."""
     write_report_files(report, path, to_markdown)  # type: ignore[arg-type]
+
+
+def stage_report(report: dict[str, Any], json_path: Path, markdown_path: Path) -> None:
+    """The compression report's JSON and Markdown written to the temporaries of an output set that
+    commits them with the model (:func:`espace_export.pipeline.model_output_set`)."""
+    json_path.write_text(strict_json(report) + "\n")
+    markdown_path.write_text(to_markdown(report))

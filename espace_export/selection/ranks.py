@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,18 +12,30 @@ import numpy as np
 from espace_export.errors import EspaceError
 
 RankRule = str  # "pow2", or the decimal string of a granularity such as "16" or "64"
+# A granularity above any GEMM width this tool meets (a larger one only ever leaves every layer dense).
+MAX_GRANULARITY = 1 << 20
 
 
 def parse_rank_rule(rule: str | int) -> int | None:
-    """``"pow2"`` → None (powers of two); an integer (or its string) → that granularity."""
-    if isinstance(rule, int) or (isinstance(rule, str) and rule.isdigit()):
-        granularity = int(rule)
-        if granularity < 1:
-            raise EspaceError(f"rank granularity must be at least 1, got {granularity}", "use pow2, 16 or 64")
-        return granularity
-    if rule == "pow2":
+    """``"pow2"`` → None (powers of two); an integer (or its ASCII decimal string) → that granularity.
+
+    Raises:
+        EspaceError: anything else (``"²"``, ``"١٦"``, ``"16.0"``, a bool, a granularity below 1 or above
+            :data:`MAX_GRANULARITY`), in one line.
+    """
+    fix = "use pow2 (tensor-core friendly) or a multiple such as 16 or 64"
+    if isinstance(rule, str) and rule.strip() == "pow2":
         return None
-    raise EspaceError(f"unknown rank rule {rule!r}", "use pow2 (tensor-core friendly) or a multiple such as 16 or 64")
+    if isinstance(rule, int) and not isinstance(rule, bool):
+        granularity = rule
+    elif isinstance(rule, str) and re.fullmatch(r"[0-9]{1,9}", rule.strip()):
+        granularity = int(rule.strip())
+    else:
+        shown = rule if not isinstance(rule, str) or len(rule) <= 40 else rule[:40] + "…"
+        raise EspaceError(f"unknown rank rule {shown!r}", fix)
+    if not 1 <= granularity <= MAX_GRANULARITY:
+        raise EspaceError(f"rank granularity must lie between 1 and {MAX_GRANULARITY}, got {granularity}", fix)
+    return granularity
 
 
 def layer_compression(K: int, N: int, L: int) -> float:
