@@ -41,6 +41,7 @@ from graph_passes import Projection, find_targets, project
 from graph_passes.find import GemmTarget, weight_matrix
 
 HEAL_LOSSES = ("auto", "kl", "distill")
+HEAL_STARTS = ("least-squares", "none")
 _HEALING = "Healing"
 CHECKPOINT_NAME = "heal-checkpoint.pt"
 
@@ -49,7 +50,8 @@ CHECKPOINT_NAME = "heal-checkpoint.pt"
 class HealOptions:
     """How a compressed model is healed: schedule, loss, what trains, checkpoints."""
 
-    steps: int = option(300, "Optimizer steps (batches are cycled).", panel=_HEALING)
+    steps: int = option(300, "Optimizer steps (batches are cycled); 0: the least-squares start alone.",
+                        panel=_HEALING)  # fmt: skip
     minutes: float | None = option(
         None, "Stop after this many minutes; the schedule is fitted to the steps that fit.", panel=_HEALING
     )
@@ -63,6 +65,11 @@ class HealOptions:
         1.0, "Weight of the token-state MSE (every LayerNormalization output) in the loss; 0: outputs only.",
         panel=_HEALING,
     )  # fmt: skip
+    start: str = option(
+        "least-squares", "least-squares: first fit each pair, in graph order, to the original layer's output on "
+        "the compressed model's own input (one pass per layer group); none: the one-shot weights.",
+        panel=_HEALING, choices=HEAL_STARTS,
+    )  # fmt: skip
     train_norms: bool = option(True, "Also train LayerNorm scales/shifts and the GEMM biases.", panel=_HEALING)
     threads: int | None = option(
         None, "Torch threads [default: torch's]; 1 is fastest on a busy machine.", panel=_HEALING
@@ -73,8 +80,9 @@ class HealOptions:
     resume: bool = option(False, "Continue from the checkpoint in --checkpoint-dir.", panel=_HEALING)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise EspaceError(f"steps must be at least 1, got {self.steps}", "pass --steps 1 or more")
+        if self.steps < 0 or (self.steps == 0 and self.start == "none"):
+            raise EspaceError(f"steps must be at least 1, got {self.steps}",
+                              "pass --steps 1 or more (0 only with the least-squares start)")  # fmt: skip
         if self.minutes is not None and not self.minutes > 0:
             raise EspaceError(f"--minutes must be positive, got {self.minutes}", "pass e.g. --minutes 20")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -85,6 +93,8 @@ class HealOptions:
             raise EspaceError("--weight-decay and --hidden-weight must be non-negative", "pass 0 or more")
         if self.loss not in HEAL_LOSSES:
             raise EspaceError(f"unknown healing loss {self.loss!r}", f"use one of {', '.join(HEAL_LOSSES)}")
+        if self.start not in HEAL_STARTS:
+            raise EspaceError(f"unknown healing start {self.start!r}", f"use one of {', '.join(HEAL_STARTS)}")
         if self.threads is not None and self.threads < 1:
             raise EspaceError(f"--threads must be at least 1, got {self.threads}", "pass --threads 1 or more")
         if self.checkpoint_every < 1:
@@ -103,7 +113,8 @@ class HealingResult:
     trained: dict[str, np.ndarray] = field(default_factory=dict)  # other trained initializers, by name
     fidelity_before: dict[str, dict[str, float]] = field(default_factory=dict)
     fidelity_after: dict[str, dict[str, float]] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # start and training together
+    start_seconds: float = 0.0  # the least-squares start alone
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -113,7 +124,6 @@ class HealingResult:
 def distillation_loss(student: Any, teacher: Any, kind: str, mask: Any = None) -> Any:
     """``kl``: mean over (unmasked) tokens of KL(teacher ‖ student) of the softmax of the last axis;
     ``distill``: mean of ``1 − cosine`` of output rows."""
-    import torch
     import torch.nn.functional as F
 
     if kind == "kl":
@@ -126,15 +136,13 @@ def distillation_loss(student: Any, teacher: Any, kind: str, mask: Any = None) -
         return per_token.mean()
     rows_s = student.reshape(-1, student.shape[-1]).float()
     rows_t = teacher.reshape(-1, teacher.shape[-1]).float()
-    return (1.0 - F.cosine_similarity(rows_s, rows_t, dim=-1, eps=1e-12)).mean() + torch.zeros(())
+    return (1.0 - F.cosine_similarity(rows_s, rows_t, dim=-1, eps=1e-12)).mean()
 
 
 def hidden_state_loss(student: Sequence[Any], teacher: Sequence[Any], mask: Any = None) -> Any:
     """Mean over the tensors of ``‖s − t‖² / ‖t‖²`` over (unmasked) token rows: the token states' error,
     scale-free, so every block counts alike."""
-    import torch
-
-    total = torch.zeros(())
+    total: Any = 0.0
     for s, t in zip(student, teacher, strict=True):
         diff = (s.float() - t.float()).pow(2).sum(-1)
         ref = t.float().pow(2).sum(-1)
@@ -142,7 +150,7 @@ def hidden_state_loss(student: Sequence[Any], teacher: Sequence[Any], mask: Any 
             weights = mask.to(diff.dtype)
             diff, ref = diff * weights, ref * weights
         total = total + diff.sum() / ref.sum().clamp_min(1e-30)
-    return total / max(1, len(student))
+    return total / max(1, len(student))  # a float 0.0 for no tensors
 
 
 # ---------------------------------------------------------------------------------------------- student
@@ -304,7 +312,7 @@ def _fingerprint(projections: Mapping[str, Any], options: HealOptions) -> str:
         for matrix in projections[name] if isinstance(projections[name], tuple) else (projections[name],):
             digest.update(name.encode())
             digest.update(np.ascontiguousarray(matrix, dtype=np.float32).tobytes())
-    digest.update(f"{options.steps}|{options.lr}|{options.loss}|{options.train_norms}".encode())
+    digest.update(f"{options.steps}|{options.lr}|{options.loss}|{options.train_norms}|{options.start}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -395,6 +403,79 @@ def _train(loop: _Loop, feeds: Sequence[dict[str, np.ndarray]], on_step: Callabl
     return time.perf_counter() - started
 
 
+class _Reached(Exception):
+    """Raised by a watch once the tensor a partial run needs is produced: the rest of the graph is skipped."""
+
+
+def _rows(value: Any, feed: Mapping[str, np.ndarray]) -> Any:
+    """The token rows of an activation ``[..., K]`` as float64, padded rows (attention mask 0) left out."""
+    import torch
+
+    rows = value.detach().reshape(-1, value.shape[-1]).double()
+    mask = feed.get("attention_mask")
+    if mask is not None and mask.size == rows.shape[0]:
+        rows = rows[torch.from_numpy(mask.reshape(-1) != 0)]
+    return rows
+
+
+def _activations(student: _Student, feed: Mapping[str, np.ndarray], names: set[str], last: str) -> dict[str, Any]:
+    """The tensors ``names`` of one run of the student as it is now, stopping once ``last`` is produced."""
+    import torch
+
+    seen: dict[str, Any] = {}
+
+    def watch(name: str, value: Any) -> Any:
+        if name in names:
+            seen[name] = _rows(value, feed)
+            if name == last:
+                raise _Reached
+        return value
+
+    with torch.no_grad(), contextlib.suppress(_Reached):
+        student.graph.run(feed, watch=watch, outputs=[])
+    return seen
+
+
+def least_squares_start(student: _Student, feeds: Sequence[dict[str, np.ndarray]], ridge: float = 1e-4) -> None:
+    """Set each pair's second factor to the one that best maps the student's own input to the teacher's GEMM
+    output, layer group by layer group in graph order (so each group corrects the error of those before it).
+
+    With X_s the compressed model's input to the layer and X_t the original's, ``B = argmin ‖X_s·P·B − X_t·W‖²``
+    solves ``(PᵀX_sᵀX_sP)·B = PᵀX_sᵀX_t·W``; W moves by ``P·(B − QᵀW)``, so ``QᵀW = B`` (``QᵀP = I``) and its
+    part outside the projection is kept. ``ridge`` × the mean eigenvalue damps the solve.
+    """
+    import torch
+
+    order = {node.output[0]: i for i, node in enumerate(student.graph.graph.node) if node.output}
+    stages: dict[str, list[tuple[GemmTarget, Any, Any, Any]]] = {}
+    for layer in student.layers:
+        stages.setdefault(layer[0].activation, []).append(layer)
+    names = set(stages)
+    last = max(names, key=lambda n: order.get(n, -1))
+    trained, student.graph.constants = student.graph.constants, dict(student.original)
+    try:
+        teacher = [_activations(student, feed, names, last) for feed in feeds]
+    finally:
+        student.graph.constants = trained
+    for activation in sorted(stages, key=lambda n: order.get(n, -1)):
+        student.install()
+        K = stages[activation][0][0].K
+        G = torch.zeros(K, K, dtype=torch.float64)
+        C = torch.zeros(K, K, dtype=torch.float64)
+        for feed, reference in zip(feeds, teacher, strict=True):
+            own = _activations(student, feed, {activation}, activation)[activation]
+            G += own.T @ own
+            C += own.T @ reference[activation]
+        for _, P, Q, W in stages[activation]:
+            P64, W64 = P.double(), W.detach().double()
+            H = P64.T @ G @ P64
+            H += ridge * torch.trace(H) / H.shape[0] * torch.eye(H.shape[0], dtype=H.dtype)
+            B = torch.linalg.solve(H, P64.T @ C @ W64)
+            with torch.no_grad():
+                W.add_((P64 @ (B - Q.double().T @ W64)).float())
+    student.install()
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 
@@ -460,8 +541,14 @@ def heal_onnx(
     with _torch_threads(options.threads):
         student = _Student(model, projections, options.train_norms)
         loop = _Loop(student, options, kind, _fingerprint(projections, options))
-        seconds = _train(loop, [complete_feed(b, specs) for b in batches], on_step)
-    result = HealingResult(output, kind, loop.step, loop.losses, seconds=seconds)
+        feeds = [complete_feed(b, specs) for b in batches]
+        started = time.perf_counter()
+        if options.start == "least-squares" and not options.resume:  # a resumed W already holds it
+            least_squares_start(student, feeds)
+        start_seconds = time.perf_counter() - started
+        seconds = _train(loop, feeds, on_step) if options.steps else 0.0
+    result = HealingResult(output, kind, loop.step, loop.losses, seconds=start_seconds + seconds)
+    result.start_seconds = start_seconds
     result.weights = {t.name: W.detach().numpy().astype(np.float32) for t, *_, W in student.layers}
     result.trained = {n: p.detach().numpy().astype(np.float32) for n, p in student.extras.items()}
     healed = _compressed(model, student, healed=True)
@@ -517,6 +604,7 @@ def healing_report(result: HealingResult, options: HealOptions, batches: int, he
         "loss": result.loss,
         "steps": result.steps,
         "seconds": round(result.seconds, 2),
+        "start_seconds": round(result.start_seconds, 2),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "training_batches": batches,
         "layers_healed": len(result.weights),

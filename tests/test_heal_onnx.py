@@ -153,7 +153,8 @@ def test_cli_heals_a_compressed_model_end_to_end(sample_model, tmp_path, capsys)
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--steps", "0"], "steps must be at least 1"),
+        (["--steps", "-1"], "steps must be at least 1"),
+        (["--steps", "0", "--start", "none"], "steps must be at least 1"),
         (["--lr", "-1"], "--lr must be a positive"),
         (["--resume"], "--resume needs --checkpoint-dir"),
         (["--plan", "missing.json"], "missing.json"),
