@@ -589,7 +589,7 @@ def heal_model(
     output = check_writable(Path(output))
     report = check_writable(Path(report) if report is not None else default_report(output))
     original = load_model(model)
-    projections = load_projections(plan)
+    projections = load_projections(Path(plan))
     batches = load_batches(original, data if data is not None else DataOptions())
     held_out = batches.held_out if batches.separate_holdout else []
     with Progress(progress) as bars, bars.task("healing", options.steps) as advance:
@@ -646,4 +646,12 @@ def _write(model: onnx.ModelProto, result: HealingResult, report: Path | None) -
             temporaries[2].write_text(healing_markdown(result.report))
 
 
-__all__ = ["HealOptions", "HealingResult", "distillation_loss", "heal_model", "heal_onnx", "hidden_state_loss", "trainable_extras"]
+__all__ = [
+    "HealOptions",
+    "HealingResult",
+    "distillation_loss",
+    "heal_model",
+    "heal_onnx",
+    "hidden_state_loss",
+    "trainable_extras",
+]

@@ -69,7 +69,7 @@ def test_healing_from_onnx_reduces_the_loss_and_writes_the_healed_pair(
     train, other = _batches(arch, 4, seed=20), _batches(arch, 1, seed=80)
     # fidelity on training batches: 4 batches of random token ids teach a tiny random model nothing that
     # generalises; whether healing generalises is the benchmark's question, not this test's
-    options = HealOptions(steps=40, lr=3e-3, warmup=0.1)
+    options = HealOptions(steps=40, lr=3e-3, warmup=0.1, start="none")  # the gradient steps alone
     result = heal_onnx(dense, plan, train, tmp_path / "healed.onnx", options, holdout_batches=train,
                        report=tmp_path / "healed.report.json")  # fmt: skip
 
@@ -93,6 +93,23 @@ def test_healing_from_onnx_reduces_the_loss_and_writes_the_healed_pair(
     report = json.loads((tmp_path / "healed.report.json").read_text())
     assert report["steps"] == 40 and report["fidelity"]["after"] == json.loads(json.dumps(result.fidelity_after))
     assert "cosine after" in (tmp_path / "healed.report.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_least_squares_start_brings_the_compressed_model_closer(sample_model, tmp_path, arch: str) -> None:
+    """With no gradient step, fitting each pair to the original layer's output on the compressed model's own
+    input (graph order) moves the outputs toward the original's, and the written pair holds that fit."""
+    dense = Path(sample_model(arch, "torchscript"))
+    plan = _compress(dense, tmp_path)
+    train = _batches(arch, 4, seed=30)
+    result = heal_onnx(dense, plan, train, tmp_path / "ls.onnx", HealOptions(steps=0), holdout_batches=train)
+    assert result.steps == 0 and not result.losses and result.start_seconds > 0
+    (before,) = result.fidelity_before.values()
+    (after,) = result.fidelity_after.values()
+    assert after["relative_l2"] < 0.9 * before["relative_l2"]
+    projections = load_projections(plan)
+    want, got = _run(_reference(dense, projections, result), train[0]), _run(tmp_path / "ls.onnx", train[0])
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
 
 
 def test_hidden_state_term_targets_the_token_states(sample_model, tmp_path) -> None:

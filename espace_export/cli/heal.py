@@ -22,10 +22,12 @@ def heal(
         typer.Option("--plan", help="Plan (.json), projections (.npz) or the compressed model (.onnx) to heal."),
     ],
     settings: dict[str, Any],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Healed model \\[default: MODEL.healed.onnx].")]
-    = None,
-    report: Annotated[Path | None, typer.Option(help="JSON report \\[default: OUTPUT.report.json; .md twin too].")]
-    = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Healed model \\[default: MODEL.healed.onnx].")
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="JSON report \\[default: OUTPUT.report.json; .md twin too].")
+    ] = None,
     quiet: QuietOption = False,
     json_out: JsonOption = False,
 ) -> None:
