@@ -66,8 +66,8 @@ class HealOptions:
         panel=_HEALING,
     )  # fmt: skip
     start: str = option(
-        "least-squares", "least-squares: first fit each pair, in graph order, to the original layer's output on "
-        "the compressed model's own input (one pass per layer group); none: the one-shot weights.",
+        "none", "least-squares: first fit each pair, in graph order, to the original layer's output on "
+        "the compressed model's own input (one pass per layer group); none: from the one-shot weights.",
         panel=_HEALING, choices=HEAL_STARTS,
     )  # fmt: skip
     train_norms: bool = option(True, "Also train LayerNorm scales/shifts and the GEMM biases.", panel=_HEALING)
@@ -394,7 +394,7 @@ def _train(loop: _Loop, feeds: Sequence[dict[str, np.ndarray]], on_step: Callabl
         if options.minutes is not None:  # fit the schedule to the steps the time allows
             per_step = elapsed / (loop.step - first_step)
             fits = loop.step + int((60 * options.minutes - elapsed) / per_step)
-            loop.planned = max(loop.step, min(loop.planned, fits))
+            loop.planned = max(loop.step, min(options.steps, fits))  # re-estimated each step: load drifts
         if checkpoint is not None and (loop.step % options.checkpoint_every == 0 or loop.step == loop.planned):
             _save_checkpoint(checkpoint, {"fingerprint": loop.fingerprint, "step": loop.step, "planned": loop.planned,
                                           "student": student.state(), "optimizer": optimizer.state_dict()})  # fmt: skip
@@ -609,8 +609,9 @@ def healing_report(result: HealingResult, options: HealOptions, batches: int, he
         "training_batches": batches,
         "layers_healed": len(result.weights),
         "other_tensors_trained": len(result.trained),
-        "loss_first": losses[0] if losses else None,
-        "loss_last": float(np.mean(losses[-max(1, len(losses) // 10) :])) if losses else None,
+        # over one pass of the batches at each end, so both means see the same batches
+        "loss_first": float(np.mean(losses[: min(batches, len(losses))])) if losses else None,
+        "loss_last": float(np.mean(losses[-min(batches, len(losses)) :])) if losses else None,
         "fidelity": {"batches": held_out, "before": result.fidelity_before, "after": result.fidelity_after},
     }
 

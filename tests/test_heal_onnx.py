@@ -69,7 +69,7 @@ def test_healing_from_onnx_reduces_the_loss_and_writes_the_healed_pair(
     train, other = _batches(arch, 4, seed=20), _batches(arch, 1, seed=80)
     # fidelity on training batches: 4 batches of random token ids teach a tiny random model nothing that
     # generalises; whether healing generalises is the benchmark's question, not this test's
-    options = HealOptions(steps=40, lr=3e-3, warmup=0.1, start="none")  # the gradient steps alone
+    options = HealOptions(steps=40, lr=3e-3, warmup=0.1)
     result = heal_onnx(dense, plan, train, tmp_path / "healed.onnx", options, holdout_batches=train,
                        report=tmp_path / "healed.report.json")  # fmt: skip
 
@@ -102,7 +102,9 @@ def test_least_squares_start_brings_the_compressed_model_closer(sample_model, tm
     dense = Path(sample_model(arch, "torchscript"))
     plan = _compress(dense, tmp_path)
     train = _batches(arch, 4, seed=30)
-    result = heal_onnx(dense, plan, train, tmp_path / "ls.onnx", HealOptions(steps=0), holdout_batches=train)
+    result = heal_onnx(
+        dense, plan, train, tmp_path / "ls.onnx", HealOptions(steps=0, start="least-squares"), holdout_batches=train
+    )
     assert result.steps == 0 and not result.losses and result.start_seconds > 0
     (before,) = result.fidelity_before.values()
     (after,) = result.fidelity_after.values()
@@ -171,7 +173,7 @@ def test_cli_heals_a_compressed_model_end_to_end(sample_model, tmp_path, capsys)
     ("extra", "message"),
     [
         (["--steps", "-1"], "steps must be at least 1"),
-        (["--steps", "0", "--start", "none"], "steps must be at least 1"),
+        (["--steps", "0"], "steps must be at least 1"),
         (["--lr", "-1"], "--lr must be a positive"),
         (["--resume"], "--resume needs --checkpoint-dir"),
         (["--plan", "missing.json"], "missing.json"),
