@@ -354,6 +354,60 @@ def disable_dropout(model: nn.Module) -> int:
     return changed
 
 
+# --------------------------------------------------------------------------- self-distillation
+
+
+def frozen_teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` without its projections (the dense original): the teacher of
+    :func:`distillation_loss`. Make it before training moves the weights."""
+    import copy
+
+    teacher = copy.deepcopy(model)
+    detach_projections(teacher)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _field(outputs: Any, name: str) -> Any:
+    if isinstance(outputs, torch.Tensor):
+        return outputs if name == "main" else None
+    if name == "main":
+        for key in ("logits", "last_hidden_state"):
+            value = getattr(outputs, key, None)
+            if value is not None:
+                return value
+        return outputs[0]
+    return getattr(outputs, name, None)
+
+
+def distillation_loss(
+    student: Any, teacher: Any, kind: str = "auto", *, mask: torch.Tensor | None = None, hidden_weight: float = 0.0
+) -> torch.Tensor:
+    """The loss ``espace-export heal`` trains with, for a PyTorch training loop: ``student`` and ``teacher``
+    are the outputs of the projected model and of :func:`frozen_teacher` on one batch (tensors or HF model
+    outputs, ``logits`` or ``last_hidden_state`` read first).
+
+    ``kl``: KL(teacher ‖ student) of next-token distributions, mean over (``mask``) tokens; ``distill``:
+    ``1 − cosine`` of output rows; ``auto``: ``kl`` for rank-3 ``logits``, else ``distill``. With
+    ``hidden_weight`` > 0 and ``hidden_states`` in both outputs (``output_hidden_states=True``), plus that
+    weight × the relative MSE of the token states (:func:`espace_export.heal_onnx.hidden_state_loss`).
+    """
+    from espace_export.heal_onnx import distillation_loss as output_loss
+    from espace_export.heal_onnx import hidden_state_loss
+
+    main_s, main_t = _field(student, "main"), _field(teacher, "main")
+    if kind == "auto":
+        kind = "kl" if getattr(student, "logits", None) is not None and main_s.dim() == 3 else "distill"
+    if kind not in ("kl", "distill"):
+        raise EspaceError(f"unknown distillation loss {kind!r}", "use kl, distill or auto")
+    loss = output_loss(main_s, main_t.detach(), kind, mask)
+    hidden_s, hidden_t = _field(student, "hidden_states"), _field(teacher, "hidden_states")
+    if hidden_weight > 0 and hidden_s is not None and hidden_t is not None:
+        loss = loss + hidden_weight * hidden_state_loss(hidden_s, [h.detach() for h in hidden_t], mask)
+    return loss  # type: ignore[no-any-return]
+
+
 # --------------------------------------------------------------------------- calibration
 
 

@@ -2,24 +2,32 @@
 self-distillation from the original model, with no PyTorch model at hand.
 
 The original ``.onnx`` is evaluated by the ONNX→torch interpreter the gradient statistics already use
-(:class:`espace_export.onnx_torch.TorchGraph`). Each projected layer's weight constant becomes
+(:class:`espace_export.calibration.onnx_torch.TorchGraph`). Each projected layer's weight constant becomes
 ``P·(Qᵀ·W)`` with W a trainable parameter (K×N, whole) and P, Q static — ``Q = P`` for ESPACE's
 orthonormal projections, ``Q = Mᵀ`` for an oblique pair ``(A, M)`` — so the graph computes exactly
-``(X·P)·(QᵀW)``, the pair the compressed model runs. The loss compares the student's first output with the
-original model's (ONNX Runtime, on the same batch): the KL of next-token distributions for a causal LM
-(``logits [batch, seq, vocab]``), ``1 − cosine`` of output rows otherwise. Adam, linear warm-up then cosine
-decay, for ``steps`` or ``minutes``. The healed W is then folded (``PᵀW`` or ``M·W``) and written as the
-usual compressed graph (:func:`graph_passes.project`), atomically, with the held-out fidelity before and
-after.
+``(X·P)·(QᵀW)``, the pair the compressed model runs. LayerNorm scales and shifts and the biases of the
+projected GEMMs train too (``train_norms``).
+
+The teacher is the same interpreter with the original constants, run once per training batch and cached:
+its first output and the output of every ``LayerNormalization`` (the token states between blocks). The loss
+(:func:`distillation_loss`): the KL of next-token distributions for a causal LM (``logits [batch, seq,
+vocab]``), ``1 − cosine`` of output rows otherwise, plus ``hidden_weight`` × the mean squared error of the
+token states relative to the teacher's (:func:`hidden_state_loss`). AdamW, linear warm-up then cosine
+decay over ``steps`` (or over the steps that fit in ``minutes``). Checkpoints (W, trained norms, optimizer,
+step) let an interrupted run resume. The healed W is folded (``PᵀW`` or ``M·W``) and written as the usual
+compressed graph (:func:`graph_passes.project`), with a report of the held-out fidelity before and after,
+as one atomic set.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +35,72 @@ import numpy as np
 import onnx
 
 from espace_export.errors import EspaceError
-from espace_export.io.models import atomic_output, check_model, check_writable, load_model, save_model
+from espace_export.io.models import atomic_output_set, check_model, check_writable, load_model, save_model
+from espace_export.options import option
 from graph_passes import Projection, find_targets, project
 from graph_passes.find import GemmTarget, weight_matrix
+
+HEAL_LOSSES = ("auto", "kl", "distill")
+HEAL_STARTS = ("least-squares", "none")
+_HEALING = "Healing"
+CHECKPOINT_NAME = "heal-checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class HealOptions:
+    """How a compressed model is healed: schedule, loss, what trains, checkpoints."""
+
+    steps: int = option(300, "Optimizer steps (batches are cycled); 0: the least-squares start alone.",
+                        panel=_HEALING)  # fmt: skip
+    minutes: float | None = option(
+        None, "Stop after this many minutes; the schedule is fitted to the steps that fit.", panel=_HEALING
+    )
+    lr: float = option(2e-4, "Peak learning rate (AdamW; linear warm-up, cosine decay).", panel=_HEALING)
+    warmup: float = option(0.05, "Fraction of the steps spent warming up.", panel=_HEALING)
+    weight_decay: float = option(0.0, "AdamW weight decay.", panel=_HEALING)
+    loss: str = option(
+        "auto", "kl (causal LM logits), distill (cosine of outputs), or auto.", panel=_HEALING, choices=HEAL_LOSSES
+    )
+    hidden_weight: float = option(
+        1.0, "Weight of the token-state MSE (every LayerNormalization output) in the loss; 0: outputs only.",
+        panel=_HEALING,
+    )  # fmt: skip
+    start: str = option(
+        "none", "least-squares: first fit each pair, in graph order, to the original layer's output on "
+        "the compressed model's own input (one pass per layer group); none: from the one-shot weights.",
+        panel=_HEALING, choices=HEAL_STARTS,
+    )  # fmt: skip
+    train_norms: bool = option(True, "Also train LayerNorm scales/shifts and the GEMM biases.", panel=_HEALING)
+    threads: int | None = option(
+        None, "Torch threads [default: torch's]; 1 is fastest on a busy machine.", panel=_HEALING
+    )
+    checkpoint_dir: Path | None = option(None, "Write a checkpoint here every --checkpoint-every steps.",
+                                         panel=_HEALING)  # fmt: skip
+    checkpoint_every: int = option(50, "Steps between checkpoints.", panel=_HEALING)
+    resume: bool = option(False, "Continue from the checkpoint in --checkpoint-dir.", panel=_HEALING)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or (self.steps == 0 and self.start == "none"):
+            raise EspaceError(f"steps must be at least 1, got {self.steps}",
+                              "pass --steps 1 or more (0 only with the least-squares start)")  # fmt: skip
+        if self.minutes is not None and not self.minutes > 0:
+            raise EspaceError(f"--minutes must be positive, got {self.minutes}", "pass e.g. --minutes 20")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise EspaceError(f"--lr must be a positive number, got {self.lr}", "try --lr 2e-4")
+        if not 0 <= self.warmup < 1:
+            raise EspaceError(f"--warmup must be in [0, 1), got {self.warmup}", "try --warmup 0.05")
+        if self.weight_decay < 0 or self.hidden_weight < 0:
+            raise EspaceError("--weight-decay and --hidden-weight must be non-negative", "pass 0 or more")
+        if self.loss not in HEAL_LOSSES:
+            raise EspaceError(f"unknown healing loss {self.loss!r}", f"use one of {', '.join(HEAL_LOSSES)}")
+        if self.start not in HEAL_STARTS:
+            raise EspaceError(f"unknown healing start {self.start!r}", f"use one of {', '.join(HEAL_STARTS)}")
+        if self.threads is not None and self.threads < 1:
+            raise EspaceError(f"--threads must be at least 1, got {self.threads}", "pass --threads 1 or more")
+        if self.checkpoint_every < 1:
+            raise EspaceError("--checkpoint-every must be at least 1", "pass a positive step count")
+        if self.resume and self.checkpoint_dir is None:
+            raise EspaceError("--resume needs --checkpoint-dir", "pass the directory of the interrupted run")
 
 
 @dataclass
@@ -37,26 +108,22 @@ class HealingResult:
     output: Path
     loss: str  # "kl" | "distill"
     steps: int
-    losses: list[float]  # training loss per step
+    losses: list[float]  # training loss per step (this run's steps, after a resume)
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # healed K×N weight per layer (float32)
+    trained: dict[str, np.ndarray] = field(default_factory=dict)  # other trained initializers, by name
     fidelity_before: dict[str, dict[str, float]] = field(default_factory=dict)
     fidelity_after: dict[str, dict[str, float]] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # start and training together
+    start_seconds: float = 0.0  # the least-squares start alone
+    report: dict[str, Any] = field(default_factory=dict)
 
 
-def _static(factors: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``(P, Q)`` with the pair ``(X·P)·(QᵀW)``: Q = P (ESPACE), Q = Mᵀ (oblique ``(A, M)``)."""
-    if isinstance(factors, tuple):
-        A, M = (np.asarray(x, dtype=np.float32) for x in factors)
-        return A, np.ascontiguousarray(M.T)
-    P = np.asarray(factors, dtype=np.float32)
-    return P, P
+# ---------------------------------------------------------------------------------------------- losses
 
 
 def distillation_loss(student: Any, teacher: Any, kind: str, mask: Any = None) -> Any:
     """``kl``: mean over (unmasked) tokens of KL(teacher ‖ student) of the softmax of the last axis;
     ``distill``: mean of ``1 − cosine`` of output rows."""
-    import torch
     import torch.nn.functional as F
 
     if kind == "kl":
@@ -69,7 +136,33 @@ def distillation_loss(student: Any, teacher: Any, kind: str, mask: Any = None) -
         return per_token.mean()
     rows_s = student.reshape(-1, student.shape[-1]).float()
     rows_t = teacher.reshape(-1, teacher.shape[-1]).float()
-    return (1.0 - F.cosine_similarity(rows_s, rows_t, dim=-1, eps=1e-12)).mean() + torch.zeros(())
+    return (1.0 - F.cosine_similarity(rows_s, rows_t, dim=-1, eps=1e-12)).mean()
+
+
+def hidden_state_loss(student: Sequence[Any], teacher: Sequence[Any], mask: Any = None) -> Any:
+    """Mean over the tensors of ``‖s − t‖² / ‖t‖²`` over (unmasked) token rows: the token states' error,
+    scale-free, so every block counts alike."""
+    total: Any = 0.0
+    for s, t in zip(student, teacher, strict=True):
+        diff = (s.float() - t.float()).pow(2).sum(-1)
+        ref = t.float().pow(2).sum(-1)
+        if mask is not None and tuple(mask.shape) == tuple(diff.shape):
+            weights = mask.to(diff.dtype)
+            diff, ref = diff * weights, ref * weights
+        total = total + diff.sum() / ref.sum().clamp_min(1e-30)
+    return total / max(1, len(student))  # a float 0.0 for no tensors
+
+
+# ---------------------------------------------------------------------------------------------- student
+
+
+def _static(factors: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(P, Q)`` with the pair ``(X·P)·(QᵀW)``: Q = P (ESPACE), Q = Mᵀ (oblique ``(A, M)``)."""
+    if isinstance(factors, tuple):
+        A, M = (np.asarray(x, dtype=np.float32) for x in factors)
+        return A, np.ascontiguousarray(M.T)
+    P = np.asarray(factors, dtype=np.float32)
+    return P, P
 
 
 def _check_weight_not_shared(model: onnx.ModelProto, target: GemmTarget) -> None:
@@ -87,127 +180,303 @@ def _check_weight_not_shared(model: onnx.ModelProto, target: GemmTarget) -> None
         )
 
 
-def heal_onnx(
-    original: str | os.PathLike[str] | onnx.ModelProto,
-    projections: Mapping[str, Any] | str | os.PathLike[str],
-    batches: Sequence[dict[str, np.ndarray]],
-    output: str | os.PathLike[str],
-    *,
-    steps: int = 100,
-    minutes: float | None = None,
-    lr: float = 1e-4,
-    warmup: float = 0.1,
-    loss: str = "auto",
-    holdout_batches: Sequence[dict[str, np.ndarray]] | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-    external_data: bool | None = None,
-) -> HealingResult:
-    """Heal ``original`` through ``projections`` on ``batches`` and write the compressed graph to ``output``.
+def _check_factors(name: str, target: GemmTarget, P: np.ndarray, Q: np.ndarray) -> None:
+    if P.ndim != 2 or P.shape[0] != target.K or Q.shape != P.shape:
+        raise EspaceError(
+            f"projection for {name} is {P.shape}, the layer has K={target.K}", "use the model it was made for"
+        )
+    if P is Q and not np.allclose(P.T.astype(np.float64) @ P, np.eye(P.shape[1]), atol=1e-3):
+        raise EspaceError(  # a baseline's A (svd-family, oblique) read back from a compressed graph
+            f"the projection of {name} is not orthonormal (the layer was compressed by a weight factorisation "
+            "or an oblique projection), so it cannot be healed as x·P·PᵀW",
+            "heal from the plan (plan.json keeps an oblique layer's M), or compress with ESPACE or oblique methods",
+        )
 
-    ``projections``: layer name → P or ``(A, M)``, or a path :func:`espace_export.heal.load_projections`
-    reads (a plan ``.json``, a compressed ``.onnx``, a ``.npz``). ``loss``: ``auto`` (``kl`` for a causal LM,
-    ``distill`` otherwise), ``kl`` or ``distill``. Training stops after ``steps`` or ``minutes``, whichever
-    comes first; batches are cycled. ``holdout_batches`` measure the fidelity to the original model of the
-    compressed model before and after healing (:func:`espace_export.pipeline.output_fidelity`).
-    """
+
+def trainable_extras(model: onnx.ModelProto, targets: Sequence[GemmTarget]) -> list[str]:
+    """Float initializers read only by LayerNormalization (scale, shift) or by the Add right after a targeted
+    GEMM (its bias): the small tensors that heal along with W."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in set(node.input):
+            readers[name] = readers.get(name, 0) + 1
+    gemm_outputs = {o for n in model.graph.node if n.name in {t.node for t in targets} for o in n.output}
+    found: list[str] = []
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization":
+            candidates = list(node.input[1:3])
+        elif node.op_type == "Add" and any(i in gemm_outputs for i in node.input):
+            candidates = [i for i in node.input if i not in gemm_outputs]
+        else:
+            continue
+        for name in candidates:
+            tensor = initializers.get(name)
+            if tensor is not None and readers.get(name) == 1 and tensor.data_type == onnx.TensorProto.FLOAT:
+                found.append(name)
+    return list(dict.fromkeys(found))
+
+
+class _Student:
+    """The interpreted graph with W whole and trainable behind each static pair, plus the trained extras."""
+
+    def __init__(self, model: onnx.ModelProto, projections: Mapping[str, Any], train_norms: bool) -> None:
+        import torch
+
+        from espace_export.calibration.onnx_torch import TorchGraph
+        from espace_export.heal import match_names
+
+        self.graph = TorchGraph(model)
+        self.original = dict(self.graph.constants)
+        targets = {t.name: t for t in find_targets(model, include_heads=True)}
+        mapping = match_names(projections, targets)
+        self.layers: list[tuple[GemmTarget, Any, Any, Any]] = []  # target, P, Q, W (trainable)
+        for name, factors in projections.items():
+            target = targets[mapping[name]]
+            _check_weight_not_shared(model, target)
+            P, Q = _static(factors)
+            _check_factors(name, target, P, Q)
+            W = torch.nn.Parameter(torch.from_numpy(np.array(weight_matrix(model, target), dtype=np.float32)))
+            self.layers.append((target, torch.from_numpy(np.array(P)), torch.from_numpy(np.array(Q)), W))
+        names = trainable_extras(model, [t for t, *_ in self.layers]) if train_norms else []
+        self.extras = {n: torch.nn.Parameter(self.original[n].detach().clone().float()) for n in names}
+        self.hidden = [n.output[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
+        self.output = model.graph.output[0].name
+
+    def parameters(self) -> list[Any]:
+        return [W for *_, W in self.layers] + list(self.extras.values())
+
+    def install(self) -> None:
+        for target, P, Q, W in self.layers:
+            effective = P @ (Q.T @ W)  # X·effective = (X·P)·(QᵀW): the pair, with W whole
+            self.graph.constants[target.weight] = effective.T if target.stored_transposed else effective
+        self.graph.constants.update(self.extras)
+
+    def run(self, feed: Mapping[str, np.ndarray], hidden: bool) -> tuple[Any, list[Any]]:
+        names = [self.output, *(self.hidden if hidden else [])]
+        values = self.graph.run(feed, outputs=names)
+        return values[self.output], [values[n] for n in names[1:]]
+
+    def teacher(self, feed: Mapping[str, np.ndarray], hidden: bool) -> tuple[Any, list[Any]]:
+        import torch
+
+        trained = dict(self.graph.constants)
+        self.graph.constants = dict(self.original)
+        try:
+            with torch.no_grad():
+                return self.run(feed, hidden)
+        finally:
+            self.graph.constants = trained
+
+    def state(self) -> dict[str, Any]:
+        return {"W": {t.name: W.detach().clone() for t, *_, W in self.layers},
+                "extras": {n: p.detach().clone() for n, p in self.extras.items()}}  # fmt: skip
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        import torch
+
+        with torch.no_grad():
+            for target, *_, W in self.layers:
+                W.copy_(state["W"][target.name])
+            for name, p in self.extras.items():
+                p.copy_(state["extras"][name])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
     import torch
 
-    from espace_export.calibration.onnx_torch import TorchGraph
-    from espace_export.heal import load_projections, match_names
-    from espace_export.io.data import complete_feed, input_specs
-    from espace_export.projection.fidelity import output_fidelity
-    from espace_export.runtime import ort_session
-    from espace_export.selection.validation import resolve_validation_loss
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    if steps < 1:
-        raise EspaceError(f"steps must be at least 1, got {steps}", "pass --steps 1 or more")
-    if not batches:
-        raise EspaceError("healing needs training batches", "give calibration text or data")
-    output = check_writable(Path(output))
-    model = original if isinstance(original, onnx.ModelProto) else load_model(original)
-    if not isinstance(projections, Mapping):
-        projections = load_projections(projections)  # type: ignore[arg-type]
-    kind = "kl" if resolve_validation_loss(model, "auto" if loss == "auto" else loss) != "distill" else "distill"
-    targets = {t.name: t for t in find_targets(model, include_heads=True)}
-    mapping = match_names(projections, targets)
-    specs = input_specs(model)
-    teacher = ort_session(model)
-    output_name = model.graph.output[0].name
 
-    graph = TorchGraph(model)
-    layers: list[tuple[GemmTarget, Any, Any, Any]] = []  # target, P, Q, W (trainable)
-    for name, factors in projections.items():
-        target = targets[mapping[name]]
-        _check_weight_not_shared(model, target)
-        P, Q = _static(factors)
-        if P.shape[0] != target.K or Q.shape != P.shape:
-            raise EspaceError(
-                f"projection for {name} is {P.shape}, the layer has K={target.K}", "use the model it was made for"
-            )
-        if P is Q and not np.allclose(P.T.astype(np.float64) @ P, np.eye(P.shape[1]), atol=1e-3):
-            raise EspaceError(  # a baseline's A (svd-family, oblique) read back from a compressed graph
-                f"the projection of {name} is not orthonormal (the layer was compressed by a weight factorisation "
-                "or an oblique projection), so it cannot be healed as x·P·PᵀW",
-                "heal from the plan (plan.json keeps an oblique layer's M), or compress with ESPACE or oblique methods",
-            )
-        W = torch.nn.Parameter(torch.from_numpy(np.array(weight_matrix(model, target), dtype=np.float32)))
-        layers.append((target, torch.from_numpy(np.array(P)), torch.from_numpy(np.array(Q)), W))
+def _schedule(step: int, planned: int, warmup: float) -> float:
+    """Linear warm-up over ``warmup × planned`` steps, then cosine decay to 0 at ``planned``."""
+    warm = max(1, int(warmup * planned))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, planned - warm))))
 
-    def student(feed: dict[str, np.ndarray]) -> Any:
-        for target, P, Q, W in layers:
-            effective = P @ (Q.T @ W)  # X·effective = (X·P)·(QᵀW): the pair, with W whole
-            graph.constants[target.weight] = effective.T if target.stored_transposed else effective
-        return graph.run(feed, outputs=[output_name])[output_name]
 
-    optimizer = torch.optim.Adam([W for *_, W in layers], lr=lr)
-    warm = max(1, int(warmup * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))),
-    )
-    feeds = [complete_feed(batch, specs) for batch in batches]
-    losses: list[float] = []
+def _fingerprint(projections: Mapping[str, Any], options: HealOptions) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(projections):
+        for matrix in projections[name] if isinstance(projections[name], tuple) else (projections[name],):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(matrix, dtype=np.float32).tobytes())
+    digest.update(f"{options.steps}|{options.lr}|{options.loss}|{options.train_norms}|{options.start}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    import torch
+
+    from espace_export.io.models import atomic_output
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
+    import torch
+
+    if not path.is_file():
+        raise EspaceError(f"no checkpoint at {path}", "drop --resume, or pass the --checkpoint-dir of the run")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EspaceError(f"checkpoint {path} is unreadable ({type(exc).__name__})", "drop --resume") from None
+    if payload.get("fingerprint") != fingerprint:
+        raise EspaceError(
+            f"checkpoint {path} was written for other projections or settings",
+            "resume with the same model, plan, --steps, --lr and --loss, or drop --resume",
+        )
+    return payload  # type: ignore[no-any-return]
+
+
+@dataclass
+class _Loop:
+    """The state of one training run: what :func:`_train` advances and checkpoints."""
+
+    student: _Student
+    options: HealOptions
+    kind: str
+    fingerprint: str
+    step: int = 0
+    planned: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _train(loop: _Loop, feeds: Sequence[dict[str, np.ndarray]], on_step: Callable[[int, float], None] | None) -> float:
+    import torch
+
+    options, student = loop.options, loop.student
+    use_hidden = options.hidden_weight > 0 and bool(student.hidden)
+    targets: dict[int, tuple[Any, list[Any]]] = {}  # the teacher, once per batch
+    optimizer = torch.optim.AdamW(student.parameters(), lr=options.lr, weight_decay=options.weight_decay, eps=1e-7)
+    checkpoint = options.checkpoint_dir / CHECKPOINT_NAME if options.checkpoint_dir else None
+    if options.resume and checkpoint is not None:
+        payload = _load_checkpoint(checkpoint, loop.fingerprint)
+        student.load_state(payload["student"])
+        optimizer.load_state_dict(payload["optimizer"])
+        loop.step, loop.planned = int(payload["step"]), int(payload["planned"])
+    loop.planned = loop.planned or options.steps
     started = time.perf_counter()
-    for step in range(steps):
-        feed = feeds[step % len(feeds)]
-        target_out = torch.from_numpy(np.asarray(teacher.run([output_name], feed)[0]))
+    first_step = loop.step
+    while loop.step < loop.planned:
+        index = loop.step % len(feeds)
+        if index not in targets:
+            targets[index] = student.teacher(feeds[index], use_hidden)
+        for group in optimizer.param_groups:
+            group["lr"] = options.lr * _schedule(loop.step, loop.planned, options.warmup)
+        feed = feeds[index]
         mask = torch.from_numpy(feed["attention_mask"]) if "attention_mask" in feed else None
-        value = distillation_loss(student(feed), target_out, kind, mask)
+        student.install()
+        output, hidden = student.run(feed, use_hidden)
+        value = distillation_loss(output, targets[index][0], loop.kind, mask)
+        if use_hidden:
+            value = value + options.hidden_weight * hidden_state_loss(hidden, targets[index][1], mask)
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
-        schedule.step()
-        losses.append(float(value.detach()))
+        loop.step += 1
+        loop.losses.append(float(value.detach()))
+        elapsed = time.perf_counter() - started
+        if options.minutes is not None:  # fit the schedule to the steps the time allows
+            per_step = elapsed / (loop.step - first_step)
+            fits = loop.step + int((60 * options.minutes - elapsed) / per_step)
+            loop.planned = max(loop.step, min(options.steps, fits))  # re-estimated each step: load drifts
+        if checkpoint is not None and (loop.step % options.checkpoint_every == 0 or loop.step == loop.planned):
+            _save_checkpoint(checkpoint, {"fingerprint": loop.fingerprint, "step": loop.step, "planned": loop.planned,
+                                          "student": student.state(), "optimizer": optimizer.state_dict()})  # fmt: skip
         if on_step is not None:
-            on_step(step, losses[-1])
-        if minutes is not None and time.perf_counter() - started > 60 * minutes:
-            break
-    seconds = time.perf_counter() - started
+            on_step(loop.step, loop.losses[-1])
+    return time.perf_counter() - started
 
-    def compressed(weights: Mapping[str, np.ndarray] | None) -> onnx.ModelProto:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        rewrites = []
-        for target, P, Q, _ in layers:
-            W_kn = weights[target.name] if weights is not None else weight_matrix(model, target).astype(np.float64)
-            if weights is not None:  # the healed weight replaces the original constant before the rewrite
-                stored = (W_kn.T if target.stored_transposed else W_kn).astype(np.dtype(target.dtype))
-                _replace_initializer(copy, target.weight, stored)
-            folded = Q.numpy().astype(np.float64).T @ np.asarray(W_kn, dtype=np.float64)
-            rewrites.append(Projection(target, P.numpy(), folded=folded))
-        return project(copy, rewrites)
 
-    healed = {target.name: W.detach().numpy().astype(np.float64) for target, _, _, W in layers}
-    result_model = compressed(healed)
-    result = HealingResult(output, kind, len(losses), losses, seconds=seconds)
-    result.weights = {name: W.astype(np.float32) for name, W in healed.items()}
-    if holdout_batches:
-        result.fidelity_before = output_fidelity(teacher, ort_session(compressed(None)), holdout_batches, specs)
-        result.fidelity_after = output_fidelity(teacher, ort_session(result_model), holdout_batches, specs)
-    with atomic_output(output) as tmp:
-        save_model(result_model, tmp, external_data=external_data)
-        check_model(tmp)
-    return result
+class _Reached(Exception):
+    """Raised by a watch once the tensor a partial run needs is produced: the rest of the graph is skipped."""
+
+
+def _rows(value: Any, feed: Mapping[str, np.ndarray]) -> Any:
+    """The token rows of an activation ``[..., K]`` as float64, padded rows (attention mask 0) left out."""
+    import torch
+
+    rows = value.detach().reshape(-1, value.shape[-1]).double()
+    mask = feed.get("attention_mask")
+    if mask is not None and mask.size == rows.shape[0]:
+        rows = rows[torch.from_numpy(mask.reshape(-1) != 0)]
+    return rows
+
+
+def _activations(student: _Student, feed: Mapping[str, np.ndarray], names: set[str], last: str) -> dict[str, Any]:
+    """The tensors ``names`` of one run of the student as it is now, stopping once ``last`` is produced."""
+    import torch
+
+    seen: dict[str, Any] = {}
+
+    def watch(name: str, value: Any) -> Any:
+        if name in names:
+            seen[name] = _rows(value, feed)
+            if name == last:
+                raise _Reached
+        return value
+
+    with torch.no_grad(), contextlib.suppress(_Reached):
+        student.graph.run(feed, watch=watch, outputs=[])
+    return seen
+
+
+def least_squares_start(student: _Student, feeds: Sequence[dict[str, np.ndarray]], ridge: float = 1e-4) -> None:
+    """Set each pair's second factor to the one that best maps the student's own input to the teacher's GEMM
+    output, layer group by layer group in graph order (so each group corrects the error of those before it).
+
+    With X_s the compressed model's input to the layer and X_t the original's, ``B = argmin ‖X_s·P·B − X_t·W‖²``
+    solves ``(PᵀX_sᵀX_sP)·B = PᵀX_sᵀX_t·W``; W moves by ``P·(B − QᵀW)``, so ``QᵀW = B`` (``QᵀP = I``) and its
+    part outside the projection is kept. ``ridge`` × the mean eigenvalue damps the solve.
+    """
+    import torch
+
+    order = {node.output[0]: i for i, node in enumerate(student.graph.graph.node) if node.output}
+    stages: dict[str, list[tuple[GemmTarget, Any, Any, Any]]] = {}
+    for layer in student.layers:
+        stages.setdefault(layer[0].activation, []).append(layer)
+    names = set(stages)
+    last = max(names, key=lambda n: order.get(n, -1))
+    trained, student.graph.constants = student.graph.constants, dict(student.original)
+    try:
+        teacher = [_activations(student, feed, names, last) for feed in feeds]
+    finally:
+        student.graph.constants = trained
+    for activation in sorted(stages, key=lambda n: order.get(n, -1)):
+        student.install()
+        K = stages[activation][0][0].K
+        G = torch.zeros(K, K, dtype=torch.float64)
+        C = torch.zeros(K, K, dtype=torch.float64)
+        for feed, reference in zip(feeds, teacher, strict=True):
+            own = _activations(student, feed, {activation}, activation)[activation]
+            G += own.T @ own
+            C += own.T @ reference[activation]
+        for _, P, Q, W in stages[activation]:
+            P64, W64 = P.double(), W.detach().double()
+            H = P64.T @ G @ P64
+            H += ridge * torch.trace(H) / H.shape[0] * torch.eye(H.shape[0], dtype=H.dtype)
+            B = torch.linalg.solve(H, P64.T @ C @ W64)
+            with torch.no_grad():
+                W.add_((P64 @ (B - Q.double().T @ W64)).float())
+    student.install()
+
+
+# ---------------------------------------------------------------------------------------------- writing
 
 
 def _replace_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
@@ -218,4 +487,172 @@ def _replace_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -
     raise EspaceError(f"weight {name} is not an initializer", "re-export the model with weights as initializers")
 
 
-__all__ = ["HealingResult", "distillation_loss", "heal_onnx"]
+def _compressed(model: onnx.ModelProto, student: _Student, healed: bool) -> onnx.ModelProto:
+    """The compressed graph: the pairs with the original W (``healed=False``) or the trained one."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    rewrites = []
+    for target, P, Q, W in student.layers:
+        W_kn = W.detach().numpy().astype(np.float64) if healed else weight_matrix(model, target).astype(np.float64)
+        if healed:  # the healed weight replaces the original constant before the rewrite
+            stored = (W_kn.T if target.stored_transposed else W_kn).astype(np.dtype(target.dtype))
+            _replace_initializer(copy, target.weight, stored)
+        folded = Q.numpy().astype(np.float64).T @ W_kn
+        rewrites.append(Projection(target, P.numpy(), folded=folded))
+    if healed:
+        for name, value in student.extras.items():
+            _replace_initializer(copy, name, value.detach().numpy().astype(np.float32))
+    return project(copy, rewrites)
+
+
+def heal_onnx(
+    original: str | os.PathLike[str] | onnx.ModelProto,
+    projections: Mapping[str, Any] | str | os.PathLike[str],
+    batches: Sequence[dict[str, np.ndarray]],
+    output: str | os.PathLike[str],
+    options: HealOptions | None = None,
+    *,
+    holdout_batches: Sequence[dict[str, np.ndarray]] | None = None,
+    report: str | os.PathLike[str] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> HealingResult:
+    """Heal ``original`` through ``projections`` on ``batches`` and write the compressed graph to ``output``.
+
+    ``projections``: layer name → P or ``(A, M)``, or a path :func:`espace_export.heal.load_projections`
+    reads (a plan ``.json``, a compressed ``.onnx``, a ``.npz``). ``options``: :class:`HealOptions`.
+    ``holdout_batches`` measure the fidelity to the original model of the compressed model before and after
+    healing (:func:`espace_export.projection.fidelity.output_fidelity`). ``report``: also write the report
+    (JSON and its Markdown twin) there, in one atomic set with the model. ``on_step(step, loss)`` after each
+    step.
+    """
+    from espace_export.heal import load_projections
+    from espace_export.io.data import complete_feed, input_specs
+    from espace_export.selection.validation import resolve_validation_loss
+
+    options = options or HealOptions()
+    if not batches:
+        raise EspaceError("healing needs training batches", "give calibration text or data")
+    output = check_writable(Path(output))
+    model = original if isinstance(original, onnx.ModelProto) else load_model(original)
+    if not isinstance(projections, Mapping):
+        projections = load_projections(projections)  # type: ignore[arg-type]
+    kind = "kl" if resolve_validation_loss(model, options.loss) == "kl" else "distill"
+    specs = input_specs(model)
+    with _torch_threads(options.threads):
+        student = _Student(model, projections, options.train_norms)
+        loop = _Loop(student, options, kind, _fingerprint(projections, options))
+        feeds = [complete_feed(b, specs) for b in batches]
+        started = time.perf_counter()
+        if options.start == "least-squares" and not options.resume:  # a resumed W already holds it
+            least_squares_start(student, feeds)
+        start_seconds = time.perf_counter() - started
+        seconds = _train(loop, feeds, on_step) if options.steps else 0.0
+    result = HealingResult(output, kind, loop.step, loop.losses, seconds=start_seconds + seconds)
+    result.start_seconds = start_seconds
+    result.weights = {t.name: W.detach().numpy().astype(np.float32) for t, *_, W in student.layers}
+    result.trained = {n: p.detach().numpy().astype(np.float32) for n, p in student.extras.items()}
+    healed = _compressed(model, student, healed=True)
+    if holdout_batches:
+        from espace_export.projection.fidelity import output_fidelity
+        from espace_export.runtime import ort_session
+
+        teacher = ort_session(model)
+        result.fidelity_before = output_fidelity(teacher, ort_session(_compressed(model, student, False)),
+                                                 holdout_batches, specs)  # fmt: skip
+        result.fidelity_after = output_fidelity(teacher, ort_session(healed), holdout_batches, specs)
+    result.report = healing_report(result, options, len(batches), len(holdout_batches or ()))
+    _write(healed, result, Path(report) if report is not None else None)
+    return result
+
+
+def heal_model(
+    model: str | os.PathLike[str],
+    plan: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    data: Any = None,
+    options: HealOptions | None = None,
+    *,
+    report: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+) -> HealingResult:
+    """What ``espace-export heal`` does: batches from ``data`` (a :class:`~espace_export.options.DataOptions`;
+    its held-out share measures the fidelity), then :func:`heal_onnx` of ``model`` through ``plan`` (a plan
+    ``.json``, projections ``.npz`` or the compressed ``.onnx``), writing ``output`` and ``report`` (default:
+    beside ``output``) as one set."""
+    from espace_export.heal import load_projections
+    from espace_export.io.data import load_batches
+    from espace_export.options import DataOptions
+    from espace_export.pipeline import default_report
+    from espace_export.progress import Progress
+
+    options = options or HealOptions()
+    output = check_writable(Path(output))
+    report = check_writable(Path(report) if report is not None else default_report(output))
+    original = load_model(model)
+    projections = load_projections(Path(plan))
+    batches = load_batches(original, data if data is not None else DataOptions())
+    held_out = batches.held_out if batches.separate_holdout else []
+    with Progress(progress) as bars, bars.task("healing", options.steps) as advance:
+        return heal_onnx(original, projections, batches.calibration, output, options,
+                         holdout_batches=held_out, report=report, on_step=lambda step, loss: advance())  # fmt: skip
+
+
+def healing_report(result: HealingResult, options: HealOptions, batches: int, held_out: int) -> dict[str, Any]:
+    losses = result.losses
+    return {
+        "output": str(result.output),
+        "loss": result.loss,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 2),
+        "start_seconds": round(result.start_seconds, 2),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+        "training_batches": batches,
+        "layers_healed": len(result.weights),
+        "other_tensors_trained": len(result.trained),
+        # over one pass of the batches at each end, so both means see the same batches
+        "loss_first": float(np.mean(losses[: min(batches, len(losses))])) if losses else None,
+        "loss_last": float(np.mean(losses[-min(batches, len(losses)) :])) if losses else None,
+        "fidelity": {"batches": held_out, "before": result.fidelity_before, "after": result.fidelity_after},
+    }
+
+
+def healing_markdown(report: Mapping[str, Any]) -> str:
+    lines = [f"# ESPACE healing report: `{report['output']}`", "", "| | |", "|---|---|"]
+    for key in ("loss", "steps", "seconds", "training_batches", "layers_healed", "other_tensors_trained",
+                "loss_first", "loss_last"):  # fmt: skip
+        lines.append(f"| {key} | {report[key]} |")
+    fidelity = report["fidelity"]
+    if fidelity["before"]:
+        lines += ["", f"Held-out fidelity ({fidelity['batches']} batches):", "",
+                  "| output | cosine before | cosine after | rel. L2 before | rel. L2 after |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for name, before in fidelity["before"].items():
+            after = fidelity["after"][name]
+            lines.append(f"| `{name}` | {before['cosine_mean']:.4f} | {after['cosine_mean']:.4f} | "
+                         f"{before['relative_l2']:.4f} | {after['relative_l2']:.4f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _write(model: onnx.ModelProto, result: HealingResult, report: Path | None) -> None:
+    from espace_export.io.models import strict_json
+
+    paths: list[Path] = [result.output]
+    if report is not None:
+        paths += [check_writable(report), report.with_suffix(".md")]
+    with atomic_output_set(paths) as temporaries:
+        save_model(model, temporaries[0])
+        check_model(temporaries[0])
+        if report is not None:
+            temporaries[1].write_text(strict_json(result.report) + "\n")
+            temporaries[2].write_text(healing_markdown(result.report))
+
+
+__all__ = [
+    "HealOptions",
+    "HealingResult",
+    "distillation_loss",
+    "heal_model",
+    "heal_onnx",
+    "hidden_state_loss",
+    "trainable_extras",
+]

@@ -373,6 +373,10 @@ def fast_fallback(data: DataOptions) -> str | None:
 
 
 def group_class(group: str) -> type:
+    if group == "heal":  # the heal command's group lives with healing (imported on use: it needs no torch)
+        from espace_export.heal_onnx import HealOptions
+
+        return HealOptions
     return {"data": DataOptions, "ranks": RankOptions, "selection": SelectionOptions, "output": OutputOptions}[group]
 
 

@@ -285,3 +285,28 @@ def test_user_errors_name_the_fix(tmp_path: Path) -> None:
         heal.export_onnx(model, tmp_path / "x.onnx", lambda m, p: None)
     with pytest.raises(EspaceError, match="no ESPACE projections"):
         heal.load_projections(export_model(model, "llama", "torchscript", tmp_path / "dense.onnx"))
+
+
+@pytest.mark.parametrize("kind", ["kl", "distill"])
+def test_self_distillation_heals_toward_the_dense_teacher(kind: str) -> None:
+    """The loss ``espace-export heal`` uses, in a PyTorch loop: zero against itself, and training the projected
+    model on it brings its outputs toward the dense teacher's."""
+    model = build_model("llama")
+    batch = inputs("llama", 4, 16, seed=1)
+    teacher = heal.frozen_teacher(model)
+    heal.attach_projections(model, heal.calibrate(model, [batch], rank=2))  # far from the teacher
+    assert not any(p.requires_grad for p in teacher.parameters()) and not heal.projections_of(teacher)
+    with torch.no_grad():
+        target = teacher(**batch)
+        assert float(heal.distillation_loss(target, target, kind)) == pytest.approx(0.0, abs=1e-6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        loss = heal.distillation_loss(model(**batch), target, kind, mask=batch.get("attention_mask"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-5:]) < 0.5 * losses[0]
+    with pytest.raises(EspaceError, match="unknown distillation loss"):
+        heal.distillation_loss(target, target, "mse")

@@ -16,6 +16,7 @@ import typer
 
 from espace_export.cli import compress as _compress_commands  # noqa: F401 — registers the commands
 from espace_export.cli import deploy as _deploy_commands  # noqa: F401
+from espace_export.cli import heal as _heal_commands  # noqa: F401
 from espace_export.cli.app import app
 from espace_export.errors import EspaceError
 
