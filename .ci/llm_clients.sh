@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Best effort: the real LLM clients for tests/test_llm_clients.py, each in its own venv under DIR (they pin other
-# transformers versions than the project), and tiny llama exports made with them. Prints the variables the tests
+# transformers versions than the project), and tiny llama/qwen2/gpt2 exports made with them (also read by
+# tests/test_llm_graphs.py). Prints the variables the tests
 # read (KEY=VALUE lines on stdout) for what worked; says on stderr what did not. Never fails: a missing client
 # makes its tests skip with the reason.
 #   optimum-onnx 0.1.0 needs transformers < 4.58: installed into its venv, shadowing the project's (>= 5).
 #   onnxruntime-genai 0.18.0's builder needs transformers >= 5: its venv sees the project's.
 # Both venvs use --system-site-packages, so torch, onnx and onnxruntime come from the project's environment.
-# Measured: ~45 s + ~20 s of pip, ~40 s of export, ~90-170 s of tests on 2 cores.
+# Measured on 2 shared cores: ~45 s + ~20 s of pip, ~90 s of export; the tests it enables ~90-170 s (clients)
+# and ~40 s (the six optimum exports in tests/test_llm_graphs.py).
 set -uo pipefail
 dir="${1:?usage: llm_clients.sh DIR}"
 cd "$(dirname "$0")/.."
@@ -23,8 +25,8 @@ venv() {  # venv NAME PACKAGES...: create DIR/NAME once and install PACKAGES int
 
 fixtures="$dir/fixtures"
 if venv optimum "optimum-onnx==0.1.0" "transformers<4.58"; then
-    if [ -d "$fixtures/llama-merged" ] ||
-        timeout 600 python samples/export_llm_fixtures.py --venv "$dir/optimum" --family llama -o "$fixtures" >&2 2>&1; then
+    if [ -d "$fixtures/gpt2-merged" ] ||
+        timeout 600 python samples/export_llm_fixtures.py --venv "$dir/optimum" -o "$fixtures" >&2 2>&1; then
         echo "ESPACE_LLM_FIXTURES=$fixtures"
         echo "ESPACE_OPTIMUM_PYTHON=$dir/optimum/bin/python"
     else
