@@ -37,8 +37,13 @@ Measured on the shared 2-core machine, 2026-12-03, while other test runs loaded 
   the final rule (ttft.vs_reference -0.6..+3.2 %, highest interval end +5.1 %). Its in-run verdicts,
   made before the cross-run GEMM rows were demoted to ``drift``, were 8/10: two unchanged tries failed
   on GEMM shapes that drifted +6.0 / +6.6 % between runs; ``--regate`` re-judged the same reports.
-  Note the unchanged model reads +1.5 % on average against an identical reference: a residual bias
-  of the second session, not yet explained (well inside the allowance).
+- the same command again with the final gate (fresh workdir, 616 s of profiling): planted +9.1 % in
+  the 2-bench measurement, +9.4..+11.4 % side by side: planted fails 10/10 (lowest interval end
+  +7.8 %, one try with a GEMM shape drifting +6.7 % shown as drift); unchanged passes 10/10
+  (ttft.vs_reference +0.4..+2.8 %, highest interval end +4.3 %).
+
+Note the unchanged model reads about +1.5 % against an identical reference in both runs: a residual
+bias of the candidate's session against the reference's, not yet explained (inside the allowance).
 """
 
 from __future__ import annotations
