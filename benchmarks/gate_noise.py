@@ -32,7 +32,18 @@ Measured on the shared 2-core machine, 2026-12-03, while other test runs loaded 
 - side by side (``--max-repeats 2000``, calibrated width 507, planted +15.7 % in the 2-bench
   measurement, +11.5..+15.0 % side by side): unchanged passes 10/10 (ttft.vs_reference -0.7..+2.6 %,
   while the cross-run ttft.ratio read +8.4..+12.9 %), planted fails 10/10;
-- side by side, ``--width 400``: RESULT_400.
+- side by side, ``--width 400`` (planted +11.4 % in the 2-bench measurement, +8.1..+11.5 % side by
+  side; load average 18): planted fails 10/10 (lowest interval end +6.4 %); unchanged passes 10/10 under
+  the final rule (ttft.vs_reference -0.6..+3.2 %, highest interval end +5.1 %). Its in-run verdicts,
+  made before the cross-run GEMM rows were demoted to ``drift``, were 8/10: two unchanged tries failed
+  on GEMM shapes that drifted +6.0 / +6.6 % between runs; ``--regate`` re-judged the same reports.
+- the same command again with the final gate (fresh workdir, 616 s of profiling): planted +9.1 % in
+  the 2-bench measurement, +9.4..+11.4 % side by side: planted fails 10/10 (lowest interval end
+  +7.8 %, one try with a GEMM shape drifting +6.7 % shown as drift); unchanged passes 10/10
+  (ttft.vs_reference +0.4..+2.8 %, highest interval end +4.3 %).
+
+Note the unchanged model reads about +1.5 % against an identical reference in both runs: a residual
+bias of the candidate's session against the reference's, not yet explained (inside the allowance).
 """
 
 from __future__ import annotations

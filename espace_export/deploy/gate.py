@@ -503,4 +503,11 @@ def to_markdown(result: GateResult) -> str:
             f"{len(uncertain)} metric(s) changed past the allowance within the measured noise "
             "(not failed): profile with more rounds to decide.",
         ]
+    drifted = [r.metric for r in result.rows if r.status == "drift"]
+    if drifted:
+        lines += [
+            "",
+            f"{len(drifted)} cross-run ratio(s) moved past the allowance between the two runs (drift, not gated): "
+            f"{SIDE_BY_SIDE}, timed beside the accepted model in one run, decides.",
+        ]
     return "\n".join(lines) + "\n"
