@@ -264,6 +264,10 @@ def test_profile_times_the_reference_in_the_same_rounds(tmp_path) -> None:  # ty
         profile(
             original, accepted, replace_settings(settings, ttft=False), output=tmp_path / "x.json", reference=accepted
         )
+    with pytest.raises(EspaceError, match="--reference needs at least 5 rounds"):  # check would refuse the report
+        profile(
+            original, accepted, replace_settings(settings, repeats=3), output=tmp_path / "x.json", reference=accepted
+        )
     assert not list(tmp_path.glob("x.*"))
 
 

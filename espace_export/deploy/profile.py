@@ -566,6 +566,7 @@ def profile(
                 "--reference is timed in the TTFT rounds, which this profile skips",
                 "drop --no-ttft (on GEMM-only backends pass --ttft-backend), or drop --reference",
             )
+        _check_reference_rounds(settings)
         _check_reference(structures[1], _load_structure(accepted))
     groups = gemm_groups(*structures)
     names = [[s.name for s in input_specs(m)] for m in structures]
@@ -656,6 +657,18 @@ def _add_amdahl(report: dict[str, Any]) -> None:
         report["notes"].append(
             f"the GEMMs timed alone take {share:.2f}× the whole prefill: isolated timing overstates them "
             "(threading or caching differ from the graph); the Amdahl bound is not meaningful here"
+        )
+
+
+def _check_reference_rounds(settings: ProfileSettings) -> None:
+    """The side-by-side verdict needs :data:`espace_export.deploy.gate.MIN_ROUNDS` rounds (``check`` refuses
+    fewer), so a ``--reference`` profile with fewer ``--repeats`` would only be found unusable at the gate."""
+    from espace_export.deploy.gate import MIN_ROUNDS
+
+    if settings.repeats < MIN_ROUNDS:
+        raise EspaceError(
+            f"--reference needs at least {MIN_ROUNDS} rounds for check's verdict, got --repeats {settings.repeats}",
+            f"raise --repeats to {MIN_ROUNDS} or more (20 on a shared runner)",
         )
 
 
