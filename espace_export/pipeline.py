@@ -545,11 +545,11 @@ def compress(
     if run.options.data.max_memory is not None:
         return compress_bounded(run, output, report_path)
     calibration = calibrate(run)
-    if not distributed.is_main_rank():  # rank 0 selects and writes; the others are done
+    chosen = plan(run, calibration)  # under torchrun the ranks share the decompositions and trials
+    if not distributed.is_main_rank():  # rank 0 applies the plan and writes; the others are done
         return CompressionResult(output, report_path, {"rank": distributed.init()[0]})
     if side.statistics is not None:
         save_calibration(calibration, side.statistics)
-    chosen = plan(run, calibration)
     if side.plan is not None:
         save_plan(chosen, side.plan)
     if side.curve is not None and chosen.curve:

@@ -71,15 +71,26 @@ def test_two_processes_match_one(sample_model: Callable[..., Path], tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_cli_under_torchrun_matches_one_process(sample_model: Callable[..., Path], tmp_path: Path) -> None:
-    """`torchrun -m espace_export`: ranks share the calibration, rank 0 writes the same model as one process."""
+@pytest.mark.parametrize("selection", ["fast", "auto-validate"])
+def test_cli_under_torchrun_matches_one_process(
+    sample_model: Callable[..., Path], tmp_path: Path, selection: str
+) -> None:
+    """`torchrun -m espace_export`: ranks share the calibration and the per-layer decompositions and
+    trials (``auto`` × ``validate`` on calibration data), rank 0 writes the same model as one process."""
     import onnx
     from onnx import numpy_helper
+
+    from samples.make_models import sample_inputs
 
     model = sample_model("llama", "torchscript")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     common = ["--ratio", "0.5", "--min-rank", "4", "--num-batches", "6", "--stats-precision", "float64", "-q"]
+    if selection == "auto-validate":  # random ids take the fast preset; real arrays take the recommended one
+        data = tmp_path / "calib.npz"
+        batches = [sample_inputs("llama", 2, 16, seed=s) for s in range(6)]
+        np.savez(data, **{k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
+        common += ["--calib-data", str(data), "--batch-size", "2", "--method", "auto", "--select", "validate"]
     subprocess.run([sys.executable, "-m", "espace_export", str(model), "-o", str(tmp_path / "one.onnx"), *common],
                    check=True, env=env, timeout=300)  # fmt: skip
     torchrun = shutil.which("torchrun")

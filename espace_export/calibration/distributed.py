@@ -92,7 +92,7 @@ def share_work(items: Sequence[T], work: Callable[[T], R], cost: Callable[[T], f
     if not requested():
         return [work(item) for item in items]
     dist = _dist()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = init()  # joins the group when no earlier stage did (the `plan` command under torchrun)
     owners = assign([cost(item) if cost else 1.0 for item in items], world)
     mine = {index: work(item) for index, item in enumerate(items) if owners[index] == rank}
     gathered: list[Any] = [None] * world

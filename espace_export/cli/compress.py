@@ -104,6 +104,10 @@ def plan(
     check_outputs(model, settings, {"-o": plan_files(output), "--curve": curve_files(curve) if curve else None},
                   **{"--statistics": statistics})  # fmt: skip
     chosen = run(model, statistics, **settings, progress=progress_wanted(quiet, json_out))
+    from espace_export.calibration import distributed
+
+    if not distributed.is_main_rank():  # under torchrun the ranks shared the trials; rank 0 writes the plan
+        return
     save_plan(chosen, output)
     if curve is not None and chosen.curve:
         write_curve(chosen, curve)

@@ -212,12 +212,16 @@ def make_plan(
     if settings.select == "fisher":
         plan.score_kind = f"Fisher estimate of the loss change ({fisher.loss} gradients)"
     if settings.select == "none":
+        method = settings.methods[0]
+        shared = share_trials(units, [method], factorizer, lambda unit, m: (factorizer.unit(unit, m), 0.0))
         for unit in units:
-            _choose(plan, factorizer.unit(unit, settings.methods[0]), settings.methods[0])
+            _choose(plan, shared[unit[0], method][0], method)
         plan.score_kind = "none"
         return plan
     scorer = fisher if settings.select == "fisher" else validator
     candidates = _score_units(plan, units, factorizer, settings, scorer, on_step)
+    if not _main_rank():  # every rank has every trial; rank 0 alone applies them progressively and writes
+        return plan
     if not settings.progressive:
         for unit in units:
             _choose(plan, candidates[unit[0]][plan.layer(unit[0]).method])  # type: ignore[index]
@@ -260,30 +264,21 @@ def _score_units(
     on_step: Callable[[str, int], None] | None,
 ) -> dict[str, dict[str, dict[str, Factorization]]]:
     """Every unit × method applied alone and scored; each unit's best method and harm recorded in the plan.
-    Returns unit → method → layer → factors."""
-    candidates: dict[str, dict[str, dict[str, Factorization]]] = {}
+    Returns unit → method → layer → factors. Under torchrun the trials are shared by the ranks
+    (:func:`share_trials`) and every rank ends with all of them."""
     total_trials = len(units) * len(settings.methods)
-    for unit in units:
-        candidates[unit[0]] = {}
-        scores: dict[str, float] = {}
-        for method in settings.methods:
-            if on_step is not None:
-                on_step("scoring", total_trials)
-            factorizations = factorizer.unit(unit, method)
-            candidates[unit[0]][method] = factorizations
-            if settings.select == "validate":
-                override = {name: validator.effective(name, f.weight()) for name, f in factorizations.items()}
-                scores[method] = float(validator.evaluate(override))
-            elif settings.select == "fisher":
-                from espace_export.harm import fisher_harm
 
-                weights = dict(zip(unit, factorizer.weights(unit), strict=True))
-                scores[method] = fisher_harm(validator, weights, factorizations)
-            else:
-                activation = factorizer.targets[unit[0]].activation
-                scores[method] = _unit_output_error(
-                    factorizer.weights(unit), unit, factorizations, factorizer.calibration, activation
-                )
+    def trial(unit: list[str], method: str) -> tuple[dict[str, Factorization], float]:
+        if on_step is not None:
+            on_step("scoring", total_trials)
+        factorizations = factorizer.unit(unit, method)
+        return factorizations, _score(unit, factorizations, factorizer, settings.select, validator)
+
+    results = share_trials(units, settings.methods, factorizer, trial)
+    candidates: dict[str, dict[str, dict[str, Factorization]]] = {}
+    for unit in units:
+        candidates[unit[0]] = {method: results[unit[0], method][0] for method in settings.methods}
+        scores = {method: results[unit[0], method][1] for method in settings.methods}
         method = best_method(scores)
         harm = scores[method]
         if settings.select == "validate":
@@ -292,6 +287,54 @@ def _score_units(
             layer = plan.layer(name)
             layer.scores, layer.method, layer.harm = dict(scores), method, harm
     return candidates
+
+
+def _score(
+    unit: list[str], factorizations: dict[str, Factorization], factorizer: Factorizer, select: str, scorer: Any
+) -> float:
+    """One trial's harm: the validation loss with the unit applied alone, the Fisher estimate, or the
+    calibrated relative output error (proxy)."""
+    if select == "validate":
+        return float(scorer.evaluate({name: scorer.effective(name, f.weight()) for name, f in factorizations.items()}))
+    if select == "fisher":
+        from espace_export.harm import fisher_harm
+
+        return float(fisher_harm(scorer, dict(zip(unit, factorizer.weights(unit), strict=True)), factorizations))
+    if select == "none":
+        return 0.0
+    activation = factorizer.targets[unit[0]].activation
+    return _unit_output_error(factorizer.weights(unit), unit, factorizations, factorizer.calibration, activation)
+
+
+Trial = Callable[[list[str], str], tuple[dict[str, Factorization], float]]
+
+
+def share_trials(
+    units: list[list[str]], methods: Sequence[str], factorizer: Factorizer, trial: Trial
+) -> dict[tuple[str, str], tuple[dict[str, Factorization], float]]:
+    """``trial(unit, method)`` for every unit × method, keyed by (the unit's first layer, method).
+
+    The units reading one activation go together (they share its eigenvectors, and a unit's weights are read
+    once for all its methods); under torchrun these bundles are spread over the ranks by their cost (K³ per
+    unit: the eigen-decompositions dominate) and the results gathered on every rank
+    (:func:`espace_export.calibration.distributed.share_work`). One process runs them in order.
+    """
+    from espace_export.calibration import distributed
+
+    bundles: dict[str, list[list[str]]] = {}
+    for unit in units:
+        bundles.setdefault(factorizer.targets[unit[0]].activation, []).append(unit)
+
+    def work(bundle: list[list[str]]) -> dict[tuple[str, str], tuple[dict[str, Factorization], float]]:
+        return {(unit[0], method): trial(unit, method) for unit in bundle for method in methods}
+
+    def cost(bundle: list[list[str]]) -> float:
+        return float(factorizer.targets[bundle[0][0]].K) ** 3 * len(bundle) * len(methods)
+
+    results: dict[tuple[str, str], tuple[dict[str, Factorization], float]] = {}
+    for part in distributed.share_work(list(bundles.values()), work, cost=cost):
+        results.update(part)
+    return results
 
 
 def _apply_progressively(
@@ -340,6 +383,12 @@ def _apply_progressively(
         selected = [p["layer"] for p in plan.curve[1 : plan.knee + 1]]
     for key in selected:
         _choose(plan, chosen(key))
+
+
+def _main_rank() -> bool:
+    from espace_export.calibration import distributed
+
+    return distributed.is_main_rank()
 
 
 def unit_saving(members: Sequence[Any], L: int) -> int:
