@@ -60,10 +60,11 @@ from espace_export.projection.fidelity import output_fidelity
 from espace_export.projection.rewrite import apply_factorizations, projected_params
 from espace_export.runtime import ort_session
 from espace_export.selection.candidates import eigen_solver, projection_mse
+from espace_export.selection.factorizations import output_error
 from espace_export.selection.planner import PlanInputs, PlanSettings, make_plan, plan_summary
 from espace_export.selection.ranks import layer_compression, layer_rank
 from graph_passes import GemmTarget, find_targets
-from graph_passes.find import explain_no_targets, parameter_count
+from graph_passes.find import explain_no_targets, parameter_count, weight_matrix
 from graph_passes.project import FoldedRangeWarning
 
 
@@ -76,6 +77,7 @@ class LayerRecord:
     method: str
     excluded: bool = False
     mse_relative: float | None = None  # E‖x − PPᵀx‖² / E‖x‖² on the calibration data (orthonormal P only)
+    output_error: float | None = None  # E‖x(W − AB)‖² / E‖xW‖² on the calibration data (any method)
     plan: LayerPlan | None = None  # the plan's record of this layer, once a plan is applied
 
     @property
@@ -98,6 +100,7 @@ class LayerRecord:
             "params_after": t.params if self.L is None else self.L * (t.K + t.N),
             "compression": layer_compression(t.K, t.N, self.L) if self.L is not None else 0.0,
             "mse_relative": self.mse_relative,
+            "output_error_relative": self.output_error,
         }
         layer = self.plan
         if layer is not None and layer.group is not None and layer.selected:
@@ -470,6 +473,8 @@ def attach_plan(run: Run, plan: Plan, calibration: Calibration | None) -> None:
             energy = float(np.trace(C_X))
             orthonormal = np.allclose(factors.A.T @ factors.A, np.eye(factors.rank), atol=1e-6)
             record.mse_relative = (projection_mse(C_X, factors.A) / energy) if energy > 0 and orthonormal else None
+            W = weight_matrix(run.model, record.target).astype(np.float64)
+            record.output_error = output_error(W, factors.folded(W), C_X)
     if not run.compressed:
         raise EspaceError("the plan compresses no layer", "raise --ratio, lower --max-layer-loss or --min-rank")
 

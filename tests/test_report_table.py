@@ -76,3 +76,46 @@ def test_a_name_too_long_for_the_terminal_loses_its_middle_not_its_columns() -> 
     rows = [line for line in lines if "4096" in line]
     assert len(rows) == 2 and all("14336" in row and "…" in row for row in rows)
     assert rows[1].lstrip().startswith("1.a_") and "projection " in rows[1]
+
+
+def test_each_compressed_layer_reports_its_relative_output_error(tmp_path) -> None:
+    """``output_error_relative`` = E‖x(W − AB)‖² / E‖xW‖² of the applied factors on the calibration statistics,
+    for every method (oblique too, where the projection-only ``mse_relative`` does not apply); shown in the table."""
+    import io
+
+    import numpy as np
+    import onnx
+
+    import espace_export
+    from espace_export.io.artifacts import load_calibration, load_plan
+    from graph_passes import find_targets
+    from graph_passes.find import weight_matrix
+    from tests._models import VOCAB, tiny_decoder
+
+    model = tiny_decoder(blocks=2)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    ids = np.random.default_rng(0).integers(0, VOCAB, (16, 12))
+    np.savez(tmp_path / "calib.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    result = espace_export.compress(
+        path, ratio=0.5, min_rank=4, rank_rule=4, method="oblique", select="none", calib_data=tmp_path / "calib.npz",
+        batch_size=2, statistics=tmp_path / "s.npz", plan=tmp_path / "p.json", output=tmp_path / "c.onnx",
+    )  # fmt: skip
+    stats, plan = load_calibration(tmp_path / "s.npz").stats, load_plan(tmp_path / "p.json")
+    targets = {t.name: t for t in find_targets(model)}
+    layers = [layer for layer in result.report["layers"] if layer["L"] is not None]
+    assert layers and all(layer["mse_relative"] is None for layer in layers)  # oblique: A is not orthonormal
+    for layer in layers:
+        W = weight_matrix(model, targets[layer["name"]]).astype(np.float64)
+        C = stats[targets[layer["name"]].activation].C_X
+        factors = plan.factors[layer["name"]]  # a plan file keeps A and M; B = M·W is folded at apply
+        assert factors.B is None and factors.M is not None
+        D = W - factors.A @ (factors.M @ W)
+        expected = np.trace(D.T @ C @ D) / np.trace(W.T @ C @ W)
+        assert 0 < expected < 1
+        assert layer["output_error_relative"] == pytest.approx(expected, rel=1e-9)
+    dense = [layer for layer in result.report["layers"] if layer["L"] is None]
+    assert all(layer["output_error_relative"] is None for layer in dense)
+    console = Console(file=io.StringIO(), width=80)
+    print_summary(result.report, console)
+    assert f"{layers[0]['output_error_relative']:.4f}" in console.file.getvalue()

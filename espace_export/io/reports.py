@@ -127,7 +127,7 @@ def print_summary(report: dict[str, Any], console: Any = None, *, max_layers: in
     console = console or Console(stderr=False)
     shown = report["layers"][:max_layers]
     columns = [("K", "right"), ("N", "right"), ("L", "right"), ("method", "left"), ("compr.", "right"),
-               ("rel. MSE", "right")]  # fmt: skip
+               ("out. err.", "right")]  # fmt: skip
     rows = [
         (
             str(layer["K"]),
@@ -135,7 +135,7 @@ def print_summary(report: dict[str, Any], console: Any = None, *, max_layers: in
             str(layer["L"] if layer["L"] is not None else "dense"),
             layer["candidate"] or "-",
             f"{layer['compression']:.3f}",
-            f"{layer['mse_relative']:.4f}" if layer["mse_relative"] is not None else "-",
+            _relative_error(layer),
         )
         for layer in shown
     ]
@@ -151,19 +151,26 @@ def print_summary(report: dict[str, Any], console: Any = None, *, max_layers: in
     console.print(summary)
 
 
+def _relative_error(layer: dict[str, Any]) -> str:
+    """The layer's relative output error ``E‖x(W − AB)‖² / E‖xW‖²`` on the calibration data, any method
+    ("-" for dense layers, and in reports of the bounded-memory path, which record only ``mse_relative``)."""
+    value = layer.get("output_error_relative")
+    return f"{value:.4f}" if value is not None else "-"
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# ESPACE compression report: `{report['model']}`", "", f"Output: `{report['output']}`", ""]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in _summary_rows(report)]
     lines += [
         "",
-        "| layer | K | N | L | candidate | compression | rel. MSE |",
-        "|---|---:|---:|---:|---|---:|---:|",
+        "| layer | K | N | L | candidate | compression | rel. MSE | rel. output error |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for layer in report["layers"]:
         mse = f"{layer['mse_relative']:.4f}" if layer["mse_relative"] is not None else "-"
         lines.append(
             f"| `{layer['name']}` | {layer['K']} | {layer['N']} | {layer['L'] if layer['L'] is not None else 'dense'} "
-            f"| {layer['candidate'] or '-'} | {layer['compression']:.3f} | {mse} |"
+            f"| {layer['candidate'] or '-'} | {layer['compression']:.3f} | {mse} | {_relative_error(layer)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -64,6 +64,12 @@ class Factorization:
     def rank(self) -> int:
         return int(self.A.shape[1])
 
+    def folded(self, W: np.ndarray) -> Factorization:
+        """This factorisation with B, folded from the weight W when it was read back without it."""
+        if self.B is not None:
+            return self
+        return Factorization(self.method, self.A, (self.A.T if self.M is None else self.M) @ W, self.M)
+
     def weight(self) -> np.ndarray:
         """The effective K×N weight A·B (what the pair computes, for validation)."""
         if self.B is None:
