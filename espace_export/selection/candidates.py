@@ -261,7 +261,7 @@ def randomized_eigh(
     the Ky Fan sum, never above the exact one and rising towards it geometrically — changed by
     δ_k = |E_k − E_{k−1}|/E_k in iteration k; with the observed rate ρ = δ_k/δ_{k−1} the remaining
     shortfall is about δ_k·ρ/(1 − ρ) (taken as at least δ_k/4), and the iteration stops once that estimate is below ``tol``
-    (default 1e-5, ten times inside the 1e-4 the planner needs; tests/test_eigensolver.py checks the
+    (default 1e-5, ten times inside the 1e-4 the planner needs; tests/selection/test_eigensolver.py checks the
     captured energy against LAPACK's on decaying spectra and on real statistics).
 
     ``precision="float32"``: the iterations run on a float32 copy of C (half the memory traffic and
