@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Best effort: the real LLM clients for tests/test_llm_clients.py, each in its own venv under DIR (they pin other
+# Best effort: the real LLM clients for tests/end_to_end/test_llm_clients.py, each in its own venv under DIR (they pin other
 # transformers versions than the project), and tiny llama/qwen2/gpt2 exports made with them (also read by
-# tests/test_llm_graphs.py). Prints the variables the tests
+# tests/end_to_end/test_llm_graphs.py). Prints the variables the tests
 # read (KEY=VALUE lines on stdout) for what worked; says on stderr what did not. Never fails: a missing client
 # makes its tests skip with the reason.
 #   optimum-onnx 0.1.0 needs transformers < 4.58: installed into its venv, shadowing the project's (>= 5).
 #   onnxruntime-genai 0.18.0's builder needs transformers >= 5: its venv sees the project's.
 # Both venvs use --system-site-packages, so torch, onnx and onnxruntime come from the project's environment.
 # Measured on 2 shared cores: ~45 s + ~20 s of pip, ~90 s of export; the tests it enables ~90-170 s (clients)
-# and ~40 s (the six optimum exports in tests/test_llm_graphs.py).
+# and ~40 s (the six optimum exports in tests/end_to_end/test_llm_graphs.py).
 set -uo pipefail
 dir="${1:?usage: llm_clients.sh DIR}"
 cd "$(dirname "$0")/.."

@@ -42,6 +42,7 @@ from espace_export._optional import require
 from espace_export.calibration.statistics import ActivationStats, StatsPrecision, token_mask
 from espace_export.errors import EspaceError
 from espace_export.io.models import atomic_output, check_model, check_writable, load_model, read_arrays, save_model
+from espace_export.options import RankOptions
 from espace_export.selection.candidates import (
     CANDIDATES,
     FORWARD_CANDIDATES,
@@ -49,7 +50,7 @@ from espace_export.selection.candidates import (
     candidate_matrix,
     eigen_decomposition,
 )
-from espace_export.selection.ranks import check_ratio, check_siblings, layer_rank, parse_rank_rule
+from espace_export.selection.ranks import layer_rank
 from graph_passes import Projection, find_projected_pairs, find_targets, project
 from graph_passes.find import _HEAD_NAME_HINTS, ConstantTable, weight_matrix
 
@@ -466,35 +467,30 @@ def collect_statistics(
 def calibrate(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
+    ranks: RankOptions | None = None,
     *,
-    ratio: float = 0.5,
     candidate: str = "mse",
-    rank_rule: str | int = "pow2",
-    min_rank: int = 16,
-    rank: int | None = None,
-    include_heads: bool = False,
-    exclude: Sequence[str] = (),
     precision: StatsPrecision = "float32",
-    siblings: str = "shared",
+    **rank_settings: Any,
 ) -> dict[str, np.ndarray]:
     """ESPACE projections for ``model``'s GEMM layers, calibrated on ``batches``: layer name → P (K×L, float32).
 
-    The same rules as ``espace_export.compress``: L per layer by :func:`~espace_export.selection.choose_rank`
-    (or a forced ``rank``, clipped to K); layers where no L ≥ ``min_rank`` fits are absent (stay dense);
-    ``candidate`` is one of the forward candidates (``mse``, ``nmse``, ``go-mse``, ``go-mse-l2``).
-    ``siblings="shared"`` (default, as ``compress``): layers that read one tensor (Q/K/V, gate/up) get one P,
-    ranked and fitted as their fused GEMM; ``"separate"``: one each (weight-free candidates at equal rank
-    still coincide). Identical P let the exported graph compute ``X·P`` once.
+    Which layers and their ranks: a :class:`~espace_export.options.RankOptions` (``ranks``), or its fields as
+    keywords (``ratio=0.5, min_rank=4``) over ``ranks`` — the same rules as ``espace_export.compress``
+    (``layer_ratio``, which only selection uses, has no effect here). L per layer by
+    :func:`~espace_export.selection.choose_rank` (or a forced ``rank``, clipped to K); layers where no L ≥
+    ``min_rank`` fits are absent (stay dense). ``candidate`` is one of the forward candidates (``mse``,
+    ``nmse``, ``go-mse``, ``go-mse-l2``). ``siblings="shared"`` (default, as ``compress``): layers that read one
+    tensor (Q/K/V, gate/up) get one P, ranked and fitted as their fused GEMM; ``"separate"``: one each
+    (weight-free candidates at equal rank still coincide). Identical P let the exported graph compute ``X·P``
+    once.
     """
+    options = (ranks or RankOptions()).with_settings(**rank_settings)
     if candidate not in FORWARD_CANDIDATES:
         raise EspaceError(
             f"unknown or unsupported candidate {candidate!r}", f"choose from {', '.join(FORWARD_CANDIDATES)}"
         )
-    if rank is None:
-        check_ratio(ratio)
-    parse_rank_rule(rank_rule)
-    check_siblings(siblings)
-    modules = target_modules(model, include_heads=include_heads, exclude=exclude)
+    modules = target_modules(model, include_heads=options.include_heads, exclude=options.exclude)
     if not modules:
         raise EspaceError(
             "the model has no nn.Linear or Conv1D layer to project", "pass include_heads=True or another model"
@@ -502,33 +498,17 @@ def calibrate(
     stats, owner = collect_statistics(
         model, modules, batches, normalized=candidate in NORMALIZED_CANDIDATES, precision=precision
     )
-    groups: dict[str, list[str]] = {}
-    for name in modules:
-        if name in owner:  # modules that never ran on these batches stay dense
-            groups.setdefault(owner[name] if siblings == "shared" else name, []).append(name)
-
-    ranks: dict[str, int] = {}
-    for members in groups.values():
-        K = layer_shape(modules[members[0]])[0]
-        N = sum(layer_shape(modules[n])[1] for n in members)
-        L = layer_rank(K, N, ratio, rule=rank_rule, min_rank=min_rank, rank=rank)
-        if L is not None:
-            ranks.update(dict.fromkeys(members, L))
-    if not ranks:
-        raise EspaceError(
-            f"no layer can reach ratio {ratio} with a rank of at least {min_rank}",
-            "lower min_rank, use rank_rule=16, or lower the ratio",
-        )
+    layer_ranks = _layer_ranks(modules, owner, options)
 
     def key(name: str) -> str:  # layers whose P is one: weight-free candidates per input, or a shared group
-        return owner[name] if candidate in WEIGHT_FREE_CANDIDATES or siblings == "shared" else name
+        return owner[name] if candidate in WEIGHT_FREE_CANDIDATES or options.siblings == "shared" else name
 
     members_of: dict[str, list[str]] = {}
-    for name in ranks:
+    for name in layer_ranks:
         members_of.setdefault(key(name), []).append(name)
     vectors: dict[str, np.ndarray] = {}
     projections = {}
-    for name, L in ranks.items():
+    for name, L in layer_ranks.items():
         if key(name) not in vectors:
             activation = stats[owner[name]]
             weights = [weight_kn(modules[n]) for n in members_of[key(name)]]
@@ -538,10 +518,32 @@ def calibrate(
                 C_X_normalized=activation.C_X_normalized if activation.normalized else None,
                 W=None if candidate in WEIGHT_FREE_CANDIDATES else np.concatenate(weights, axis=1),
             )
-            top = max(ranks[n] for n in members_of[key(name)])
+            top = max(layer_ranks[n] for n in members_of[key(name)])
             vectors[key(name)] = eigen_decomposition(C, by_magnitude=by_magnitude, top=top)[1]
         projections[name] = np.ascontiguousarray(vectors[key(name)][:, :L], dtype=np.float32)
     return projections
+
+
+def _layer_ranks(modules: Mapping[str, nn.Module], owner: Mapping[str, str], options: RankOptions) -> dict[str, int]:
+    """L for each layer that ran on the calibration batches (``owner``: layer → the input it reads), ranked
+    per shared group (their fused GEMM) or per layer; layers where no L ≥ ``min_rank`` fits are left out."""
+    groups: dict[str, list[str]] = {}
+    for name in modules:
+        if name in owner:  # modules that never ran on these batches stay dense
+            groups.setdefault(owner[name] if options.siblings == "shared" else name, []).append(name)
+    ranks: dict[str, int] = {}
+    for members in groups.values():
+        K = layer_shape(modules[members[0]])[0]
+        N = sum(layer_shape(modules[n])[1] for n in members)
+        L = layer_rank(K, N, options.ratio, rule=options.rank_rule, min_rank=options.min_rank, rank=options.rank)
+        if L is not None:
+            ranks.update(dict.fromkeys(members, L))
+    if not ranks:
+        raise EspaceError(
+            f"no layer can reach ratio {options.ratio} with a rank of at least {options.min_rank}",
+            "lower min_rank, use rank_rule=16, or lower the ratio",
+        )
+    return ranks
 
 
 # --------------------------------------------------------------------------- projections on disk

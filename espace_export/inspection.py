@@ -81,9 +81,7 @@ def inspect_model(
     Raises:
         EspaceError: an unreadable model, one without a compressible GEMM, a bad ratio, rank rule or regex.
     """
-    if "exclude" in rank_settings:
-        rank_settings["exclude"] = tuple(rank_settings["exclude"] or ())
-    options = dataclasses.replace(ranks or RankOptions(), **rank_settings)  # validated here, once
+    options = (ranks or RankOptions()).with_settings(**rank_settings)  # validated here, once
     for ratio in ratios:
         check_ratio(ratio)  # also with --rank, which RankOptions lets skip the ratio
     if not ratios:

@@ -151,6 +151,13 @@ class RankOptions:
     def patterns(self) -> list[re.Pattern[str]]:
         return compile_patterns(self.exclude)
 
+    def with_settings(self, **settings: Any) -> RankOptions:
+        """These options with some fields given as keywords (``ratio=0.3, exclude=[...]``), validated again;
+        an unknown name raises TypeError. For library calls that take a RankOptions or its fields."""
+        if "exclude" in settings:
+            settings["exclude"] = tuple(settings["exclude"] or ())
+        return dataclasses.replace(self, **settings)
+
     def per_layer(self, select: str) -> float:
         """The compression each compressed layer gets: ``ratio`` itself, or with selection ``layer_ratio``
         (default max(ratio, 0.5), the paper's "at least 50 %"), the target then met by choosing layers."""

@@ -5,7 +5,7 @@ onnxruntime-genai builder's ``SimplifiedLayerNormalization`` (default domain) an
 and the transformers optimizer's fused encoder ops (``EmbedLayerNormalization``, ``Attention`` with a packed QKV
 weight, ``SkipLayerNormalization``, ``BiasGelu``; com.microsoft). Each is written here from its ONNX Runtime
 contrib-op specification, for the forms those exporters emit, and checked against an ONNX Runtime session in
-``tests/test_onnx_torch_runtime.py``. A form outside them (an ``Attention`` with a past, say) raises
+``tests/calibration/test_onnx_torch_runtime.py``. A form outside them (an ``Attention`` with a past, say) raises
 :class:`EspaceError` naming it.
 """
 

@@ -261,7 +261,7 @@ def randomized_eigh(
     the Ky Fan sum, never above the exact one and rising towards it geometrically — changed by
     δ_k = |E_k − E_{k−1}|/E_k in iteration k; with the observed rate ρ = δ_k/δ_{k−1} the remaining
     shortfall is about δ_k·ρ/(1 − ρ) (taken as at least δ_k/4), and the iteration stops once that estimate is below ``tol``
-    (default 1e-5, ten times inside the 1e-4 the planner needs; tests/test_eigensolver.py checks the
+    (default 1e-5, ten times inside the 1e-4 the planner needs; tests/selection/test_eigensolver.py checks the
     captured energy against LAPACK's on decaying spectra and on real statistics).
 
     ``precision="float32"``: the iterations run on a float32 copy of C (half the memory traffic and
@@ -273,63 +273,91 @@ def randomized_eigh(
     K = C.shape[0]
     if not 1 <= top <= K:
         raise ValueError(f"top={top} outside [1, {K}]")
-    precision, tol, max_iter, degree = settings.precision, settings.tol, settings.max_iter, settings.degree
-    oversample = settings.oversample
-    if oversample is None:
-        oversample = max(16, math.ceil(0.25 * top))
-    block = min(K, top + oversample)
+    oversample = settings.oversample if settings.oversample is not None else max(16, math.ceil(0.25 * top))
     ops = _LinearAlgebra(settings.device)
-    start = np.random.default_rng(settings.seed).standard_normal((K, block))
-    C_iter = ops.array(C, np.float32 if precision == "float32" else np.float64)
-
-    def ritz(C_used: Any, Q_used: Any) -> tuple[Any, Any, Any, float]:
-        Y = C_used @ Q_used
-        T = Q_used.T @ Y
-        theta, S = ops.eigh((T + T.T) / 2)
-        order = ops.order(theta, by_magnitude)
-        theta, S = theta[order], S[:, order]
-        return Y, theta, S, ops.energy(theta[:top])
-
-    Q = ops.orthonormal(ops.array(start, np.float64 if precision == "float64" else np.float32))
-    Y, theta, S, energy = ritz(C_iter, Q)
+    working = np.float32 if settings.precision == "float32" else np.float64
+    C_iter = ops.array(C, working)
+    start = np.random.default_rng(settings.seed).standard_normal((K, min(K, top + oversample)))
+    step = _rayleigh_ritz(ops, C_iter, ops.orthonormal(ops.array(start, working)), top, by_magnitude)
     iterations, change, deficit = 1, math.inf, math.inf
-    while iterations < max_iter and deficit > tol:
-        V, CV = Q @ S, Y @ S
-        # lock the leading Ritz pairs that have converged: they pass through unchanged, and the filter
-        # runs on the rest with C deflated by them (so its degree is not capped by the outliers' |λ|)
-        residuals = ops.numpy(ops.column_norms(CV - V * theta[None, :]))
-        converged_pairs = residuals <= settings.lock_tol * abs(float(ops.numpy(theta[:1])[0]))
-        locked = min(int(np.argmin(converged_pairs)) if not converged_pairs.all() else block, top)
-        filtered = _chebyshev_filter(
-            ops, _deflated(C_iter, V[:, :locked], theta[:locked]), V[:, locked:], CV[:, locked:],
-            theta[locked:], by_magnitude, degree,
-        )  # fmt: skip
-        if locked:
-            filtered = filtered - V[:, :locked] @ (V[:, :locked].T @ filtered)
-        Q = ops.orthonormal_near(ops.concat(V[:, :locked], filtered) if locked else filtered)
-        previous, previous_change = energy, change
-        Y, theta, S, energy = ritz(C_iter, Q)
+    while iterations < settings.max_iter and deficit > settings.tol:
+        previous = step.energy
+        step = _rayleigh_ritz(
+            ops, C_iter, _next_block(ops, C_iter, step, top, by_magnitude, settings), top, by_magnitude
+        )
         iterations += 1
-        change = abs(energy - previous) / max(abs(energy), 1e-300)
-        rate = min(change / previous_change, 0.95) if math.isfinite(previous_change) and previous_change > 0 else 0.95
-        deficit = change * max(0.25, rate / (1.0 - rate))
-    converged = deficit <= tol
-    if precision == "float32":
-        Q = ops.orthonormal(ops.to_float64(Q @ S))
-        Y, theta, S, _ = ritz(ops.array(C, np.float64), Q)
-    vectors = Q @ S[:, :top]
-    residual_block = Y @ S[:, :top] - vectors * theta[None, :top]
-    scale = float(ops.numpy(abs(theta[:1]))[0]) or 1.0
-    residual = float(ops.numpy(ops.column_norms(residual_block)).max()) / scale
+        change, deficit = _energy_shortfall(step.energy, previous, change)
+    converged = deficit <= settings.tol
+    if settings.precision == "float32":  # float64 Ritz pairs for the subspace the float32 iterations found
+        Q = ops.orthonormal(ops.to_float64(step.Q @ step.S))
+        step = _rayleigh_ritz(ops, ops.array(C, np.float64), Q, top, by_magnitude)
+    vectors = step.Q @ step.S[:, :top]
     return RandomizedEigen(
-        values=np.asarray(ops.numpy(theta[:top]), dtype=np.float64),
+        values=np.asarray(ops.numpy(step.theta[:top]), dtype=np.float64),
         vectors=np.asarray(ops.numpy(vectors), dtype=np.float64),
         iterations=iterations,
-        residual=residual,
+        residual=_relative_residual(ops, step, vectors, top),
         energy_change=float(change),
         deficit=float(deficit),
         converged=bool(converged),
     )
+
+
+@dataclass(frozen=True)
+class _RitzStep:
+    """One Rayleigh–Ritz step on the orthonormal block Q: Y = C·Q, the Ritz values θ (largest first, by value
+    or by magnitude) with their coordinates S (Ritz vectors Q·S), and the captured energy Σ_{i≤top}|θ_i|."""
+
+    Q: Any
+    Y: Any
+    theta: Any
+    S: Any
+    energy: float
+
+
+def _rayleigh_ritz(ops: _LinearAlgebra, C: Any, Q: Any, top: int, by_magnitude: bool) -> _RitzStep:
+    """C projected on the block Q (T = QᵀCQ, symmetrised) and decomposed: the Ritz pairs of C in span(Q)."""
+    Y = C @ Q
+    T = Q.T @ Y
+    theta, S = ops.eigh((T + T.T) / 2)
+    order = ops.order(theta, by_magnitude)
+    theta, S = theta[order], S[:, order]
+    return _RitzStep(Q, Y, theta, S, ops.energy(theta[:top]))
+
+
+def _next_block(
+    ops: _LinearAlgebra, C: Any, step: _RitzStep, top: int, by_magnitude: bool, settings: RandomizedSettings
+) -> Any:
+    """The next orthonormal block: the leading Ritz pairs that have converged are locked (they pass through
+    unchanged), and the Chebyshev filter runs on the rest with C deflated by them (so its degree is not
+    capped by the outliers' |λ|)."""
+    V, CV, theta = step.Q @ step.S, step.Y @ step.S, step.theta
+    residuals = ops.numpy(ops.column_norms(CV - V * theta[None, :]))
+    converged_pairs = residuals <= settings.lock_tol * abs(float(ops.numpy(theta[:1])[0]))
+    locked = min(int(np.argmin(converged_pairs)) if not converged_pairs.all() else len(converged_pairs), top)
+    filtered = _chebyshev_filter(
+        ops, _deflated(C, V[:, :locked], theta[:locked]), V[:, locked:], CV[:, locked:],
+        theta[locked:], by_magnitude, settings.degree,
+    )  # fmt: skip
+    if not locked:
+        return ops.orthonormal_near(filtered)
+    filtered = filtered - V[:, :locked] @ (V[:, :locked].T @ filtered)
+    return ops.orthonormal_near(ops.concat(V[:, :locked], filtered))
+
+
+def _energy_shortfall(energy: float, previous: float, previous_change: float) -> tuple[float, float]:
+    """The relative change of the captured energy in this iteration, and the estimated shortfall still left
+    (the stopping rule of :func:`randomized_eigh`: change·ρ/(1 − ρ), ρ the observed rate, at least change/4)."""
+    change = abs(energy - previous) / max(abs(energy), 1e-300)
+    rate = min(change / previous_change, 0.95) if math.isfinite(previous_change) and previous_change > 0 else 0.95
+    return change, change * max(0.25, rate / (1.0 - rate))
+
+
+def _relative_residual(ops: _LinearAlgebra, step: _RitzStep, vectors: Any, top: int) -> float:
+    """max over the ``top`` returned pairs of ‖C v − θ v‖ / max|θ| (0 for exact eigenpairs)."""
+    residual_block = step.Y @ step.S[:, :top] - vectors * step.theta[None, :top]
+    scale = float(ops.numpy(abs(step.theta[:1]))[0]) or 1.0
+    return float(ops.numpy(ops.column_norms(residual_block)).max()) / scale
 
 
 def _deflated(C: Any, V: Any, theta: Any) -> Callable[[Any], Any]:

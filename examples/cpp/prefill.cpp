@@ -6,7 +6,7 @@
 // tokens: input_ids with the fixed sequence (7·t + 3) mod 100, attention_mask with ones, position_ids
 // with 0..N-1, token_type_ids and any other integer input with zeros. Prints each output's name, shape
 // and first values; --values prints every value (%.9g, which reads back to the same float32), which
-// tests/test_cpp_example.py compares with Python ONNX Runtime.
+// tests/end_to_end/test_cpp_example.py compares with Python ONNX Runtime.
 //
 // The model is loaded by path, so external data (MODEL.onnx.data) is found beside it.
 #include <onnxruntime_cxx_api.h>

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._repo import ROOT
+
 EXAMPLE = ROOT / "examples" / "cpp"
 SEQ = 12
 

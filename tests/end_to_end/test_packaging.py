@@ -12,8 +12,8 @@ import pytest
 
 from espace_export._optional import require, require_onnxruntime
 from espace_export.errors import EspaceError
+from tests._repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNTIMES = {"onnxruntime", "onnxruntime-gpu"}
 
 

@@ -34,8 +34,7 @@ from espace_export.io.models import (
     save_model,
 )
 from tests._graphs import pattern_zoo
-
-REPO = Path(__file__).resolve().parents[1]
+from tests._repo import ROOT as REPO
 
 # ---------------------------------------------------------------------------------------------- distinct paths
 

@@ -1,5 +1,5 @@
-"""Worker for tests/test_distributed.py: calibrate a sample model on this rank's share of the batches and
-decompose this rank's share of the activations.
+"""Worker for tests/calibration/test_distributed.py: calibrate a sample model on this rank's share of the
+batches and decompose this rank's share of the activations.
 
 Run under torchrun; rank 0 writes the all-reduced statistics and projections to OUT.npz. Run without
 torchrun it does the same in one process.
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from espace_export.calibration import distributed  # noqa: E402
 from espace_export.calibration.statistics import StatisticsSettings, collect_statistics  # noqa: E402
