@@ -422,12 +422,24 @@ def explain_no_targets(model: onnx.ModelProto, *, include_heads: bool = False) -
     error: quantized weights, heads only, weights that are graph inputs or pass through foldable nodes,
     GEMMs whose weight lives inside a subgraph body, or no GEMM at all."""
     quantized = quantized_gemms(model)
+    heads = []
+    if not include_heads:
+        with warnings.catch_warnings():  # the caller has warned about the quantized GEMMs already
+            warnings.simplefilter("ignore", QuantizedWeightsWarning)
+            heads = find_targets(model, include_heads=True)
+    if quantized and heads:  # genai's int4 with the lm_head left float (nodes_to_exclude), say
+        return (
+            f"has no float transformer-block GEMM to compress: those are quantized ({_kinds(quantized)}); only "
+            f"its output heads are float ({', '.join(t.name for t in heads[:3])}{'…' if len(heads) > 3 else ''})",
+            "ESPACE rewrites float weights: compress the float model, then quantize it "
+            "(--include-heads compresses the float heads alone)",
+        )
     if quantized:
         return (
             f"has no float GEMM weight to compress: its GEMMs are quantized ({_kinds(quantized)})",
             "ESPACE rewrites float weights: compress the float model, then quantize it",
         )
-    if not include_heads and find_targets(model, include_heads=True):
+    if heads:
         return (
             "has no transformer-block GEMM, only output heads (lm_head, pooler, classifier)",
             "pass --include-heads to compress the heads",

@@ -220,6 +220,19 @@ def test_quantized_only_model_is_refused_with_the_right_hint() -> None:
     assert "compress the float model, then quantize" in fix
 
 
+def test_quantized_blocks_with_a_float_head_hint_at_include_heads() -> None:
+    model = matmul_nbits_model(float_too=True)
+    next(n for n in model.graph.node if n.op_type == "MatMul").name = "/lm_head/MatMul"  # genai nodes_to_exclude
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the caller warned about the quantized GEMMs already
+        problem, fix = explain_no_targets(model)
+    assert "MatMulNBits" in problem and "only its output heads are float (lm_head)" in problem
+    assert "compress the float model, then quantize" in fix and "--include-heads" in fix
+    assert "--include-heads" not in explain_no_targets(model, include_heads=True)[1]
+    with pytest.warns(QuantizedWeightsWarning):
+        assert [t.weight for t in find_targets(model, include_heads=True)] == ["Wd"]
+
+
 def test_mixed_model_warns_about_its_quantized_gemms() -> None:
     with pytest.warns(QuantizedWeightsWarning, match="MatMulNBits"):
         targets = find_targets(matmul_nbits_model(float_too=True))
@@ -267,7 +280,7 @@ FIXTURES = Path(os.environ.get("ESPACE_LLM_FIXTURES", "samples/out/llm"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "gpt2"])
 @pytest.mark.parametrize("layout", ["with-past/model.onnx", "merged/decoder_model_merged.onnx"])
 def test_optimum_exports_rewrite_exactly(family: str, layout: str, tmp_path: Path) -> None:
     folder, name = layout.split("/")
@@ -320,7 +333,8 @@ def _weight_gemm_count(model: onnx.ModelProto) -> int:
 
 def _symbolic_head_size_graph(reader: str) -> onnx.ModelProto:
     """A past input with genai's symbolic ``kv_cache_dim``, read by GroupQueryAttention (packed QKV from a
-    MatMul) or appended to by a Concat whose other input has a recorded shape."""
+    MatMul, from an int4 ``MatMulNBits``, or from an op whose width only value_info records) or appended to by a
+    Concat whose other input has a recorded shape."""
     helper = onnx.helper
     past = helper.make_tensor_value_info(
         "past_key_values.0.key",
@@ -332,7 +346,17 @@ def _symbolic_head_size_graph(reader: str) -> onnx.ModelProto:
     weight = onnx.numpy_helper.from_array(np.zeros((HIDDEN, (4 + 2 * 2) * 4), np.float32), "qkv")
     nodes = [helper.make_node("MatMul", ["x", "qkv"], ["packed"])]
     value_info = []
-    if reader == "gqa":
+    if reader == "gqa-int4":  # genai -p int4: the packed width is MatMulNBits' N
+        nodes = [
+            helper.make_node("MatMulNBits", ["x", "qkv_q4", "scales"], ["packed"], domain="com.microsoft", K=HIDDEN,
+                             N=weight.dims[1], bits=4, block_size=16),
+        ]  # fmt: skip
+    elif reader == "gqa-value-info":  # any producer, the width recorded as the builders record every tensor
+        nodes = [helper.make_node("Identity", ["x"], ["packed"])]
+        value_info.append(
+            helper.make_tensor_value_info("packed", onnx.TensorProto.FLOAT, ["batch_size", "sequence_length", 32])
+        )
+    if reader.startswith("gqa"):
         nodes.append(
             helper.make_node(
                 "GroupQueryAttention", ["packed", "", "", "past_key_values.0.key", "past_key_values.0.value"], ["y"],
@@ -348,7 +372,7 @@ def _symbolic_head_size_graph(reader: str) -> onnx.ModelProto:
     return helper.make_model(graph)
 
 
-@pytest.mark.parametrize("reader", ["gqa", "concat"])
+@pytest.mark.parametrize("reader", ["gqa", "gqa-int4", "gqa-value-info", "concat"])
 def test_symbolic_head_size_is_read_from_the_graph(reader: str) -> None:
     spec = next(s for s in input_specs(_symbolic_head_size_graph(reader)) if s.name.startswith("past"))
     assert spec.shape == ("batch_size", 2, "past_sequence_length", 4)
