@@ -25,6 +25,7 @@ from tests._graphs import (
     HIDDEN,
     KV_HEADS,
     VOCAB,
+    attention_past_decoder,
     decoder_feeds,
     kv_decoder,
     matmul_nbits_model,
@@ -135,6 +136,26 @@ def test_exact_rewrite_of_kv_graphs_at_empty_and_filled_past(builder, tmp_path: 
 WIDE_ENOUGH = 64  # ≥ every K of the decoders
 
 
+@pytest.mark.parametrize("builder", [kv_decoder, merged_decoder], ids=["with-past", "merged"])
+def test_float16_kv_graphs_rewrite_within_float16_rounding(builder, tmp_path: Path) -> None:
+    """optimum's ``dtype="fp16"`` exports: float16 past fed, and the exact rewrite as close to the float16 graph
+    as that graph is to its float32 twin (one more rounding of X·P and P^T·W; 1e-5 is out of float16's reach)."""
+    source = _save(builder(dtype=np.float16), tmp_path / "decoder16.onnx")
+    prefill = complete_feed({"input_ids": np.zeros((2, 3), np.int64)}, input_specs(onnx.load(str(source))))
+    assert prefill["past_key_values.0.key"].dtype == np.float16
+    result = compress(
+        source, rank=WIDE_ENOUGH, include_heads=True, output=tmp_path / "exact.onnx", seq_len=6, num_batches=2,
+        batch_size=2, holdout=0.0,
+    )  # fmt: skip
+    half, full, compressed = onnx.load(str(source)), builder(), onnx.load(str(result.output))
+    for past in (0, 3):
+        feed32 = decoder_feeds(past=past, merged=builder is merged_decoder)
+        feed = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feed32.items()}
+        reference = [r.astype(np.float64) for r in run(half, feed)]
+        rounding = max(_relative_errors([r.astype(np.float64) for r in run(full, feed32)], reference))
+        assert max(_relative_errors(reference, run(compressed, feed))) <= 2 * rounding, (past, rounding)
+
+
 def test_ratio_half_runs_and_counts_every_gemm(tmp_path: Path) -> None:
     source = _save(merged_decoder(), tmp_path / "merged.onnx")
     result = compress(
@@ -207,6 +228,27 @@ def test_packed_qkv_attention_is_a_target_and_its_vocabulary_is_found() -> None:
     P = np.linalg.qr(np.random.default_rng(1).standard_normal((HIDDEN, HIDDEN // 2)))[0]
     project(half, [Projection(t, P) for t in find_targets(half)])  # Attention takes the narrower input
     assert np.isfinite(run(half, feed)[0]).all()
+
+
+def test_packed_attention_with_past_rewrites_exactly(tmp_path: Path) -> None:
+    """The GPT-2 layout onnxruntime's optimizer writes: the cache [2, batch, heads, past, head] as ``past_0`` fed
+    empty, the packed QKV weight a target, the rewrite exact at empty and filled past."""
+    model = attention_past_decoder()
+    assert {(t.weight, t.N) for t in find_targets(model, include_heads=True)} >= {("qkv_weight", 3 * HIDDEN)}
+    specs = input_specs(model)
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 5))
+    prefill = complete_feed({"input_ids": ids}, specs)
+    assert prefill["past_0"].shape == (2, 2, KV_HEADS, 0, HEAD_DIM)
+    result = compress(
+        _save(model, tmp_path / "gpt2.onnx"), rank=WIDE_ENOUGH, include_heads=True, output=tmp_path / "exact.onnx",
+        seq_len=6, num_batches=2, batch_size=2, holdout=0.0,
+    )  # fmt: skip
+    assert result.report["layers_compressed"] == 3
+    compressed = onnx.load(str(result.output))
+    present = run(model, prefill)[1]
+    decode = complete_feed({"input_ids": ids[:, :1], "past_0": present}, specs)
+    for feed in (prefill, decode):
+        assert max(_relative_errors(run(model, feed), run(compressed, feed))) <= 1e-5
 
 
 # --- quantized weights ---------------------------------------------------------------------------------
