@@ -251,6 +251,48 @@ def test_packed_attention_with_past_rewrites_exactly(tmp_path: Path) -> None:
         assert max(_relative_errors(run(model, feed), run(compressed, feed))) <= 1e-5
 
 
+def _tied_through_transpose() -> onnx.ModelProto:
+    """onnxruntime-genai's tied embeddings (Gemma, Llama-3.2, Qwen2.5-0.5B): the token table is a ``Transpose`` of
+    the lm_head's MatMul weight [hidden, vocab], gathered by ``input_ids``."""
+    helper = onnx.helper
+    rng = np.random.default_rng(0)
+    weights = [
+        onnx.numpy_helper.from_array((rng.standard_normal((HIDDEN, VOCAB)) / 4).astype(np.float32), "lm_head.weight"),
+        onnx.numpy_helper.from_array((rng.standard_normal((HIDDEN, HIDDEN)) / 4).astype(np.float32), "Wq"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["lm_head.weight"], ["table"], name="/model/embed_tokens/Transpose", perm=[1, 0]),
+        helper.make_node("Gather", ["table", "input_ids"], ["emb"], name="/model/embed_tokens/Gather"),
+        helper.make_node("MatMul", ["emb", "Wq"], ["q"], name="/model/layers.0/attn/q_proj/MatMul"),
+        helper.make_node("Relu", ["q"], ["r"], name="/model/layers.0/relu"),
+        helper.make_node("MatMul", ["r", "lm_head.weight"], ["logits"], name="/lm_head/MatMul"),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch_size", "sequence_length"])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch_size", "sequence_length", VOCAB])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_embedding_tied_through_a_transpose_gives_the_vocabulary(tmp_path: Path) -> None:
+    model = _tied_through_transpose()
+    assert vocab_size(model) == VOCAB  # random calibration ids need it (was: refused, "no token embedding found")
+    head = next(t for t in find_targets(model, include_heads=True) if t.weight == "lm_head.weight")
+    assert head.role == "head" and [t.weight for t in find_targets(model)] == ["Wq"]
+    result = compress(
+        _save(model, tmp_path / "tied.onnx"), rank=WIDE_ENOUGH, include_heads=True, output=tmp_path / "exact.onnx",
+        seq_len=6, num_batches=2, batch_size=2, holdout=0.0,
+    )  # fmt: skip
+    assert result.report["layers_compressed"] == 2
+    feed = {"input_ids": np.random.default_rng(1).integers(0, VOCAB, size=(2, 5))}
+    assert max(_relative_errors(run(model, feed), run(onnx.load(str(result.output)), feed))) <= 1e-5  # table kept
+
+
 # --- quantized weights ---------------------------------------------------------------------------------
 
 
