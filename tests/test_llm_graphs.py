@@ -293,6 +293,25 @@ def test_embedding_tied_through_a_transpose_gives_the_vocabulary(tmp_path: Path)
     assert max(_relative_errors(run(model, feed), run(onnx.load(str(result.output)), feed))) <= 1e-5  # table kept
 
 
+def test_a_model_that_fails_alone_is_blamed_not_the_calibration_inputs(tmp_path: Path) -> None:
+    """A graph ONNX Runtime rejects on any input (genai's rotary cache for a head size its kernel refuses, say):
+    the fix points at the model; where the model runs on one token, the fix stays about the inputs."""
+    from espace_export.calibration.collect import _blamed
+
+    broken = _tied_through_transpose()
+    broken.graph.initializer.append(onnx.numpy_helper.from_array(np.array([7, 3], np.int64), "bad_shape"))
+    relu = next(n for n in broken.graph.node if n.op_type == "Relu")
+    broken.graph.node.insert(
+        list(broken.graph.node).index(relu) + 1, onnx.helper.make_node("Reshape", ["r", "bad_shape"], ["r_bad"])
+    )
+    broken.graph.output.append(onnx.helper.make_tensor_value_info("r_bad", onnx.TensorProto.FLOAT, [7, 3]))
+    with pytest.raises(EspaceError, match="the model itself fails in ONNX Runtime"):
+        compress(_save(broken, tmp_path / "broken.onnx"), rank=8, seq_len=6, num_batches=1, batch_size=2)
+    working = _tied_through_transpose()
+    error = EspaceError("ONNX Runtime failed on a calibration batch: indices out of range", "check the inputs")
+    assert _blamed(working, input_specs(working), error) is error
+
+
 # --- quantized weights ---------------------------------------------------------------------------------
 
 
