@@ -175,7 +175,8 @@ def embedding_lookups(
     graph: onnx.GraphProto, constants: ConstantTable, int_inputs: set[str] | None = None
 ) -> list[tuple[str, str, int]]:
     """``(integer graph input, table, rows)`` for each 2-D constant table gathered by an integer graph input
-    (token embeddings), including the word embedding of ONNX Runtime's fused ``EmbedLayerNormalization``."""
+    (token embeddings), including the word embedding of ONNX Runtime's fused ``EmbedLayerNormalization`` and a
+    table gathered through a ``Transpose`` of the lm_head weight (onnxruntime-genai's tied embeddings)."""
     if int_inputs is None:
         int_inputs = {
             i.name
@@ -185,10 +186,17 @@ def embedding_lookups(
     producers = {out: node for node in graph.node for out in node.output}
     lookups = []
     for node in graph.node:
+        row_axis = 0
         if node.op_type == "EmbedLayerNormalization" and len(node.input) > 2 and node.input[2] in constants:
             table = node.input[2]
         elif node.op_type == "Gather" and len(node.input) > 1 and node.input[0] in constants:
             table = node.input[0]
+        elif (
+            node.op_type == "Gather"
+            and len(node.input) > 1
+            and _transposed_constant(node.input[0], producers, constants)
+        ):
+            table, row_axis = producers[node.input[0]].input[0], 1
         else:
             continue
         if len(constants.dims(table)) != 2:
@@ -201,8 +209,16 @@ def embedding_lookups(
                 break
             index = producer.input[0]
         if index in int_inputs:
-            lookups.append((index, table, int(constants.dims(table)[0])))
+            lookups.append((index, table, int(constants.dims(table)[row_axis])))
     return lookups
+
+
+def _transposed_constant(name: str, producers: dict[str, onnx.NodeProto], constants: ConstantTable) -> bool:
+    """Whether ``name`` is a plain 2-D ``Transpose`` of a constant."""
+    node = producers.get(name)
+    if node is None or node.op_type != "Transpose" or node.input[0] not in constants:
+        return False
+    return len(constants.dims(node.input[0])) == 2 and _attr(node, "perm", [1, 0]) == [1, 0]
 
 
 def _embedding_tables(
@@ -422,12 +438,24 @@ def explain_no_targets(model: onnx.ModelProto, *, include_heads: bool = False) -
     error: quantized weights, heads only, weights that are graph inputs or pass through foldable nodes,
     GEMMs whose weight lives inside a subgraph body, or no GEMM at all."""
     quantized = quantized_gemms(model)
+    heads = []
+    if not include_heads:
+        with warnings.catch_warnings():  # the caller has warned about the quantized GEMMs already
+            warnings.simplefilter("ignore", QuantizedWeightsWarning)
+            heads = find_targets(model, include_heads=True)
+    if quantized and heads:  # genai's int4 with the lm_head left float (nodes_to_exclude), say
+        return (
+            f"has no float transformer-block GEMM to compress: those are quantized ({_kinds(quantized)}); only "
+            f"its output heads are float ({', '.join(t.name for t in heads[:3])}{'…' if len(heads) > 3 else ''})",
+            "ESPACE rewrites float weights: compress the float model, then quantize it "
+            "(--include-heads compresses the float heads alone)",
+        )
     if quantized:
         return (
             f"has no float GEMM weight to compress: its GEMMs are quantized ({_kinds(quantized)})",
             "ESPACE rewrites float weights: compress the float model, then quantize it",
         )
-    if not include_heads and find_targets(model, include_heads=True):
+    if heads:
         return (
             "has no transformer-block GEMM, only output heads (lm_head, pooler, classifier)",
             "pass --include-heads to compress the heads",

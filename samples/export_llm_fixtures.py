@@ -7,7 +7,8 @@ own virtual environment, given as ``--venv``; this script itself only needs the 
     /work/venvs/optimum/bin/pip install optimum-onnx 'transformers<4.58'
     python samples/export_llm_fixtures.py --venv /work/venvs/optimum -o samples/out/llm
 
-For each family (``llama``, ``qwen2``, ``gpt2``: hidden 64, 2 layers, vocab 512, random weights) it writes a
+For each family (``llama``, ``qwen2``, ``mistral``, ``phi3`` with its fused ``qkv_proj`` / ``gate_up_proj``,
+``gpt2``: hidden 64, 2 layers, vocab 512, random weights) it writes a
 ``save_pretrained`` folder ``<out>/<family>-hf`` (config, weights, a tiny word-level tokenizer) and optimum
 exports of it:
 
@@ -19,7 +20,11 @@ exports of it:
 
 With ``--genai-venv`` (``pip install onnxruntime-genai`` in a venv whose transformers is ≥ 5), onnxruntime-genai's
 model builder also writes ``<out>/<family>-genai-fp32/`` and ``-genai-int4/`` (GroupQueryAttention, packed QKV,
-SimplifiedLayerNormalization; int4: MatMulNBits) for llama and qwen2.
+SimplifiedLayerNormalization; int4: MatMulNBits) for every family but gpt2 (the builder has none for it).
+
+With ``--extras``, two more folders deployment engineers make: ``<out>/llama-fp16-with-past/`` (optimum's
+``dtype="fp16"`` export) and ``<out>/gpt2-ort-optimized/`` (onnxruntime's transformers optimizer, ``model_type
+"gpt2"``, on the with-past export: FastGelu, SkipLayerNormalization; it fuses no Attention in today's exports).
 
 Nothing is downloaded: the models are built from configs, the tokenizer from a fixed word list.
 """
@@ -33,7 +38,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-FAMILIES = ("llama", "qwen2", "gpt2")
+FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gpt2")
 
 # Runs inside the exporter's venv: build the HF folder, export with-past, then the merged decoder.
 _EXPORT = textwrap.dedent(
@@ -55,6 +60,18 @@ _EXPORT = textwrap.dedent(
         config = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, **common)
         model = transformers.Qwen2ForCausalLM(config)
+    elif family == "mistral":  # llama's layout with a sliding window wider than any test sequence
+        config = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
+                                            **common)
+        model = transformers.MistralForCausalLM(config)
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj; Phi-3-mini's layout: no GQA (optimum-onnx 0.1's
+        # client assumes none for phi3), no LongRoPE (original = max positions); pad inside the vocabulary
+        config = transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4,
+                                         original_max_position_embeddings=128, pad_token_id=2, bos_token_id=1,
+                                         eos_token_id=2, **common)
+        model = transformers.Phi3ForCausalLM(config)
     else:
         config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128)
         model = transformers.GPT2LMHeadModel(config)
@@ -113,6 +130,31 @@ _EXPORT = textwrap.dedent(
     """
 )
 
+# Runs inside the exporter's venv after _EXPORT: the fp16 llama and the optimizer's GPT-2.
+_EXTRAS = textwrap.dedent(
+    """
+    import os, sys, shutil, warnings
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    warnings.simplefilter("ignore")
+    from pathlib import Path
+    out, families = Path(sys.argv[1]), sys.argv[2:]
+    if "llama" in families:
+        from optimum.exporters.onnx import main_export
+        main_export(str(out / "llama-hf"), output=str(out / "llama-fp16-with-past"), task="text-generation-with-past",
+                    no_post_process=True, do_validation=False, opset=17, dtype="fp16")
+    if "gpt2" in families:
+        from onnxruntime.transformers.optimizer import optimize_model
+        source, target = out / "gpt2-with-past", out / "gpt2-ort-optimized"
+        target.mkdir(exist_ok=True)
+        for extra in source.iterdir():
+            if extra.suffix != ".onnx":
+                shutil.copy(extra, target / extra.name)
+        optimized = optimize_model(str(source / "model.onnx"), model_type="gpt2", num_heads=4, hidden_size=64)
+        optimized.save_model_to_file(str(target / "model.onnx"))
+        print("optimized gpt2", {k: v for k, v in optimized.get_fused_operator_statistics().items() if v})
+    """
+)
+
 
 def export_genai(
     venv: Path, out: Path, families: tuple[str, ...] = FAMILIES, precisions: tuple[str, ...] = ("fp32", "int4")
@@ -134,8 +176,9 @@ def export_genai(
             )  # fmt: skip
 
 
-def export(venv: Path, out: Path, families: tuple[str, ...] = FAMILIES) -> None:
-    """Export ``families`` into ``out`` with the python of ``venv``; raises if an export fails."""
+def export(venv: Path, out: Path, families: tuple[str, ...] = FAMILIES, extras: bool = False) -> None:
+    """Export ``families`` into ``out`` with the python of ``venv`` (and, with ``extras``, the fp16 llama and the
+    optimized GPT-2 when their family is among them); raises if an export fails."""
     python = venv / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"no python in {venv}: create the venv first (see this script's docstring)")
@@ -143,6 +186,8 @@ def export(venv: Path, out: Path, families: tuple[str, ...] = FAMILIES) -> None:
     env = {**os.environ, "PYTHONPATH": ""}  # the exporter's own packages, not the project's checkout
     for family in families:
         subprocess.run([str(python), "-c", _EXPORT, family, str(out)], check=True, env=env)
+    if extras:
+        subprocess.run([str(python), "-c", _EXTRAS, str(out), *families], check=True, env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--out", type=Path, default=Path("samples/out/llm"))
     parser.add_argument("--genai-venv", type=Path, help="virtual environment with onnxruntime-genai (optional)")
     parser.add_argument("--family", choices=FAMILIES, action="append", help="default: all")
+    parser.add_argument("--extras", action="store_true", help="also the fp16 llama and the optimized GPT-2")
     args = parser.parse_args(argv)
     families = tuple(args.family or FAMILIES)
-    export(args.venv, args.out, families)
+    export(args.venv, args.out, families, args.extras)
     if args.genai_venv:
         export_genai(args.genai_venv, args.out, tuple(f for f in families if f != "gpt2"))
     return 0

@@ -307,3 +307,51 @@ def packed_attention_encoder(seed: int = 0) -> onnx.ModelProto:
     )
     model.ir_version = 8
     return model
+
+
+def attention_past_decoder(seed: int = 0) -> onnx.ModelProto:
+    """onnxruntime's transformers optimizer on a GPT-2 with past (``model_type="gpt2"``) in miniature:
+    com.microsoft ``Attention`` (``unidirectional``, one packed QKV weight) reading ``past_0`` [2, batch, heads,
+    past, head] and writing ``present_0``, then the output projection and a head."""
+    rng = np.random.default_rng(seed)
+
+    def w(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name)
+
+    initializers = [
+        w("wte", VOCAB, HIDDEN),
+        w("qkv_weight", HIDDEN, 3 * HIDDEN),
+        numpy_helper.from_array((0.1 * rng.standard_normal(3 * HIDDEN)).astype(np.float32), "qkv_bias"),
+        w("Wo", HIDDEN, HIDDEN),
+        w("Wlm", HIDDEN, VOCAB),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["wte", "input_ids"], ["x"], name="/transformer/wte/Gather"),
+        helper.make_node("Cast", ["attention_mask"], ["mask_index"], name="/mask/Cast", to=TensorProto.INT32),
+        helper.make_node("Attention", ["x", "qkv_weight", "qkv_bias", "mask_index", "past_0"], ["a", "present_0"],
+                         name="/transformer/h.0/attn/Attention", domain="com.microsoft", num_heads=KV_HEADS,
+                         unidirectional=1),
+        helper.make_node("MatMul", ["a", "Wo"], ["o"], name="/transformer/h.0/attn/c_proj/MatMul"),
+        helper.make_node("Add", ["o", "x"], ["h"], name="/transformer/h.0/Add"),
+        helper.make_node("MatMul", ["h", "Wlm"], ["logits"], name="/lm_head/MatMul"),
+    ]  # fmt: skip
+    cache = [2, "batch_size", KV_HEADS, "past_sequence_length", HEAD_DIM]
+    graph = helper.make_graph(
+        nodes,
+        "attention_past",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_length"]),
+            helper.make_tensor_value_info("past_0", TensorProto.FLOAT, cache),
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", VOCAB]),
+            helper.make_tensor_value_info("present_0", TensorProto.FLOAT, [*cache[:3], "total_length", HEAD_DIM]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 8
+    return model

@@ -11,8 +11,9 @@ import onnx
 from espace_export._optional import require
 from espace_export.calibration import distributed
 from espace_export.calibration.statistics import StatisticsSettings, StatsPrecision, collect_statistics
+from espace_export.errors import EspaceError
 from espace_export.io.artifacts import Calibration, fingerprint
-from espace_export.io.data import input_specs
+from espace_export.io.data import InputSpec, complete_feed, input_specs
 from espace_export.progress import Progress
 from espace_export.runtime import ort_session
 from espace_export.selection.planner import needs_gradients, needs_normalized
@@ -41,7 +42,10 @@ def calibrate_model(
     batches = distributed.shard(batches, rank, world) if world > 1 else batches
     with bars.task("calibrating", len(batches)) as advance:
         settings = StatisticsSettings(precision=precision, normalized=normalized, specs=tuple(specs), on_batch=advance)
-        stats = collect_statistics(ort_session, model, targets, batches, settings)
+        try:
+            stats = collect_statistics(ort_session, model, targets, batches, settings)
+        except EspaceError as error:
+            raise _blamed(model, specs, error) from None
     grads = None
     if needs_gradients(methods):
         require("torch", extra="torch", purpose="the nl-mse candidates (activation gradients)")
@@ -56,3 +60,26 @@ def calibrate_model(
     if grads is not None:
         distributed.all_reduce_statistics(grads)
     return Calibration(stats, grads, fingerprint(model, targets))
+
+
+_ALONE_FIX = (
+    "the model itself fails in ONNX Runtime (on one token too): run it with onnxruntime, then fix or re-export it "
+    "(an exporter option ONNX Runtime's kernels reject, say) before compressing"
+)
+
+
+def _blamed(model: onnx.ModelProto, specs: Sequence[InputSpec], error: EspaceError) -> EspaceError:
+    """``error`` (ONNX Runtime failed on a calibration batch), its fix pointing at the model when the model alone
+    fails on one token id 0 as well (then no calibration input is to blame)."""
+    tokens = [s for s in specs if s.is_integer and "input_ids" in s.name]
+    if not error.problem.startswith("ONNX Runtime failed on a calibration batch") or len(tokens) != 1:
+        return error
+    try:
+        feed = complete_feed({tokens[0].name: np.zeros((1, 1), tokens[0].dtype)}, specs)
+    except EspaceError:
+        return error
+    try:
+        ort_session(model).run(None, feed)
+    except Exception:  # onnxruntime's errors share no base class
+        return EspaceError(error.problem, _ALONE_FIX)
+    return error

@@ -111,12 +111,20 @@ def _concatenated_dims(model: onnx.ModelProto, spec: InputSpec) -> InputSpec | N
 
 
 def _output_width(model: onnx.ModelProto, tensor: str) -> int | None:
-    """The last dim of ``tensor`` when a MatMul with a constant weight (then maybe an Add) computes it."""
+    """The last dim of ``tensor``: as the graph's value_info records it, else from the GEMM that computes it
+    (then maybe an Add): a MatMul's constant weight, or a ``MatMulNBits``' ``N`` (int4 graphs)."""
+    recorded = next((v.type.tensor_type.shape.dim for v in model.graph.value_info if v.name == tensor), None)
+    if recorded and recorded[-1].HasField("dim_value"):
+        return int(recorded[-1].dim_value)
     producers = {out: node for node in model.graph.node for out in node.output}
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
     node = producers.get(tensor)
     if node is not None and node.op_type == "Add":
-        node = next((producers[i] for i in node.input if i in producers and producers[i].op_type == "MatMul"), None)
+        gemms = ("MatMul", "MatMulNBits")
+        node = next((producers[i] for i in node.input if i in producers and producers[i].op_type in gemms), None)
+    if node is not None and node.op_type == "MatMulNBits":
+        width = next((a.i for a in node.attribute if a.name == "N"), 0)
+        return int(width) or None
     if node is None or node.op_type != "MatMul" or len(weights.get(node.input[1], [])) != 2:
         return None
     return int(weights[node.input[1]][1])

@@ -5,9 +5,9 @@ ratio 0.5 they run.
 The clients pin other ``transformers`` versions than this project, so they run in their own virtual
 environments, named by ``ESPACE_OPTIMUM_PYTHON`` / ``ESPACE_GENAI_PYTHON`` (their python executables), on
 folders made by ``samples/export_llm_fixtures.py`` in ``ESPACE_LLM_FIXTURES``. ``.ci/run`` makes both venvs and
-the llama fixtures with ``.ci/llm_clients.sh`` (best effort: what pip cannot install is skipped here). Tested with
-optimum-onnx 0.1.0 (transformers 4.57.6) and onnxruntime-genai 0.18.0 (transformers 5.24.0), onnxruntime 1.32.0,
-torch 2.13.0.
+the llama and phi3 fixtures with ``.ci/llm_clients.sh`` (best effort: what pip cannot install is skipped here; the
+mistral folders are for local runs). Tested with optimum-onnx 0.1.0 (transformers 4.57.6) and onnxruntime-genai
+0.18.0 (transformers 5.24.0), onnxruntime 1.32.0, torch 2.13.0.
 """
 
 from __future__ import annotations
@@ -91,8 +91,11 @@ def _fixture(name: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("folder", "file_name"), [("llama-with-past", "model.onnx"),
-                                                   ("llama-merged", "decoder_model_merged.onnx")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("folder", "file_name"),
+    [("llama-with-past", "model.onnx"), ("llama-merged", "decoder_model_merged.onnx"),
+     ("mistral-with-past", "model.onnx"), ("phi3-merged", "decoder_model_merged.onnx")],
+)  # fmt: skip
 def test_optimum_generates_from_the_compressed_folder(folder: str, file_name: str, tmp_path: Path) -> None:
     python = _client("ESPACE_OPTIMUM_PYTHON")
     source = _fixture(folder)
@@ -106,9 +109,10 @@ def test_optimum_generates_from_the_compressed_folder(folder: str, file_name: st
 
 
 @pytest.mark.slow
-def test_genai_generates_from_the_compressed_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["llama", "mistral", "phi3"])
+def test_genai_generates_from_the_compressed_folder(family: str, tmp_path: Path) -> None:
     python = _client("ESPACE_GENAI_PYTHON")
-    source = _fixture("llama-genai-fp32")
+    source = _fixture(f"{family}-genai-fp32")
     exact = _compressed(source, tmp_path / "exact", rank=512, include_heads=True)
     half = _compressed(source, tmp_path / "half", ratio=0.5)
     reference, exact_tokens, half_tokens = _generate(python, _GENAI, str(source), str(exact), str(half), runs=3)

@@ -25,6 +25,7 @@ from tests._graphs import (
     HIDDEN,
     KV_HEADS,
     VOCAB,
+    attention_past_decoder,
     decoder_feeds,
     kv_decoder,
     matmul_nbits_model,
@@ -135,6 +136,26 @@ def test_exact_rewrite_of_kv_graphs_at_empty_and_filled_past(builder, tmp_path: 
 WIDE_ENOUGH = 64  # ≥ every K of the decoders
 
 
+@pytest.mark.parametrize("builder", [kv_decoder, merged_decoder], ids=["with-past", "merged"])
+def test_float16_kv_graphs_rewrite_within_float16_rounding(builder, tmp_path: Path) -> None:
+    """optimum's ``dtype="fp16"`` exports: float16 past fed, and the exact rewrite as close to the float16 graph
+    as that graph is to its float32 twin (one more rounding of X·P and P^T·W; 1e-5 is out of float16's reach)."""
+    source = _save(builder(dtype=np.float16), tmp_path / "decoder16.onnx")
+    prefill = complete_feed({"input_ids": np.zeros((2, 3), np.int64)}, input_specs(onnx.load(str(source))))
+    assert prefill["past_key_values.0.key"].dtype == np.float16
+    result = compress(
+        source, rank=WIDE_ENOUGH, include_heads=True, output=tmp_path / "exact.onnx", seq_len=6, num_batches=2,
+        batch_size=2, holdout=0.0,
+    )  # fmt: skip
+    half, full, compressed = onnx.load(str(source)), builder(), onnx.load(str(result.output))
+    for past in (0, 3):
+        feed32 = decoder_feeds(past=past, merged=builder is merged_decoder)
+        feed = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feed32.items()}
+        reference = [r.astype(np.float64) for r in run(half, feed)]
+        rounding = max(_relative_errors([r.astype(np.float64) for r in run(full, feed32)], reference))
+        assert max(_relative_errors(reference, run(compressed, feed))) <= 2 * rounding, (past, rounding)
+
+
 def test_ratio_half_runs_and_counts_every_gemm(tmp_path: Path) -> None:
     source = _save(merged_decoder(), tmp_path / "merged.onnx")
     result = compress(
@@ -209,6 +230,88 @@ def test_packed_qkv_attention_is_a_target_and_its_vocabulary_is_found() -> None:
     assert np.isfinite(run(half, feed)[0]).all()
 
 
+def test_packed_attention_with_past_rewrites_exactly(tmp_path: Path) -> None:
+    """The GPT-2 layout onnxruntime's optimizer writes: the cache [2, batch, heads, past, head] as ``past_0`` fed
+    empty, the packed QKV weight a target, the rewrite exact at empty and filled past."""
+    model = attention_past_decoder()
+    assert {(t.weight, t.N) for t in find_targets(model, include_heads=True)} >= {("qkv_weight", 3 * HIDDEN)}
+    specs = input_specs(model)
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 5))
+    prefill = complete_feed({"input_ids": ids}, specs)
+    assert prefill["past_0"].shape == (2, 2, KV_HEADS, 0, HEAD_DIM)
+    result = compress(
+        _save(model, tmp_path / "gpt2.onnx"), rank=WIDE_ENOUGH, include_heads=True, output=tmp_path / "exact.onnx",
+        seq_len=6, num_batches=2, batch_size=2, holdout=0.0,
+    )  # fmt: skip
+    assert result.report["layers_compressed"] == 3
+    compressed = onnx.load(str(result.output))
+    present = run(model, prefill)[1]
+    decode = complete_feed({"input_ids": ids[:, :1], "past_0": present}, specs)
+    for feed in (prefill, decode):
+        assert max(_relative_errors(run(model, feed), run(compressed, feed))) <= 1e-5
+
+
+def _tied_through_transpose() -> onnx.ModelProto:
+    """onnxruntime-genai's tied embeddings (Gemma, Llama-3.2, Qwen2.5-0.5B): the token table is a ``Transpose`` of
+    the lm_head's MatMul weight [hidden, vocab], gathered by ``input_ids``."""
+    helper = onnx.helper
+    rng = np.random.default_rng(0)
+    weights = [
+        onnx.numpy_helper.from_array((rng.standard_normal((HIDDEN, VOCAB)) / 4).astype(np.float32), "lm_head.weight"),
+        onnx.numpy_helper.from_array((rng.standard_normal((HIDDEN, HIDDEN)) / 4).astype(np.float32), "Wq"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["lm_head.weight"], ["table"], name="/model/embed_tokens/Transpose", perm=[1, 0]),
+        helper.make_node("Gather", ["table", "input_ids"], ["emb"], name="/model/embed_tokens/Gather"),
+        helper.make_node("MatMul", ["emb", "Wq"], ["q"], name="/model/layers.0/attn/q_proj/MatMul"),
+        helper.make_node("Relu", ["q"], ["r"], name="/model/layers.0/relu"),
+        helper.make_node("MatMul", ["r", "lm_head.weight"], ["logits"], name="/lm_head/MatMul"),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch_size", "sequence_length"])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch_size", "sequence_length", VOCAB])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_embedding_tied_through_a_transpose_gives_the_vocabulary(tmp_path: Path) -> None:
+    model = _tied_through_transpose()
+    assert vocab_size(model) == VOCAB  # random calibration ids need it (was: refused, "no token embedding found")
+    head = next(t for t in find_targets(model, include_heads=True) if t.weight == "lm_head.weight")
+    assert head.role == "head" and [t.weight for t in find_targets(model)] == ["Wq"]
+    result = compress(
+        _save(model, tmp_path / "tied.onnx"), rank=WIDE_ENOUGH, include_heads=True, output=tmp_path / "exact.onnx",
+        seq_len=6, num_batches=2, batch_size=2, holdout=0.0,
+    )  # fmt: skip
+    assert result.report["layers_compressed"] == 2
+    feed = {"input_ids": np.random.default_rng(1).integers(0, VOCAB, size=(2, 5))}
+    assert max(_relative_errors(run(model, feed), run(onnx.load(str(result.output)), feed))) <= 1e-5  # table kept
+
+
+def test_a_model_that_fails_alone_is_blamed_not_the_calibration_inputs(tmp_path: Path) -> None:
+    """A graph ONNX Runtime rejects on any input (genai's rotary cache for a head size its kernel refuses, say):
+    the fix points at the model; where the model runs on one token, the fix stays about the inputs."""
+    from espace_export.calibration.collect import _blamed
+
+    broken = _tied_through_transpose()
+    broken.graph.initializer.append(onnx.numpy_helper.from_array(np.array([7, 3], np.int64), "bad_shape"))
+    relu = next(n for n in broken.graph.node if n.op_type == "Relu")
+    broken.graph.node.insert(
+        list(broken.graph.node).index(relu) + 1, onnx.helper.make_node("Reshape", ["r", "bad_shape"], ["r_bad"])
+    )
+    broken.graph.output.append(onnx.helper.make_tensor_value_info("r_bad", onnx.TensorProto.FLOAT, [7, 3]))
+    with pytest.raises(EspaceError, match="the model itself fails in ONNX Runtime"):
+        compress(_save(broken, tmp_path / "broken.onnx"), rank=8, seq_len=6, num_batches=1, batch_size=2)
+    working = _tied_through_transpose()
+    error = EspaceError("ONNX Runtime failed on a calibration batch: indices out of range", "check the inputs")
+    assert _blamed(working, input_specs(working), error) is error
+
+
 # --- quantized weights ---------------------------------------------------------------------------------
 
 
@@ -218,6 +321,19 @@ def test_quantized_only_model_is_refused_with_the_right_hint() -> None:
     problem, fix = explain_no_targets(model)
     assert "MatMulNBits" in problem and "do_constant_folding" not in fix
     assert "compress the float model, then quantize" in fix
+
+
+def test_quantized_blocks_with_a_float_head_hint_at_include_heads() -> None:
+    model = matmul_nbits_model(float_too=True)
+    next(n for n in model.graph.node if n.op_type == "MatMul").name = "/lm_head/MatMul"  # genai nodes_to_exclude
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the caller warned about the quantized GEMMs already
+        problem, fix = explain_no_targets(model)
+    assert "MatMulNBits" in problem and "only its output heads are float (lm_head)" in problem
+    assert "compress the float model, then quantize" in fix and "--include-heads" in fix
+    assert "--include-heads" not in explain_no_targets(model, include_heads=True)[1]
+    with pytest.warns(QuantizedWeightsWarning):
+        assert [t.weight for t in find_targets(model, include_heads=True)] == ["Wd"]
 
 
 def test_mixed_model_warns_about_its_quantized_gemms() -> None:
@@ -267,7 +383,7 @@ FIXTURES = Path(os.environ.get("ESPACE_LLM_FIXTURES", "samples/out/llm"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "gpt2"])
 @pytest.mark.parametrize("layout", ["with-past/model.onnx", "merged/decoder_model_merged.onnx"])
 def test_optimum_exports_rewrite_exactly(family: str, layout: str, tmp_path: Path) -> None:
     folder, name = layout.split("/")
@@ -320,7 +436,8 @@ def _weight_gemm_count(model: onnx.ModelProto) -> int:
 
 def _symbolic_head_size_graph(reader: str) -> onnx.ModelProto:
     """A past input with genai's symbolic ``kv_cache_dim``, read by GroupQueryAttention (packed QKV from a
-    MatMul) or appended to by a Concat whose other input has a recorded shape."""
+    MatMul, from an int4 ``MatMulNBits``, or from an op whose width only value_info records) or appended to by a
+    Concat whose other input has a recorded shape."""
     helper = onnx.helper
     past = helper.make_tensor_value_info(
         "past_key_values.0.key",
@@ -332,7 +449,17 @@ def _symbolic_head_size_graph(reader: str) -> onnx.ModelProto:
     weight = onnx.numpy_helper.from_array(np.zeros((HIDDEN, (4 + 2 * 2) * 4), np.float32), "qkv")
     nodes = [helper.make_node("MatMul", ["x", "qkv"], ["packed"])]
     value_info = []
-    if reader == "gqa":
+    if reader == "gqa-int4":  # genai -p int4: the packed width is MatMulNBits' N
+        nodes = [
+            helper.make_node("MatMulNBits", ["x", "qkv_q4", "scales"], ["packed"], domain="com.microsoft", K=HIDDEN,
+                             N=weight.dims[1], bits=4, block_size=16),
+        ]  # fmt: skip
+    elif reader == "gqa-value-info":  # any producer, the width recorded as the builders record every tensor
+        nodes = [helper.make_node("Identity", ["x"], ["packed"])]
+        value_info.append(
+            helper.make_tensor_value_info("packed", onnx.TensorProto.FLOAT, ["batch_size", "sequence_length", 32])
+        )
+    if reader.startswith("gqa"):
         nodes.append(
             helper.make_node(
                 "GroupQueryAttention", ["packed", "", "", "past_key_values.0.key", "past_key_values.0.value"], ["y"],
@@ -348,7 +475,7 @@ def _symbolic_head_size_graph(reader: str) -> onnx.ModelProto:
     return helper.make_model(graph)
 
 
-@pytest.mark.parametrize("reader", ["gqa", "concat"])
+@pytest.mark.parametrize("reader", ["gqa", "gqa-int4", "gqa-value-info", "concat"])
 def test_symbolic_head_size_is_read_from_the_graph(reader: str) -> None:
     spec = next(s for s in input_specs(_symbolic_head_size_graph(reader)) if s.name.startswith("past"))
     assert spec.shape == ("batch_size", 2, "past_sequence_length", 4)
