@@ -233,6 +233,9 @@ class SelectionOptions:
         True, "Trace the progressive curve past the target (for --curve and --stop knee).", cli=False
     )
     fallback: str | None = option(None, "Why the fast preset replaced the recommended one.", cli=False)
+    no_gradients: str | None = option(
+        None, "Why the model's gradients cannot be taken (operators the torch interpreter lacks).", cli=False
+    )
 
     def __post_init__(self) -> None:
         if self.candidate is not None:
@@ -266,10 +269,11 @@ class SelectionOptions:
 
     @property
     def methods(self) -> list[str]:
-        """The methods to try; the preset's ``auto`` without the gradient candidates where torch is absent
-        (they need it; a core install still gets the recommended path, and its report says so)."""
+        """The methods to try; the preset's ``auto`` without the gradient candidates where torch is absent or
+        the model's gradients cannot be taken (``no_gradients``: onnxruntime-genai's GroupQueryAttention, for
+        one) — the recommended path still runs, and its report says why. An explicit method is never changed."""
         methods = resolve_methods(self.method_name)
-        if self.method is None and self.method_name == "auto" and not torch_installed():
+        if self.method is None and self.method_name == "auto" and (self.no_gradients or not torch_installed()):
             return [m for m in methods if m not in GRADIENT_METHODS]
         return methods
 
@@ -281,7 +285,9 @@ class SelectionOptions:
                     "select": self.select}  # fmt: skip
         notes = [self.fallback] if self.fallback and not self.fast and self.from_preset else []
         dropped = [m for m in resolve_methods(self.method_name) if m not in self.methods]
-        if dropped:
+        if dropped and self.no_gradients:
+            notes.append(f"{self.no_gradients}, so auto leaves out {', '.join(dropped)}")
+        elif dropped:
             notes.append(f"torch is not installed, so auto leaves out {', '.join(dropped)} (the torch extra adds them)")
         if notes:
             settings["note"] = "; ".join(notes)

@@ -14,6 +14,7 @@ the stages may run on different days and machines.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 import warnings
@@ -194,6 +195,7 @@ class Run:
         if not self.targets:
             problem, fix = explain_no_targets(self.model, include_heads=ranks.include_heads)
             raise EspaceError(f"{self.model_path} {problem}", fix)
+        self._check_gradients()
         select = self.options.selection.select
         self.layers = decide_layers(self.targets, ranks, self.options.selection.methods[0], select)
         self.groups = share_siblings(self.layers, ranks, select)
@@ -205,6 +207,20 @@ class Run:
             )
         self.timings: dict[str, float] = {"load": time.perf_counter() - self.started}
         self._batches: Batches | None = None
+
+    def _check_gradients(self) -> None:
+        """The preset's ``auto`` on a graph the gradient pass cannot run leaves out the nl-mse candidates (an
+        explicit ``--method`` that needs them is refused later, naming the operators)."""
+        selection = self.options.selection
+        if selection.method is not None or selection.method_name != "auto" or selection.no_gradients:
+            return
+        from espace_export.calibration.onnx_torch import gradient_blockers
+
+        blockers = gradient_blockers(self.model)
+        if blockers:
+            reason = f"the gradient pass cannot evaluate {', '.join(blockers)}"
+            selection = dataclasses.replace(selection, no_gradients=reason)
+            self.options = dataclasses.replace(self.options, selection=selection)
 
     @classmethod
     def of(cls, model: str | os.PathLike[str] | Run, options: CompressOptions | None, settings: dict[str, Any]) -> Run:

@@ -170,3 +170,34 @@ def test_recommended_without_torch_leaves_out_the_gradient_candidates(
     # asked for explicitly, auto keeps every candidate (and needs torch, with its one-line error if absent)
     selection = CompressOptions.from_settings(calib_text="builtin:pydoc", method="auto").selection
     assert selection.methods == list(AUTO_METHODS) and "note" not in selection.summary()
+
+
+def test_recommended_on_a_graph_without_gradients_leaves_out_the_gradient_candidates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A graph holding an operator the gradient pass cannot evaluate (onnxruntime-genai's GroupQueryAttention is
+    the common one; ``Celu`` here) still runs the default path, without the nl-mse candidates, said in one
+    ``note:`` line; asked for explicitly, ``--method nl-mse`` is refused in one line naming the operator."""
+    pytest.importorskip("torch")
+    model = tiny_decoder(blocks=2, hidden=64, inter=128, vocab=50)
+    relu = next(node for node in model.graph.node if node.op_type == "Relu")
+    relu.output[0], relu_out = relu.output[0] + ".pre", relu.output[0]
+    model.graph.node.insert(
+        list(model.graph.node).index(relu) + 1,
+        onnx.helper.make_node("Celu", [relu.output[0]], [relu_out], name="/celu"),
+    )
+    path = tmp_path / "celu.onnx"
+    onnx.save(model, path)
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "calib.npz", input_ids=rng.integers(0, 50, (16, 9)))
+    report, _, _, stderr = compress_cli(path, tmp_path / "calib.npz", tmp_path / "out.onnx", [], capsys)
+    assert report["selection"]["methods"] == [m for m in AUTO_METHODS if not m.startswith("nl-")]
+    assert report["settings"]["preset"] == "recommended"
+    assert "cannot evaluate Celu, so auto leaves out nl-mse, nl-mse-l2" in report["settings"]["note"]
+    assert len([line for line in stderr.splitlines() if line.startswith("note:")]) == 1
+    code, _, err = run_cli(
+        [str(path), "--calib-data", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "x.onnx"), *SMALL,
+         "--method", "nl-mse", "--select", "none"], capsys,
+    )  # fmt: skip
+    assert code == 2 and "Celu" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("x.*"))

@@ -336,6 +336,22 @@ def _not(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
     return _torch().logical_not(args[0])
 
 
+def gradient_blockers(model: onnx.ModelProto) -> list[str]:
+    """The operator types of ``model`` (subgraphs included) that the interpreter cannot evaluate, so that no
+    gradient can be taken through it; control flow is not counted (the gradient pass runs the branch the
+    batches select, inlined). Empty when the NL-MSE candidates can run."""
+    from graph_passes.find import scopes
+
+    return sorted(
+        {
+            node.op_type
+            for scope in scopes(model)
+            for node in scope.graph.node
+            if node.op_type not in ("If", "Loop", "Scan") and _operator(node) is None
+        }
+    )
+
+
 def _operator(node: onnx.NodeProto) -> Callable[[list[Any], dict[str, Any], TorchGraph], Any] | None:
     """The interpreter of ``node``: an ONNX operator, or one of ONNX Runtime's
     (:mod:`espace_export.calibration.onnx_torch_runtime`); None when neither covers it."""
