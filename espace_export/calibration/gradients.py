@@ -64,9 +64,11 @@ class GradientStats:
         self.sum_xg_normalized = np.zeros((self.K, self.K), dtype=np.float64)
 
     def add(self, X: np.ndarray, G: np.ndarray) -> None:
-        """One sequence: its valid rows X (M×K) and their gradients G (M×K)."""
+        """One sequence: its valid rows X (M×K) and their gradients G (M×K); the gradient of an all-zero
+        row of X is dropped (see :func:`batch_statistic`)."""
         if X.shape[0] == 0:
             return
+        G = np.where(np.asarray(X).any(axis=1, keepdims=True), G, 0.0)
         self.sum_xg += sequence_statistic(X, G)
         if self.normalized:
             self.sum_xg_normalized += sequence_statistic(_unit_rows(X), _unit_rows(G))
@@ -118,6 +120,14 @@ def batch_statistic(
     ``X``, ``G``: ``[batch, seq, K]``; ``mask``: ``[batch, seq]`` or None (every row valid). Returns the
     plain sum, the sum over L2-normalised rows (None unless ``normalized``) — both K×K float64 torch
     tensors on X's device — and the number of sequences with at least one valid row.
+
+    The gradient of a row whose activation is all zero is dropped (the row still counts in M). Its NL-MSE
+    error ``⟨g, x − PPᵀx⟩`` is 0 for every P, so its gradient says nothing about P; but the per-sequence
+    form ``XᵀX GᵀG`` would pair that gradient with the other rows' activations. Such rows do occur with huge
+    gradients: a token whose residual stream is exactly zero (a zero embedding row, e.g. the pad token
+    of a model trained with ``padding_idx``, at the first position of a window) meets RMSNorm where its
+    derivative is ``1/√eps``, and the gradient grows about that much per norm towards the input
+    (benchmarks/README.md: 2.6e11 against a median of 7 on the tiny LM, which wrecked its nl-mse).
     """
     import torch
 
@@ -130,8 +140,8 @@ def batch_statistic(
         valid = torch.as_tensor(mask).to(X.device) != 0
         # where, not a product: activations at padded positions may be inf or NaN
         X = torch.where(valid[..., None], X, X.new_zeros(()))
-        G = torch.where(valid[..., None], G, G.new_zeros(()))
         lengths = valid.sum(dim=1).to(dtype)
+    G = torch.where((X != 0).any(dim=-1, keepdim=True), G, G.new_zeros(()))  # padding rows too
     sequences = int((lengths > 0).sum())
     scale = torch.where(lengths > 0, 1.0 / lengths.clamp(min=1) ** 2, lengths.new_zeros(()))
     plain = _sum_of_products(X, G, scale)

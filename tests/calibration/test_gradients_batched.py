@@ -77,6 +77,28 @@ def test_float32_products_stay_close_and_sums_stay_float64() -> None:
     assert _relative_error(got.sum_xg_normalized, expected.sum_xg_normalized) < 1e-5
 
 
+@pytest.mark.parametrize("mask", [None, "padded"])
+def test_the_gradient_of_an_all_zero_activation_row_is_dropped(mask: str | None) -> None:
+    """A zero row (a token whose residual stream is exactly zero) has no projection error whatever P, but
+    meets RMSNorm at its 1/√eps derivative: on the tiny LM its gradient was 1e11 times the others' and, paired
+    with the sequence's other rows by XᵀX GᵀG, decided nl-mse's P alone. It must weigh nothing (still M)."""
+    X, G, padding = _padded_batch(6, 16, 8, seed=4)
+    valid = padding if mask else None
+    if not mask:
+        X, G = np.nan_to_num(X), np.nan_to_num(G, posinf=0.0)
+    clean = G.copy()
+    X[0, 0] = 0.0
+    G[0, 0] = 1e10
+    clean[0, 0] = 0.0
+    expected = _reference(X, clean, valid)
+    batched = GradientStats(8)
+    batched.add_batch(torch.from_numpy(X), torch.from_numpy(G), valid)
+    for got in (batched, _reference(X, G, valid)):  # the batched form and GradientStats.add
+        assert got.sequences == expected.sequences
+        assert _relative_error(got.sum_xg, expected.sum_xg) < RTOL
+        assert _relative_error(got.sum_xg_normalized, expected.sum_xg_normalized) < RTOL
+
+
 def test_batches_merge_like_sequences() -> None:
     """Sums over two batches, merged (as the all-reduce does), equal one reference over all sequences."""
     X, G, mask = _padded_batch(6, 20, 10, seed=2)
