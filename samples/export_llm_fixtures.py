@@ -39,6 +39,10 @@ import textwrap
 from pathlib import Path
 
 FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gpt2")
+# more decoder families, with-past only (their caches are not all [batch, heads, past, head], which the merged
+# decoder below assumes): each was compressed exactly and ran in optimum's client (benchmarks/README.md)
+MORE_FAMILIES = ("gemma", "phi", "qwen3", "opt", "bloom", "gpt_neox", "gpt_bigcode", "falcon")
+GENAI_FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gemma", "phi", "qwen3")  # what its builder takes
 
 # Runs inside the exporter's venv: build the HF folder, export with-past, then the merged decoder.
 _EXPORT = textwrap.dedent(
@@ -72,9 +76,34 @@ _EXPORT = textwrap.dedent(
                                          original_max_position_embeddings=128, pad_token_id=2, bos_token_id=1,
                                          eos_token_id=2, **common)
         model = transformers.Phi3ForCausalLM(config)
-    else:
+    elif family == "gpt2":
         config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128)
         model = transformers.GPT2LMHeadModel(config)
+    else:  # MORE_FAMILIES: tiny configs of each layout (Phi-2 at hidden 128: genai's rotary cache wants 8 | dim)
+        ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        small = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=512, **ids)
+        model = {
+            "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
+                hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=128, **small)),
+            "phi": lambda: transformers.PhiForCausalLM(transformers.PhiConfig(
+                hidden_size=128, intermediate_size=256, partial_rotary_factor=0.5, max_position_embeddings=128,
+                **small)),
+            "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+                hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=128, **small)),
+            "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+                hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=128, **small)),
+            "bloom": lambda: transformers.BloomForCausalLM(transformers.BloomConfig(
+                hidden_size=64, n_layer=2, n_head=4, vocab_size=512, **ids)),
+            "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+                hidden_size=64, intermediate_size=128, rotary_pct=0.25, max_position_embeddings=128, **small)),
+            "gpt_bigcode": lambda: transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
+                n_embd=64, n_layer=2, n_head=4, n_positions=128, multi_query=True, vocab_size=512,
+                bos_token_id=1, eos_token_id=2)),
+            "falcon": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+                hidden_size=64, new_decoder_architecture=False, multi_query=True, **small)),
+        }[family]()
     with torch.no_grad():  # random biases and norm scales, as in a trained checkpoint
         for name, p in model.named_parameters():
             if p.dim() == 1:
@@ -91,6 +120,9 @@ _EXPORT = textwrap.dedent(
     from optimum.exporters.onnx import main_export
     main_export(str(hf), output=str(out / f"{family}-with-past"), task="text-generation-with-past",
                 no_post_process=True, do_validation=False, opset=17)
+    if family not in ("llama", "qwen2", "mistral", "phi3", "gpt2"):  # MORE_FAMILIES: with-past only
+        print("exported", family, sorted(p.name for p in (out / f"{family}-with-past").iterdir()))
+        sys.exit(0)
     # The merged decoder (optimum < 2 wrote it by default): a decoder without past inputs (the with-past graph
     # reading zero-length past made from the batch size) merged with the with-past decoder by merge_decoders.
     import onnx
@@ -195,13 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--venv", type=Path, required=True, help="virtual environment with optimum-onnx")
     parser.add_argument("-o", "--out", type=Path, default=Path("samples/out/llm"))
     parser.add_argument("--genai-venv", type=Path, help="virtual environment with onnxruntime-genai (optional)")
-    parser.add_argument("--family", choices=FAMILIES, action="append", help="default: all")
+    parser.add_argument(
+        "--family", choices=FAMILIES + MORE_FAMILIES, action="append",
+        help=f"default: {', '.join(FAMILIES)} (with-past and merged); also with-past only: {', '.join(MORE_FAMILIES)}",
+    )  # fmt: skip
     parser.add_argument("--extras", action="store_true", help="also the fp16 llama and the optimized GPT-2")
     args = parser.parse_args(argv)
     families = tuple(args.family or FAMILIES)
     export(args.venv, args.out, families, args.extras)
     if args.genai_venv:
-        export_genai(args.genai_venv, args.out, tuple(f for f in families if f != "gpt2"))
+        export_genai(args.genai_venv, args.out, tuple(f for f in families if f in GENAI_FAMILIES))
     return 0
 
 
