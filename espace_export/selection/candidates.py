@@ -300,7 +300,8 @@ def randomized_eigh(
         theta, S = theta[order], S[:, order]
         return Y, theta, S, ops.energy(theta[:top])
 
-    Q = ops.orthonormal(ops.array(start, np.float64 if precision == "float64" else np.float32))
+    # a tall Gaussian block is well conditioned (κ ≈ (√K + √b)/(√K − √b)): Cholesky-QR, not Householder's panels
+    Q = ops.orthonormal_near(ops.array(start, np.float64 if precision == "float64" else np.float32))
     Y, theta, S, energy = ritz(C_iter, Q)
     iterations, change, deficit = 1, math.inf, math.inf
     while iterations < max_iter and deficit > tol:
@@ -325,7 +326,7 @@ def randomized_eigh(
         deficit = change * max(0.25, rate / (1.0 - rate))
     converged = deficit <= tol
     if precision == "float32":
-        Q = ops.orthonormal(ops.to_float64(Q @ S))
+        Q = ops.orthonormal_near(ops.to_float64(Q @ S))  # Ritz vectors: orthonormal to float32 rounding already
         Y, theta, S, _ = ritz(ops.array(C, np.float64), Q)
     vectors = Q @ S[:, :top]
     residual_block = Y @ S[:, :top] - vectors * theta[None, :top]
@@ -401,8 +402,8 @@ class _LinearAlgebra:
         return self.torch.linalg.qr(A, mode="reduced").Q
 
     def orthonormal_near(self, A: Any) -> Any:
-        """Q of a block whose columns are already nearly orthogonal (C times Ritz vectors, each column
-        scaled to unit norm): Cholesky-QR twice, two BLAS-3 products and a triangular solve instead of
+        """Q of a well-conditioned block (C times Ritz vectors, each column scaled to unit norm; a tall Gaussian
+        start; float32 Ritz vectors handed over to float64): Cholesky-QR twice, two BLAS-3 products and a triangular solve instead of
         Householder QR's many small panel steps; Householder QR where the Gram matrix is not definite
         (C of lower rank than the block)."""
         norms = self.column_norms(A)
