@@ -392,11 +392,13 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
 def stage_check(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     batch = token_batches(args.seq, args.seq, args.vocab, seed=1)[0]
     outputs = []
-    for path in (model, model.with_name("compressed.onnx")):
+    for path in (model.with_name("compressed.onnx"), model):  # the output first: that it runs is the first result
         session = plain_session(args, path)
         outputs.append(session.run(["logits"], batch)[0].astype(np.float64).reshape(-1, args.vocab))
         del session
-    ref, new = outputs
+        print(f"  {path.name} ran in ONNX Runtime: logits finite {bool(np.isfinite(outputs[-1]).all())}, peak RSS "
+              f"{gib(proc_field('/proc/self/status', 'VmHWM') * 1024)}", file=sys.stderr, flush=True)  # fmt: skip
+    new, ref = outputs
     cos = np.sum(ref * new, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1))
     return {
         "finite": bool(np.isfinite(new).all()),
@@ -466,6 +468,8 @@ def main() -> None:
         result.update(measurements())
         result["peak_rss"] = max(result["peak_rss"], phases_peak)
         print(json.dumps(result))
+        # beside the workdir (which is deleted), so a stage's figures outlive a later stage's failure
+        model.parent.with_name(f"{model.parent.name}.{args.child}.json").write_text(json.dumps(result))
         return
 
     argv = [a for a in sys.argv[1:] if a not in ("--keep",)]
