@@ -253,20 +253,50 @@ def stage_build(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     return {"model_bytes": sum(p.stat().st_size for p in model.parent.glob(model.name + "*"))}
 
 
-def stage_forward(args: argparse.Namespace, model: Path) -> dict[str, Any]:
+def fp32_weight_bytes(args: argparse.Namespace) -> int:
+    """Bytes of the model's weights in float32: what ONNX Runtime's CPU provider holds with its graph optimisations
+    on (it casts fp16 MatMul weights to float32 and folds the casts: measured 2 × the fp16 file per layer)."""
+    block = 4 * args.hidden * args.hidden + 3 * args.hidden * args.inter
+    return 4 * (args.layers * block + 2 * args.vocab * args.hidden)
+
+
+def plain_session(args: argparse.Namespace, path: Path) -> Any:
+    """A plain ONNX Runtime CPU session for the unit and the check: all graph optimisations, unless
+    ``--ort-optimization none`` (or ``auto`` where the float32 copies of the weights would pass 40 % of RAM):
+    then none, so the fp16 weights stay mapped from the data file (page cache) and are cast per run."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    if unit_optimization(args) == "none":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.enable_cpu_mem_arena = False
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def unit_optimization(args: argparse.Namespace) -> str:
+    if args.ort_optimization != "auto":
+        return str(args.ort_optimization)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return "none" if args.dtype == "float16" and fp32_weight_bytes(args) > 0.4 * ram else "all"
+
+
+def stage_forward(args: argparse.Namespace, model: Path) -> dict[str, Any]:
+    session = plain_session(args, model)
     loaded = time.perf_counter()
     for batch in token_batches(args.tokens, args.seq, args.vocab):
         session.run(["logits"], batch)
-    return {"session_s": loaded - START, "run_s": time.perf_counter() - loaded}
+    return {"session_s": loaded - START, "run_s": time.perf_counter() - loaded, "optimization": unit_optimization(args)}
 
 
 def rss() -> int:
     return proc_field("/proc/self/status", "VmRSS") * 1024
+
+
+def rss_split() -> tuple[int, int]:
+    """Resident anonymous memory (heap, runtime buffers) and file-backed pages (mapped external data, which
+    the kernel can drop and re-read: page cache, not a leak), in bytes."""
+    return (proc_field("/proc/self/status", "RssAnon") * 1024, proc_field("/proc/self/status", "RssFile") * 1024)
 
 
 def peak_since_reset() -> int:
@@ -291,25 +321,30 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     def decompose(C: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
         if "calibration_peak" not in per_group[-1]:  # the group's staged pass is over: its peak
             per_group[-1]["calibration_peak"] = peak_since_reset()
-        tick = time.process_time()
+            per_group[-1]["anon_after_pass"], per_group[-1]["file_after_pass"] = rss_split()
+        tick, wall = time.process_time(), time.perf_counter()
         with eigen_solver(args.solver, precision=args.solver_precision):  # type: ignore[arg-type]
             values, vectors = eigen_decomposition(C, top=L)
+        decompose_cpu[0] += time.process_time() - tick
+        print(f"    decomposition K={C.shape[0]} L={L}: {time.perf_counter() - wall:.1f} s wall, "
+              f"{time.process_time() - tick:.1f} s CPU", file=sys.stderr, flush=True)  # fmt: skip
         if args.check_solver and not checked:
-            tick = time.perf_counter()
+            started = time.perf_counter()
             with eigen_solver("lapack"):
                 exact = eigen_decomposition(C, top=L)[0]
-            checked.update(lapack_s=time.perf_counter() - tick, K=C.shape[0], L=L,
+            checked.update(lapack_s=time.perf_counter() - started, K=C.shape[0], L=L,
                            captured_energy=float(np.sum((C @ vectors) * vectors) / np.sum(exact)))  # fmt: skip
-        decompose_cpu[0] += time.process_time() - tick
         return values, vectors
 
     def on_group(index: int, count: int) -> None:
         now, peak = rss(), proc_field("/proc/self/status", "VmHWM") * 1024
+        anon, mapped = rss_split()
         if per_group:  # the previous group's decompositions and rewrite are over: their peak
             per_group[-1]["consume_peak"] = peak_since_reset()
-        per_group.append({"rss_at_start": now, "peak_so_far": peak, "at_s": time.perf_counter() - START})
-        print(f"  group {index + 1}/{count} at {time.perf_counter() - START:.0f} s: RSS {gib(now)}, peak so far "
-              f"{gib(peak)}", file=sys.stderr, flush=True)  # fmt: skip
+        per_group.append({"rss_at_start": now, "anon_at_start": anon, "file_at_start": mapped, "peak_so_far": peak,
+                          "at_s": time.perf_counter() - START})  # fmt: skip
+        print(f"  group {index + 1}/{count} at {time.perf_counter() - START:.0f} s: RSS {gib(now)} (anon {gib(anon)}, "
+              f"file {gib(mapped)}), peak so far {gib(peak)}", file=sys.stderr, flush=True)  # fmt: skip
 
     output = model.with_name("compressed.onnx")
     settings = StreamingSettings(
@@ -355,15 +390,15 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
 
 
 def stage_check(args: argparse.Namespace, model: Path) -> dict[str, Any]:
-    import onnxruntime as ort
-
     batch = token_batches(args.seq, args.seq, args.vocab, seed=1)[0]
     outputs = []
-    for path in (model, model.with_name("compressed.onnx")):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for path in (model.with_name("compressed.onnx"), model):  # the output first: that it runs is the first result
+        session = plain_session(args, path)
         outputs.append(session.run(["logits"], batch)[0].astype(np.float64).reshape(-1, args.vocab))
         del session
-    ref, new = outputs
+        print(f"  {path.name} ran in ONNX Runtime: logits finite {bool(np.isfinite(outputs[-1]).all())}, peak RSS "
+              f"{gib(proc_field('/proc/self/status', 'VmHWM') * 1024)}", file=sys.stderr, flush=True)  # fmt: skip
+    new, ref = outputs
     cos = np.sum(ref * new, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1))
     return {
         "finite": bool(np.isfinite(new).all()),
@@ -415,6 +450,11 @@ def main() -> None:
     parser.add_argument(
         "--blas-threads", type=int, help="OpenBLAS/OpenMP threads of the children (ONNX Runtime keeps its own pool)"
     )
+    parser.add_argument(
+        "--ort-optimization", choices=["auto", "all", "none"], default="auto",
+        help="graph optimisations of the forward and check sessions (auto: none where the float32 copies of the "
+        "weights would pass 40%% of RAM, e.g. 32 layers on 24 GB)",
+    )  # fmt: skip
     parser.add_argument("--workdir", default="/tmp/espace-scale")
     parser.add_argument("--keep", action="store_true", help="keep the generated models")
     parser.add_argument("--json", help="write all figures here")
@@ -428,6 +468,8 @@ def main() -> None:
         result.update(measurements())
         result["peak_rss"] = max(result["peak_rss"], phases_peak)
         print(json.dumps(result))
+        # beside the workdir (which is deleted), so a stage's figures outlive a later stage's failure
+        model.parent.with_name(f"{model.parent.name}.{args.child}.json").write_text(json.dumps(result))
         return
 
     argv = [a for a in sys.argv[1:] if a not in ("--keep",)]
@@ -451,7 +493,8 @@ def main() -> None:
     print(f"\nLlama-shaped decoder: {args.layers} layers, hidden {args.hidden}, MLP {args.inter}, {args.dtype}, "
           f"{figures['build']['model_bytes'] / 2**30:.2f} GiB; calibration {args.tokens} tokens "
           f"({max(1, args.tokens // args.seq)} × {args.seq}); --ratio {args.ratio} --method {args.method} "
-          f"--max-memory {args.max_memory} --solver {args.solver} --blas-threads {args.blas_threads}")  # fmt: skip
+          f"--max-memory {args.max_memory} --solver {args.solver} --blas-threads {args.blas_threads}; forward and check "
+          f"sessions with graph optimisations {figures['forward']['optimization']}")  # fmt: skip
     cpu_forward = figures["forward"]["cpu_s"]
     print(f"{'stage':<10} {'wall':>9} {'× forward':>10} {'CPU':>9} {'× forward':>10} {'peak RSS':>11} "
           f"{'read (rchar)':>13} {'read (device)':>14}")  # fmt: skip
@@ -475,7 +518,9 @@ def main() -> None:
     print(f"dropped activation energy E‖x − PPᵀx‖²/E‖x‖² per layer: mean {np.mean(mse):.3f}, max {np.max(mse):.3f}")
     if c["solver_check"]:
         print(f"solver check: {c['solver_check']}")
-    for key, what in (("rss_at_start", "RSS at the start"), ("calibration_peak", "peak of the staged pass"),
+    for key, what in (("rss_at_start", "RSS at the start"), ("anon_at_start", "anonymous RSS at the start"),
+                      ("file_at_start", "file-backed RSS at the start"), ("calibration_peak", "peak of the staged pass"),
+                      ("anon_after_pass", "anonymous RSS after the staged pass"),
                       ("consume_peak", "peak of decompositions + rewrite")):  # fmt: skip
         print(f"{what} of each group: " + ", ".join(gib(g.get(key, 0)) for g in c["per_group"]))
     print(f"compress peak RSS {gib(c['peak_rss'])}; the largest of each part (not all alive at once):")

@@ -7,7 +7,7 @@ only on its own activation statistics, so nothing has to outlive its group:
         calibrate the group's slice of the graph on the cached hidden states of the previous slice
         per activation: top-L eigenvectors P of C_X (or Ĉ_X)         (candidates.eigen_decomposition)
         rewrite its GEMMs as (X·P)·(PᵀW), reading each W from disk   (graph_passes.project)
-        append P and PᵀW to the output's data file, drop them from memory
+        append P and PᵀW to the output's data file as they are made (never into the model proto)
     copy the untouched weights (embeddings, norms, head) into the data file in chunks; write the graph
 
 so the process holds at most one group's statistics, one staged session's weights, the boundary tensors
@@ -126,6 +126,15 @@ class _DataWriter:
         for name in ("raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data"):
             tensor.ClearField(name)
         self._place(tensor, len(data))
+
+    def external_tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        """A new initializer for ``array``: its bytes appended to the file and the proto pointing at them (a small
+        one stays inline, as :func:`_move_new_tensors` leaves it). The proto is built on its own, so the bytes
+        never enter the model's protobuf arena (which keeps them, cleared or not, as long as the model lives)."""
+        tensor = onnx.numpy_helper.from_array(array, name)
+        if array.nbytes >= _INLINE_BYTES:
+            self.write_in_memory(tensor)
+        return tensor
 
     def copy_external(self, tensor: onnx.TensorProto, source_dir: str) -> None:
         """Copy an external tensor's bytes from the source model's data file, in chunks."""
@@ -314,9 +323,14 @@ class _GroupConsumer:
         projections = [p for activation, entry in stats.items() for p in self._project(activation, entry)]
         self.timings["decompose"] += time.perf_counter() - tick
         tick = time.perf_counter()
-        project(self.model, projections)  # folds PᵀW from each weight read from disk
-        _move_new_tensors(self.model, self.writer, self.written)
+        project(self.model, projections, new_initializer=self._written_initializer)  # folds PᵀW read from disk
         self.timings["rewrite"] += time.perf_counter() - tick
+
+    def _written_initializer(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        tensor = self.writer.external_tensor(array, name)
+        if _is_external(tensor):
+            self.written.add(name)
+        return tensor
 
     def _project(self, activation: str, entry: PackedActivationStats) -> list[Projection]:
         members = self.by_activation[activation]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,8 +63,15 @@ def fold_weight(P: np.ndarray, W: np.ndarray) -> np.ndarray:
     return P.astype(np.float64).T @ W.astype(np.float64)
 
 
+NewInitializer = Callable[[np.ndarray, str], onnx.TensorProto]
+
+
 def project(
-    model: onnx.ModelProto, projections: Sequence[Projection], *, keep_weight_inputs: bool = True
+    model: onnx.ModelProto,
+    projections: Sequence[Projection],
+    *,
+    keep_weight_inputs: bool = True,
+    new_initializer: NewInitializer = numpy_helper.from_array,
 ) -> onnx.ModelProto:
     """Rewrite ``model`` in place (and return it) so each projection's target becomes a projected pair.
 
@@ -77,6 +84,11 @@ def project(
     does not change, though a replaced weight is then still stored, unread (``keep_weight_inputs=False``
     drops it, and with it the input). An IR-3 model is lifted to IR 4, which lets the new factors be plain
     initializers instead of new graph inputs; IR 4 changes nothing else.
+
+    ``new_initializer(array, name)`` makes the TensorProto of each new factor (default: its values in the
+    proto). A caller that streams factors to an external data file passes one returning the tensor already
+    external: bytes put into the model proto stay in its protobuf arena until the whole model is freed, even
+    after the field is cleared, so a model rewritten group by group would otherwise grow by every factor.
     """
     graph = model.graph
     if model.ir_version and model.ir_version < 4:
@@ -106,7 +118,7 @@ def project(
         digest = hashlib.sha1(p_stored.tobytes() + str(p_stored.shape).encode()).hexdigest()
         folded_name = fresh(f"{stem}.espace_PtW")
         stored = folded.T if (target.pattern == "gemm" and target.stored_transposed) else folded
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(stored), folded_name))
+        graph.initializer.append(new_initializer(np.ascontiguousarray(stored), folded_name))
 
         for path, activation in target.occurrences:
             holder, node = located[path]
@@ -115,7 +127,7 @@ def project(
             if project_node is None:
                 if digest not in stored_p:
                     stored_p[digest] = fresh(f"{stem}.espace_P")
-                    graph.initializer.append(numpy_helper.from_array(p_stored, stored_p[digest]))
+                    graph.initializer.append(new_initializer(p_stored, stored_p[digest]))
                 project_node = onnx.helper.make_node(
                     "MatMul",
                     [activation, stored_p[digest]],

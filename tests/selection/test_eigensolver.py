@@ -113,10 +113,24 @@ def test_the_solver_switch_reaches_every_decomposition_in_its_block() -> None:
         inside = eigen_decomposition(C, top=10)[1]
         assert not np.array_equal(inside, exact)  # a different algorithm ran …
         assert captured(C, inside) >= 0.9999 * captured(C, exact)  # … keeping the same energy
-        np.testing.assert_array_equal(eigen_decomposition(C, top=10, solver="lapack")[1], exact)  # a call names its own
+        # a call names its own solver (in the block's single precision: LAPACK's ssyevr)
+        np.testing.assert_allclose(eigen_decomposition(C, top=10, solver="lapack")[1], exact, atol=1e-4)
     assert solver_settings().solver == "auto"
     with pytest.raises(ValueError, match="unknown eigen solver"), eigen_solver("eig"):  # type: ignore[arg-type]
         pass
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_single_precision_lapack_keeps_the_exact_top_energy(signed: bool) -> None:
+    C = decaying(600, signed=signed)
+    exact_values, exact = eigen_decomposition(C, by_magnitude=signed, top=150, solver="lapack")
+    with eigen_solver("lapack", precision="float32"):
+        values, vectors = eigen_decomposition(C, by_magnitude=signed, top=150)
+    assert vectors.dtype == values.dtype == np.float64
+    assert not np.array_equal(vectors, exact)  # ssyevr ran, not dsyevr …
+    assert captured(C, vectors) >= 0.9999 * captured(C, exact)  # … keeping the same energy
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(150), atol=1e-5)
+    np.testing.assert_allclose(values, exact_values, rtol=1e-4, atol=1e-6 * abs(exact_values[0]))
 
 
 def test_whitened_svd_through_the_randomized_solver_matches_the_svd() -> None:
