@@ -50,11 +50,14 @@ CHECKPOINT_NAME = "heal-checkpoint.pt"
 class HealOptions:
     """How a compressed model is healed: schedule, loss, what trains, checkpoints."""
 
-    steps: int = option(300, "Optimizer steps (batches are cycled); 0: the least-squares start alone.",
-                        panel=_HEALING)  # fmt: skip
+    steps: int = option(
+        300, "Most optimizer steps (batches are cycled); 0: the least-squares start alone. A cap also under "
+        "--minutes: pass a large --steps to let the time decide.", panel=_HEALING,
+    )  # fmt: skip
     minutes: float | None = option(
-        None, "Stop after this many minutes; the schedule is fitted to the steps that fit.", panel=_HEALING
-    )
+        None, "Stop after this many minutes or --steps, whichever comes first; the schedule is fitted to the "
+        "steps that fit.", panel=_HEALING,
+    )  # fmt: skip
     lr: float = option(2e-4, "Peak learning rate (AdamW; linear warm-up, cosine decay).", panel=_HEALING)
     warmup: float = option(0.05, "Fraction of the steps spent warming up.", panel=_HEALING)
     weight_decay: float = option(0.0, "AdamW weight decay.", panel=_HEALING)
