@@ -22,9 +22,9 @@ def apply_factorizations(model: onnx.ModelProto, chosen: Sequence[tuple[object, 
     from graph_passes.find import weight_matrix
 
     def folded(target: object, f: Factorization) -> np.ndarray | None:
-        if f.B is not None or f.M is None:
+        if f.B is not None or f.M is None:  # B = AᵀW is folded by the graph pass itself
             return f.B
-        return np.asarray(f.M, dtype=np.float64) @ weight_matrix(model, target).astype(np.float64)  # type: ignore[arg-type]
+        return f.folded(weight_matrix(model, target).astype(np.float64)).B  # type: ignore[arg-type]
 
     return project(model, [Projection(target, f.A, folded=folded(target, f)) for target, f in chosen])  # type: ignore[arg-type]
 

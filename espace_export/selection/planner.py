@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from espace_export.calibration import distributed
 from espace_export.errors import EspaceError
 from espace_export.io.artifacts import Calibration, LayerPlan, Plan, fingerprint
 from espace_export.selection.candidates import NORMALIZED_CANDIDATES, candidate_matrix, eigen_decomposition
@@ -220,7 +221,7 @@ def make_plan(
         return plan
     scorer = fisher if settings.select == "fisher" else validator
     candidates = _score_units(plan, units, factorizer, settings, scorer, on_step)
-    if not _main_rank():  # every rank has every trial; rank 0 alone applies them progressively and writes
+    if not distributed.is_main_rank():  # every rank has every trial; rank 0 alone applies them progressively and writes
         return plan
     if not settings.progressive:
         for unit in units:
@@ -300,8 +301,6 @@ def _score(
         from espace_export.harm import fisher_harm
 
         return float(fisher_harm(scorer, dict(zip(unit, factorizer.weights(unit), strict=True)), factorizations))
-    if select == "none":
-        return 0.0
     activation = factorizer.targets[unit[0]].activation
     return _unit_output_error(factorizer.weights(unit), unit, factorizations, factorizer.calibration, activation)
 
@@ -319,8 +318,6 @@ def share_trials(
     unit: the eigen-decompositions dominate) and the results gathered on every rank
     (:func:`espace_export.calibration.distributed.share_work`). One process runs them in order.
     """
-    from espace_export.calibration import distributed
-
     bundles: dict[str, list[list[str]]] = {}
     for unit in units:
         bundles.setdefault(factorizer.targets[unit[0]].activation, []).append(unit)
@@ -383,12 +380,6 @@ def _apply_progressively(
         selected = [p["layer"] for p in plan.curve[1 : plan.knee + 1]]
     for key in selected:
         _choose(plan, chosen(key))
-
-
-def _main_rank() -> bool:
-    from espace_export.calibration import distributed
-
-    return distributed.is_main_rank()
 
 
 def unit_saving(members: Sequence[Any], L: int) -> int:
