@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:  # Ctrl-C (or SIGTERM, above): the outputs were left as they were
         typer.echo("Aborted!", err=True)
         raise SystemExit(1) from None
+    finally:  # under torchrun: leave the process group before exit (a rank exiting inside it could abort)
+        from espace_export.calibration import distributed
+
+        distributed.finish()
     raise SystemExit(code if isinstance(code, int) else 0)  # typer.Exit(1): check's "regressed"; as click does
 
 
