@@ -284,9 +284,12 @@ def unit_optimization(args: argparse.Namespace) -> str:
 def stage_forward(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     session = plain_session(args, model)
     loaded = time.perf_counter()
-    for batch in token_batches(args.tokens, args.seq, args.vocab):
+    batches = token_batches(args.tokens, args.seq, args.vocab)
+    timed = batches[: args.unit_batches] if args.unit_batches else batches
+    for batch in timed:
         session.run(["logits"], batch)
-    return {"session_s": loaded - START, "run_s": time.perf_counter() - loaded, "optimization": unit_optimization(args)}
+    return {"session_s": loaded - START, "run_s": time.perf_counter() - loaded, "optimization": unit_optimization(args),
+            "batches_run": len(timed), "batches": len(batches)}  # fmt: skip
 
 
 def rss() -> int:
@@ -389,21 +392,70 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     }
 
 
+def with_depth_outputs(path: Path, layers: int, noise_input: bool) -> tuple[Path, list[str]]:
+    """A copy of the graph at ``path`` (same directory, so its external data resolves) that also outputs the
+    residual stream after every block; with ``noise_input`` an ``embed_noise`` input is added to the embeddings."""
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load(str(path), load_external_data=False)
+    names = [f"model.layers.{b}.h2" for b in range(layers)]
+    elem = next(i for i in proto.graph.initializer if i.name == "model.embed_tokens.weight").data_type
+    for name in names:
+        proto.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+    if noise_input:
+        gather = next(n for n in proto.graph.node if n.name == "/model/embed_tokens/Gather")
+        gather.output[0] = "h0_clean"
+        proto.graph.node.insert(1, helper.make_node("Add", ["h0_clean", "embed_noise"], ["h0"], name="/noise/Add"))
+        proto.graph.input.append(helper.make_tensor_value_info("embed_noise", elem, [1, "seq", "hidden"]))
+    copy = path.with_name(f"depth_{path.name}")
+    copy.write_bytes(proto.SerializeToString())
+    return copy, names
+
+
 def stage_check(args: argparse.Namespace, model: Path) -> dict[str, Any]:
+    """Runs the output in ONNX Runtime against the original on one sequence, and follows the error through the
+    residual stream block by block; as a control, the original itself fed embeddings perturbed by Gaussian
+    noise of relative size ``--check-noise``: how much this random model amplifies any small perturbation."""
     batch = token_batches(args.seq, args.seq, args.vocab, seed=1)[0]
-    outputs = []
-    for path in (model.with_name("compressed.onnx"), model):  # the output first: that it runs is the first result
-        session = plain_session(args, path)
-        outputs.append(session.run(["logits"], batch)[0].astype(np.float64).reshape(-1, args.vocab))
+    depth: dict[str, list[np.ndarray]] = {}
+    for key, path, noisy in (("compressed", model.with_name("compressed.onnx"), False), ("original", model, True)):
+        copy, names = with_depth_outputs(path, args.layers, noise_input=noisy)
+        session = plain_session(args, copy)
+        feeds: list[tuple[str, dict[str, np.ndarray]]] = [(key, dict(batch))]
+        if noisy:
+            dtype = np.dtype(args.dtype)
+            feeds[0][1]["embed_noise"] = np.zeros((1, args.seq, args.hidden), dtype)
+            element_rms = 1.0 / math.sqrt(args.hidden)  # build_model gives the embedding rows unit mean norm²
+            noise = (
+                np.random.default_rng(2).standard_normal((1, args.seq, args.hidden)) * args.check_noise * element_rms
+            )
+            feeds.append(("noised", {**batch, "embed_noise": noise.astype(dtype)}))
+        for name, feed in feeds:
+            values = session.run(["logits", *names], feed)
+            depth[name] = [v.astype(np.float64).reshape(-1, v.shape[-1]) for v in values]
+            print(f"  {path.name} ({name}) ran in ONNX Runtime: logits finite {bool(np.isfinite(values[0]).all())}, "
+                  f"peak RSS {gib(proc_field('/proc/self/status', 'VmHWM') * 1024)}", file=sys.stderr, flush=True)  # fmt: skip
         del session
-        print(f"  {path.name} ran in ONNX Runtime: logits finite {bool(np.isfinite(outputs[-1]).all())}, peak RSS "
-              f"{gib(proc_field('/proc/self/status', 'VmHWM') * 1024)}", file=sys.stderr, flush=True)  # fmt: skip
-    new, ref = outputs
-    cos = np.sum(ref * new, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1))
+        copy.unlink()
+
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    ref, new, noised = depth["original"], depth["compressed"], depth["noised"]
+    cos = np.sum(ref[0] * new[0], axis=1) / (np.linalg.norm(ref[0], axis=1) * np.linalg.norm(new[0], axis=1))
+    noised_cos = np.sum(ref[0] * noised[0], axis=1) / (
+        np.linalg.norm(ref[0], axis=1) * np.linalg.norm(noised[0], axis=1)
+    )
     return {
-        "finite": bool(np.isfinite(new).all()),
-        "relative_l2": float(np.linalg.norm(new - ref) / np.linalg.norm(ref)),
+        "finite": bool(np.isfinite(new[0]).all()),
+        "relative_l2": rel(new[0], ref[0]),
         "cosine_mean": float(cos.mean()),
+        "residual_relative_l2": [rel(n, r) for n, r in zip(new[1:], ref[1:], strict=True)],
+        "control_noise": args.check_noise,
+        "control_relative_l2": [rel(n, r) for n, r in zip(noised[1:], ref[1:], strict=True)],
+        "control_logits_relative_l2": rel(noised[0], ref[0]),
+        "control_cosine_mean": float(noised_cos.mean()),
     }
 
 
@@ -455,6 +507,18 @@ def main() -> None:
         help="graph optimisations of the forward and check sessions (auto: none where the float32 copies of the "
         "weights would pass 40%% of RAM, e.g. 32 layers on 24 GB)",
     )  # fmt: skip
+    parser.add_argument(
+        "--unit-batches",
+        type=int,
+        help="time the forward unit on the first N batches only and "
+        "scale it to all of them (a forward pass is linear in batches; saves a long run its hour)",
+    )
+    parser.add_argument(
+        "--check-noise",
+        type=float,
+        default=0.01,
+        help="the check's control: relative size of the Gaussian noise added to the original's embeddings",
+    )
     parser.add_argument("--workdir", default="/tmp/espace-scale")
     parser.add_argument("--keep", action="store_true", help="keep the generated models")
     parser.add_argument("--json", help="write all figures here")
@@ -489,6 +553,12 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    unit = figures["forward"]
+    if unit["batches_run"] < unit["batches"]:  # timed on a prefix of the batches: scale the run to all of them
+        scale = unit["batches"] / unit["batches_run"]
+        unit["measured"] = {"wall_s": unit["wall_s"], "cpu_s": unit["cpu_s"], "run_s": unit["run_s"]}
+        unit["wall_s"] += unit["run_s"] * (scale - 1)
+        unit["cpu_s"] *= scale  # the session's load is a small share of its CPU time: a slight overestimate
     forward = figures["forward"]["wall_s"]
     print(f"\nLlama-shaped decoder: {args.layers} layers, hidden {args.hidden}, MLP {args.inter}, {args.dtype}, "
           f"{figures['build']['model_bytes'] / 2**30:.2f} GiB; calibration {args.tokens} tokens "
@@ -528,7 +598,20 @@ def main() -> None:
         print(f"  {what:<62} {gib(size):>11}")
     accounted = sum(c["breakdown"].values())
     print(f"  {'sum':<62} {gib(accounted):>11}")
-    print(f"check: {figures['check']}")
+    if unit["batches_run"] < unit["batches"]:
+        print(f"forward timed on {unit['batches_run']} of {unit['batches']} batches ({unit['measured']['run_s']:.1f} s "
+              f"of runs) and scaled to all of them")  # fmt: skip
+    k = figures["check"]
+    print(
+        f"check: output finite {k['finite']}, logits relative L2 {k['relative_l2']:.3f}, cosine {k['cosine_mean']:.4f}"
+    )
+    print(f"residual stream after block 1..{args.layers}, relative L2 to the original:")
+    print("  compressed:                        " + " ".join(f"{v:.3f}" for v in k["residual_relative_l2"]))
+    print(
+        f"  original, embeddings + {k['control_noise']:g} noise: "
+        + " ".join(f"{v:.3f}" for v in k["control_relative_l2"])
+    )
+    print(f"  control logits: relative L2 {k['control_logits_relative_l2']:.3f}, cosine {k['control_cosine_mean']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
 
