@@ -6,9 +6,11 @@ calibrates on the *train* split, then plans three ways at the same rank per laye
 * ``validate`` — each unit × method applied alone on the *validation* batches (the exact mode; its per-unit
   harm is the reference),
 * ``fisher`` — :func:`espace_export.harm.fisher_harm` from one forward + backward pass over
-  ``--fisher-batches`` calibration batches (:func:`espace_export.harm.collect_fisher_samples`; as many
-  tokens as the validation set by default); for the LM with labels sampled from the model (true Fisher,
-  the default) and with the data's labels (``next-token``, the empirical Fisher),
+  ``--fisher-batches`` *validation* batches (:func:`espace_export.harm.collect_fisher_samples`; the
+  validation set by default); for the LM with labels sampled from the model (true Fisher, the default) and
+  with the data's labels (``next-token``, the empirical Fisher), for MiniLM with the cosine probe (the
+  default) and the isotropic one; and once more from as many *calibration* batches, the tokens the
+  factorisations were fitted to (in-sample: blind to a factorisation that does not generalise),
 * ``proxy`` — the calibrated relative output error E‖x(W − AB)‖²/E‖xW‖²,
 
 and prints the Spearman rank correlation of each cheap score with the validated one, over units (each
@@ -73,18 +75,22 @@ def measure(name: str, path: Path, tokenizer: Path, texts: dict[str, Path], args
     decisions = decide_layers(targets, rank_options, args.methods[0])
     groups = share_siblings(decisions, rank_options)
     ranks = {d.target.name: d.L for d in decisions}
-    losses = ["auto", *(["next-token"] if causal else [])]
-    fisher_batches = calib[: args.fisher_batches]
+    # Fisher samples from the held-out validation batches (what validate scores on) and, to show the bias of
+    # scoring on the tokens the factorisations were fitted to, from the calibration batches
+    held_out, fitted = valid[: args.fisher_batches], calib[: args.fisher_batches]
+    fishers = [("auto", held_out, "validation"), ("auto", fitted, "calibration"),
+               ("next-token" if causal else "probe", held_out, "validation")]  # fmt: skip
     plans: dict[str, Any] = {}
     cost: dict[str, dict[str, float]] = {}
     tokens = 0
-    for select in ("validate", *(f"fisher:{loss}" for loss in losses), "proxy"):
+    for select in ("validate", *(f"fisher:{i}" for i in range(len(fishers))), "proxy"):
         samples, collect_s = None, 0.0
         if select.startswith("fisher"):
+            loss, batches, where = fishers[int(select.split(":")[1])]
             tick = time.perf_counter()
-            samples = collect_fisher_samples(model, targets, fisher_batches, loss=select.split(":")[1])  # type: ignore[arg-type]
+            samples = collect_fisher_samples(model, targets, batches, loss=loss)  # type: ignore[arg-type]
             collect_s, tokens = time.perf_counter() - tick, samples.tokens
-            select = f"fisher ({samples.loss})"
+            select = f"fisher ({samples.loss}, {where} batches)"
         passes_before = validator.passes
         tick = time.perf_counter()
         settings = PlanSettings(args.ratio, tuple(args.methods), "fisher" if samples is not None else select,
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--valid-batches", type=int, default=2)
     parser.add_argument("--test-batches", type=int, default=8)
-    parser.add_argument("--fisher-batches", type=int, default=2, help="calibration batches the Fisher pass reads")
+    parser.add_argument("--fisher-batches", type=int, default=2, help="batches the Fisher pass reads")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure and per-unit score here")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)

@@ -19,15 +19,21 @@ Taylor expansion starts at second order with the Fisher / Gauss–Newton matrix 
 
     harm ≈ ½ E_s[(∇ℓ_sᵀ δ)²] = ½ E_s[Δℓ_s²]            (per token: divided by the mean tokens per sequence)
 
-which is what :func:`fisher_harm` returns, with the expectation over the calibration sequences:
-``½ Σ_s Δℓ_s² / Σ_s M_s``. For causal LMs ℓ_s is the cross-entropy against labels drawn from the model's
+which is what :func:`fisher_harm` returns, with the expectation over the sampled sequences:
+``½ Σ_s Δℓ_s² / Σ_s M_s`` (per sequence, ``/ S``, for a pooled output of one row per sequence). The
+sequences must be *held out* — the validation batches, not the calibration ones: on the tokens a
+factorisation was fitted to, its error is the in-sample one (on MiniLM the last block's attention output
+projection loses 2·10⁻⁴ in-sample and 0.1 on other text, and the calibration-batch score ranked it among
+the harmless). For causal LMs ℓ_s is the cross-entropy against labels drawn from the model's
 own next-token distribution (one per position): then E[∇ℓ ∇ℓᵀ] is the true Fisher, the Hessian of the
 KL validation loss, and the cross terms between positions vanish in expectation, so the estimate is KL
 per token to second order (``loss="next-token"`` uses the data's labels instead: the *empirical*
 Fisher, which weighs a poorly fitted token by how wrong the model is there). For encoders ℓ_s = ⟨r_s, y_s⟩
-with a Gaussian probe r_s (:func:`espace_export.gradients.output_loss`), for which E_r[Δℓ_s²] = ‖J δ‖²
-exactly, the Gauss–Newton form of ½‖y − y₀‖² (≈ 1 − cos for normalised outputs), estimated here with
-one probe per sequence. Both are first-order in D: a layer whose error the network cancels or amplifies
+with a Gaussian probe r_s per output row, r = (I − ŷ₀ŷ₀ᵀ)z/‖y₀‖ (:func:`cosine_probe_loss`), for which
+E_r[Δℓ_s²] = Σ_rows ‖(Jδ)⊥‖²/‖y₀‖², the Gauss–Newton form of 2 Σ_rows (1 − cos) — the validation loss —
+estimated here with one probe per sequence. (An isotropic probe, ``loss="probe"``, gives ‖Jδ‖², the
+Gauss–Newton of ½‖y − y₀‖²: it weighs rows by ‖y₀‖² and counts changes along them, which 1 − cos does not;
+on MiniLM it put the unit that validates as most harmful among the least.) Both are first-order in D: a layer whose error the network cancels or amplifies
 nonlinearly is ranked by its linearised effect only.
 
 Relation to NL-MSE (paper Proposition 3): for an ESPACE projection D_j = −(I − PPᵀ)W_j, and
@@ -58,14 +64,35 @@ from espace_export.io.data import InputSpec, complete_feed, input_specs
 from espace_export.selection.factorizations import Factorization
 from graph_passes.find import GemmTarget
 
-FisherLoss = Literal["auto", "sampled", "next-token", "probe"]
+FisherLoss = Literal["auto", "sampled", "next-token", "cosine", "probe"]
 
 
-def resolve_fisher_loss(model: onnx.ModelProto, loss: FisherLoss = "auto") -> Literal["sampled", "next-token", "probe"]:
-    """``auto``: ``sampled`` for causal LMs (first output ``logits`` of rank 3), ``probe`` otherwise."""
+def resolve_fisher_loss(
+    model: onnx.ModelProto, loss: FisherLoss = "auto"
+) -> Literal["sampled", "next-token", "cosine", "probe"]:
+    """``auto``: the loss whose Fisher is the Hessian of ``--select validate``'s default loss — ``sampled``
+    for causal LMs (first output ``logits`` of rank 3: KL), ``cosine`` otherwise (1 − cos of output rows)."""
     if loss != "auto":
         return loss
-    return "sampled" if resolve_loss(model, "auto") == "next-token" else "probe"
+    return "sampled" if resolve_loss(model, "auto") == "next-token" else "cosine"
+
+
+def cosine_probe_loss(output: Any, feed: dict[str, np.ndarray], seed: int) -> Any:
+    """⟨r, y⟩ with a probe r whose Gauss–Newton matrix is the Hessian of the mean 1 − cos(y, y₀) of the
+    output rows at y = y₀: per row ``r = (I − ŷŷᵀ) z / ‖y₀‖`` with z Gaussian, so E_z[⟨r, Δy⟩²] =
+    ‖Δy⊥‖²/‖y₀‖² = 2 (1 − cos) to second order — a change along a row counts for nothing, and a row counts by
+    its angle, not its size (an isotropic probe weighs rows by ‖y₀‖² and counts the change along them)."""
+    import torch
+
+    reference = output.detach().double()
+    norms = reference.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    unit = reference / norms
+    z = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    probe = (z - (z * unit).sum(dim=-1, keepdim=True) * unit) / norms
+    mask = feed.get("attention_mask")
+    if mask is not None and output.dim() == 3 and tuple(output.shape[:2]) == mask.shape:
+        probe = probe * torch.from_numpy(np.asarray(mask)).to(probe.dtype)[..., None]
+    return (probe.to(output.dtype) * output).sum()
 
 
 def sampled_labels(logits: Any, seed: int) -> Any:
@@ -83,11 +110,14 @@ def fisher_loss(kind: str, output: Any, feed: dict[str, np.ndarray], seed: int) 
     ``sampled``: Σ over valid positions of −log p(ŷ) with ŷ drawn from the model's own distribution, so
     that E_ŷ[gradient outer product] is the true Fisher of the next-token distribution — the Hessian of
     the KL validation (``--valid-loss kl``) — and the cross terms between positions vanish in
-    expectation (E_ŷ[∇ log p(ŷ)] = 0). ``next-token`` (the data's labels: the empirical Fisher) and
-    ``probe`` are :func:`espace_export.gradients.output_loss`'s.
+    expectation (E_ŷ[∇ log p(ŷ)] = 0). ``cosine``: :func:`cosine_probe_loss`, the same for the encoders'
+    1 − cos validation. ``next-token`` (the data's labels: the empirical Fisher) and ``probe`` (isotropic:
+    the Gauss–Newton of ½‖y − y₀‖²) are :func:`espace_export.gradients.output_loss`'s.
     """
     import torch
 
+    if kind == "cosine":
+        return cosine_probe_loss(output, feed, seed)
     if kind != "sampled":
         return output_loss(kind, output, feed, seed)  # type: ignore[arg-type]
     log_p = torch.log_softmax(output.double(), dim=-1)
@@ -112,10 +142,16 @@ class FisherSamples:
     offsets: np.ndarray
     activation_of: dict[str, str]
     loss: str
+    per_sequence: bool = False  # the output has one row per sequence (a pooled embedding), not one per token
 
     @property
     def tokens(self) -> int:
         return int(self.offsets[-1])
+
+    @property
+    def items(self) -> int:
+        """What the validation loss averages over: output rows — sequences for a pooled output, else tokens."""
+        return self.sequences if self.per_sequence else self.tokens
 
     @property
     def sequences(self) -> int:
@@ -145,8 +181,8 @@ def collect_fisher_samples(
     targeted GEMM's input rows and output gradients, per valid token, for :func:`fisher_harm`.
 
     The loss (:func:`fisher_loss`): for causal LMs the cross-entropy against labels sampled from the model
-    itself (``sampled``, the true Fisher of the KL validation); otherwise a Gaussian output probe (the
-    Gauss–Newton of ½‖y − y₀‖²). ``max_tokens`` stops collecting once that many tokens are held
+    itself (``sampled``, the true Fisher of the KL validation); otherwise a Gaussian output probe shaped so
+    that its Gauss–Newton matrix is the Hessian of the 1 − cos validation (``cosine``). ``max_tokens`` stops collecting once that many tokens are held
     (whole sequences), bounding memory at ``max_tokens × (K + N)`` floats per GEMM.
     """
     import torch
@@ -162,11 +198,13 @@ def collect_fisher_samples(
     X_rows: dict[str, list[np.ndarray]] = {a: [] for a in activations}
     G_rows: dict[str, list[np.ndarray]] = {t.name: [] for t in targets}
     lengths: list[int] = []
+    per_sequence = False
     for index, batch in enumerate(batches):
         if max_tokens is not None and sum(lengths) >= max_tokens:
             break
         feed = complete_feed(batch, specs)
         output, tracked = forward(feed)
+        per_sequence = output.dim() <= 2
         objective = fisher_loss(kind, output, feed, seed + index)
         names = [t.name for t in targets if outputs[t.name] in tracked]
         if len(names) < len(targets) or any(a not in tracked for a in activations):
@@ -191,6 +229,7 @@ def collect_fisher_samples(
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         activation_of={t.name: t.activation for t in targets},
         loss=kind,
+        per_sequence=per_sequence,
     )
 
 
@@ -222,13 +261,14 @@ def first_order_changes(samples: FisherSamples, deltas: Mapping[str, np.ndarray]
 def fisher_harm(
     samples: FisherSamples, weights: Mapping[str, np.ndarray], factorizations: Mapping[str, Factorization]
 ) -> float:
-    """``½ Σ_s Δℓ_s² / Σ_s M_s``: the Fisher estimate of the divergence (per token) that replacing each
+    """``½ Σ_s Δℓ_s² / items``: the Fisher estimate of the divergence (per output row: per token, or per
+    sequence for a pooled output — what the validation loss averages) that replacing each
     layer's weight ``weights[name]`` by ``factorizations[name]`` alone causes (see the module docstring).
     Zero for an exact rewrite, grows with the error of every layer in a unit together (siblings sum
     inside Δℓ_s, so their errors may add or cancel as they do in the network)."""
     deltas = {name: f.weight() - weights[name] for name, f in factorizations.items()}
     changes = first_order_changes(samples, deltas)
-    return 0.5 * float(np.sum(changes**2)) / max(samples.tokens, 1)
+    return 0.5 * float(np.sum(changes**2)) / max(samples.items, 1)
 
 
 __all__ = [
@@ -236,6 +276,7 @@ __all__ = [
     "collect_fisher_samples",
     "first_order_changes",
     "fisher_harm",
+    "cosine_probe_loss",
     "fisher_loss",
     "gemm_output",
     "resolve_fisher_loss",

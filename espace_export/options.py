@@ -28,7 +28,7 @@ from espace_export.selection.ranks import SIBLING_MODES, check_ratio, check_sibl
 from espace_export.selection.validation import VALIDATION_LOSSES
 
 METHOD_CHOICES = (*METHODS, "best", "auto")
-SELECT_MODES = ("none", "validate", "proxy")
+SELECT_MODES = ("none", "validate", "fisher", "proxy")
 STOP_RULES = ("ratio", "knee")
 STATS_PRECISIONS = ("float32", "float64")
 MAX_BATCHES = 1_000_000  # far beyond any calibration set; catches a typo such as --num-batches 10**12
@@ -192,8 +192,9 @@ class SelectionOptions:
     select_mode: str | None = option(
         None,
         "none: every layer at --ratio; validate: score each layer x method on validation batches, then apply "
-        "progressively to --ratio; proxy: same, scored by the calibrated output error (no extra passes) "
-        "[default: validate; with --fast: none].",
+        "progressively to --ratio; fisher: same, scored by a Fisher estimate of the validation loss from one "
+        "forward + backward pass over the validation batches (needs torch; for models too large for validate); "
+        "proxy: same, scored by the calibrated output error (no extra passes) [default: validate; with --fast: none].",
         "--select",
         panel=_SELECTION,
         choices=SELECT_MODES,

@@ -244,7 +244,7 @@ class Run:
     def batches(self) -> Batches:
         if self._batches is None:
             tick = time.perf_counter()
-            validate = self.options.selection.select == "validate"
+            validate = self.options.selection.select in ("validate", "fisher")  # both score on validation batches
             self._batches = load_batches(self.model, self.options.data, validate=validate)
             self.timings["load"] += time.perf_counter() - tick
         return self._batches
@@ -327,19 +327,41 @@ def plan(
             run.model, [r.target for r in run.compressed], run.batches.validation, loss=selection.valid_loss
         )
     with run.timed("select") as bars, eigen_solver(selection.eig_solver):  # type: ignore[arg-type]
+        fisher = fisher_samples(run) if selection.select == "fisher" else None
         inputs = PlanInputs(run.model, run.targets, {r.name: r.L for r in run.layers}, calibration, run.groups)
         plan_settings = PlanSettings(
             run.options.ranks.ratio, tuple(selection.methods), selection.select, selection.max_layer_loss,
             selection.stop, selection.full_curve, selection.progressive,
         )  # fmt: skip
-        chosen = make_plan(inputs, plan_settings, validator=validator, on_step=bars.stepper())
+        chosen = make_plan(inputs, plan_settings, validator=validator, on_step=bars.stepper(), fisher=fisher)
     chosen.info.update(
         {"model": str(run.model_path), "layer_ratio": run.options.ranks.per_layer(selection.select),
          "rank_rule": str(run.options.ranks.rank_rule), "settings": selection.summary()}
     )  # fmt: skip
     if validator is not None:
         chosen.info["validation"] = {"batches": len(run.batches.validation), "passes": validator.passes}
+    if fisher is not None:
+        chosen.info["fisher"] = {"batches": len(run.batches.validation), "tokens": fisher.tokens, "loss": fisher.loss}
     return chosen
+
+
+def fisher_samples(run: Run) -> Any:
+    """``--select fisher``'s samples: one forward + backward pass over the *validation* batches (held out: on
+    the calibration tokens every factorisation looks as good as it does in-sample), refused in one line where
+    the gradient pass cannot run the graph."""
+    from espace_export._optional import require
+    from espace_export.calibration.onnx_torch import gradient_blockers
+
+    require("torch", extra="torch", purpose="--select fisher")
+    blockers = gradient_blockers(run.model)
+    if blockers:
+        raise EspaceError(
+            f"--select fisher needs the model's gradients, but the gradient pass cannot evaluate {', '.join(blockers)}",
+            "use --select validate or proxy",
+        )
+    from espace_export.harm import collect_fisher_samples
+
+    return collect_fisher_samples(run.model, [r.target for r in run.compressed], run.batches.validation)
 
 
 def check_selection(options: CompressOptions) -> None:

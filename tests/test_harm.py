@@ -163,7 +163,8 @@ def test_encoder_probe_samples(sample_model) -> None:
     targets = [t for t in find_targets(model) if t.role == "block"]
     with pytest.warns(UserWarning):
         batches = random_token_batches(input_specs(model), 256, batch_size=2, seq_len=12, num_batches=1, seed=0)
-    samples = collect_fisher_samples(model, targets, batches, max_tokens=1)
+    assert collect_fisher_samples(model, targets[:1], batches, max_tokens=1).loss == "cosine"  # the default
+    samples = collect_fisher_samples(model, targets, batches, loss="probe", max_tokens=1)
     assert samples.loss == "probe" and samples.sequences == 2 and samples.tokens == 24
     target = targets[1]
     W = _weight(model, target)
@@ -171,6 +172,33 @@ def test_encoder_probe_samples(sample_model) -> None:
     plus = _objective(_with_weight(model, target, W + D), batches[0], 0)
     minus = _objective(_with_weight(model, target, W - D), batches[0], 0)
     assert (plus - minus) / 2 == pytest.approx(first_order_changes(samples, {target.name: D}).sum(), rel=0.03)
+
+
+def test_cosine_probe_is_the_gauss_newton_of_one_minus_cos() -> None:
+    """E_z[⟨r, Δy⟩²] over the probe's draws equals Σ_rows ‖Δy⊥‖²/‖y₀‖², which is 2 Σ_rows (1 − cos(y₀ + Δy, y₀))
+    to second order; a change along a row counts for nothing."""
+    import torch
+
+    from espace_export.harm import cosine_probe_loss
+
+    rng = np.random.default_rng(0)
+    y0 = torch.from_numpy(rng.standard_normal((1, 5, 16)) * np.array([1, 10, 0.1, 3, 30])[None, :, None])
+    dy = torch.from_numpy(rng.standard_normal((1, 5, 16)))
+    y = y0.clone().requires_grad_(True)
+    draws = []
+    for seed in range(4000):
+        (probe,) = torch.autograd.grad(cosine_probe_loss(y, {}, seed), y)
+        draws.append(float((probe * dy).sum()) ** 2)
+    unit = y0 / y0.norm(dim=-1, keepdim=True)
+    across = dy - (dy * unit).sum(-1, keepdim=True) * unit
+    expected = float((across.norm(dim=-1) ** 2 / y0.norm(dim=-1) ** 2).sum())
+    assert np.mean(draws) == pytest.approx(expected, rel=0.06)
+    eps = 1e-4
+    moved = y0 + eps * dy
+    one_minus_cos = 1 - (moved * y0).sum(-1) / (moved.norm(dim=-1) * y0.norm(dim=-1))
+    assert 2 * float(one_minus_cos.sum()) / eps**2 == pytest.approx(expected, rel=1e-3)
+    (along,) = torch.autograd.grad(cosine_probe_loss(y, {}, 7), y)
+    assert abs(float((along * y0).sum())) < 1e-9 * float(y0.norm())
 
 
 def test_make_plan_fisher_selection(llama, llama_samples) -> None:

@@ -151,6 +151,46 @@ def test_staged_report_names_the_plans_settings(
     assert report["settings"] == {"preset": "custom", "method": "mse", "select": "proxy"}
 
 
+def test_select_fisher_scores_on_the_held_out_validation_batches(
+    model_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """``--select fisher`` plans from one gradient pass over the validation batches (none of the calibration
+    ones: scored in-sample, a factorisation looks as good as its fit), with no validation pass, reaches the
+    ratio, and writes a model ONNX Runtime runs."""
+    pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    import espace_export.harm
+    from espace_export.pipeline import Run
+
+    read: list[list[dict[str, np.ndarray]]] = []
+    collect = espace_export.harm.collect_fisher_samples
+    monkeypatch.setattr(
+        espace_export.harm, "collect_fisher_samples", lambda m, t, batches, **k: read.append(batches) or collect(m, t, batches, **k)
+    )  # fmt: skip
+    model, data = model_and_data
+    extra = ["--method", "best", "--select", "fisher", "--ratio", "0.3", "--plan", str(tmp_path / "p.json")]
+    report, markdown, _, _ = compress_cli(model, data, tmp_path / "f.onnx", extra, capsys)
+    assert report["select"] == "fisher" and report["targeted_compression"] >= 0.3
+    assert report["settings"] == {"preset": "custom", "method": "best", "select": "fisher"}
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["score_kind"].startswith("Fisher estimate") and "validation" not in plan["info"]
+    scored = [layer for layer in plan["layers"] if layer["scores"]]
+    assert scored and all(layer["harm"] > 0 for layer in scored)
+    assert len({layer["order"] for layer in scored}) > 1  # ranked by the score
+    options = CompressOptions.from_settings(calib_data=data, min_rank=4, batch_size=2, num_batches=8, seq_len=9,
+                                            method="best", select="fisher")  # fmt: skip
+    batches = Run(model, options).batches
+    assert len(read) == 1 and len(read[0]) == len(batches.validation) > 0
+    for seen, held_out in zip(read[0], batches.validation, strict=True):
+        np.testing.assert_array_equal(seen["input_ids"], held_out["input_ids"])
+    calibration = {b["input_ids"].tobytes() for b in batches.calibration}
+    assert not any(b["input_ids"].tobytes() in calibration for b in read[0])
+    session = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"])
+    assert np.isfinite(session.run(None, dict(batches.validation[0]))[0]).all()
+
+
 def test_recommended_without_torch_leaves_out_the_gradient_candidates(
     model_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -201,3 +241,9 @@ def test_recommended_on_a_graph_without_gradients_leaves_out_the_gradient_candid
     )  # fmt: skip
     assert code == 2 and "Celu" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("x.*"))
+    code, _, err = run_cli(
+        [str(path), "--calib-data", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "x.onnx"), *SMALL,
+         "--method", "mse", "--select", "fisher"], capsys,
+    )  # fmt: skip
+    assert code == 2 and "--select fisher needs the model's gradients" in err and "Celu" in err
+    assert len(err.strip().splitlines()) == 1 and not list(tmp_path.glob("x.*"))
