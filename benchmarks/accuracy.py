@@ -20,7 +20,9 @@ Rows, two blocks:
 * progressive — layers at max(ratio, 50 %) each, ranked by validation loss alone and applied until the
   ratio is met (the paper's §4.2 procedure; the last layer overshoots the ratio a little): best of six
   (``progressive``), with shared siblings, with truncated SVD as the only method (``progressive svd``:
-  the same layer selection without ESPACE), and ``auto`` (six + whitened SVD). Validation scores are the
+  the same layer selection without ESPACE), ``auto`` (six + whitened SVD), and ``auto, fisher`` (the same
+  scored by ``--select fisher``: one gradient pass over the validation batches, no pass per trial — the
+  fast selection of issue 12). Validation scores are the
   tool's default: KL of the next-token distribution to the dense model's for the LM, 1 − cosine for
   MiniLM. For the LM also ``progressive (next-token)`` and ``progressive, shared P (next-token)``: layers
   scored by the validation cross-entropy instead (``--valid-loss next-token``, the paper's perplexity).
@@ -154,6 +156,8 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
         ("progressive, shared P", "validate", six, "progressive", "shared"),
         ("progressive svd", "validate", ["svd"], "progressive", "separate"),
         ("auto (+whitened-svd)", "validate", [*CANDIDATES, "whitened-svd"], "progressive", "separate"),
+        # the fast selection: the same methods scored by the Fisher estimate (one gradient pass, validation batches)
+        ("auto, fisher", "fisher", [*CANDIDATES, "whitened-svd"], "progressive", "separate"),
     ]
     if causal:  # LMs: the same selections scored by the validation cross-entropy (the paper's choice)
         configs += [
@@ -182,8 +186,8 @@ def evaluate_model(name: str, path: Path, tokenizer: Path, texts: dict[str, Path
                 "compression": summary["targeted_compression_planned"],
                 "methods": summary["methods"],
             }
-            if select == "validate":
-                passes = plan.info["validation"]["passes"] - 1  # not its validator's baseline pass
+            if select in ("validate", "fisher"):
+                passes = plan.info["validation"]["passes"] - 1 if select == "validate" else 0  # not the baseline pass
                 cost[f"{row} @ {ratio}"] = {
                     "passes": passes,
                     "seconds": round(seconds, 1),

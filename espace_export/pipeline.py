@@ -614,6 +614,10 @@ def compress_bounded(run: Run, output: Path, report_path: Path) -> CompressionRe
             "--statistics/--plan side outputs",
             "drop --max-memory, or use those settings",
         )
+    rank, _ = distributed.init()
+    if rank != 0:  # under torchrun: this rank calibrates its share and decomposes its part; rank 0 writes
+        _compress_bounded_staged(run, output, output)
+        return CompressionResult(output, report_path, {"rank": rank})
     with model_output_set(output, report_path) as (tmp_output, tmp_json, tmp_markdown):
         report = _compress_bounded_staged(run, output, tmp_output)
         stage_report(report, tmp_json, tmp_markdown)

@@ -13,14 +13,19 @@ only on its own activation statistics, so nothing has to outlive its group:
 so the process holds at most one group's statistics, one staged session's weights, the boundary tensors
 between stages and one layer's factors — never the model's weights nor all the statistics. The output is
 the same model :func:`espace_export.compress` writes for these settings (same ranks, same projections).
+
+Under ``torchrun`` each rank runs the stages on its share of the batches, each group's sums are all-reduced,
+the group's decompositions are spread over the ranks by cost (K³) and gathered on every rank, and rank 0
+alone rewrites and writes (:mod:`espace_export.calibration.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from espace_export.calibration import distributed
 from espace_export.calibration.statistics import (
     GroupedCalibration,
     MemoryBudget,
@@ -218,6 +224,8 @@ def compress_streaming(
     """
     started = time.perf_counter()
     model_path, output_path = _check_streaming_inputs(model_path, output, batches, settings.method)
+    rank, world = distributed.init()
+    batches = distributed.shard(batches, rank, world) if world > 1 else batches
     model = load_model(model_path, load_weights=False)
     calibration_graph = onnx.ModelProto()
     calibration_graph.CopyFrom(model)  # the rewrite edits `model`; calibration reads the original graph
@@ -227,8 +235,8 @@ def compress_streaming(
     source_dir = external_data_dir(model)
     timings = {"load": time.perf_counter() - started, "decompose": 0.0, "rewrite": 0.0}
 
-    with atomic_output(output_path) as tmp_output:
-        writer = _DataWriter(tmp_output.with_name(output_path.name + ".data"))
+    with atomic_output(output_path) if rank == 0 else _nowhere() as tmp_output:
+        writer = _DataWriter(tmp_output.with_name(output_path.name + ".data")) if tmp_output else None
         consumer = _GroupConsumer(model, compressed, settings, writer, timings)
         tick = time.perf_counter()
         calibration = collect_statistics_in_groups(
@@ -240,7 +248,8 @@ def compress_streaming(
         timings["calibrate"] = time.perf_counter() - tick - timings["decompose"] - timings["rewrite"]
         del calibration_graph
         tick = time.perf_counter()
-        _write_rest(model, writer, consumer.written, source_dir, tmp_output)
+        if writer is not None and tmp_output is not None:
+            _write_rest(model, writer, consumer.written, source_dir, tmp_output)
         timings["write"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     return StreamingResult(
@@ -254,8 +263,14 @@ def compress_streaming(
         total_params_after=parameter_count(model),
         weight_bytes_read=sum(calibration.stage_weight_bytes)
         + sum(d.target.params * np.dtype(d.target.dtype).itemsize for d in compressed)
-        + writer.bytes_copied,
+        + (writer.bytes_copied if writer is not None else 0),
     )
+
+
+@contextlib.contextmanager
+def _nowhere() -> Iterator[None]:
+    """What a rank other than 0 writes to: nothing."""
+    yield None
 
 
 def _budget(settings: StreamingSettings) -> int:
@@ -305,7 +320,7 @@ class _GroupConsumer:
         model: onnx.ModelProto,
         compressed: list[LayerRecord],
         settings: StreamingSettings,
-        writer: _DataWriter,
+        writer: _DataWriter | None,
         timings: dict[str, float],
     ) -> None:
         self.model = model
@@ -320,35 +335,47 @@ class _GroupConsumer:
 
     def __call__(self, stats: dict[str, PackedActivationStats]) -> None:
         tick = time.perf_counter()
-        projections = [p for activation, entry in stats.items() for p in self._project(activation, entry)]
+        distributed.all_reduce_statistics(stats)  # under torchrun: every rank's share of the batches summed
+        decomposed = distributed.share_work(
+            list(stats.items()), lambda item: self._decompose(*item), cost=lambda item: float(item[1].K) ** 3
+        )
+        projections = []
+        for activation, (vectors, dropped) in zip(stats, decomposed, strict=True):
+            for decision, mse_relative in zip(self.by_activation[activation], dropped, strict=True):
+                assert decision.L is not None
+                decision.mse_relative = mse_relative
+                projections.append(Projection(decision.target, np.ascontiguousarray(vectors[:, : decision.L])))
         self.timings["decompose"] += time.perf_counter() - tick
+        if self.writer is None:  # a rank other than 0: rank 0 rewrites and writes
+            return
         tick = time.perf_counter()
         project(self.model, projections, new_initializer=self._written_initializer)  # folds PᵀW read from disk
         self.timings["rewrite"] += time.perf_counter() - tick
 
     def _written_initializer(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        assert self.writer is not None
         tensor = self.writer.external_tensor(array, name)
         if _is_external(tensor):
             self.written.add(name)
         return tensor
 
-    def _project(self, activation: str, entry: PackedActivationStats) -> list[Projection]:
+    def _decompose(self, activation: str, entry: PackedActivationStats) -> tuple[np.ndarray, list[float | None]]:
+        """The activation's leading eigenvectors (as many as its widest member needs) and each member's
+        relative dropped energy E‖x − PPᵀx‖²/E‖x‖²: plain data, so that another rank can compute them."""
         members = self.by_activation[activation]
         top = max(d.L for d in members if d.L is not None)
         C_X = entry.C_X
         values, vectors = self.decompose(entry.C_X_normalized if self.method == "nmse" else C_X, top)
         energy = float(np.trace(C_X))
-        projections = []
+        dropped: list[float | None] = []
         for decision in members:
             assert decision.L is not None
-            P = np.ascontiguousarray(vectors[:, : decision.L])
             if self.method == "mse":  # Theorem 1: the dropped energy is the rest of the spectrum
-                dropped = energy - float(np.sum(values[: decision.L]))
+                lost = energy - float(np.sum(values[: decision.L]))
             else:
-                dropped = projection_mse(C_X, P)
-            decision.mse_relative = max(dropped, 0.0) / energy if energy > 0 else None
-            projections.append(Projection(decision.target, P))
-        return projections
+                lost = projection_mse(C_X, np.ascontiguousarray(vectors[:, : decision.L]))
+            dropped.append(max(lost, 0.0) / energy if energy > 0 else None)
+        return np.ascontiguousarray(vectors[:, :top]), dropped
 
 
 def _write_rest(

@@ -105,8 +105,8 @@ def all_reduce_statistics(stats: dict[str, Any]) -> dict[str, Any]:
     """Sum every rank's statistics in place and return them.
 
     Works on any statistics dataclass (:class:`~espace_export.calibration.statistics.ActivationStats`, the gradient
-    sums of NL-MSE): every ndarray field is summed in float64, every integer count field too (``K`` and
-    flags are configuration, not sums, and are left alone).
+    sums of NL-MSE) or plain object (the packed sums of the streaming path): every ndarray field is summed
+    in float64, every integer count field too (``K`` and flags are configuration, not sums, and are left alone).
     """
     if not requested():
         return stats
@@ -117,14 +117,15 @@ def all_reduce_statistics(stats: dict[str, Any]) -> dict[str, Any]:
     for name in sorted(stats):  # the same order on every rank
         entry = stats[name]
         counts = []
-        for item in dataclasses.fields(entry):
-            value = getattr(entry, item.name)
+        names = [f.name for f in dataclasses.fields(entry)] if dataclasses.is_dataclass(entry) else sorted(vars(entry))
+        for name_ in names:
+            value = getattr(entry, name_)
             if isinstance(value, np.ndarray):
                 tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64)).to(device)
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-                setattr(entry, item.name, tensor.cpu().numpy())
-            elif isinstance(value, int) and not isinstance(value, bool) and item.name != "K":
-                counts.append(item.name)
+                setattr(entry, name_, tensor.cpu().numpy())
+            elif isinstance(value, int) and not isinstance(value, bool) and name_ != "K":
+                counts.append(name_)
         if counts:
             tensor = torch.tensor([getattr(entry, c) for c in counts], dtype=torch.int64, device=device)
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

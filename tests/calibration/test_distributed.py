@@ -71,12 +71,13 @@ def test_two_processes_match_one(sample_model: Callable[..., Path], tmp_path: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("selection", ["fast", "auto-validate"])
+@pytest.mark.parametrize("selection", ["fast", "auto-validate", "max-memory"])
 def test_cli_under_torchrun_matches_one_process(
     sample_model: Callable[..., Path], tmp_path: Path, selection: str
 ) -> None:
     """`torchrun -m espace_export`: ranks share the calibration and the per-layer decompositions and
-    trials (``auto`` × ``validate`` on calibration data), rank 0 writes the same model as one process."""
+    trials (``auto`` × ``validate`` on calibration data; under ``--max-memory`` group by group), rank 0
+    writes the same model as one process, and the other rank writes nothing."""
     import onnx
     from onnx import numpy_helper
 
@@ -91,6 +92,8 @@ def test_cli_under_torchrun_matches_one_process(
         batches = [sample_inputs("llama", 2, 16, seed=s) for s in range(6)]
         np.savez(data, **{k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
         common += ["--calib-data", str(data), "--batch-size", "2", "--method", "auto", "--select", "validate"]
+    if selection == "max-memory":  # several groups: statistics all-reduced and decompositions shared per group
+        common += ["--max-memory", "2M"]
     subprocess.run([sys.executable, "-m", "espace_export", str(model), "-o", str(tmp_path / "one.onnx"), *common],
                    check=True, env=env, timeout=300)  # fmt: skip
     torchrun = shutil.which("torchrun")
@@ -104,5 +107,8 @@ def test_cli_under_torchrun_matches_one_process(
     one = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "one.onnx")).graph.initializer}
     two = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "two.onnx")).graph.initializer}
     assert one.keys() == two.keys() and any("espace_P" in name for name in one)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == sorted(
+        p.name.replace("one", "two") for p in tmp_path.iterdir() if p.name.startswith("one")
+    )  # one model and one report, from rank 0 alone
     for name, value in one.items():
         np.testing.assert_allclose(two[name], value, rtol=1e-5, atol=1e-6)
