@@ -51,7 +51,7 @@ block-sequential calibration scores and drops them block by block (or calibrate 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -62,7 +62,7 @@ from espace_export.calibration.statistics import distinct_activations
 from espace_export.errors import EspaceError
 from espace_export.io.data import InputSpec, complete_feed, input_specs
 from espace_export.selection.factorizations import Factorization
-from graph_passes.find import GemmTarget
+from graph_passes.find import SUBGRAPH_SEPARATOR, GemmTarget
 
 FisherLoss = Literal["auto", "sampled", "next-token", "cosine", "probe"]
 
@@ -143,6 +143,9 @@ class FisherSamples:
     activation_of: dict[str, str]
     loss: str
     per_sequence: bool = False  # the output has one row per sequence (a pooled embedding), not one per token
+    # the sequence each row of X[activation] (and of G of the GEMMs reading it) belongs to, where its rows
+    # are not the tokens of ``offsets`` (a pooler reading one row per sequence)
+    sequence_of: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def tokens(self) -> int:
@@ -159,11 +162,26 @@ class FisherSamples:
 
 
 def gemm_output(model: onnx.ModelProto, target: GemmTarget) -> str:
-    """The tensor the target's MatMul/Gemm node produces (X·W, plus the bias for a Gemm: same gradient)."""
-    for node in model.graph.node:
-        if node.name == target.node:
-            return node.output[0]
-    raise ValueError(f"node {target.node} of {target.name} not in the graph")
+    """The tensor the target's MatMul/Gemm node produces (X·W, plus the bias for a Gemm: same gradient).
+
+    A GEMM fused into another operator (com.microsoft Attention's packed QKV weight) has no such tensor:
+    refused, naming the layer."""
+    inner = target.node.split(SUBGRAPH_SEPARATOR)[-1]  # a copy inlined from an If branch is renamed <If>/<node>
+    node = next((n for n in model.graph.node if n.name == target.node), None) or next(
+        (n for n in model.graph.node if n.name.endswith("/" + inner) and target.activation in n.input), None
+    )
+    if node is None:
+        raise ValueError(f"node {target.node} of {target.name} not in the graph")
+    if node.op_type not in _GEMM_OPS:
+        raise EspaceError(
+            f"--select fisher cannot score layer {target.name}: its X·W is computed inside a {node.op_type} "
+            "node, so no gradient of it can be taken",
+            "use --select validate or proxy",
+        )
+    return str(node.output[0])
+
+
+_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul")
 
 
 def collect_fisher_samples(
@@ -192,11 +210,17 @@ def collect_fisher_samples(
 
     specs = list(specs) if specs is not None else input_specs(model)
     kind = resolve_fisher_loss(model, loss)
+    from espace_export.calibration.gradients import _prefill_view
+
+    # GEMMs inside If branches (merged decoders): the branch the batches select, inlined; the targets keep
+    # their names, so the samples score the original layers
+    model, targets, _ = _prefill_view(model, targets, batches, specs)
     activations = distinct_activations(targets)
     outputs = {t.name: gemm_output(model, t) for t in targets}
     forward = _graph_forward(TorchGraph(model), set(activations) | set(outputs.values()))
     X_rows: dict[str, list[np.ndarray]] = {a: [] for a in activations}
     G_rows: dict[str, list[np.ndarray]] = {t.name: [] for t in targets}
+    sequence_of: dict[str, list[np.ndarray]] = {a: [] for a in activations}
     lengths: list[int] = []
     per_sequence = False
     for index, batch in enumerate(batches):
@@ -213,14 +237,17 @@ def collect_fisher_samples(
                 f"the Fisher pass did not reach layer {missing}", "check the model with --select validate"
             )
         grads = torch.autograd.grad(objective, [tracked[outputs[n]] for n in names], allow_unused=True)
-        masks = _sequence_rows(feed.get("attention_mask"), tracked[targets[0].activation], targets[0].K)
-        lengths += [int(valid.sum()) for valid in masks]
+        rows = _RowLayout(feed)
+        first = len(lengths)
+        lengths += [int(valid.sum()) for valid in rows.of(tracked[targets[0].activation], targets[0].K)]
         for activation, (K, _) in activations.items():
+            masks = rows.of(tracked[activation], K)
             X_rows[activation] += _split(tracked[activation].detach().numpy(), K, masks)
+            sequence_of[activation] += [np.full(int(valid.sum()), first + s) for s, valid in enumerate(masks)]
         for target, grad in zip(names, grads, strict=True):
-            value = tracked[outputs[target]]
+            value, N = tracked[outputs[target]], next(t.N for t in targets if t.name == target)
             G = np.zeros(value.shape, dtype=np.float32) if grad is None else grad.numpy()
-            G_rows[target] += _split(G, next(t.N for t in targets if t.name == target), masks)
+            G_rows[target] += _split(G, N, rows.of(value, N))
         if on_batch is not None:
             on_batch()
     return FisherSamples(
@@ -230,17 +257,27 @@ def collect_fisher_samples(
         activation_of={t.name: t.activation for t in targets},
         loss=kind,
         per_sequence=per_sequence,
+        sequence_of={a: np.concatenate(ids).astype(np.int64) for a, ids in sequence_of.items()},
     )
 
 
-def _sequence_rows(mask: np.ndarray | None, X: Any, K: int) -> list[np.ndarray]:
-    """Per sequence, the boolean rows of X's [batch·seq] token axis it owns (padding left out)."""
-    tokens = X.numel() // K
-    if mask is not None and mask.size == tokens:
-        return [np.asarray(row).astype(bool) for row in np.asarray(mask)]
-    if X.dim() >= 3:
-        return [np.ones(tokens // X.shape[0], dtype=bool)] * X.shape[0]
-    return [np.ones(tokens, dtype=bool)]
+class _RowLayout:
+    """Which rows of a batch's tensor each sequence owns (padding left out), whatever the tensor's layout."""
+
+    def __init__(self, feed: dict[str, np.ndarray]) -> None:
+        self.mask = feed.get("attention_mask")
+        ids = self.mask if self.mask is not None else feed.get("input_ids")
+        self.batch = int(np.asarray(ids).shape[0]) if ids is not None and np.ndim(ids) >= 1 else 1
+
+    def of(self, X: Any, K: int) -> list[np.ndarray]:
+        """One boolean row selector per sequence: by the attention mask where X has a row per token, every
+        row where X has the same number per sequence (one per sequence: a pooler), else one sequence."""
+        rows = X.numel() // K
+        if self.mask is not None and self.mask.size == rows:
+            return [np.asarray(row).astype(bool) for row in np.asarray(self.mask)]
+        if rows % self.batch == 0:
+            return [np.ones(rows // self.batch, dtype=bool)] * self.batch
+        return [np.ones(rows, dtype=bool)]
 
 
 def _split(A: np.ndarray, width: int, masks: list[np.ndarray]) -> list[np.ndarray]:
@@ -251,11 +288,16 @@ def _split(A: np.ndarray, width: int, masks: list[np.ndarray]) -> list[np.ndarra
 def first_order_changes(samples: FisherSamples, deltas: Mapping[str, np.ndarray]) -> np.ndarray:
     """Δℓ_s ≈ Σ_j ⟨X_sᵀG_{j,s}, D_j⟩ per calibration sequence, for weight changes ``deltas`` (layer →
     K×N D_j = A·B − W_j)."""
-    per_token = np.zeros(samples.tokens, dtype=np.float64)
+    per_sequence = np.zeros(samples.sequences, dtype=np.float64)
     for name, D in deltas.items():
-        X = samples.X[samples.activation_of[name]]
-        per_token += np.einsum("tn,tn->t", X @ np.asarray(D, dtype=np.float32), samples.G[name], dtype=np.float64)
-    return np.add.reduceat(per_token, samples.offsets[:-1]) if samples.sequences else per_token[:0]
+        activation = samples.activation_of[name]
+        X = samples.X[activation]
+        per_row = np.einsum("tn,tn->t", X @ np.asarray(D, dtype=np.float32), samples.G[name], dtype=np.float64)
+        sequence = samples.sequence_of.get(activation)
+        if sequence is None:  # rows are the tokens of ``offsets``
+            sequence = np.repeat(np.arange(samples.sequences), np.diff(samples.offsets))
+        per_sequence += np.bincount(sequence, weights=per_row, minlength=samples.sequences)[: samples.sequences]
+    return per_sequence
 
 
 def fisher_harm(

@@ -174,6 +174,51 @@ def test_encoder_probe_samples(sample_model) -> None:
     assert (plus - minus) / 2 == pytest.approx(first_order_changes(samples, {target.name: D}).sum(), rel=0.03)
 
 
+def _pooled_encoder() -> onnx.ModelProto:
+    """Embedding → per-token GEMM → tanh → the first token of each sequence → pooler GEMM (one row per sequence)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    weights = {"emb": rng.standard_normal((20, 8)), "W1": rng.standard_normal((8, 8)) / 3,
+               "W2": rng.standard_normal((8, 6)) / 3, "zero": np.array(0)}  # fmt: skip
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="/embed/Gather"),
+        helper.make_node("MatMul", ["h", "W1"], ["t"], name="/layer.0/dense/MatMul"),
+        helper.make_node("Tanh", ["t"], ["a"], name="/layer.0/Tanh"),
+        helper.make_node("Gather", ["a", "zero"], ["cls"], name="/pool/Gather", axis=1),
+        helper.make_node("MatMul", ["cls", "W2"], ["sentence_embedding"], name="/pooler/dense/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes, "pooled", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", 6])],
+        [numpy_helper.from_array(v.astype(np.int64 if k == "zero" else np.float32), k) for k, v in weights.items()],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_layer_reading_one_row_per_sequence_is_scored_per_sequence() -> None:
+    """A pooler (one row per sequence, not one per token) beside a per-token layer: each row counts for its
+    own sequence, and the first-order change matches finite differences for both."""
+    from espace_export.harm import collect_fisher_samples, first_order_changes
+    from graph_passes import find_targets
+
+    model = _pooled_encoder()
+    targets = find_targets(model, include_heads=True)
+    assert len(targets) == 2
+    batch = {"input_ids": np.random.default_rng(0).integers(0, 20, (3, 7)).astype(np.int64)}
+    samples = collect_fisher_samples(model, targets, [batch], loss="probe")
+    assert samples.sequences == 3 and samples.tokens == 21 and samples.per_sequence
+    pooler = next(t for t in targets if t.name.startswith("pooler"))
+    np.testing.assert_array_equal(samples.sequence_of[pooler.activation], [0, 1, 2])
+    for target in targets:
+        W = _weight(model, target)
+        D = np.random.default_rng(2).standard_normal(W.shape) * 0.01 * np.abs(W).mean()
+        plus = _objective(_with_weight(model, target, W + D), batch, 0)
+        minus = _objective(_with_weight(model, target, W - D), batch, 0)
+        changes = first_order_changes(samples, {target.name: D})
+        assert changes.shape == (3,) and (plus - minus) / 2 == pytest.approx(changes.sum(), rel=0.02)
+
+
 def test_cosine_probe_is_the_gauss_newton_of_one_minus_cos() -> None:
     """E_z[⟨r, Δy⟩²] over the probe's draws equals Σ_rows ‖Δy⊥‖²/‖y₀‖², which is 2 Σ_rows (1 − cos(y₀ + Δy, y₀))
     to second order; a change along a row counts for nothing."""
@@ -219,8 +264,11 @@ def test_make_plan_fisher_selection(llama, llama_samples) -> None:
     plan = make_plan(inputs, settings, fisher=llama_samples)
     assert plan.select == "fisher" and "Fisher" in plan.score_kind
     scored = [layer for layer in plan.layers if layer.scores]
-    assert scored and all(min(layer.scores.values()) == layer.harm > 0 for layer in scored)
-    assert all(layer.method == min(layer.scores, key=layer.scores.get) for layer in scored)
+    # each unit's method: the one with the least calibrated output error; its harm: that method's Fisher score
+    proxy = make_plan(inputs, PlanSettings(0.3, ("mse", "go-mse", "svd"), select="proxy"))
+    assert scored and all(layer.method == proxy.layer(layer.name).method for layer in scored)
+    assert all(layer.harm == layer.scores[layer.method] > 0 for layer in scored)
+    assert any(layer.method != min(layer.scores, key=layer.scores.get) for layer in scored) or len(scored) < 4
     ordered = sorted((layer for layer in scored if layer.order is not None), key=lambda layer: layer.order)
     assert [layer.harm for layer in ordered] == sorted(layer.harm for layer in ordered)
     assert plan.factors and set(plan.factors) == {layer.name for layer in plan.layers if layer.selected}

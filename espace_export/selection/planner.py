@@ -156,6 +156,9 @@ class PlanSettings:
       ranked by their best method's loss increase and applied progressively until ``ratio`` of the targeted
       weights is saved (or to the curve's inflection point with ``stop="knee"``), skipping units whose
       alone-increase exceeds ``max_layer_loss`` (relative; the paper uses 0.02);
+    * ``fisher`` — units ranked by the Fisher estimate of the validation loss their best method causes
+      (:func:`espace_export.harm.fisher_harm`, from one gradient pass over the validation batches), each
+      unit's method chosen by its own output error (:func:`_local_errors`): no validation pass;
     * ``proxy`` — the same with the relative output error ``E‖x(W − AB)‖²/E‖xW‖²`` as the score: no extra
       model passes, blind to how the rest of the network amplifies a layer's error.
 
@@ -197,7 +200,7 @@ def make_plan(
 
     ``validator`` scores trials for ``select="validate"``; ``on_step(phase, total)`` is called before each
     scored trial (for progress bars). ``fisher``: samples from :func:`espace_export.harm.collect_fisher_samples`
-    for ``select="fisher"`` (experimental: the Fisher estimate of the loss change as the score).
+    on the validation batches, for ``select="fisher"``.
     """
     check_methods(settings.methods)
     if settings.select not in ("none", "validate", "proxy", "fisher"):
@@ -281,6 +284,8 @@ def _score_units(
         candidates[unit[0]] = {method: results[unit[0], method][0] for method in settings.methods}
         scores = {method: results[unit[0], method][1] for method in settings.methods}
         method = best_method(scores)
+        if settings.select == "fisher" and len(settings.methods) > 1:
+            method = best_method(_local_errors(unit, candidates[unit[0]], factorizer))
         harm = scores[method]
         if settings.select == "validate":
             harm = relative_increase(harm, float(plan.baseline_loss))  # type: ignore[arg-type]
@@ -288,6 +293,22 @@ def _score_units(
             layer = plan.layer(name)
             layer.scores, layer.method, layer.harm = dict(scores), method, harm
     return candidates
+
+
+def _local_errors(
+    unit: list[str], by_method: dict[str, dict[str, Factorization]], factorizer: Factorizer
+) -> dict[str, float]:
+    """Each method's calibrated relative output error on one unit: what ``--select fisher`` chooses a unit's
+    method by. Between factorisations of one layer the layer's own output error decides (it chose the same
+    method as ``validate`` on 100 % of MiniLM's units and 96 % of the tiny LM's, the Fisher estimate 83–92 %:
+    a single-probe estimate is noisier than the differences between methods); across layers the Fisher
+    estimate ranks (Spearman 0.93–0.97 with the validated harm, the output error −0.34–0.62)."""
+    activation = factorizer.targets[unit[0]].activation
+    weights = factorizer.weights(unit)
+    return {
+        method: _unit_output_error(weights, unit, factorizations, factorizer.calibration, activation)
+        for method, factorizations in by_method.items()
+    }
 
 
 def _score(
