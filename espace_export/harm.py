@@ -138,7 +138,7 @@ class FisherSamples:
     """
 
     X: dict[str, np.ndarray]
-    G: dict[str, np.ndarray]
+    G: dict[str, np.ndarray]  # R×T×N: one T×N gradient per probe (R = ``probes``)
     offsets: np.ndarray
     activation_of: dict[str, str]
     loss: str
@@ -184,6 +184,13 @@ def gemm_output(model: onnx.ModelProto, target: GemmTarget) -> str:
 _GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul")
 
 
+def fused_gemms(model: onnx.ModelProto, targets: Sequence[GemmTarget]) -> list[str]:
+    """The targets whose X·W is computed inside another operator (com.microsoft Attention's packed QKV
+    weight): no gradient of it can be taken, so ``--select fisher`` cannot score them."""
+    ops = {node.name: node.op_type for node in model.graph.node}
+    return [t.name for t in targets if ops.get(t.node, "MatMul") not in _GEMM_OPS]
+
+
 def collect_fisher_samples(
     model: onnx.ModelProto,
     targets: Sequence[GemmTarget],
@@ -194,6 +201,7 @@ def collect_fisher_samples(
     seed: int = 0,
     max_tokens: int | None = None,
     on_batch: Callable[[], None] | None = None,
+    probes: int = 1,
 ) -> FisherSamples:
     """One forward + backward pass of the ONNX graph (evaluated with torch ops) over ``batches``: each
     targeted GEMM's input rows and output gradients, per valid token, for :func:`fisher_harm`.
@@ -201,7 +209,9 @@ def collect_fisher_samples(
     The loss (:func:`fisher_loss`): for causal LMs the cross-entropy against labels sampled from the model
     itself (``sampled``, the true Fisher of the KL validation); otherwise a Gaussian output probe shaped so
     that its Gauss–Newton matrix is the Hessian of the 1 − cos validation (``cosine``). ``max_tokens`` stops collecting once that many tokens are held
-    (whole sequences), bounding memory at ``max_tokens × (K + N)`` floats per GEMM.
+    (whole sequences), bounding memory at ``max_tokens × (K + probes·N)`` floats per GEMM. ``probes``:
+    backward passes per batch, each with its own probe (or label draw): the estimate's variance falls as
+    1/(probes × sequences), which matters where the output has one row per sequence and there are few.
     """
     import torch
 
@@ -219,7 +229,7 @@ def collect_fisher_samples(
     outputs = {t.name: gemm_output(model, t) for t in targets}
     forward = _graph_forward(TorchGraph(model), set(activations) | set(outputs.values()))
     X_rows: dict[str, list[np.ndarray]] = {a: [] for a in activations}
-    G_rows: dict[str, list[np.ndarray]] = {t.name: [] for t in targets}
+    G_rows: dict[str, list[list[np.ndarray]]] = {t.name: [[] for _ in range(probes)] for t in targets}
     sequence_of: dict[str, list[np.ndarray]] = {a: [] for a in activations}
     lengths: list[int] = []
     per_sequence = False
@@ -229,14 +239,12 @@ def collect_fisher_samples(
         feed = complete_feed(batch, specs)
         output, tracked = forward(feed)
         per_sequence = output.dim() <= 2
-        objective = fisher_loss(kind, output, feed, seed + index)
         names = [t.name for t in targets if outputs[t.name] in tracked]
         if len(names) < len(targets) or any(a not in tracked for a in activations):
             missing = next(t.name for t in targets if t.name not in names or t.activation not in tracked)
             raise EspaceError(
                 f"the Fisher pass did not reach layer {missing}", "check the model with --select validate"
             )
-        grads = torch.autograd.grad(objective, [tracked[outputs[n]] for n in names], allow_unused=True)
         rows = _RowLayout(feed)
         first = len(lengths)
         lengths += [int(valid.sum()) for valid in rows.of(tracked[targets[0].activation], targets[0].K)]
@@ -244,15 +252,23 @@ def collect_fisher_samples(
             masks = rows.of(tracked[activation], K)
             X_rows[activation] += _split(tracked[activation].detach().numpy(), K, masks)
             sequence_of[activation] += [np.full(int(valid.sum()), first + s) for s, valid in enumerate(masks)]
-        for target, grad in zip(names, grads, strict=True):
-            value, N = tracked[outputs[target]], next(t.N for t in targets if t.name == target)
-            G = np.zeros(value.shape, dtype=np.float32) if grad is None else grad.numpy()
-            G_rows[target] += _split(G, N, rows.of(value, N))
+        for probe in range(probes):
+            objective = fisher_loss(kind, output, feed, seed + index * probes + probe)
+            grads = torch.autograd.grad(
+                objective, [tracked[outputs[n]] for n in names], allow_unused=True, retain_graph=probe < probes - 1
+            )
+            for target, grad in zip(names, grads, strict=True):
+                value, N = tracked[outputs[target]], next(t.N for t in targets if t.name == target)
+                G = np.zeros(value.shape, dtype=np.float32) if grad is None else grad.numpy()
+                G_rows[target][probe] += _split(G, N, rows.of(value, N))
         if on_batch is not None:
             on_batch()
     return FisherSamples(
         X={a: np.concatenate(rows).astype(np.float32) for a, rows in X_rows.items()},
-        G={n: np.concatenate(rows).astype(np.float32) for n, rows in G_rows.items()},
+        G={
+            n: np.stack([np.concatenate(rows).astype(np.float32) for rows in per_probe])
+            for n, per_probe in G_rows.items()
+        },
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         activation_of={t.name: t.activation for t in targets},
         loss=kind,
@@ -286,18 +302,20 @@ def _split(A: np.ndarray, width: int, masks: list[np.ndarray]) -> list[np.ndarra
 
 
 def first_order_changes(samples: FisherSamples, deltas: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Δℓ_s ≈ Σ_j ⟨X_sᵀG_{j,s}, D_j⟩ per calibration sequence, for weight changes ``deltas`` (layer →
-    K×N D_j = A·B − W_j)."""
-    per_sequence = np.zeros(samples.sequences, dtype=np.float64)
+    """Δℓ_s ≈ Σ_j ⟨X_sᵀG_{j,s}, D_j⟩ per sequence and probe (probe-major: R·S values), for weight changes
+    ``deltas`` (layer → K×N D_j = A·B − W_j)."""
+    probes = next(iter(samples.G.values())).shape[0] if samples.G else 1
+    changes = np.zeros((probes, samples.sequences), dtype=np.float64)
     for name, D in deltas.items():
         activation = samples.activation_of[name]
-        X = samples.X[activation]
-        per_row = np.einsum("tn,tn->t", X @ np.asarray(D, dtype=np.float32), samples.G[name], dtype=np.float64)
+        XD = samples.X[activation] @ np.asarray(D, dtype=np.float32)
+        per_row = np.einsum("tn,rtn->rt", XD, samples.G[name], dtype=np.float64)
         sequence = samples.sequence_of.get(activation)
         if sequence is None:  # rows are the tokens of ``offsets``
             sequence = np.repeat(np.arange(samples.sequences), np.diff(samples.offsets))
-        per_sequence += np.bincount(sequence, weights=per_row, minlength=samples.sequences)[: samples.sequences]
-    return per_sequence
+        for probe in range(probes):
+            changes[probe] += np.bincount(sequence, weights=per_row[probe], minlength=samples.sequences)
+    return changes.reshape(-1)
 
 
 def fisher_harm(
@@ -310,7 +328,8 @@ def fisher_harm(
     inside Δℓ_s, so their errors may add or cancel as they do in the network)."""
     deltas = {name: f.weight() - weights[name] for name, f in factorizations.items()}
     changes = first_order_changes(samples, deltas)
-    return 0.5 * float(np.sum(changes**2)) / max(samples.items, 1)
+    probes = next(iter(samples.G.values())).shape[0] if samples.G else 1
+    return 0.5 * float(np.sum(changes**2)) / max(samples.items * probes, 1)
 
 
 __all__ = [
@@ -320,6 +339,7 @@ __all__ = [
     "fisher_harm",
     "cosine_probe_loss",
     "fisher_loss",
+    "fused_gemms",
     "gemm_output",
     "resolve_fisher_loss",
 ]

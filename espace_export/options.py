@@ -237,6 +237,9 @@ class SelectionOptions:
     no_gradients: str | None = option(
         None, "Why the model's gradients cannot be taken (operators the torch interpreter lacks).", cli=False
     )
+    no_fisher: str | None = option(
+        None, "Why the preset's fisher selection cannot score this model (it then validates).", cli=False
+    )
 
     def __post_init__(self) -> None:
         if self.candidate is not None:
@@ -258,7 +261,15 @@ class SelectionOptions:
 
     @property
     def select(self) -> str:
-        return self.select_mode if self.select_mode is not None else PRESETS[self.preset][1]
+        """The selection asked for, or the preset's: ``fisher`` (one gradient pass over the validation
+        batches), or ``validate`` where that pass cannot run (no torch, operators the gradient pass lacks,
+        GEMMs fused into other operators: ``no_gradients``/``no_fisher`` say why)."""
+        if self.select_mode is not None:
+            return self.select_mode
+        chosen = PRESETS[self.preset][1]
+        if chosen == "fisher" and (self.no_gradients or self.no_fisher or not torch_installed()):
+            return "validate"
+        return chosen
 
     @property
     def method_name(self) -> str:
@@ -286,10 +297,18 @@ class SelectionOptions:
                     "select": self.select}  # fmt: skip
         notes = [self.fallback] if self.fallback and not self.fast and self.from_preset else []
         dropped = [m for m in resolve_methods(self.method_name) if m not in self.methods]
+        validates = self.select_mode is None and PRESETS[self.preset][1] == "fisher" and self.select == "validate"
         if dropped and self.no_gradients:
             notes.append(f"{self.no_gradients}, so auto leaves out {', '.join(dropped)}")
         elif dropped:
             notes.append(f"torch is not installed, so auto leaves out {', '.join(dropped)} (the torch extra adds them)")
+        if validates and self.no_fisher:
+            notes.append(f"{self.no_fisher}, so layers are scored by validate, not fisher")
+        elif validates and dropped:  # the same reason: no gradients
+            notes[-1] += " and layers are scored by validate, not fisher"
+        elif validates:
+            reason = self.no_gradients or "torch is not installed"
+            notes.append(f"{reason}, so layers are scored by validate, not fisher")
         if notes:
             settings["note"] = "; ".join(notes)
         return settings
@@ -310,7 +329,7 @@ def torch_installed() -> bool:
 
 
 #: ``(method, select)`` of each preset: what fills --method and --select when they are not given.
-PRESETS = {"recommended": ("auto", "validate"), "fast": ("mse", "none")}
+PRESETS = {"recommended": ("auto", "fisher"), "fast": ("mse", "none")}
 
 
 @dataclass(frozen=True)

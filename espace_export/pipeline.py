@@ -209,18 +209,27 @@ class Run:
         self._batches: Batches | None = None
 
     def _check_gradients(self) -> None:
-        """The preset's ``auto`` on a graph the gradient pass cannot run leaves out the nl-mse candidates (an
-        explicit ``--method`` that needs them is refused later, naming the operators)."""
+        """The preset on a graph the gradient pass cannot run: ``auto`` leaves out the nl-mse candidates and
+        the selection validates instead of ``fisher`` (an explicit ``--method``/``--select`` that needs
+        gradients is refused later, naming the operators); a GEMM fused into another operator (com.microsoft
+        Attention's packed QKV) has no output gradient for ``fisher`` either."""
         selection = self.options.selection
-        if selection.method is not None or selection.method_name != "auto" or selection.no_gradients:
+        preset_method = selection.method is None and selection.method_name == "auto"
+        asks = preset_method or selection.select_mode is None
+        if selection.preset != "recommended" or not asks or selection.no_gradients or selection.no_fisher:
             return
         from espace_export.calibration.onnx_torch import gradient_blockers
+        from espace_export.harm import fused_gemms
 
         blockers = gradient_blockers(self.model)
         if blockers:
-            reason = f"the gradient pass cannot evaluate {', '.join(blockers)}"
-            selection = dataclasses.replace(selection, no_gradients=reason)
-            self.options = dataclasses.replace(self.options, selection=selection)
+            selection = dataclasses.replace(
+                selection, no_gradients=f"the gradient pass cannot evaluate {', '.join(blockers)}"
+            )
+        fused = fused_gemms(self.model, self.targets)
+        if fused:
+            selection = dataclasses.replace(selection, no_fisher=f"{fused[0]} is computed inside another operator")
+        self.options = dataclasses.replace(self.options, selection=selection)
 
     @classmethod
     def of(cls, model: str | os.PathLike[str] | Run, options: CompressOptions | None, settings: dict[str, Any]) -> Run:
@@ -361,7 +370,15 @@ def fisher_samples(run: Run) -> Any:
         )
     from espace_export.harm import collect_fisher_samples
 
-    return collect_fisher_samples(run.model, [r.target for r in run.compressed], run.batches.validation)
+    batches = run.batches.validation
+    sequences = sum(int(np.shape(next(iter(b.values())))[0]) if b else 1 for b in batches)
+    probes = min(16, max(1, -(-FISHER_SAMPLES // max(sequences, 1))))
+    return collect_fisher_samples(run.model, [r.target for r in run.compressed], batches, probes=probes)
+
+
+#: Probe draws × validation sequences ``--select fisher`` aims for: each sequence gives one sample of the
+#: estimate per probe, so few sequences get several probes (up to 16 backward passes per batch).
+FISHER_SAMPLES = 64
 
 
 def check_selection(options: CompressOptions) -> None:

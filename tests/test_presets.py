@@ -1,4 +1,4 @@
-"""Presets: the default run is the recommended path (``auto`` scored by ``validate``), ``--fast`` the cheap one
+"""Presets: the default run is the recommended path (``auto`` scored by ``fisher``), ``--fast`` the cheap one
 (``mse``, no selection); explicit ``--method``/``--select`` override a preset, and runs where the recommended
 path cannot run or means nothing (``--max-memory``, random calibration ids) fall back to the fast one and
 say so. Every report (JSON, Markdown, the terminal summary) names the settings it used."""
@@ -45,11 +45,12 @@ def test_default_run_is_the_recommended_preset(
 ) -> None:
     model, data = model_and_data
     report, markdown, stdout, stderr = compress_cli(model, data, tmp_path / "default.onnx", [], capsys)
-    assert report["settings"] == {"preset": "recommended", "method": "auto", "select": "validate"}
-    assert report["select"] == "validate" and report["selection"]["methods"] == list(AUTO_METHODS)
-    assert report["selection"]["validation"]["passes"] > 0  # scored on validation batches, not by the proxy
-    assert "| settings | recommended (auto, validate) |" in markdown
-    assert "recommended (auto, validate)" in stdout and "note:" not in stderr
+    assert report["settings"] == {"preset": "recommended", "method": "auto", "select": "fisher"}
+    assert report["select"] == "fisher" and report["selection"]["methods"] == list(AUTO_METHODS)
+    # scored from one gradient pass over the validation batches: no validation pass, not the proxy
+    assert report["selection"]["fisher"]["tokens"] > 0 and "validation" not in report["selection"]
+    assert "| settings | recommended (auto, fisher) |" in markdown
+    assert "recommended (auto, fisher)" in stdout and "note:" not in stderr
 
 
 def test_fast_is_the_old_cheap_path(
@@ -82,10 +83,10 @@ def test_explicit_selection_overrides_the_preset(
 @pytest.mark.parametrize(
     ("settings", "method", "select"),
     [
-        ({}, "auto", "validate"),
+        ({}, "auto", "fisher"),
         ({"fast": True}, "mse", "none"),
-        ({"method": "nmse"}, "nmse", "validate"),  # the preset fills only what is not given
-        ({"candidate": "go-mse"}, "go-mse", "validate"),
+        ({"method": "nmse"}, "nmse", "fisher"),  # the preset fills only what is not given
+        ({"candidate": "go-mse"}, "go-mse", "fisher"),
         ({"select": "proxy"}, "auto", "proxy"),
         ({"select": "none"}, "mse", "none"),  # a selection of none takes the single --candidate
         ({"select": "none", "candidate": "nmse"}, "nmse", "none"),
@@ -202,14 +203,18 @@ def test_recommended_without_torch_leaves_out_the_gradient_candidates(
     model, data = model_and_data
     report, _, _, stderr = compress_cli(model, data, tmp_path / "core.onnx", [], capsys)
     forward = [m for m in AUTO_METHODS if not m.startswith("nl-")]
-    assert report["selection"]["methods"] == forward and report["select"] == "validate"
+    assert report["selection"]["methods"] == forward and report["select"] == "validate"  # fisher needs torch
     assert (
         report["settings"]["preset"] == "recommended" and "leaves out nl-mse, nl-mse-l2" in report["settings"]["note"]
     )
+    assert report["settings"]["note"].endswith("and layers are scored by validate, not fisher")
     assert len([line for line in stderr.splitlines() if line.startswith("note:")]) == 1
     # asked for explicitly, auto keeps every candidate (and needs torch, with its one-line error if absent)
     selection = CompressOptions.from_settings(calib_text="builtin:pydoc", method="auto").selection
-    assert selection.methods == list(AUTO_METHODS) and "note" not in selection.summary()
+    assert selection.methods == list(AUTO_METHODS) and "leaves out" not in selection.summary()["note"]
+    assert selection.summary()["note"] == "torch is not installed, so layers are scored by validate, not fisher"
+    explicit = CompressOptions.from_settings(calib_text="builtin:pydoc", method="auto", select="validate").selection
+    assert "note" not in explicit.summary()
 
 
 def test_recommended_on_a_graph_without_gradients_leaves_out_the_gradient_candidates(
@@ -234,6 +239,7 @@ def test_recommended_on_a_graph_without_gradients_leaves_out_the_gradient_candid
     assert report["selection"]["methods"] == [m for m in AUTO_METHODS if not m.startswith("nl-")]
     assert report["settings"]["preset"] == "recommended"
     assert "cannot evaluate Celu, so auto leaves out nl-mse, nl-mse-l2" in report["settings"]["note"]
+    assert report["select"] == "validate" and "scored by validate, not fisher" in report["settings"]["note"]
     assert len([line for line in stderr.splitlines() if line.startswith("note:")]) == 1
     code, _, err = run_cli(
         [str(path), "--calib-data", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "x.onnx"), *SMALL,
