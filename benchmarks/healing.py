@@ -8,7 +8,8 @@ each method, all at the same rank L per layer and therefore the same L(K+N) weig
     oblique        the static oblique pair (A, M) of whitened SVD, W whole and trained
     svd            W replaced by the two factors of its truncated SVD, both trained
     whitened-svd   W replaced by the two factors of SVD-LLM's whitened SVD, both trained
-    dense          the uncompressed model trained as long (the control: how much is just more training)
+    dense          the uncompressed model trained as long (the control: how much is just more training;
+                   once, shown in every ratio's table; leave it out of ``--methods`` to skip it)
 
 Every training run is ``train_lm``'s loop on the language-model loss (next-token cross-entropy on train
 windows; no distillation), with the same steps, batches and schedule (AdamW, linear warm-up to ``--lr``
@@ -348,7 +349,8 @@ def table(summary: Sequence[Mapping[str, object]], ratio: float, methods: Sequen
         "| healed + int8: ppl | KL |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, key_ratio in [*((m, ratio) for m in methods), (DENSE, None)]:
+    order = [*(m for m in methods if m != DENSE), DENSE]  # the dense control last, when it ran
+    for method, key_ratio in [(m, None if m == DENSE else ratio) for m in order]:
         rows = [find.get((key_ratio, method, stage)) for stage in ("out of the box", "healed", "healed + int8")]
         if rows[0] is None:
             continue
@@ -373,9 +375,10 @@ def run_tiny_lm(args: argparse.Namespace) -> tuple[list[dict], int]:
     records: list[dict] = []
     for ratio in args.ratios:
         prepared = prepare(baseline, calibration, ratio, args.candidate, args.rank_rule)
-        for method in args.methods:
+        for method in (m for m in args.methods if m != DENSE):
             records += run_method(context, method, prepared, args.seeds)
-    records += run_method(context, DENSE, None, args.seeds)
+    if DENSE in args.methods:
+        records += run_method(context, DENSE, None, args.seeds)
     return records, inference_weights(baseline, context.targets)
 
 
@@ -383,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny-lm"], choices=["tiny-lm", "minilm"])
     parser.add_argument("--lm", type=Path, default=heal_lm.DEFAULT_LM, help="train_lm.py output directory")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, DENSE], choices=[*METHODS, DENSE])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5], help="fraction of weights removed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training batch orders")
     parser.add_argument("--steps", type=int, default=heal_lm.HealConfig.steps)
