@@ -363,6 +363,22 @@ def table(summary: Sequence[Mapping[str, object]], ratio: float, methods: Sequen
     return "\n".join(lines)
 
 
+def paired(records: Sequence[Mapping[str, object]], stage: str = "healed") -> str:
+    """Per seed (the same batches), each whole-weight method's ppl and KL minus each SVD baseline's."""
+    by = {(r["ratio"], r["method"], r["seed"]): r for r in records if r["stage"] == stage}
+    lines = ["| ratio | difference | ppl, per seed | KL, per seed |", "|---|---|---|---|"]
+    for ratio, method in dict.fromkeys((q, m) for q, m, _ in by if m in ("espace", "oblique")):
+        for baseline in ("svd", "whitened-svd"):
+            seeds = [s for q, m, s in by if (q, m) == (ratio, method) and (ratio, baseline, s) in by]
+            cells = []
+            for key, digits in (("ppl", 2), ("kl", 4)):
+                deltas = [float(by[ratio, method, s][key]) - float(by[ratio, baseline, s][key]) for s in seeds]  # type: ignore[arg-type]
+                cells.append(" ".join(f"{d:+.{digits}f}" for d in deltas))
+            if seeds:
+                lines.append(f"| {ratio:g} | {method} − {baseline} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def run_tiny_lm(args: argparse.Namespace) -> tuple[list[dict], int]:
     """Every method at every ratio, and the dense control, on the tiny LM; returns records, dense weights."""
     baseline, _, streams = heal_lm.load(args.lm)
@@ -416,6 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for ratio in args.ratios:
         print(table(summary, ratio, args.methods, dense_weights) + "\n")
+    differences = paired(records)
+    if differences:
+        print(f"healed, paired by seed, method minus baseline (seeds {' '.join(map(str, args.seeds))}):\n")
+        print(differences + "\n")
     print(f"(total {wall:.0f} s)")
     if args.json:
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "json"}

@@ -87,3 +87,12 @@ def test_healing_trains_w_through_a_static_p_from_the_baseline_state_and_runs_in
     )
     summary = healing.summarize(records)
     assert "≈50%" in healing.table(summary, 0.5, ["svd"], healing.inference_weights(baseline, context.targets))
+
+
+def test_paired_differences_are_taken_seed_by_seed() -> None:
+    def record(method: str, seed: int, ppl: float, kl: float) -> dict:
+        return {"ratio": 0.5, "method": method, "seed": seed, "stage": "healed", "ppl": ppl, "kl": kl}
+
+    records = [record("espace", 0, 100.0, 0.10), record("espace", 1, 102.0, 0.12), record("svd", 1, 101.0, 0.11)]
+    records.append(record("svd", 0, 103.0, 0.10))
+    assert healing.paired(records).splitlines()[2] == "| 0.5 | espace − svd | -3.00 +1.00 | +0.0000 +0.0100 |"
