@@ -28,7 +28,8 @@ exported to ONNX (ESPACE and oblique in their folded inference form), quantized 
     python benchmarks/healing.py --threads 1 --json healing.json          # the defaults below
     python benchmarks/healing.py --methods espace svd --ratios 0.5 --seeds 0 --steps 50
 
-Progress goes to stderr; the tables (one per ratio, healed columns mean ± sd over seeds) to stdout.
+Progress goes to stderr; the tables (one per ratio, healed columns mean ± sd over seeds) and the healed
+differences paired by seed (ESPACE and oblique minus each SVD baseline, the same batches) to stdout.
 MiniLM (``--models minilm``) is not measured by this script yet: see benchmarks/README.md.
 """
 
