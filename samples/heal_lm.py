@@ -8,9 +8,10 @@ Steps, each printed with its validation perplexity:
 1. load ``samples/out/tiny-lm`` (``train_lm.py`` makes it) and its train/validation/test token streams;
 2. calibrate P per layer on windows of the train stream (:func:`espace_export.heal.calibrate`, L from
    ``--ratio``) and attach them (:func:`espace_export.heal.attach_projections`);
-3. heal ``--steps`` steps — with ``train_lm``'s own loop (AdamW, warm-up then cosine decay, fresh
-   optimizer: ``train_lm`` does not keep its optimizer state) or, with ``--trainer``, with
-   transformers' ``Trainer``;
+3. heal ``--steps`` steps — with ``train_lm``'s own loop (AdamW, warm-up then cosine decay, a fresh
+   optimizer here; ``train_lm`` saves its AdamW state in ``optimizer.pt`` and ``benchmarks/healing.py``
+   shows healing from it with ``train_lm.load_optimizer``) or, with ``--trainer``, with transformers'
+   ``Trainer``;
 4. export ``model.espace.onnx`` (the dense TorchScript export of ``train_lm``, rewritten with the same P)
    and check its logits against the healed PyTorch model.
 

@@ -37,6 +37,13 @@ Evaluation
 Output directory (default ``samples/out/tiny-lm/``)::
 
     hf/               save_pretrained model + tokenizer (AutoModelForCausalLM / AutoTokenizer)
+    optimizer.pt      the AdamW state at the end of training (torch.save of a dict): ``optimizer`` (its
+                      ``state_dict()``: first and second moments and step count per parameter),
+                      ``parameter_names`` (the model's parameter names in the optimizer's order: matrices,
+                      then vectors), ``schedule`` (``steps`` done, ``last_lr``, ``peak_lr``,
+                      ``warmup_steps``) and ``config``. :func:`load_optimizer` rebuilds the AdamW of a model
+                      with these parameters (the dense LM or a projected one, as the paper's §2.2 reuses
+                      the baseline's optimizer state for retraining)
     model.onnx        TorchScript export, inputs input_ids/attention_mask int64 [batch, seq] -> logits
     train.txt, validation.txt, test.txt   the split paragraphs, joined by blank lines
     splits.json       the split rule, paragraph indices per split, token counts
@@ -74,6 +81,7 @@ import torch  # noqa: E402
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out" / "tiny-lm"
 SPLITS = ("train", "validation", "test")
 EOS = "<|endoftext|>"
+OPTIMIZER_FILE = "optimizer.pt"
 
 
 @dataclass(frozen=True)
@@ -194,17 +202,37 @@ def unigram_perplexity(train: np.ndarray, evaluated: np.ndarray, vocab: int, seq
     return float(np.exp(-np.log(probs[targets]).mean()))
 
 
-def _train(
-    model: torch.nn.Module, stream: np.ndarray, config: LMConfig, *, minutes: float, steps: int | None, seed: int
-) -> tuple[int, float]:
-    rng = np.random.default_rng(seed)
+def make_optimizer(model: torch.nn.Module, config: LMConfig) -> torch.optim.AdamW:
+    """AdamW over ``model``'s parameters in ``named_parameters`` order: matrices decayed, vectors not."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
         betas=(0.9, 0.95),
     )
+
+
+def optimizer_parameter_names(model: torch.nn.Module) -> list[str]:
+    """The parameter names in the order :func:`make_optimizer` numbers them (its state is keyed 0, 1, …)."""
+    named = list(model.named_parameters())
+    return [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
+
+
+def _train(
+    model: torch.nn.Module,
+    stream: np.ndarray,
+    config: LMConfig,
+    *,
+    minutes: float,
+    steps: int | None,
+    seed: int,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[int, float]:
+    """Train in place with ``optimizer`` (default: a fresh :func:`make_optimizer`; a loaded one keeps its
+    moments, its learning rate is set by this loop's schedule every step); returns (steps, last loss)."""
+    rng = np.random.default_rng(seed)
+    optimizer = optimizer or make_optimizer(model, config)
     budget_s = 0.88 * minutes * 60.0  # leave ~12 % of the budget for evaluation and export
     start = time.perf_counter()
     model.train()
@@ -270,7 +298,10 @@ def train_lm(
     streams = {name: token_stream(splits[name], tokenizer) for name in SPLITS}
     model = build_lm(config, tokenizer, seed)
     n_params = sum(p.numel() for p in model.parameters())
-    done, last_loss = _train(model, streams["train"], config, minutes=minutes, steps=steps, seed=seed)
+    optimizer = make_optimizer(model, config)
+    done, last_loss = _train(
+        model, streams["train"], config, minutes=minutes, steps=steps, seed=seed, optimizer=optimizer
+    )
     train_s = time.perf_counter() - began
 
     vocab = len(tokenizer)  # type: ignore[arg-type]
@@ -292,6 +323,7 @@ def train_lm(
     hf_dir = out / "hf"
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)  # type: ignore[attr-defined]
+    save_optimizer(out / OPTIMIZER_FILE, model, optimizer, config, done)
     for name in SPLITS:
         (out / f"{name}.txt").write_text("\n\n".join(splits[name]) + "\n", encoding="utf-8")
     _write_json(
@@ -309,6 +341,43 @@ def train_lm(
     _write_json(out / "metrics.json", metrics)
     print(json.dumps(metrics, indent=2), file=sys.stderr)
     return out
+
+
+def save_optimizer(
+    path: pathlib.Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: LMConfig, steps: int
+) -> None:
+    """Write the AdamW state and where its schedule ended (see the module docstring), atomically."""
+    last_lr = optimizer.param_groups[0]["lr"]
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "parameter_names": optimizer_parameter_names(model),
+        "schedule": {"steps": steps, "last_lr": last_lr, "peak_lr": config.lr, "warmup_steps": config.warmup_steps},
+        "config": asdict(config),
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_optimizer(out_dir: str | os.PathLike[str], model: torch.nn.Module, config: LMConfig) -> torch.optim.AdamW:
+    """An AdamW for ``model`` with the moments :func:`train_lm` saved, for a model whose parameters have the
+    trained LM's names and shapes (the dense LM, or one projected by ``espace_export.heal``, whose weights
+    stay the same Parameters); raises ``ValueError`` otherwise. Learning rate and weight decay: ``config``'s."""
+    saved = torch.load(pathlib.Path(out_dir) / OPTIMIZER_FILE, weights_only=True)
+    names = optimizer_parameter_names(model)
+    if names != saved["parameter_names"]:
+        raise ValueError("the model's parameters are not the trained LM's: its optimizer state does not apply")
+    optimizer = make_optimizer(model, config)
+    shapes = {i: p.shape for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    for i, moments in saved["optimizer"]["state"].items():
+        if moments["exp_avg"].shape != shapes[i]:
+            raise ValueError(
+                f"{names[i]} has shape {tuple(shapes[i])}, its saved moments {tuple(moments['exp_avg'].shape)}"
+            )
+    optimizer.load_state_dict(saved["optimizer"])
+    for group in optimizer.param_groups:
+        group["weight_decay"] = config.weight_decay if group["weight_decay"] else 0.0
+    return optimizer
 
 
 def export_onnx(model: torch.nn.Module, path: pathlib.Path) -> pathlib.Path:
