@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.accuracy import _batches, _split_files, model_files  # noqa: E402
 from espace_export.calibration.collect import calibrate_model  # noqa: E402
-from espace_export.harm import collect_fisher_samples  # noqa: E402
+from espace_export.harm import FisherSettings, collect_fisher_samples  # noqa: E402
 from espace_export.options import RankOptions  # noqa: E402
 from espace_export.pipeline import decide_layers, share_siblings  # noqa: E402
 from espace_export.selection.planner import PlanInputs, PlanSettings, make_plan, plan_summary  # noqa: E402
@@ -88,7 +88,7 @@ def measure(name: str, path: Path, tokenizer: Path, texts: dict[str, Path], args
         if select.startswith("fisher"):
             loss, batches, where = fishers[int(select.split(":")[1])]
             tick = time.perf_counter()
-            samples = collect_fisher_samples(model, targets, batches, loss=loss)  # type: ignore[arg-type]
+            samples = collect_fisher_samples(model, targets, batches, FisherSettings(loss=loss))  # type: ignore[arg-type]
             collect_s, tokens = time.perf_counter() - tick, samples.tokens
             select = f"fisher ({samples.loss}, {where} batches)"
         passes_before = validator.passes

@@ -191,90 +191,115 @@ def fused_gemms(model: onnx.ModelProto, targets: Sequence[GemmTarget]) -> list[s
     return [t.name for t in targets if ops.get(t.node, "MatMul") not in _GEMM_OPS]
 
 
+@dataclass(frozen=True)
+class FisherSettings:
+    """How :func:`collect_fisher_samples` samples: the loss (:func:`fisher_loss`; ``auto`` mirrors the
+    validation loss), the seed of the probes / label draws (``seed + batch · probes + probe``),
+    ``max_tokens`` (stop once that many tokens are held, whole sequences: memory ``max_tokens × (K + probes·N)``
+    floats per GEMM) and ``probes``, backward passes per batch, each with its own probe or label draw: the
+    estimate's variance falls as 1/(probes × sequences), which matters where there are few sequences."""
+
+    loss: FisherLoss = "auto"
+    seed: int = 0
+    max_tokens: int | None = None
+    probes: int = 1
+
+
 def collect_fisher_samples(
     model: onnx.ModelProto,
     targets: Sequence[GemmTarget],
     batches: Sequence[dict[str, np.ndarray]],
+    settings: FisherSettings = FisherSettings(),
     *,
-    loss: FisherLoss = "auto",
     specs: Sequence[InputSpec] | None = None,
-    seed: int = 0,
-    max_tokens: int | None = None,
     on_batch: Callable[[], None] | None = None,
-    probes: int = 1,
 ) -> FisherSamples:
     """One forward + backward pass of the ONNX graph (evaluated with torch ops) over ``batches``: each
     targeted GEMM's input rows and output gradients, per valid token, for :func:`fisher_harm`.
 
     The loss (:func:`fisher_loss`): for causal LMs the cross-entropy against labels sampled from the model
     itself (``sampled``, the true Fisher of the KL validation); otherwise a Gaussian output probe shaped so
-    that its Gauss–Newton matrix is the Hessian of the 1 − cos validation (``cosine``). ``max_tokens`` stops collecting once that many tokens are held
-    (whole sequences), bounding memory at ``max_tokens × (K + probes·N)`` floats per GEMM. ``probes``:
-    backward passes per batch, each with its own probe (or label draw): the estimate's variance falls as
-    1/(probes × sequences), which matters where the output has one row per sequence and there are few.
+    that its Gauss–Newton matrix is the Hessian of the 1 − cos validation (``cosine``); see
+    :class:`FisherSettings`. GEMMs inside If branches (merged decoders) are sampled on the branch the batches
+    select, inlined, under their own layer names.
     """
-    import torch
-
-    from espace_export.calibration.gradients import _graph_forward
+    from espace_export.calibration.gradients import _graph_forward, _prefill_view
     from espace_export.calibration.onnx_torch import TorchGraph
 
     specs = list(specs) if specs is not None else input_specs(model)
-    kind = resolve_fisher_loss(model, loss)
-    from espace_export.calibration.gradients import _prefill_view
-
-    # GEMMs inside If branches (merged decoders): the branch the batches select, inlined; the targets keep
-    # their names, so the samples score the original layers
+    kind = resolve_fisher_loss(model, settings.loss)
     model, targets, _ = _prefill_view(model, targets, batches, specs)
     activations = distinct_activations(targets)
     outputs = {t.name: gemm_output(model, t) for t in targets}
     forward = _graph_forward(TorchGraph(model), set(activations) | set(outputs.values()))
-    X_rows: dict[str, list[np.ndarray]] = {a: [] for a in activations}
-    G_rows: dict[str, list[list[np.ndarray]]] = {t.name: [[] for _ in range(probes)] for t in targets}
-    sequence_of: dict[str, list[np.ndarray]] = {a: [] for a in activations}
-    lengths: list[int] = []
+    rows = _Rows(activations, targets, settings.probes)
     per_sequence = False
     for index, batch in enumerate(batches):
-        if max_tokens is not None and sum(lengths) >= max_tokens:
+        if settings.max_tokens is not None and sum(rows.lengths) >= settings.max_tokens:
             break
         feed = complete_feed(batch, specs)
         output, tracked = forward(feed)
         per_sequence = output.dim() <= 2
-        names = [t.name for t in targets if outputs[t.name] in tracked]
-        if len(names) < len(targets) or any(a not in tracked for a in activations):
-            missing = next(t.name for t in targets if t.name not in names or t.activation not in tracked)
+        missing = [t.name for t in targets if outputs[t.name] not in tracked or t.activation not in tracked]
+        if missing:
             raise EspaceError(
-                f"the Fisher pass did not reach layer {missing}", "check the model with --select validate"
+                f"the Fisher pass did not reach layer {missing[0]}", "check the model with --select validate"
             )
-        rows = _RowLayout(feed)
-        first = len(lengths)
-        lengths += [int(valid.sum()) for valid in rows.of(tracked[targets[0].activation], targets[0].K)]
-        for activation, (K, _) in activations.items():
-            masks = rows.of(tracked[activation], K)
-            X_rows[activation] += _split(tracked[activation].detach().numpy(), K, masks)
-            sequence_of[activation] += [np.full(int(valid.sum()), first + s) for s, valid in enumerate(masks)]
-        for probe in range(probes):
-            objective = fisher_loss(kind, output, feed, seed + index * probes + probe)
-            grads = torch.autograd.grad(
-                objective, [tracked[outputs[n]] for n in names], allow_unused=True, retain_graph=probe < probes - 1
-            )
-            for target, grad in zip(names, grads, strict=True):
-                value, N = tracked[outputs[target]], next(t.N for t in targets if t.name == target)
-                G = np.zeros(value.shape, dtype=np.float32) if grad is None else grad.numpy()
-                G_rows[target][probe] += _split(G, N, rows.of(value, N))
+        layout = _RowLayout(feed)
+        rows.add_inputs(tracked, layout)
+        for probe in range(settings.probes):
+            objective = fisher_loss(kind, output, feed, settings.seed + index * settings.probes + probe)
+            rows.add_gradients(objective, {t.name: tracked[outputs[t.name]] for t in targets}, layout, probe)
         if on_batch is not None:
             on_batch()
-    return FisherSamples(
-        X={a: np.concatenate(rows).astype(np.float32) for a, rows in X_rows.items()},
-        G={
-            n: np.stack([np.concatenate(rows).astype(np.float32) for rows in per_probe])
-            for n, per_probe in G_rows.items()
-        },
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        activation_of={t.name: t.activation for t in targets},
-        loss=kind,
-        per_sequence=per_sequence,
-        sequence_of={a: np.concatenate(ids).astype(np.int64) for a, ids in sequence_of.items()},
-    )
+    return rows.samples(targets, kind, per_sequence)
+
+
+class _Rows:
+    """The rows :func:`collect_fisher_samples` keeps, batch by batch."""
+
+    def __init__(self, activations: dict[str, tuple[int, int]], targets: Sequence[GemmTarget], probes: int) -> None:
+        self.activations = activations
+        self.width = {t.name: t.N for t in targets}
+        self.first = targets[0]
+        self.probes = probes
+        self.X: dict[str, list[np.ndarray]] = {a: [] for a in activations}
+        self.G: dict[str, list[list[np.ndarray]]] = {t.name: [[] for _ in range(probes)] for t in targets}
+        self.sequence_of: dict[str, list[np.ndarray]] = {a: [] for a in activations}
+        self.lengths: list[int] = []
+
+    def add_inputs(self, tracked: dict[str, Any], layout: _RowLayout) -> None:
+        first = len(self.lengths)
+        self.lengths += [int(valid.sum()) for valid in layout.of(tracked[self.first.activation], self.first.K)]
+        for activation, (K, _) in self.activations.items():
+            masks = layout.of(tracked[activation], K)
+            self.X[activation] += _split(tracked[activation].detach().numpy(), K, masks)
+            self.sequence_of[activation] += [np.full(int(v.sum()), first + s) for s, v in enumerate(masks)]
+
+    def add_gradients(self, objective: Any, values: dict[str, Any], layout: _RowLayout, probe: int) -> None:
+        import torch
+
+        names = list(values)
+        grads = torch.autograd.grad(
+            objective, [values[n] for n in names], allow_unused=True, retain_graph=probe < self.probes - 1
+        )
+        for name, grad in zip(names, grads, strict=True):
+            G = np.zeros(values[name].shape, dtype=np.float32) if grad is None else grad.numpy()
+            self.G[name][probe] += _split(G, self.width[name], layout.of(values[name], self.width[name]))
+
+    def samples(self, targets: Sequence[GemmTarget], kind: str, per_sequence: bool) -> FisherSamples:
+        return FisherSamples(
+            X={a: np.concatenate(rows).astype(np.float32) for a, rows in self.X.items()},
+            G={
+                n: np.stack([np.concatenate(r).astype(np.float32) for r in per_probe])
+                for n, per_probe in self.G.items()
+            },
+            offsets=np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64),
+            activation_of={t.name: t.activation for t in targets},
+            loss=kind,
+            per_sequence=per_sequence,
+            sequence_of={a: np.concatenate(ids).astype(np.int64) for a, ids in self.sequence_of.items()},
+        )
 
 
 class _RowLayout:
@@ -334,6 +359,7 @@ def fisher_harm(
 
 __all__ = [
     "FisherSamples",
+    "FisherSettings",
     "collect_fisher_samples",
     "first_order_changes",
     "fisher_harm",

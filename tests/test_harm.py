@@ -24,10 +24,10 @@ def llama(sample_model):
 
 @pytest.fixture(scope="module")
 def llama_samples(llama):
-    from espace_export.harm import collect_fisher_samples
+    from espace_export.harm import FisherSettings, collect_fisher_samples
 
     model, targets, batches = llama
-    return collect_fisher_samples(model, targets, batches, loss="next-token")
+    return collect_fisher_samples(model, targets, batches, FisherSettings(loss="next-token"))
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_siblings_add_inside_the_square(llama, llama_samples) -> None:
 
 
 def test_encoder_probe_samples(sample_model) -> None:
-    from espace_export.harm import collect_fisher_samples, first_order_changes
+    from espace_export.harm import FisherSettings, collect_fisher_samples, first_order_changes
     from espace_export.io.data import input_specs, random_token_batches
     from graph_passes import find_targets
 
@@ -163,8 +163,10 @@ def test_encoder_probe_samples(sample_model) -> None:
     targets = [t for t in find_targets(model) if t.role == "block"]
     with pytest.warns(UserWarning):
         batches = random_token_batches(input_specs(model), 256, batch_size=2, seq_len=12, num_batches=1, seed=0)
-    assert collect_fisher_samples(model, targets[:1], batches, max_tokens=1).loss == "cosine"  # the default
-    samples = collect_fisher_samples(model, targets, batches, loss="probe", max_tokens=1)
+    assert (
+        collect_fisher_samples(model, targets[:1], batches, FisherSettings(max_tokens=1)).loss == "cosine"
+    )  # the default
+    samples = collect_fisher_samples(model, targets, batches, FisherSettings(loss="probe", max_tokens=1))
     assert samples.loss == "probe" and samples.sequences == 2 and samples.tokens == 24
     target = targets[1]
     W = _weight(model, target)
@@ -199,14 +201,14 @@ def _pooled_encoder() -> onnx.ModelProto:
 def test_a_layer_reading_one_row_per_sequence_is_scored_per_sequence() -> None:
     """A pooler (one row per sequence, not one per token) beside a per-token layer: each row counts for its
     own sequence, and the first-order change matches finite differences for both."""
-    from espace_export.harm import collect_fisher_samples, first_order_changes
+    from espace_export.harm import FisherSettings, collect_fisher_samples, first_order_changes
     from graph_passes import find_targets
 
     model = _pooled_encoder()
     targets = find_targets(model, include_heads=True)
     assert len(targets) == 2
     batch = {"input_ids": np.random.default_rng(0).integers(0, 20, (3, 7)).astype(np.int64)}
-    samples = collect_fisher_samples(model, targets, [batch], loss="probe")
+    samples = collect_fisher_samples(model, targets, [batch], FisherSettings(loss="probe"))
     assert samples.sequences == 3 and samples.tokens == 21 and samples.per_sequence
     pooler = next(t for t in targets if t.name.startswith("pooler"))
     np.testing.assert_array_equal(samples.sequence_of[pooler.activation], [0, 1, 2])

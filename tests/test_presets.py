@@ -168,7 +168,7 @@ def test_select_fisher_scores_on_the_held_out_validation_batches(
     read: list[list[dict[str, np.ndarray]]] = []
     collect = espace_export.harm.collect_fisher_samples
     monkeypatch.setattr(
-        espace_export.harm, "collect_fisher_samples", lambda m, t, batches, **k: read.append(batches) or collect(m, t, batches, **k)
+        espace_export.harm, "collect_fisher_samples", lambda m, t, batches, *a, **k: read.append(batches) or collect(m, t, batches, *a, **k)
     )  # fmt: skip
     model, data = model_and_data
     extra = ["--method", "best", "--select", "fisher", "--ratio", "0.3", "--plan", str(tmp_path / "p.json")]
