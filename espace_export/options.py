@@ -77,9 +77,11 @@ class DataOptions:
     )
     seed: int = option(0, "Seed for random calibration ids.", panel=_CALIBRATION)
     valid_text: str | None = option(
-        None, "Validation text for --select validate (default: part of the calibration batches).", panel=_SELECTION
+        None,
+        "Validation text for --select fisher or validate (default: part of the calibration batches).",
+        panel=_SELECTION,
     )
-    valid_data: Path | None = option(None, "Validation .npz for --select validate.", panel=_SELECTION)
+    valid_data: Path | None = option(None, "Validation .npz for --select fisher or validate.", panel=_SELECTION)
     valid_batches: int | None = option(
         None, "Validation batches read from --valid-text/--valid-data [default: --num-batches].", panel=_SELECTION
     )
@@ -191,10 +193,11 @@ class SelectionOptions:
     )
     select_mode: str | None = option(
         None,
-        "none: every layer at --ratio; validate: score each layer x method on validation batches, then apply "
-        "progressively to --ratio; fisher: same, scored by a Fisher estimate of the validation loss from one "
-        "forward + backward pass over the validation batches (needs torch; for models too large for validate); "
-        "proxy: same, scored by the calibrated output error (no extra passes) [default: validate; with --fast: none].",
+        "none: every layer at --ratio; fisher: each layer's method by its output error, layers ranked by a Fisher "
+        "estimate of the validation loss from one forward + backward pass over the validation batches (needs torch), "
+        "applied progressively to --ratio; validate: the exact mode, each layer x method scored on validation "
+        "batches (hundreds of passes); proxy: ranked by the calibrated output error (no extra passes) "
+        "[default: fisher (validate where gradients cannot be taken); with --fast: none].",
         "--select",
         panel=_SELECTION,
         choices=SELECT_MODES,
