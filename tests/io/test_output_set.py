@@ -254,8 +254,16 @@ def _writer(out: Path, tag: str, *wait_for: Path, **env: str) -> subprocess.Pope
         [sys.executable, "-c", WRITER, str(out), tag, *map(str, wait_for)],
         env=environment,
         stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, set()),
+        preexec_fn=_default_signals,
     )
+
+
+def _default_signals() -> None:
+    """The writer starts as from a terminal: no signal blocked, and SIGINT not ignored (a shell's background
+    job — ``nohup … &`` — ignores SIGINT, a disposition its children inherit, and Python then installs no
+    KeyboardInterrupt handler)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(out: Path, marker: str, process: subprocess.Popen[bytes]) -> None:
@@ -379,8 +387,16 @@ def _compress(model: Path, out: Path, ratio: str, **env: str) -> subprocess.Pope
         [sys.executable, "-m", "espace_export", *arguments, "--min-rank", "4", "-q"],
         env={**os.environ, "PYTHONPATH": str(REPO), **env},
         stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, set()),
+        preexec_fn=_default_signals,
     )
+
+
+def _default_signals() -> None:
+    """The writer starts as from a terminal: no signal blocked, and SIGINT not ignored (a shell's background
+    job — ``nohup … &`` — ignores SIGINT, a disposition its children inherit, and Python then installs no
+    KeyboardInterrupt handler)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.slow
