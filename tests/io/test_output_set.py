@@ -391,14 +391,6 @@ def _compress(model: Path, out: Path, ratio: str, **env: str) -> subprocess.Pope
     )
 
 
-def _default_signals() -> None:
-    """The writer starts as from a terminal: no signal blocked, and SIGINT not ignored (a shell's background
-    job — ``nohup … &`` — ignores SIGINT, a disposition its children inherit, and Python then installs no
-    KeyboardInterrupt handler)."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.slow
 def test_compressed_model_and_report_flip_as_one_set(sample_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Before every commit's renames (where a kill leaves the files as they are) the model and the report
