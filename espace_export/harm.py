@@ -143,8 +143,8 @@ class FisherSamples:
     activation_of: dict[str, str]
     loss: str
     per_sequence: bool = False  # the output has one row per sequence (a pooled embedding), not one per token
-    # the sequence each row of X[activation] (and of G of the GEMMs reading it) belongs to, where its rows
-    # are not the tokens of ``offsets`` (a pooler reading one row per sequence)
+    # the sequence each row of X[activation] (and of G of the GEMMs reading it) belongs to: its rows need not
+    # be the tokens of ``offsets`` (a pooler reads one row per sequence)
     sequence_of: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -159,6 +159,11 @@ class FisherSamples:
     @property
     def sequences(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def probes(self) -> int:
+        """Gradients kept per row: one per probe (or label draw)."""
+        return next(iter(self.G.values())).shape[0] if self.G else 1
 
 
 def gemm_output(model: onnx.ModelProto, target: GemmTarget) -> str:
@@ -302,6 +307,12 @@ class _Rows:
         )
 
 
+def sequence_count(batches: Sequence[dict[str, np.ndarray]]) -> int:
+    """How many sequences ``batches`` hold, by the rule :func:`collect_fisher_samples` splits rows with
+    (the attention mask's rows, else the input ids', else one per batch)."""
+    return sum(_RowLayout(batch).batch for batch in batches)
+
+
 class _RowLayout:
     """Which rows of a batch's tensor each sequence owns (padding left out), whatever the tensor's layout."""
 
@@ -329,16 +340,13 @@ def _split(A: np.ndarray, width: int, masks: list[np.ndarray]) -> list[np.ndarra
 def first_order_changes(samples: FisherSamples, deltas: Mapping[str, np.ndarray]) -> np.ndarray:
     """Δℓ_s ≈ Σ_j ⟨X_sᵀG_{j,s}, D_j⟩ per sequence and probe (probe-major: R·S values), for weight changes
     ``deltas`` (layer → K×N D_j = A·B − W_j)."""
-    probes = next(iter(samples.G.values())).shape[0] if samples.G else 1
-    changes = np.zeros((probes, samples.sequences), dtype=np.float64)
+    changes = np.zeros((samples.probes, samples.sequences), dtype=np.float64)
     for name, D in deltas.items():
         activation = samples.activation_of[name]
         XD = samples.X[activation] @ np.asarray(D, dtype=np.float32)
         per_row = np.einsum("tn,rtn->rt", XD, samples.G[name], dtype=np.float64)
-        sequence = samples.sequence_of.get(activation)
-        if sequence is None:  # rows are the tokens of ``offsets``
-            sequence = np.repeat(np.arange(samples.sequences), np.diff(samples.offsets))
-        for probe in range(probes):
+        sequence = samples.sequence_of[activation]
+        for probe in range(samples.probes):
             changes[probe] += np.bincount(sequence, weights=per_row[probe], minlength=samples.sequences)
     return changes.reshape(-1)
 
@@ -353,8 +361,7 @@ def fisher_harm(
     inside Δℓ_s, so their errors may add or cancel as they do in the network)."""
     deltas = {name: f.weight() - weights[name] for name, f in factorizations.items()}
     changes = first_order_changes(samples, deltas)
-    probes = next(iter(samples.G.values())).shape[0] if samples.G else 1
-    return 0.5 * float(np.sum(changes**2)) / max(samples.items * probes, 1)
+    return 0.5 * float(np.sum(changes**2)) / max(samples.items * samples.probes, 1)
 
 
 __all__ = [
@@ -368,4 +375,5 @@ __all__ = [
     "fused_gemms",
     "gemm_output",
     "resolve_fisher_loss",
+    "sequence_count",
 ]

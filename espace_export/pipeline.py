@@ -368,11 +368,10 @@ def fisher_samples(run: Run) -> Any:
             f"--select fisher needs the model's gradients, but the gradient pass cannot evaluate {', '.join(blockers)}",
             "use --select validate or proxy",
         )
-    from espace_export.harm import FisherSettings, collect_fisher_samples
+    from espace_export.harm import FisherSettings, collect_fisher_samples, sequence_count
 
     batches = run.batches.validation
-    sequences = sum(int(np.shape(next(iter(b.values())))[0]) if b else 1 for b in batches)
-    probes = min(16, max(1, -(-FISHER_SAMPLES // max(sequences, 1))))
+    probes = min(16, max(1, -(-FISHER_SAMPLES // max(sequence_count(batches), 1))))
     return collect_fisher_samples(run.model, [r.target for r in run.compressed], batches, FisherSettings(probes=probes))
 
 

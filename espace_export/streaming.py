@@ -25,7 +25,7 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,7 +235,7 @@ def compress_streaming(
     source_dir = external_data_dir(model)
     timings = {"load": time.perf_counter() - started, "decompose": 0.0, "rewrite": 0.0}
 
-    with atomic_output(output_path) if rank == 0 else _nowhere() as tmp_output:
+    with atomic_output(output_path) if rank == 0 else contextlib.nullcontext() as tmp_output:  # others write nothing
         writer = _DataWriter(tmp_output.with_name(output_path.name + ".data")) if tmp_output else None
         consumer = _GroupConsumer(model, compressed, settings, writer, timings)
         tick = time.perf_counter()
@@ -265,12 +265,6 @@ def compress_streaming(
         + sum(d.target.params * np.dtype(d.target.dtype).itemsize for d in compressed)
         + (writer.bytes_copied if writer is not None else 0),
     )
-
-
-@contextlib.contextmanager
-def _nowhere() -> Iterator[None]:
-    """What a rank other than 0 writes to: nothing."""
-    yield None
 
 
 def _budget(settings: StreamingSettings) -> int:
