@@ -59,12 +59,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from espace_export import heal  # noqa: E402
 from espace_export.quantize import quantize_model  # noqa: E402
-from espace_export.selection.factorizations import (  # noqa: E402
-    Factorization,
-    oblique_projection,
-    truncated_svd,
-    whitened_svd,
-)
+from espace_export.selection.factorizations import Factorization, factorize  # noqa: E402
 from samples import heal_lm, train_lm  # noqa: E402
 
 METHODS = ("espace", "oblique", "svd", "whitened-svd")
@@ -130,21 +125,17 @@ def build(baseline: nn.Module, method: str, prepared: Prepared) -> nn.Module:
     if method == "espace":
         heal.attach_projections(model, prepared.projections)
         return model
-    factors = {}
-    for name, L in prepared.ranks.items():
-        W = heal.weight_kn(model.get_submodule(name))
-        C_X = prepared.covariances[name]
-        if method == "oblique":
-            f = oblique_projection(W, C_X, L)
-            factors[name] = (f.A.astype(np.float32), f.M.astype(np.float32))  # type: ignore[union-attr]
-        elif method == "svd":
-            factors[name] = truncated_svd(W, L)
-        elif method == "whitened-svd":
-            factors[name] = whitened_svd(W, C_X, L)
-        else:
-            raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
-    if method == "oblique":
-        heal.attach_projections(model, factors)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    factors = {
+        name: factorize(method, heal.weight_kn(model.get_submodule(name)), L, C_X=prepared.covariances[name])
+        for name, L in prepared.ranks.items()
+    }
+    if method == "oblique":  # A and M static, W whole
+        heal.attach_projections(
+            model,
+            {name: (f.A.astype(np.float32), f.M.astype(np.float32)) for name, f in factors.items()},  # type: ignore[union-attr]
+        )
         return model
     for name, f in factors.items():
         parent_name, _, child = name.rpartition(".")
