@@ -416,47 +416,61 @@ def with_depth_outputs(path: Path, layers: int, noise_input: bool) -> tuple[Path
 def stage_check(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     """Runs the output in ONNX Runtime against the original on one sequence, and follows the error through the
     residual stream block by block; as a control, the original itself fed embeddings perturbed by Gaussian
-    noise of relative size ``--check-noise``: how much this random model amplifies any small perturbation."""
+    noise of relative size ``--check-noise``: how much this random model amplifies any small perturbation.
+
+    Memory: the original runs first and only its outputs are kept, in their own dtype; the control and then the
+    compressed model (after the original's session is gone) are compared as they come, one tensor at a time
+    in float64 — at 32 layers the old way (every run's outputs as float64, both sessions' peaks) was OOM-killed."""
     batch = token_batches(args.seq, args.seq, args.vocab, seed=1)[0]
-    depth: dict[str, list[np.ndarray]] = {}
-    for key, path, noisy in (("compressed", model.with_name("compressed.onnx"), False), ("original", model, True)):
-        copy, names = with_depth_outputs(path, args.layers, noise_input=noisy)
-        session = plain_session(args, copy)
-        feeds: list[tuple[str, dict[str, np.ndarray]]] = [(key, dict(batch))]
-        if noisy:
-            dtype = np.dtype(args.dtype)
-            feeds[0][1]["embed_noise"] = np.zeros((1, args.seq, args.hidden), dtype)
-            element_rms = 1.0 / math.sqrt(args.hidden)  # build_model gives the embedding rows unit mean norm²
-            noise = (
-                np.random.default_rng(2).standard_normal((1, args.seq, args.hidden)) * args.check_noise * element_rms
-            )
-            feeds.append(("noised", {**batch, "embed_noise": noise.astype(dtype)}))
-        for name, feed in feeds:
-            values = session.run(["logits", *names], feed)
-            depth[name] = [v.astype(np.float64).reshape(-1, v.shape[-1]) for v in values]
-            print(f"  {path.name} ({name}) ran in ONNX Runtime: logits finite {bool(np.isfinite(values[0]).all())}, "
-                  f"peak RSS {gib(proc_field('/proc/self/status', 'VmHWM') * 1024)}", file=sys.stderr, flush=True)  # fmt: skip
-        del session
-        copy.unlink()
+    dtype = np.dtype(args.dtype)
+    element_rms = 1.0 / math.sqrt(args.hidden)  # build_model gives the embedding rows unit mean norm²
+    noise = np.random.default_rng(2).standard_normal((1, args.seq, args.hidden)) * args.check_noise * element_rms
+    reference: list[np.ndarray] = []
+    compared: dict[str, dict[str, Any]] = {}
 
-    def rel(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    def rows(value: np.ndarray) -> np.ndarray:
+        return value.astype(np.float64).reshape(-1, value.shape[-1])
 
-    ref, new, noised = depth["original"], depth["compressed"], depth["noised"]
-    cos = np.sum(ref[0] * new[0], axis=1) / (np.linalg.norm(ref[0], axis=1) * np.linalg.norm(new[0], axis=1))
-    noised_cos = np.sum(ref[0] * noised[0], axis=1) / (
-        np.linalg.norm(ref[0], axis=1) * np.linalg.norm(noised[0], axis=1)
-    )
+    def compare(values: list[np.ndarray]) -> dict[str, Any]:
+        ref, new = rows(reference[0]), rows(values[0])
+        cos = np.sum(ref * new, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1))
+        depth = [rel(rows(v), rows(r)) for v, r in zip(values[1:], reference[1:], strict=True)]
+        return {"finite": bool(np.isfinite(values[0]).all()), "relative_l2": rel(new, ref),
+                "cosine_mean": float(cos.mean()), "depth": depth}  # fmt: skip
+
+    runs = (("original", model, {**batch, "embed_noise": np.zeros_like(noise, dtype)}),
+            ("noised", model, {**batch, "embed_noise": noise.astype(dtype)}),
+            ("compressed", model.with_name("compressed.onnx"), dict(batch)))  # fmt: skip
+    session: Any = None
+    for key, path, feed in runs:
+        if session is None or session[0] != path:
+            session = None  # the original's session is released before the compressed one loads
+            copy, names = with_depth_outputs(path, args.layers, noise_input="embed_noise" in feed)
+            session = (path, plain_session(args, copy), names)
+            copy.unlink()
+        values = session[1].run(["logits", *session[2]], feed)
+        print(f"  {path.name} ({key}) ran in ONNX Runtime: logits finite {bool(np.isfinite(values[0]).all())}, "
+              f"peak RSS {gib(proc_field('/proc/self/status', 'VmHWM') * 1024)}", file=sys.stderr, flush=True)  # fmt: skip
+        if key == "original":
+            reference = values
+        else:
+            compared[key] = compare(values)
+        del values
+    new, noised = compared["compressed"], compared["noised"]
     return {
-        "finite": bool(np.isfinite(new[0]).all()),
-        "relative_l2": rel(new[0], ref[0]),
-        "cosine_mean": float(cos.mean()),
-        "residual_relative_l2": [rel(n, r) for n, r in zip(new[1:], ref[1:], strict=True)],
+        "finite": new["finite"],
+        "relative_l2": new["relative_l2"],
+        "cosine_mean": new["cosine_mean"],
+        "residual_relative_l2": new["depth"],
         "control_noise": args.check_noise,
-        "control_relative_l2": [rel(n, r) for n, r in zip(noised[1:], ref[1:], strict=True)],
-        "control_logits_relative_l2": rel(noised[0], ref[0]),
-        "control_cosine_mean": float(noised_cos.mean()),
+        "control_relative_l2": noised["depth"],
+        "control_logits_relative_l2": noised["relative_l2"],
+        "control_cosine_mean": noised["cosine_mean"],
     }
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 STAGES = {"build": stage_build, "forward": stage_forward, "compress": stage_compress, "check": stage_check}
