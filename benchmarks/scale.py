@@ -351,11 +351,11 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
 
     output = model.with_name("compressed.onnx")
     settings = StreamingSettings(
-        method=args.method, budget_bytes=parse_memory(args.max_memory), decompose=decompose, on_group=on_group
-    )
-    result = compress_streaming(
-        model, output, token_batches(args.tokens, args.seq, args.vocab), RankOptions(ratio=args.ratio), settings
-    )
+        method=args.method, budget_bytes=parse_memory(args.max_memory), decompose=decompose, on_group=on_group,
+        select=args.select,
+    )  # fmt: skip
+    ranks = RankOptions(ratio=args.ratio, layer_ratio=args.layer_ratio)
+    result = compress_streaming(model, output, token_batches(args.tokens, args.seq, args.vocab), ranks, settings)
     per_group[-1]["consume_peak"] = peak_since_reset()  # the last group's, and the copy of the other weights
     info = result.calibration
     widest = max(layer["K"] for layer in result.layers)
@@ -374,6 +374,13 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
         "total_params": [result.total_params_before, result.total_params_after],
         "output_bytes": sum(p.stat().st_size for p in output.parent.glob("compressed.onnx*")),
         "solver_check": checked,
+        "selection": None
+        if result.selection is None
+        else {
+            "units": len(result.selection["harm"]),
+            "chosen": sum(1 for layer in result.layers if layer["L"] is not None),
+            "harm_range": [min(result.selection["harm"].values()), max(result.selection["harm"].values())],
+        },
         "weight_bytes_read": result.weight_bytes_read,
         "stage_weight_bytes": info.stage_weight_bytes,
         "mse_relative": [layer["mse_relative"] for layer in result.layers if layer["mse_relative"] is not None],
@@ -504,6 +511,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--method", default="mse", choices=["mse", "nmse"])
+    parser.add_argument(
+        "--select", default="none", choices=["none", "proxy"],
+        help="proxy: units at --layer-ratio scored by their calibrated output error, applied until --ratio",
+    )  # fmt: skip
+    parser.add_argument("--layer-ratio", type=float, help="with --select proxy [default: max(ratio, 0.5)]")
     parser.add_argument("--max-memory", default="50%", help="budget of compress_streaming: 12G, 800M, 50%% of RAM")
     parser.add_argument(
         "--solver",
@@ -598,6 +610,10 @@ def main() -> None:
           f"{c['targeted_compression']:.3f}; output {gib(c['output_bytes'])}")  # fmt: skip
     print(f"weights read by compress: {gib(c['weight_bytes_read'])} (staged sessions {gib(sum(c['stage_weight_bytes']))}, "
           f"largest stage {gib(max(c['stage_weight_bytes']))}); ONNX Runtime maps external data, so rchar misses it")  # fmt: skip
+    if c.get("selection"):
+        sel = c["selection"]
+        print(f"selection (proxy): {sel['chosen']} layers compressed of {sel['units']} units scored; output error "
+              f"{sel['harm_range'][0]:.2e} … {sel['harm_range'][1]:.2e}")  # fmt: skip
     mse = c["mse_relative"]
     print(f"dropped activation energy E‖x − PPᵀx‖²/E‖x‖² per layer: mean {np.mean(mse):.3f}, max {np.max(mse):.3f}")
     if c["solver_check"]:

@@ -88,8 +88,8 @@ class DataOptions:
     max_memory: str | None = option(
         None,
         "Memory budget (12G, 800M, 50%): the model is calibrated and compressed group by group, each on a slice "
-        "of the graph, and never held whole; takes the fast settings (explicitly: --select none, --method mse or "
-        "nmse) [default: off].",
+        "of the graph, and never held whole; takes the fast settings (explicitly: --select none or proxy, --method "
+        "mse or nmse) [default: off].",
         panel=_CALIBRATION,
     )
     validation: float = option(

@@ -618,16 +618,22 @@ def compress(
 
 def compress_bounded(run: Run, output: Path, report_path: Path) -> CompressionResult:
     """``compress`` under ``--max-memory``: statistics, decompositions and the rewrite group by group
-    (:func:`espace_export.streaming.compress_streaming`), for ``--select none`` with a weight-free method."""
-    from espace_export.streaming import STREAMING_METHODS
+    (:func:`espace_export.streaming.compress_streaming`), for ``--select none`` or ``proxy`` with a
+    weight-free method."""
+    from espace_export.streaming import STREAMING_METHODS, STREAMING_SELECTIONS
 
     options = run.options
     method = options.selection.method_name
     side = options.output
-    if options.selection.select != "none" or method not in STREAMING_METHODS or side.statistics or side.plan:
+    if (
+        options.selection.select not in STREAMING_SELECTIONS
+        or method not in STREAMING_METHODS
+        or side.statistics
+        or side.plan
+    ):
         raise EspaceError(
-            "--max-memory compresses group by group, which takes --select none, --method mse or nmse and no "
-            "--statistics/--plan side outputs",
+            "--max-memory compresses group by group, which takes --select none or proxy, --method mse or nmse "
+            "and no --statistics/--plan side outputs",
             "drop --max-memory, or use those settings",
         )
     rank, _ = distributed.init()
@@ -649,13 +655,14 @@ def _compress_bounded_staged(run: Run, output: Path, tmp_output: Path) -> dict[s
     ranks = options.ranks
     settings = StreamingSettings(
         method=method, budget_bytes=parse_memory(options.data.max_memory),  # type: ignore[arg-type]
-        precision=cast(StatsPrecision, options.data.stats_precision),
+        precision=cast(StatsPrecision, options.data.stats_precision), select=options.selection.select,
+        stop=options.selection.stop,
     )  # fmt: skip
     result = compress_streaming(run.model_path, tmp_output, run.batches.calibration, ranks, settings)
     report: dict[str, Any] = {
         "tool": "espace-export", "version": __version__, "model": str(run.model_path), "output": str(output),
         "ratio_requested": ranks.ratio if ranks.rank is None else None, "rank_forced": ranks.rank,
-        "candidate": method, "method": method, "select": "none", "settings": options.selection.summary(),
+        "candidate": method, "method": method, "select": settings.select, "settings": options.selection.summary(),
         "siblings": ranks.siblings,
         "rank_rule": str(ranks.rank_rule), "min_rank": ranks.min_rank,
         "targeted_params_before": result.targeted_params_before, "targeted_params_after": result.targeted_params_after,
@@ -671,4 +678,6 @@ def _compress_bounded_staged(run: Run, output: Path, tmp_output: Path) -> dict[s
         "fidelity": {"outputs": {}, "measured_on": "not measured under --max-memory (two sessions of the model)"},
         "warnings": [],
     }  # fmt: skip
+    if result.selection is not None:
+        report["selection"] = result.selection
     return report

@@ -14,6 +14,13 @@ so the process holds at most one group's statistics, one staged session's weight
 between stages and one layer's factors — never the model's weights nor all the statistics. The output is
 the same model :func:`espace_export.compress` writes for these settings (same ranks, same projections).
 
+With ``select="proxy"`` every unit (a layer, or siblings sharing one projection) is decomposed at the per-layer
+ratio as above, but its P and PᵀW go to a scratch folder beside the output with its calibrated relative output
+error E‖x(W − PPᵀW)‖²/E‖xW‖² (the in-memory ``--select proxy`` score, from the group's statistics before they
+are dropped); once every group is done the units are applied from the least to the most harmful until the
+ratio (:func:`espace_export.selection.ranks.progressive_selection`), read back from the scratch folder one
+activation at a time, and the rest stay dense.
+
 Under ``torchrun`` each rank runs the stages on its share of the batches, each group's sums are all-reduced,
 the group's decompositions are spread over the ranks by cost (K³) and gathered on every rank, and rank 0
 alone rewrites and writes (:mod:`espace_export.calibration.distributed`).
@@ -24,8 +31,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +57,15 @@ from espace_export.pipeline import LayerRecord, decide_layers, share_siblings
 from espace_export.projection.rewrite import projected_params
 from espace_export.runtime import ort_session
 from espace_export.selection.candidates import eigen_decomposition, projection_mse
+from espace_export.selection.factorizations import projected_output_error
+from espace_export.selection.planner import unit_saving
+from espace_export.selection.ranks import inflection_point, progressive_selection, rank_layers
 from graph_passes import Projection, find_targets, project
-from graph_passes.find import external_data_dir, parameter_count
+from graph_passes.find import external_data_dir, parameter_count, weight_matrix
+from graph_passes.project import fold_weight
 
 STREAMING_METHODS = ("mse", "nmse")  # weight-free candidates: one group's statistics decide its layers
+STREAMING_SELECTIONS = ("none", "proxy")  # scores one group's statistics can give
 DEFAULT_MEMORY_FRACTION = 0.5
 # Bytes of runtime memory per byte of a staged session's weights: the weights as read (external data is
 # read into the runtime's buffers) and MLAS's prepacked copy of every constant GEMM weight (measured by
@@ -99,6 +112,7 @@ class StreamingResult:
     total_params_before: int = 0
     total_params_after: int = 0
     weight_bytes_read: int = 0  # staged sessions' weights + each targeted weight once (folding) + weights copied
+    selection: dict[str, Any] | None = None  # select="proxy": score, order, harm per unit, curve, knee
 
 
 class _DataWriter:
@@ -196,10 +210,14 @@ class StreamingSettings:
     ``precision`` of the statistics' products. ``decompose(C, L)`` returns the leading ``(values, vectors)``
     of C (default :func:`espace_export.selection.candidates.eigen_decomposition`, with the eigen solver in
     force). ``session_factory`` makes the staged sessions (default :func:`staged_session`);
-    ``on_group(index, count)`` is called as each group starts.
+    ``on_group(index, count)`` is called as each group starts. ``select``: ``none`` (every layer at the
+    ratio) or ``proxy`` (units at the per-layer ratio, the least harmful by calibrated output error applied
+    until the ratio; ``stop="knee"``: until the curve's knee instead).
     """
 
     method: str = "mse"
+    select: str = "none"
+    stop: str = "ratio"
     budget_bytes: int | None = None
     precision: StatsPrecision = "float32"
     decompose: Decompose | None = None
@@ -223,30 +241,38 @@ def compress_streaming(
     external data (``<output>.data``) and is written atomically.
     """
     started = time.perf_counter()
-    model_path, output_path = _check_streaming_inputs(model_path, output, batches, settings.method)
+    model_path, output_path = _check_streaming_inputs(model_path, output, batches, settings)
     rank, world = distributed.init()
     batches = distributed.shard(batches, rank, world) if world > 1 else batches
     model = load_model(model_path, load_weights=False)
     calibration_graph = onnx.ModelProto()
     calibration_graph.CopyFrom(model)  # the rewrite edits `model`; calibration reads the original graph
-    decisions = _decide(model, model_path, ranks or RankOptions(), settings.method)
+    ranks = ranks or RankOptions()
+    decisions, units = _decide(model, model_path, ranks, settings)
     compressed = [d for d in decisions if d.L is not None]
     total_before = parameter_count(model)
     source_dir = external_data_dir(model)
     timings = {"load": time.perf_counter() - started, "decompose": 0.0, "rewrite": 0.0}
+    selection = None
 
     with atomic_output(output_path) if rank == 0 else contextlib.nullcontext() as tmp_output:  # others write nothing
         writer = _DataWriter(tmp_output.with_name(output_path.name + ".data")) if tmp_output else None
-        consumer = _GroupConsumer(model, compressed, settings, writer, timings)
-        tick = time.perf_counter()
-        calibration = collect_statistics_in_groups(
-            settings.session_factory, calibration_graph, [d.target for d in compressed], batches,
-            MemoryBudget(_budget(settings), settings.weight_factor), consumer,
-            StatisticsSettings(precision=settings.precision, normalized=settings.method == "nmse"),
-            on_group=(lambda index, count, _group: settings.on_group(index, count)) if settings.on_group else None,  # type: ignore[misc]
-        )  # fmt: skip
-        timings["calibrate"] = time.perf_counter() - tick - timings["decompose"] - timings["rewrite"]
-        del calibration_graph
+        with _scratch(tmp_output if settings.select == "proxy" else None) as scratch:  # gone before the commit
+            consumer = _GroupConsumer(model, compressed, settings, writer, timings, scratch)
+            tick = time.perf_counter()
+            calibration = collect_statistics_in_groups(
+                settings.session_factory, calibration_graph, [d.target for d in compressed], batches,
+                MemoryBudget(_budget(settings), settings.weight_factor), consumer,
+                StatisticsSettings(precision=settings.precision, normalized=settings.method == "nmse"),
+                on_group=(lambda index, count, _group: settings.on_group(index, count)) if settings.on_group else None,  # type: ignore[misc]
+            )  # fmt: skip
+            timings["calibrate"] = time.perf_counter() - tick - timings["decompose"] - timings["rewrite"]
+            del calibration_graph
+            if scratch is not None and writer is not None:
+                tick = time.perf_counter()
+                selection = _select_units(decisions, units, consumer.terms, ranks, settings)
+                consumer.apply_kept()
+                timings["rewrite"] += time.perf_counter() - tick
         tick = time.perf_counter()
         if writer is not None and tmp_output is not None:
             _write_rest(model, writer, consumer.written, source_dir, tmp_output)
@@ -264,6 +290,7 @@ def compress_streaming(
         weight_bytes_read=sum(calibration.stage_weight_bytes)
         + sum(d.target.params * np.dtype(d.target.dtype).itemsize for d in compressed)
         + (writer.bytes_copied if writer is not None else 0),
+        selection=selection,
     )
 
 
@@ -272,12 +299,20 @@ def _budget(settings: StreamingSettings) -> int:
 
 
 def _check_streaming_inputs(
-    model_path: str | os.PathLike[str], output: str | os.PathLike[str], batches: Sequence[object], method: str
+    model_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    batches: Sequence[object],
+    settings: StreamingSettings,
 ) -> tuple[Path, Path]:
-    if method not in STREAMING_METHODS:
+    if settings.method not in STREAMING_METHODS:
         raise EspaceError(
-            f"streaming compression takes a weight-free candidate, not {method!r}",
+            f"streaming compression takes a weight-free candidate, not {settings.method!r}",
             f"use --method {' or '.join(STREAMING_METHODS)}, or drop --max-memory for the in-memory path",
+        )
+    if settings.select not in STREAMING_SELECTIONS or settings.stop not in ("ratio", "knee"):
+        raise EspaceError(
+            f"streaming compression selects with {' or '.join(STREAMING_SELECTIONS)}, not {settings.select!r}",
+            "use --select none or proxy (and --stop ratio or knee), or drop --max-memory for the in-memory path",
         )
     if not batches:
         raise EspaceError("no calibration batches", "give at least one calibration batch")
@@ -288,26 +323,76 @@ def _check_streaming_inputs(
     return source, output_path
 
 
-def _decide(model: onnx.ModelProto, model_path: Path, ranks: RankOptions, method: str) -> list[LayerRecord]:
-    """Each target's rank, as :func:`espace_export.compress` with ``select="none"`` decides it."""
+def _decide(
+    model: onnx.ModelProto, model_path: Path, ranks: RankOptions, settings: StreamingSettings
+) -> tuple[list[LayerRecord], list[list[str]]]:
+    """Each target's rank, as :func:`espace_export.compress` decides it for ``settings.select`` (with
+    selection: at the per-layer ratio), and the units selection would choose among (sibling groups that
+    share a projection, and every other compressed layer alone)."""
     targets = find_targets(model, include_heads=ranks.include_heads)
     if not targets:
         raise EspaceError(
             f"{model_path} has no compressible GEMM (MatMul/Gemm with a 2-D constant weight)",
             "check that weights are initializers (export with do_constant_folding) or use --include-heads",
         )
-    decisions = decide_layers(targets, ranks, method)
-    share_siblings(decisions, ranks)
+    decisions = decide_layers(targets, ranks, settings.method, settings.select)
+    groups = share_siblings(decisions, ranks, settings.select)
     if not any(d.L is not None for d in decisions):
         raise EspaceError(
             f"no layer can reach ratio {ranks.ratio} with a rank of at least {ranks.min_rank}",
             "lower --min-rank, use --rank-rule 16, or lower --ratio",
         )
-    return decisions
+    grouped = {name for group in groups for name in group}
+    units = groups + [[d.name] for d in decisions if d.L is not None and d.name not in grouped]
+    return decisions, units
+
+
+@contextlib.contextmanager
+def _scratch(tmp_output: Path | None) -> Iterator[Path | None]:
+    """A folder beside the output's staging for the factors selection keeps until it decides (None: none)."""
+    if tmp_output is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix=".factors-", dir=tmp_output.parent) as folder:
+        yield Path(folder)
+
+
+def _select_units(
+    decisions: list[LayerRecord],
+    units: list[list[str]],
+    terms: dict[str, tuple[float, float]],
+    ranks: RankOptions,
+    settings: StreamingSettings,
+) -> dict[str, Any]:
+    """Units from the least to the most harmful (relative output error of the unit's fused weight) until the
+    ratio, or the curve's knee; the others' ranks are set to None (dense). Returns the report's selection."""
+    compressed = [d for d in decisions if d.L is not None]
+    by_name = {d.name: d for d in compressed}
+    harm = {}
+    saved = {}
+    for unit in units:
+        error, energy = (sum(terms[name][i] for name in unit) for i in (0, 1))
+        harm[unit[0]] = error / energy if energy > 0 else 0.0
+        saved[unit[0]] = unit_saving([by_name[n].target for n in unit], by_name[unit[0]].L)  # type: ignore[arg-type]
+    order, _ = rank_layers(harm)
+    targeted = sum(d.target.params for d in decisions)  # every target, as the report counts them
+    selected, curve = progressive_selection(order, saved, targeted, ranks.ratio, estimate=harm)
+    knee = inflection_point(curve)
+    if settings.stop == "knee":
+        selected = [step["layer"] for step in curve[1 : knee + 1]]
+    unit_of = {unit[0]: unit for unit in units}
+    chosen = {name for key in selected for name in unit_of[key]}
+    for decision in compressed:
+        if decision.name not in chosen:
+            decision.L = None
+    return {"select": "proxy", "score": "relative output error (proxy)", "order": order, "harm": harm,
+            "units": {key: unit_of[key] for key in order}, "curve": curve, "knee": knee}  # fmt: skip
 
 
 class _GroupConsumer:
-    """Decomposes one group's statistics, rewrites its layers and appends their factors to the data file."""
+    """Decomposes one group's statistics, rewrites its layers and appends their factors to the data file —
+    or, with a ``scratch`` folder (selection), keeps each layer's factors there with its output-error terms
+    until :meth:`apply_kept`."""
 
     def __init__(
         self,
@@ -316,8 +401,13 @@ class _GroupConsumer:
         settings: StreamingSettings,
         writer: _DataWriter | None,
         timings: dict[str, float],
+        scratch: Path | None = None,
     ) -> None:
         self.model = model
+        self.scratch = scratch
+        self.terms: dict[str, tuple[float, float]] = {}  # layer → (E‖x(W − PPᵀW)‖², E‖xW‖²)
+        self.kept: dict[str, list[str]] = {}  # activation → its layers whose factors are in the scratch folder
+        self._files: dict[str, Path] = {}  # layer → stem of its factors' files
         self.method = settings.method
         self.decompose: Decompose = settings.decompose or (lambda C, L: eigen_decomposition(C, top=L))
         self.writer = writer
@@ -343,8 +433,46 @@ class _GroupConsumer:
         if self.writer is None:  # a rank other than 0: rank 0 rewrites and writes
             return
         tick = time.perf_counter()
-        project(self.model, projections, new_initializer=self._written_initializer)  # folds PᵀW read from disk
+        if self.scratch is not None:
+            for activation in stats:
+                self._keep(stats[activation], [p for p in projections if p.target.activation == activation])
+        else:
+            project(self.model, projections, new_initializer=self._written_initializer)  # folds PᵀW read from disk
         self.timings["rewrite"] += time.perf_counter() - tick
+
+    def _keep(self, entry: PackedActivationStats, projections: list[Projection]) -> None:
+        """Fold each layer's PᵀW, score it on the activation's statistics, and park P and PᵀW on disk."""
+        assert self.scratch is not None
+        C_X = entry.C_X.astype(np.float32)  # one dense copy at a time, as the solver's
+        CP: dict[int, np.ndarray] = {}  # C·P per rank: siblings with one P share it
+        for projection in projections:
+            target = projection.target
+            W = weight_matrix(self.model, target)
+            B = fold_weight(projection.P, W)
+            L = projection.rank
+            if L not in CP:
+                CP[L] = C_X @ projection.P.astype(np.float32)
+            self.terms[target.name] = projected_output_error(C_X, W, projection.P, B, CP=CP[L])
+            dtype = np.float64 if np.dtype(target.dtype) == np.float64 else np.float32
+            stem = self.scratch / f"{len(self.terms)}"
+            np.save(stem.with_suffix(".P.npy"), projection.P.astype(dtype))
+            np.save(stem.with_suffix(".B.npy"), B.astype(dtype))
+            self.kept.setdefault(target.activation, []).append(target.name)
+            self._files[target.name] = stem
+            del W, B
+
+    def apply_kept(self) -> None:
+        """Rewrite the layers selection kept (those whose decision still has a rank), one activation at a time,
+        from the factors in the scratch folder; the others stay dense."""
+        ranked = {d.name: d for group in self.by_activation.values() for d in group if d.L is not None}
+        for names in self.kept.values():
+            chosen = [
+                Projection(ranked[n].target, np.load(self._files[n].with_suffix(".P.npy")),
+                           np.load(self._files[n].with_suffix(".B.npy")))
+                for n in names if n in ranked
+            ]  # fmt: skip
+            if chosen:
+                project(self.model, chosen, new_initializer=self._written_initializer)
 
     def _written_initializer(self, array: np.ndarray, name: str) -> onnx.TensorProto:
         assert self.writer is not None

@@ -317,6 +317,14 @@ def test_cli_max_memory_compresses_group_by_group_like_the_in_memory_path(tmp_pa
     code, _, err = run_cli([str(source), "-o", str(tmp_path / "x.onnx"), "--max-memory", "2M", "--select", "proxy",
                             "--method", "best", *common], capsys)  # fmt: skip
     assert code == 2 and "--max-memory" in err and not (tmp_path / "x.onnx").exists()
+    selected = tmp_path / "selected.onnx"
+    code, _, err = run_cli([str(source), "-o", str(selected), "--max-memory", "2M", "--select", "proxy", "--ratio",
+                            "0.3", *common], capsys)  # fmt: skip
+    report = json.loads(selected.with_name("selected.report.json").read_text())
+    assert code == 0 and report["select"] == "proxy" and report["selection"]["order"]
+    assert 0.3 <= report["targeted_compression"] < a["targeted_compression"]  # units chosen to 0.3, not all at 0.5
+    assert any(not layer["compressed"] for layer in report["layers"][:-1])
+    ort.InferenceSession(str(selected))
 
 
 def test_staged_sessions_run_without_the_memory_arena(tmp_path: Path) -> None:
@@ -328,3 +336,38 @@ def test_staged_sessions_run_without_the_memory_arena(tmp_path: Path) -> None:
     assert staged_session(model).get_session_options().enable_cpu_mem_arena is False
     assert ort_session(model).get_session_options().enable_cpu_mem_arena is True  # other runs keep it
     assert StreamingSettings().session_factory is staged_session
+
+
+def test_streaming_proxy_selection_chooses_what_the_in_memory_proxy_chooses(tmp_path: Path) -> None:
+    """--max-memory --select proxy: units at the per-layer ratio, ranked by the calibrated output error from
+    each group's statistics (float32 products), the least harmful applied until the ratio — the layers, ranks,
+    scores and outputs of the in-memory ``--method mse --select proxy`` run; the parked factors leave nothing."""
+    from espace_export import compress
+
+    source = save_external(tiny_decoder(blocks=3, hidden=64, inter=128, vocab=50), tmp_path / "tiny.onnx")
+    batches = token_batches(50, count=4, seed=2)
+    np.savez(tmp_path / "calib.npz", **{k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
+    expected = compress(
+        source, ratio=0.3, output=tmp_path / "pipeline.onnx", calib_data=tmp_path / "calib.npz", batch_size=2,
+        num_batches=4, holdout=0.0, method="mse", select="proxy", min_rank=4,
+    )  # fmt: skip
+    result = compress_streaming(
+        source, tmp_path / "streamed.onnx", batches, RankOptions(ratio=0.3, min_rank=4),
+        StreamingSettings(budget_bytes=2**20, select="proxy"),
+    )  # fmt: skip
+    assert len(result.calibration.groups) > 1
+    ranks = [layer["L"] for layer in result.layers]
+    assert ranks == [layer["L"] for layer in expected.report["layers"]]
+    assert None in ranks[:-1] and any(L is not None for L in ranks)  # some units chosen, some left dense
+    assert result.targeted_params_after == expected.report["targeted_params_after"]
+    harm = {layer["name"]: layer["harm"] for layer in expected.report["layers"] if layer.get("harm") is not None}
+    assert result.selection is not None and set(result.selection["harm"]) <= set(harm)
+    for unit, score in result.selection["harm"].items():
+        assert score == pytest.approx(harm[unit], rel=1e-3)
+    assert result.selection["order"] == sorted(result.selection["harm"], key=lambda u: (harm[u], u))
+    streamed, in_memory = (
+        run_logits(tmp_path / "streamed.onnx", batches),
+        run_logits(tmp_path / "pipeline.onnx", batches),
+    )
+    assert np.linalg.norm(streamed - in_memory) <= 1e-4 * np.linalg.norm(in_memory)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging, no scratch left

@@ -184,6 +184,25 @@ def factorize(
     return espace_projection(np.ascontiguousarray(eigenvectors[:, :L]), W, method)
 
 
+def projected_output_error(
+    C_X: np.ndarray, W: np.ndarray, P: np.ndarray, B: np.ndarray, *, CP: np.ndarray | None = None
+) -> tuple[float, float]:
+    """``(E‖x(W − P·B)‖², E‖xW‖²)`` on the statistics ``C_X`` for the pair ``(X·P)·B``: the two terms of
+    :func:`output_error` for a projected layer, from float32 products (sums in float64) and without the
+    second K×K×N product: with D = W − P·B, C·D = C·W − (C·P)·B. ``CP`` = C_X·P when the caller has it
+    (siblings sharing one P). At 7B width this is the cost of scoring a layer under ``--max-memory``."""
+    C = np.asarray(C_X, dtype=np.float32)
+    W32 = np.asarray(W, dtype=np.float32)
+    P32 = np.asarray(P, dtype=np.float32)
+    B32 = np.asarray(B, dtype=np.float32)
+    CW = C @ W32
+    CD = CW - (C @ P32 if CP is None else CP) @ B32
+    D = W32 - P32 @ B32
+    energy = float(np.einsum("kn,kn->", W32, CW, dtype=np.float64))
+    error = float(np.einsum("kn,kn->", D, CD, dtype=np.float64))
+    return max(error, 0.0), energy
+
+
 def output_error(W: np.ndarray, factorization: Factorization, C_X: np.ndarray) -> float:
     """``E‖x(W − AB)‖² / E‖xW‖²``: the relative output error on the calibration statistics."""
     D = np.asarray(W, dtype=np.float64) - factorization.weight()

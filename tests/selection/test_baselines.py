@@ -18,10 +18,12 @@ from espace_export.selection.candidates import (
     weight_autocorrelation,
 )
 from espace_export.selection.factorizations import (
+    Factorization,
     activation_aware_svd,
     espace_projection,
     factorize,
     output_error,
+    projected_output_error,
     truncated_svd,
     whitened_svd,
 )
@@ -130,3 +132,18 @@ def test_whitened_svd_survives_rank_deficient_statistics() -> None:
     f = whitened_svd(W, autocorrelation(X), 8)
     assert np.isfinite(f.A).all() and np.isfinite(f.B).all()
     assert _relative_output_error(X, W, f.A, f.B) < 1e-3  # 10 rows span ≤ 10 directions: rank 8 nearly fits
+
+
+@pytest.mark.parametrize("orthonormal", [True, False])
+def test_projected_output_error_matches_the_float64_form(orthonormal: bool) -> None:
+    """The streaming proxy's terms (float32 products, C·D from C·W − (C·P)·B) against output_error's float64
+    ones, for an ESPACE pair and for any other P (an oblique A): the score only moves at float32 rounding."""
+    X, W = _data(K=48, N=40)
+    C_X = X.T @ X / len(X)
+    P = principal_components(C_X, 12) if orthonormal else np.random.default_rng(3).standard_normal((48, 12))
+    B = P.T @ W if orthonormal else np.linalg.lstsq(X @ P, X @ W, rcond=None)[0]
+    error, energy = projected_output_error(C_X, W, P, B)
+    assert energy == pytest.approx(float(np.sum(W * (C_X @ W))), rel=1e-5)
+    assert error / energy == pytest.approx(output_error(W, Factorization("pair", P, B), C_X), rel=1e-4)
+    assert error / energy == pytest.approx(_relative_output_error(X, W, P, B), rel=1e-4)
+    assert projected_output_error(C_X, W, P, B, CP=C_X @ P) == pytest.approx((error, energy), rel=1e-4)
