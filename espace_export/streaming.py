@@ -406,8 +406,7 @@ class _GroupConsumer:
         self.model = model
         self.scratch = scratch
         self.terms: dict[str, tuple[float, float]] = {}  # layer → (E‖x(W − PPᵀW)‖², E‖xW‖²)
-        self.kept: dict[str, list[str]] = {}  # activation → its layers whose factors are in the scratch folder
-        self._files: dict[str, Path] = {}  # layer → stem of its factors' files
+        self.kept: dict[str, list[tuple[str, Path]]] = {}  # activation → (layer, stem of its factors' files)
         self.method = settings.method
         self.decompose: Decompose = settings.decompose or (lambda C, L: eigen_decomposition(C, top=L))
         self.writer = writer
@@ -423,21 +422,24 @@ class _GroupConsumer:
         decomposed = distributed.share_work(
             list(stats.items()), lambda item: self._decompose(*item), cost=lambda item: float(item[1].K) ** 3
         )
-        projections = []
+        projections: dict[str, list[Projection]] = {}  # activation → its layers' projections
         for activation, (vectors, dropped) in zip(stats, decomposed, strict=True):
             for decision, mse_relative in zip(self.by_activation[activation], dropped, strict=True):
                 assert decision.L is not None
                 decision.mse_relative = mse_relative
-                projections.append(Projection(decision.target, np.ascontiguousarray(vectors[:, : decision.L])))
+                projections.setdefault(activation, []).append(
+                    Projection(decision.target, np.ascontiguousarray(vectors[:, : decision.L]))
+                )
         self.timings["decompose"] += time.perf_counter() - tick
         if self.writer is None:  # a rank other than 0: rank 0 rewrites and writes
             return
         tick = time.perf_counter()
         if self.scratch is not None:
-            for activation in stats:
-                self._keep(stats[activation], [p for p in projections if p.target.activation == activation])
-        else:
-            project(self.model, projections, new_initializer=self._written_initializer)  # folds PᵀW read from disk
+            for activation, members in projections.items():
+                self._keep(stats[activation], members)
+        else:  # folds PᵀW read from disk
+            project(self.model, [p for members in projections.values() for p in members],
+                    new_initializer=self._written_initializer)  # fmt: skip
         self.timings["rewrite"] += time.perf_counter() - tick
 
     def _keep(self, entry: PackedActivationStats, projections: list[Projection]) -> None:
@@ -457,19 +459,16 @@ class _GroupConsumer:
             stem = self.scratch / f"{len(self.terms)}"
             np.save(stem.with_suffix(".P.npy"), projection.P.astype(dtype))
             np.save(stem.with_suffix(".B.npy"), B.astype(dtype))
-            self.kept.setdefault(target.activation, []).append(target.name)
-            self._files[target.name] = stem
-            del W, B
+            self.kept.setdefault(target.activation, []).append((target.name, stem))
 
     def apply_kept(self) -> None:
         """Rewrite the layers selection kept (those whose decision still has a rank), one activation at a time,
         from the factors in the scratch folder; the others stay dense."""
         ranked = {d.name: d for group in self.by_activation.values() for d in group if d.L is not None}
-        for names in self.kept.values():
+        for layers in self.kept.values():
             chosen = [
-                Projection(ranked[n].target, np.load(self._files[n].with_suffix(".P.npy")),
-                           np.load(self._files[n].with_suffix(".B.npy")))
-                for n in names if n in ranked
+                Projection(ranked[name].target, np.load(stem.with_suffix(".P.npy")), np.load(stem.with_suffix(".B.npy")))
+                for name, stem in layers if name in ranked
             ]  # fmt: skip
             if chosen:
                 project(self.model, chosen, new_initializer=self._written_initializer)
