@@ -445,24 +445,23 @@ def stage_check(args: argparse.Namespace, model: Path) -> dict[str, Any]:
         return {"finite": bool(np.isfinite(values[0]).all()), "relative_l2": rel(new, ref),
                 "cosine_mean": float(cos.mean()), "depth": depth}  # fmt: skip
 
-    runs = (("original", model, {**batch, "embed_noise": np.zeros_like(noise, dtype)}),
-            ("noised", model, {**batch, "embed_noise": noise.astype(dtype)}),
-            ("compressed", model.with_name("compressed.onnx"), dict(batch)))  # fmt: skip
-    session: Any = None
-    for key, path, feed in runs:
-        if session is None or session[0] != path:
-            session = None  # the original's session is released before the compressed one loads
-            copy, names = with_depth_outputs(path, args.layers, noise_input="embed_noise" in feed)
-            session = (path, plain_session(args, copy), names)
-            copy.unlink()
-        values = session[1].run(["logits", *session[2]], feed)
-        print(f"  {path.name} ({key}) ran in ONNX Runtime: logits finite {bool(np.isfinite(values[0]).all())}, "
-              f"peak RSS {gib(proc_field('/proc/self/status', 'VmHWM') * 1024)}", file=sys.stderr, flush=True)  # fmt: skip
-        if key == "original":
-            reference = values
-        else:
-            compared[key] = compare(values)
-        del values
+    runs = ((model, {"original": {**batch, "embed_noise": np.zeros_like(noise, dtype)},
+                     "noised": {**batch, "embed_noise": noise.astype(dtype)}}),
+            (model.with_name("compressed.onnx"), {"compressed": dict(batch)}))  # fmt: skip
+    for path, feeds in runs:
+        copy, names = with_depth_outputs(path, args.layers, noise_input=path == model)
+        session = plain_session(args, copy)
+        copy.unlink()
+        for key, feed in feeds.items():
+            values = session.run(["logits", *names], feed)
+            print(f"  {path.name} ({key}) ran in ONNX Runtime: logits finite {bool(np.isfinite(values[0]).all())}, "
+                  f"peak RSS {gib(proc_field('/proc/self/status', 'VmHWM') * 1024)}", file=sys.stderr, flush=True)  # fmt: skip
+            if key == "original":
+                reference = values
+            else:
+                compared[key] = compare(values)
+            del values  # not held while the next session loads
+        del session  # the original's session is released before the compressed one loads
     new, noised = compared["compressed"], compared["noised"]
     return {
         "finite": new["finite"],
