@@ -30,7 +30,9 @@ exported to ONNX (ESPACE and oblique in their folded inference form), quantized 
 
 Progress goes to stderr; the tables (one per ratio, healed columns mean ± sd over seeds) and the healed
 differences paired by seed (ESPACE and oblique minus each SVD baseline, the same batches) to stdout.
-MiniLM (``--models minilm``) is not measured by this script yet: see benchmarks/README.md.
+MiniLM (``--models minilm``, ``samples/out/minilm.onnx``): the same four methods from the ONNX alone (``espace-export
+heal``'s :func:`heal_onnx`; the SVD baselines with ``train="factors"``), distilled on pydoc's train split and the
+stdlib docstrings (no test paragraph), scored by the cosine of the sentence embeddings on the unseen test paragraphs.
 """
 
 from __future__ import annotations
@@ -307,8 +309,8 @@ def _say(record: Mapping[str, object]) -> None:
     )
 
 
-def summarize(records: Sequence[Mapping[str, object]]) -> list[dict]:
-    """Mean and sample sd over seeds of ppl and KL per (ratio, method, stage)."""
+def summarize(records: Sequence[Mapping[str, object]], keys: Sequence[str] = ("ppl", "kl")) -> list[dict]:
+    """Mean and sample sd over seeds of ``keys`` (ppl and KL) per (ratio, method, stage)."""
     groups: dict[tuple, list[Mapping[str, object]]] = {}
     for record in records:
         groups.setdefault((record["ratio"], record["method"], record["stage"]), []).append(record)
@@ -316,7 +318,7 @@ def summarize(records: Sequence[Mapping[str, object]]) -> list[dict]:
     for (ratio, method, stage), members in groups.items():
         row: dict[str, object] = {"ratio": ratio, "method": method, "stage": stage, "n": len(members)}
         row.update(weights=members[0]["weights"], optimizer=members[0]["optimizer"])
-        for key in ("ppl", "kl"):
+        for key in keys:
             values = [float(m[key]) for m in members]  # type: ignore[arg-type]
             row[key] = statistics.fmean(values)
             row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -390,6 +392,111 @@ def run_tiny_lm(args: argparse.Namespace) -> tuple[list[dict], int]:
     return records, inference_weights(baseline, context.targets)
 
 
+MINILM_METHODS = {"espace": "mse", "oblique": "oblique", "svd": "svd", "whitened-svd": "whitened-svd"}
+
+
+def _minilm_weights(plan_path: Path) -> int:
+    """Inference weights of the targeted GEMMs: L(K+N) per compressed layer, KN per dense one."""
+    plan = json.loads(plan_path.read_text())
+    return sum(layer["L"] * (layer["K"] + layer["N"]) if layer["selected"] else layer["K"] * layer["N"]
+               for layer in plan["layers"])  # fmt: skip
+
+
+def run_minilm(args: argparse.Namespace) -> tuple[list[dict], int]:
+    """MiniLM from the ONNX alone: each method compressed at each ratio (--select none: the same rank L per
+    layer for every method), then per seed healed by ``heal_onnx`` (W whole for espace and oblique, the two
+    factors for the SVD baselines) with the same steps and schedule, each then quantized to int8; mean
+    cosine of the sentence embeddings to the dense model's on the unseen test paragraphs."""
+    import onnx
+
+    import espace_export
+    from espace_export.heal_onnx import HealOptions, heal_onnx
+    from espace_export.io.data import input_specs, read_text
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import quantization  # the MiniLM text splits and embeddings
+
+    from samples.export_minilm import minilm_dir
+
+    tokenizer = minilm_dir()
+    records: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="espace-healing-minilm.") as tmp:
+        work = Path(tmp)
+        train = work / "train.txt"
+        quantization.write_train_text(train, "python")
+        _, test = quantization._split_file(work, "test")
+        held_out = quantization._sentence_batches(test, tokenizer, 256, 32)
+        reference = quantization._embeddings(args.minilm, held_out)
+        specs = input_specs(onnx.load(str(args.minilm), load_external_data=False))
+        batches = read_text(train, tokenizer, specs, batch_size=16, seq_len=128, max_batches=10**6, rows="documents")
+
+        def score(path: Path) -> dict[str, float]:
+            cosines = quantization._cosines(reference, quantization._embeddings(path, held_out))
+            return {"cosine": float(cosines.mean()), "cosine_min": float(cosines.min())}
+
+        dense_weights = 0
+        for ratio in args.ratios:
+            for method in (m for m in args.methods if m in MINILM_METHODS):
+                plan = work / f"{method}-{ratio}.plan.json"
+                compressed = work / f"{method}-{ratio}.onnx"
+                espace_export.compress(args.minilm, output=compressed, plan_path=plan, ratio=ratio,
+                                       method=MINILM_METHODS[method], select="none", rank_rule=args.rank_rule,
+                                       calib_text=train, tokenizer=tokenizer, num_batches=16, batch_size=4,
+                                       seq_len=128, progress=False)  # fmt: skip
+                dense_weights = dense_weights or _minilm_dense_weights(plan)
+                common = {"ratio": ratio, "method": method, "weights": _minilm_weights(plan),
+                          "optimizer": "AdamW (fresh)",
+                          "trained": "factors" if method in ("svd", "whitened-svd") else "weights"}  # fmt: skip
+                records.append({**common, "seed": None, "stage": "out of the box", **score(compressed)})
+                _say_minilm(records[-1])
+                for seed in args.seeds:
+                    order = np.random.default_rng(seed).permutation(len(batches))
+                    options = HealOptions(steps=args.minilm_steps, lr=args.minilm_lr, start=args.minilm_start,
+                                          train=common["trained"], threads=args.threads, teacher_cache=8.0)  # fmt: skip
+                    healed = work / f"{method}-{ratio}-{seed}.healed.onnx"
+                    tick = time.perf_counter()
+                    heal_onnx(args.minilm, plan, [batches[i] for i in order], healed, options)
+                    seconds = time.perf_counter() - tick
+                    records.append({**common, "seed": seed, "stage": "healed", "seconds": seconds, **score(healed)})
+                    _say_minilm(records[-1])
+                    if not args.no_int8:
+                        quantized = work / f"{method}-{ratio}-{seed}.int8.onnx"
+                        quantize_model(healed, quantized, "int8")
+                        records.append({**common, "seed": seed, "stage": "healed + int8", **score(quantized),
+                                        "file_mb": quantization._file_mb(quantized)})  # fmt: skip
+                        _say_minilm(records[-1])
+    return records, dense_weights
+
+
+def _minilm_dense_weights(plan_path: Path) -> int:
+    return sum(layer["K"] * layer["N"] for layer in json.loads(plan_path.read_text())["layers"])
+
+
+def _say_minilm(record: Mapping[str, object]) -> None:
+    seed = "" if record["seed"] is None else f" seed {record['seed']}"
+    took = f" ({record['seconds']:.0f} s healing)" if "seconds" in record else ""
+    print(f"[healing] minilm {record['ratio']:g} {record['method']} {record['stage']}{seed}: "
+          f"cosine {record['cosine']:.4f} (min {record['cosine_min']:.4f}), {record['weights']:,} weights{took}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+def minilm_table(summary: Sequence[Mapping[str, object]], ratio: float, methods: Sequence[str], dense: int) -> str:
+    find = {(r["ratio"], r["method"], r["stage"]): r for r in summary}
+    lines = [f"#### MiniLM, ≈{ratio:.0%} of the targeted weights removed", "",
+             "| method | targeted weights | trained | out of the box: cosine | healed: cosine | healed + int8: cosine |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for method in methods:
+        rows = [find.get((ratio, method, stage)) for stage in ("out of the box", "healed", "healed + int8")]
+        if rows[0] is None:
+            continue
+        weights = int(rows[0]["weights"])  # type: ignore[call-overload]
+        trained = "the two factors" if method in ("svd", "whitened-svd") else "W whole"
+        cells = [f"{weights:,} ({1 - weights / dense:.1%} removed)", trained]
+        cells += [_cell(row, "cosine", 4) for row in rows]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny-lm"], choices=["tiny-lm", "minilm"])
@@ -402,6 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reuse-optimizer", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--candidate", default="mse", help="ESPACE's candidate (mse, nmse, go-mse, go-mse-l2)")
     parser.add_argument("--rank-rule", default="8", help="pow2 or a granularity (8 tracks the ratios closely)")
+    parser.add_argument("--minilm", type=Path, default=Path(__file__).resolve().parents[1] / "samples/out/minilm.onnx")
+    parser.add_argument("--minilm-steps", type=int, default=300, help="MiniLM healing steps (batches of 16)")
+    parser.add_argument("--minilm-lr", type=float, default=2e-4)
+    parser.add_argument("--minilm-start", choices=("least-squares", "none"), default="least-squares")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 export and measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads")
     parser.add_argument("--json", type=Path, default=None, help="write every record and the summary here")
@@ -411,8 +522,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer advises pre-processing on every model
     started = time.perf_counter()
     if "minilm" in args.models:
-        print("[healing] minilm: not measured by this script yet (see benchmarks/README.md)", file=sys.stderr)
+        minilm_records, minilm_dense = run_minilm(args)
+        minilm_summary = summarize(minilm_records, ("cosine", "cosine_min"))
+        print(f"MiniLM {args.minilm}: healed from the ONNX alone, {args.minilm_steps} steps, lr {args.minilm_lr:g}, "
+              f"{args.minilm_start} start, batches of 16 paragraphs (train split + stdlib docstrings), seeds "
+              f"{' '.join(map(str, args.seeds))}; mean cosine to the dense model on 256 unseen test paragraphs\n")  # fmt: skip
+        for ratio in args.ratios:
+            print(minilm_table(minilm_summary, ratio, [m for m in args.methods if m != DENSE], minilm_dense) + "\n")
+        if args.json:
+            path = args.json.with_name(args.json.stem + ".minilm.json")
+            path.write_text(json.dumps({"records": minilm_records, "summary": minilm_summary}, indent=2) + "\n")
     if "tiny-lm" not in args.models:
+        print(f"(total {time.perf_counter() - started:.0f} s)")
         return 0
     records, dense_weights = run_tiny_lm(args)
     summary = summarize(records)

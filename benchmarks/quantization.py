@@ -55,6 +55,21 @@ def _split_file(directory: Path, split: str) -> tuple[Path, list[str]]:
     return path, paragraphs
 
 
+def write_train_text(path: Path, source: str) -> int:
+    """The training text for healing: pydoc's train split (``pydoc``), plus the standard library's docstrings
+    (``python``, ``builtin:stdlib``) less any paragraph that is also a test paragraph. Returns paragraphs."""
+    from espace_export.io.data import stdlib_text
+    from samples.train_lm import split_paragraphs
+
+    splits = split_paragraphs()
+    paragraphs = list(splits["train"])
+    if source == "python":
+        test = set(splits["test"])
+        paragraphs += [p for p in (q.strip() for q in stdlib_text().split("\n\n")) if p and p not in test]
+    path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return len(paragraphs)
+
+
 def _sentence_batches(paragraphs: list[str], tokenizer: Path, count: int, batch: int) -> list[dict[str, np.ndarray]]:
     import transformers
 
@@ -116,7 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alphas", default="0.25,0.5,0.75", help="SmoothQuant α values tried")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", type=Path, help="keep the models here (default: a temporary directory)")
+    parser.add_argument("--write-train", type=Path, metavar="PATH",
+                        help="only write the healing text (no test paragraph in it) to PATH and stop")  # fmt: skip
+    parser.add_argument("--train-text", choices=("pydoc", "python"), default="python",
+                        help="--write-train: pydoc's train split, or it and the stdlib docstrings")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.write_train is not None:
+        print(f"wrote {write_train_text(args.write_train, args.train_text)} paragraphs to {args.write_train}")
+        return 0
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizers advise pre-processing on every call
 
     from samples.export_minilm import minilm_dir

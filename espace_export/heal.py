@@ -32,6 +32,7 @@ import contextlib
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -568,21 +569,30 @@ def save_projections(projections: Mapping[str, ProjectionFactors], path: str | P
     return path
 
 
-def load_projections(source: str | Path | onnx.ModelProto) -> dict[str, Any]:
+@dataclass(frozen=True)
+class WeightFactors:
+    """A layer a plan compresses by a weight factorisation (``svd``, ``asvd``, ``whitened-svd``): ``W ≈ A·B``
+    with no static projection; only its two factors can be trained (``heal --train factors``)."""
+
+    A: np.ndarray  # K×L
+    B: np.ndarray | None  # L×N; None: AᵀW, folded from the model's weight (A orthonormal, e.g. svd's U_L)
+
+
+def load_projections(source: str | Path | onnx.ModelProto, factorizations: bool = False) -> dict[str, Any]:
     """Layer name → P from a ``.npz`` (:func:`save_projections`), a plan (``espace-export plan``'s ``.json``
     with its ``.npz``) or a compressed ONNX model.
 
-    From a plan, P is the input factor A of each selected layer (ESPACE methods only: a weight
-    factorisation such as ``svd`` has no static projection to heal through), or ``(A, M)`` for a layer the
-    plan compresses with ``oblique``; a ``.npz`` gives ``(A, M)`` where it holds M. From ONNX, P is the second
-    input of each ``espace.role = project`` node that :func:`graph_passes.project.project` wrote
-    (``espace-export`` output), keyed by its ``espace.layer``.
+    From a plan, P is the input factor A of each selected layer, or ``(A, M)`` for a layer the plan
+    compresses with ``oblique``; a weight factorisation such as ``svd`` has no static projection to heal
+    through: refused, or with ``factorizations`` a :class:`WeightFactors`. A ``.npz`` gives ``(A, M)`` where
+    it holds M. From ONNX, P is the second input of each ``espace.role = project`` node that
+    :func:`graph_passes.project.project` wrote (``espace-export`` output), keyed by its ``espace.layer``.
     """
     if isinstance(source, onnx.ModelProto):
         return _projections_in_graph(source)
     path = Path(source)
     if path.suffix == ".json":
-        return _projections_in_plan(path)
+        return _projections_in_plan(path, factorizations)
     if path.suffix == ".npz":
         if not path.is_file():
             raise EspaceError(f"projections not found: {path}", "pass a .npz written by save_projections")
@@ -595,7 +605,7 @@ def load_projections(source: str | Path | onnx.ModelProto) -> dict[str, Any]:
     return _projections_in_graph(load_model(path), str(path))
 
 
-def _projections_in_plan(path: Path) -> dict[str, Any]:
+def _projections_in_plan(path: Path, factorizations: bool = False) -> dict[str, Any]:
     from espace_export.io.artifacts import load_plan
 
     plan = load_plan(path)
@@ -608,10 +618,15 @@ def _projections_in_plan(path: Path) -> dict[str, Any]:
                 np.ascontiguousarray(factors.M, np.float32),
             )
             continue
+        if factors.method not in CANDIDATES and factorizations:
+            B = None if factors.B is None else np.asarray(factors.B, np.float32)
+            found[layer.name] = WeightFactors(np.asarray(factors.A, np.float32), B)
+            continue
         if factors.method not in CANDIDATES:
             raise EspaceError(
                 f"plan {path} compresses {layer.name} with {factors.method}, a weight factorisation with no static projection",
-                f"make the plan with ESPACE methods only ({', '.join(FORWARD_CANDIDATES)}, nl-mse, nl-mse-l2, oblique)",
+                f"make the plan with ESPACE methods only ({', '.join(FORWARD_CANDIDATES)}, nl-mse, nl-mse-l2, oblique)"
+                " or train its factors (heal --train factors)",
             )
         found[layer.name] = np.ascontiguousarray(factors.A, dtype=np.float32)
     if not found:

@@ -42,8 +42,10 @@ from graph_passes.find import GemmTarget, weight_matrix
 
 HEAL_LOSSES = ("auto", "kl", "distill")
 HEAL_STARTS = ("least-squares", "none")
+HEAL_TRAINS = ("weights", "factors")
 _HEALING = "Healing"
 CHECKPOINT_NAME = "heal-checkpoint.pt"
+START_TOKENS = 65536  # tokens the least-squares start fits on (its statistics are K×K per layer group)
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,19 @@ class HealOptions:
     )  # fmt: skip
     start: str = option(
         "none", "least-squares: first fit each pair, in graph order, to the original layer's output on "
-        "the compressed model's own input (one pass per layer group); none: from the one-shot weights.",
+        "the compressed model's own input (one pass per layer group, on batches spread over the text, "
+        "≈ 64k tokens); none: from the one-shot weights.",
         panel=_HEALING, choices=HEAL_STARTS,
+    )  # fmt: skip
+    teacher_cache: float = option(
+        2.0, "GiB of the original model's outputs kept for the next pass over the batches; beyond it the "
+        "teacher runs again at each step (and the least-squares start runs it once per layer group).",
+        panel=_HEALING,
+    )  # fmt: skip
+    train: str = option(
+        "weights", "weights: W trains whole behind the static projections (ESPACE's healing); factors: the "
+        "pair's two factors train instead (how SVD-style factorizations are fine-tuned; the baselines' way).",
+        panel=_HEALING, choices=HEAL_TRAINS,
     )  # fmt: skip
     train_norms: bool = option(True, "Also train LayerNorm scales/shifts and the GEMM biases.", panel=_HEALING)
     threads: int | None = option(
@@ -92,10 +105,13 @@ class HealOptions:
             raise EspaceError(f"--lr must be a positive number, got {self.lr}", "try --lr 2e-4")
         if not 0 <= self.warmup < 1:
             raise EspaceError(f"--warmup must be in [0, 1), got {self.warmup}", "try --warmup 0.05")
-        if self.weight_decay < 0 or self.hidden_weight < 0:
-            raise EspaceError("--weight-decay and --hidden-weight must be non-negative", "pass 0 or more")
+        if self.weight_decay < 0 or self.hidden_weight < 0 or not self.teacher_cache >= 0:
+            raise EspaceError("--weight-decay, --hidden-weight and --teacher-cache must be non-negative",
+                              "pass 0 or more")  # fmt: skip
         if self.loss not in HEAL_LOSSES:
             raise EspaceError(f"unknown healing loss {self.loss!r}", f"use one of {', '.join(HEAL_LOSSES)}")
+        if self.train not in HEAL_TRAINS:
+            raise EspaceError(f"unknown --train {self.train!r}", f"use one of {', '.join(HEAL_TRAINS)}")
         if self.start not in HEAL_STARTS:
             raise EspaceError(f"unknown healing start {self.start!r}", f"use one of {', '.join(HEAL_STARTS)}")
         if self.threads is not None and self.threads < 1:
@@ -113,6 +129,7 @@ class HealingResult:
     steps: int
     losses: list[float]  # training loss per step (this run's steps, after a resume)
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # healed K×N weight per layer (float32)
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # train="factors": (A, B)
     trained: dict[str, np.ndarray] = field(default_factory=dict)  # other trained initializers, by name
     fidelity_before: dict[str, dict[str, float]] = field(default_factory=dict)
     fidelity_after: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -220,39 +237,94 @@ def trainable_extras(model: onnx.ModelProto, targets: Sequence[GemmTarget]) -> l
     return list(dict.fromkeys(found))
 
 
-class _Student:
-    """The interpreted graph with W whole and trainable behind each static pair, plus the trained extras."""
+@dataclass
+class _Pair:
+    """One projected layer in training. ``train="weights"``: P, Q static and W (K×N) whole and trained, the
+    layer computing ``(X·P)·(QᵀW)``; ``"factors"`` (the SVD baselines' way): the two factors A (K×L, in ``P``)
+    and B (L×N) trained, the layer computing ``(X·A)·B``, started balanced from ``A = P``, ``B = QᵀW``."""
 
-    def __init__(self, model: onnx.ModelProto, projections: Mapping[str, Any], train_norms: bool) -> None:
+    target: GemmTarget
+    P: Any
+    Q: Any
+    W: Any = None  # None when the factors train
+    B: Any = None  # None when W trains
+    initial: np.ndarray | None = None  # the plan's P (or A), for the one-shot model
+    initial_B: np.ndarray | None = None  # the plan's B for a weight factorisation (no Q)
+
+    def effective(self) -> Any:
+        return self.P @ (self.Q.T @ self.W) if self.W is not None else self.P @ self.B
+
+    def trained(self) -> list[Any]:
+        return [self.W] if self.W is not None else [self.P, self.B]
+
+
+def _balanced(A: Any, B: Any) -> tuple[Any, Any]:
+    """``A·diag(s)``, ``diag(1/s)·B`` with each column of A and row of B of one norm: the product unchanged,
+    the two factors' gradients on one scale."""
+    import torch
+
+    scale = torch.sqrt(B.norm(dim=1) / A.norm(dim=0).clamp_min(1e-30)).clamp_min(1e-30)
+    return A * scale, B / scale[:, None]
+
+
+class _Student:
+    """The interpreted graph with W whole and trainable behind each static pair (or the pair's two factors
+    trained, ``train="factors"``), plus the trained extras."""
+
+    def __init__(
+        self, model: onnx.ModelProto, projections: Mapping[str, Any], train_norms: bool, train: str = "weights"
+    ) -> None:
         import torch
 
         from espace_export.calibration.onnx_torch import TorchGraph
-        from espace_export.heal import match_names
+        from espace_export.heal import WeightFactors, match_names
 
         self.graph = TorchGraph(model)
         self.original = dict(self.graph.constants)
         targets = {t.name: t for t in find_targets(model, include_heads=True)}
         mapping = match_names(projections, targets)
-        self.layers: list[tuple[GemmTarget, Any, Any, Any]] = []  # target, P, Q, W (trainable)
+        self.layers: list[_Pair] = []
         for name, factors in projections.items():
             target = targets[mapping[name]]
             _check_weight_not_shared(model, target)
-            P, Q = _static(factors)
-            _check_factors(name, target, P, Q)
-            W = torch.nn.Parameter(torch.from_numpy(np.array(weight_matrix(model, target), dtype=np.float32)))
-            self.layers.append((target, torch.from_numpy(np.array(P)), torch.from_numpy(np.array(Q)), W))
-        names = trainable_extras(model, [t for t, *_ in self.layers]) if train_norms else []
+            if isinstance(factors, WeightFactors):  # svd-style: the plan's own two factors
+                if train != "factors":
+                    raise EspaceError(f"layer {name} is compressed by a weight factorisation, with no static "
+                                      "projection for W to train behind", "pass --train factors")  # fmt: skip
+                W_kn = np.asarray(weight_matrix(model, target), dtype=np.float32)
+                B_np = factors.B if factors.B is not None else factors.A.T @ W_kn
+                A, B = (torch.from_numpy(np.array(x, dtype=np.float32)) for x in (factors.A, B_np))
+                if A.shape[0] != target.K or B.shape != (A.shape[1], target.N):
+                    raise EspaceError(f"factors of {name} are {tuple(A.shape)}·{tuple(B.shape)}, the layer is "
+                                      f"{target.K}×{target.N}", "use the model the plan was made for")  # fmt: skip
+                A, B = _balanced(A, B)
+                pair = _Pair(target, torch.nn.Parameter(A), None, B=torch.nn.Parameter(B))
+                pair.initial, pair.initial_B = np.array(factors.A), np.array(B_np, dtype=np.float64)
+                self.layers.append(pair)
+                continue
+            P_np, Q_np = _static(factors)
+            _check_factors(name, target, P_np, Q_np)
+            P, Q = torch.from_numpy(np.array(P_np)), torch.from_numpy(np.array(Q_np))
+            W = torch.from_numpy(np.array(weight_matrix(model, target), dtype=np.float32))
+            if train == "factors":
+                A, B = _balanced(P.float(), Q.float().T @ W)
+                pair = _Pair(target, torch.nn.Parameter(A), Q, B=torch.nn.Parameter(B))
+            else:
+                pair = _Pair(target, P, Q, W=torch.nn.Parameter(W))
+            pair.initial = np.array(P_np)
+            self.layers.append(pair)
+        names = trainable_extras(model, [pair.target for pair in self.layers]) if train_norms else []
         self.extras = {n: torch.nn.Parameter(self.original[n].detach().clone().float()) for n in names}
         self.hidden = [n.output[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
         self.output = model.graph.output[0].name
 
     def parameters(self) -> list[Any]:
-        return [W for *_, W in self.layers] + list(self.extras.values())
+        return [t for pair in self.layers for t in pair.trained()] + list(self.extras.values())
 
     def install(self) -> None:
-        for target, P, Q, W in self.layers:
-            effective = P @ (Q.T @ W)  # X·effective = (X·P)·(QᵀW): the pair, with W whole
-            self.graph.constants[target.weight] = effective.T if target.stored_transposed else effective
+        for pair in self.layers:
+            effective = pair.effective()  # X·effective = (X·P)·(QᵀW): the pair, with W whole
+            self.graph.constants[pair.target.weight] = effective.T if pair.target.stored_transposed else effective
         self.graph.constants.update(self.extras)
 
     def run(self, feed: Mapping[str, np.ndarray], hidden: bool) -> tuple[Any, list[Any]]:
@@ -272,15 +344,16 @@ class _Student:
             self.graph.constants = trained
 
     def state(self) -> dict[str, Any]:
-        return {"W": {t.name: W.detach().clone() for t, *_, W in self.layers},
+        return {"layers": {pair.target.name: [t.detach().clone() for t in pair.trained()] for pair in self.layers},
                 "extras": {n: p.detach().clone() for n, p in self.extras.items()}}  # fmt: skip
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         import torch
 
         with torch.no_grad():
-            for target, *_, W in self.layers:
-                W.copy_(state["W"][target.name])
+            for pair in self.layers:
+                for tensor, saved in zip(pair.trained(), state["layers"][pair.target.name], strict=True):
+                    tensor.copy_(saved)
             for name, p in self.extras.items():
                 p.copy_(state["extras"][name])
 
@@ -310,12 +383,18 @@ def _schedule(step: int, planned: int, warmup: float) -> float:
 
 
 def _fingerprint(projections: Mapping[str, Any], options: HealOptions) -> str:
+    from espace_export.heal import WeightFactors
+
     digest = hashlib.sha256()
     for name in sorted(projections):
-        for matrix in projections[name] if isinstance(projections[name], tuple) else (projections[name],):
+        value = projections[name]
+        matrices = (value.A, *([] if value.B is None else [value.B])) if isinstance(value, WeightFactors) else value
+        for matrix in matrices if isinstance(matrices, tuple) else (matrices,):
             digest.update(name.encode())
             digest.update(np.ascontiguousarray(matrix, dtype=np.float32).tobytes())
-    digest.update(f"{options.steps}|{options.lr}|{options.loss}|{options.train_norms}|{options.start}".encode())
+    digest.update(
+        f"{options.steps}|{options.lr}|{options.loss}|{options.train_norms}|{options.start}|{options.train}".encode()
+    )
     return digest.hexdigest()[:16]
 
 
@@ -364,7 +443,8 @@ def _train(loop: _Loop, feeds: Sequence[dict[str, np.ndarray]], on_step: Callabl
 
     options, student = loop.options, loop.student
     use_hidden = options.hidden_weight > 0 and bool(student.hidden)
-    targets: dict[int, tuple[Any, list[Any]]] = {}  # the teacher, once per batch
+    targets: dict[int, tuple[Any, list[Any]]] = {}  # the teacher's outputs per batch, kept while they fit
+    cached, budget = 0, options.teacher_cache * 2**30
     optimizer = torch.optim.AdamW(student.parameters(), lr=options.lr, weight_decay=options.weight_decay, eps=1e-7)
     checkpoint = options.checkpoint_dir / CHECKPOINT_NAME if options.checkpoint_dir else None
     if options.resume and checkpoint is not None:
@@ -377,17 +457,21 @@ def _train(loop: _Loop, feeds: Sequence[dict[str, np.ndarray]], on_step: Callabl
     first_step = loop.step
     while loop.step < loop.planned:
         index = loop.step % len(feeds)
-        if index not in targets:
-            targets[index] = student.teacher(feeds[index], use_hidden)
+        target = targets.get(index)
+        if target is None:
+            target = student.teacher(feeds[index], use_hidden)
+            size = sum(t.numel() * t.element_size() for t in (target[0], *target[1]))
+            if cached + size <= budget:
+                targets[index], cached = target, cached + size
         for group in optimizer.param_groups:
             group["lr"] = options.lr * _schedule(loop.step, loop.planned, options.warmup)
         feed = feeds[index]
         mask = torch.from_numpy(feed["attention_mask"]) if "attention_mask" in feed else None
         student.install()
         output, hidden = student.run(feed, use_hidden)
-        value = distillation_loss(output, targets[index][0], loop.kind, mask)
+        value = distillation_loss(output, target[0], loop.kind, mask)
         if use_hidden:
-            value = value + options.hidden_weight * hidden_state_loss(hidden, targets[index][1], mask)
+            value = value + options.hidden_weight * hidden_state_loss(hidden, target[1], mask)
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
@@ -439,47 +523,78 @@ def _activations(student: _Student, feed: Mapping[str, np.ndarray], names: set[s
     return seen
 
 
-def least_squares_start(student: _Student, feeds: Sequence[dict[str, np.ndarray]], ridge: float = 1e-4) -> None:
+def start_batches(feeds: Sequence[dict[str, np.ndarray]], tokens: int = START_TOKENS) -> list[dict[str, np.ndarray]]:
+    """About ``tokens`` tokens' worth of ``feeds``, every k-th batch so that the sample spans the whole text."""
+    counts = [int(f["attention_mask"].sum()) if "attention_mask" in f else next(iter(f.values())).size
+              for f in feeds]  # fmt: skip
+    stride = max(1, math.ceil(sum(counts) / tokens))
+    return list(feeds[::stride])
+
+
+def least_squares_start(
+    student: _Student, feeds: Sequence[dict[str, np.ndarray]], ridge: float = 1e-4, budget: float = 2 * 2**30
+) -> None:
     """Set each pair's second factor to the one that best maps the student's own input to the teacher's GEMM
     output, layer group by layer group in graph order (so each group corrects the error of those before it).
 
     With X_s the compressed model's input to the layer and X_t the original's, ``B = argmin ‖X_s·P·B − X_t·W‖²``
     solves ``(PᵀX_sᵀX_sP)·B = PᵀX_sᵀX_t·W``; W moves by ``P·(B − QᵀW)``, so ``QᵀW = B`` (``QᵀP = I``) and its
-    part outside the projection is kept. ``ridge`` × the mean eigenvalue damps the solve.
+    part outside the projection is kept. ``ridge`` × the mean eigenvalue damps the solve. The teacher's inputs
+    to every group are kept (float32) when they fit in ``budget`` bytes, else the teacher runs again for
+    each group.
     """
     import torch
 
     order = {node.output[0]: i for i, node in enumerate(student.graph.graph.node) if node.output}
-    stages: dict[str, list[tuple[GemmTarget, Any, Any, Any]]] = {}
-    for layer in student.layers:
-        stages.setdefault(layer[0].activation, []).append(layer)
+    stages: dict[str, list[_Pair]] = {}
+    for pair in student.layers:
+        stages.setdefault(pair.target.activation, []).append(pair)
     names = set(stages)
     last = max(names, key=lambda n: order.get(n, -1))
-    trained, student.graph.constants = student.graph.constants, dict(student.original)
-    try:
-        teacher = [_activations(student, feed, names, last) for feed in feeds]
-    finally:
-        student.graph.constants = trained
+
+    def teacher(feed: dict[str, np.ndarray], wanted: set[str], stop: str) -> dict[str, Any]:
+        trained, student.graph.constants = student.graph.constants, dict(student.original)
+        try:
+            return {k: v.float() for k, v in _activations(student, feed, wanted, stop).items()}
+        finally:
+            student.graph.constants = trained
+
+    held: list[dict[str, Any]] | None = [teacher(feeds[0], names, last)]
+    assert held is not None
+    if sum(v.numel() * 4 for v in held[0].values()) * len(feeds) <= budget:
+        held.extend(teacher(feed, names, last) for feed in feeds[1:])
+    else:
+        held = None
     for activation in sorted(stages, key=lambda n: order.get(n, -1)):
         student.install()
-        K = stages[activation][0][0].K
+        K = stages[activation][0].target.K
         G = torch.zeros(K, K, dtype=torch.float64)
         C = torch.zeros(K, K, dtype=torch.float64)
-        for feed, reference in zip(feeds, teacher, strict=True):
+        for index, feed in enumerate(feeds):
             own = _activations(student, feed, {activation}, activation)[activation]
+            reference = held[index] if held is not None else teacher(feed, {activation}, activation)
             G += own.T @ own
-            C += own.T @ reference[activation]
-        for _, P, Q, W in stages[activation]:
-            P64, W64 = P.double(), W.detach().double()
+            C += own.T @ reference[activation].double()
+        for pair in stages[activation]:
+            P64, W64 = pair.P.detach().double(), _original_weight(student, pair).double()
             H = P64.T @ G @ P64
             H += ridge * torch.trace(H) / H.shape[0] * torch.eye(H.shape[0], dtype=H.dtype)
             B = torch.linalg.solve(H, P64.T @ C @ W64)
             with torch.no_grad():
-                W.add_((P64 @ (B - Q.double().T @ W64)).float())
+                if pair.B is not None:
+                    pair.B.copy_(B.float())
+                else:
+                    pair.W.add_((P64 @ (B - pair.Q.double().T @ pair.W.double())).float())
     student.install()
 
 
 # ---------------------------------------------------------------------------------------------- writing
+
+
+def _original_weight(student: _Student, pair: _Pair) -> Any:
+    """The original model's K×N weight of ``pair``'s layer (the teacher's ``W`` in ``X_t·W``)."""
+    stored = student.original[pair.target.weight].detach().float()
+    return stored.T if pair.target.stored_transposed else stored
 
 
 def _replace_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
@@ -491,17 +606,25 @@ def _replace_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -
 
 
 def _compressed(model: onnx.ModelProto, student: _Student, healed: bool) -> onnx.ModelProto:
-    """The compressed graph: the pairs with the original W (``healed=False``) or the trained one."""
+    """The compressed graph: the pairs as planned (``healed=False``) or as trained."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     rewrites = []
-    for target, P, Q, W in student.layers:
-        W_kn = W.detach().numpy().astype(np.float64) if healed else weight_matrix(model, target).astype(np.float64)
-        if healed:  # the healed weight replaces the original constant before the rewrite
+    for pair in student.layers:
+        target = pair.target
+        if not healed or pair.W is None:
+            W_kn = weight_matrix(model, target).astype(np.float64)
+        else:  # the healed weight replaces the original constant before the rewrite
+            W_kn = pair.W.detach().numpy().astype(np.float64)
             stored = (W_kn.T if target.stored_transposed else W_kn).astype(np.dtype(target.dtype))
             _replace_initializer(copy, target.weight, stored)
-        folded = Q.numpy().astype(np.float64).T @ W_kn
-        rewrites.append(Projection(target, P.numpy(), folded=folded))
+        if healed and pair.B is not None:
+            P, folded = pair.P.detach().numpy(), pair.B.detach().numpy().astype(np.float64)
+        elif pair.initial_B is not None:
+            P, folded = pair.initial, pair.initial_B
+        else:
+            P, folded = (pair.initial if not healed else pair.P.numpy()), pair.Q.numpy().astype(np.float64).T @ W_kn
+        rewrites.append(Projection(target, np.asarray(P), folded=folded))
     if healed:
         for name, value in student.extras.items():
             _replace_initializer(copy, name, value.detach().numpy().astype(np.float32))
@@ -538,21 +661,23 @@ def heal_onnx(
     output = check_writable(Path(output))
     model = original if isinstance(original, onnx.ModelProto) else load_model(original)
     if not isinstance(projections, Mapping):
-        projections = load_projections(projections)  # type: ignore[arg-type]
+        projections = load_projections(projections, options.train == "factors")  # type: ignore[arg-type]
     kind = "kl" if resolve_validation_loss(model, options.loss) == "kl" else "distill"
     specs = input_specs(model)
     with _torch_threads(options.threads):
-        student = _Student(model, projections, options.train_norms)
+        student = _Student(model, projections, options.train_norms, options.train)
         loop = _Loop(student, options, kind, _fingerprint(projections, options))
         feeds = [complete_feed(b, specs) for b in batches]
         started = time.perf_counter()
         if options.start == "least-squares" and not options.resume:  # a resumed W already holds it
-            least_squares_start(student, feeds)
+            least_squares_start(student, start_batches(feeds), budget=options.teacher_cache * 2**30)
         start_seconds = time.perf_counter() - started
         seconds = _train(loop, feeds, on_step) if options.steps else 0.0
     result = HealingResult(output, kind, loop.step, loop.losses, seconds=start_seconds + seconds)
     result.start_seconds = start_seconds
-    result.weights = {t.name: W.detach().numpy().astype(np.float32) for t, *_, W in student.layers}
+    result.weights = {p.target.name: p.W.detach().numpy().astype(np.float32) for p in student.layers if p.W is not None}
+    result.factors = {p.target.name: (p.P.detach().numpy().astype(np.float32), p.B.detach().numpy().astype(np.float32))
+                      for p in student.layers if p.B is not None}  # fmt: skip
     result.trained = {n: p.detach().numpy().astype(np.float32) for n, p in student.extras.items()}
     healed = _compressed(model, student, healed=True)
     if holdout_batches:
@@ -592,7 +717,7 @@ def heal_model(
     output = check_writable(Path(output))
     report = check_writable(Path(report) if report is not None else default_report(output))
     original = load_model(model)
-    projections = load_projections(Path(plan))
+    projections = load_projections(Path(plan), options.train == "factors")
     batches = load_batches(original, data if data is not None else DataOptions())
     held_out = batches.held_out if batches.separate_holdout else []
     with Progress(progress) as bars, bars.task("healing", options.steps) as advance:
@@ -610,7 +735,8 @@ def healing_report(result: HealingResult, options: HealOptions, batches: int, he
         "start_seconds": round(result.start_seconds, 2),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "training_batches": batches,
-        "layers_healed": len(result.weights),
+        "layers_healed": len(result.weights) + len(result.factors),
+        "trained": options.train,
         "other_tensors_trained": len(result.trained),
         # over one pass of the batches at each end, so both means see the same batches
         "loss_first": float(np.mean(losses[: min(batches, len(losses))])) if losses else None,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from espace_export.errors import EspaceError
-from espace_export.io.data import check_calibration_sizes, compile_patterns
+from espace_export.io.data import BUILTIN_TEXTS, check_calibration_sizes, compile_patterns, is_builtin_text
 from espace_export.selection.candidates import CANDIDATES, EIGEN_SOLVERS
 from espace_export.selection.factorizations import AUTO_METHODS, METHODS
 from espace_export.selection.planner import GRADIENT_METHODS
@@ -31,6 +31,7 @@ METHOD_CHOICES = (*METHODS, "best", "auto")
 SELECT_MODES = ("none", "validate", "fisher", "proxy")
 STOP_RULES = ("ratio", "knee")
 STATS_PRECISIONS = ("float32", "float64")
+TEXT_ROWS = ("packed", "documents")
 MAX_BATCHES = 1_000_000  # far beyond any calibration set; catches a typo such as --num-batches 10**12
 
 _CALIBRATION, _PROJECTION, _SELECTION = "Calibration", "Projection", "Selection"
@@ -65,9 +66,17 @@ class DataOptions:
         None, "Calibration inputs: .npz of arrays keyed by model input name.", panel=_CALIBRATION
     )
     calib_text: str | None = option(
-        None, "Calibration text file (or builtin:pydoc for CPython's docs); needs --tokenizer.", panel=_CALIBRATION
+        None,
+        "Calibration text file, or built-in English: builtin:pydoc (CPython's help pages, 0.5 MB), "
+        "builtin:stdlib (its library's docstrings, 1.4 MB), builtin:python (both); needs --tokenizer.",
+        panel=_CALIBRATION,
     )
     tokenizer: Path | None = option(None, "HuggingFace tokenizer directory for --calib-text.", panel=_CALIBRATION)
+    text_rows: str = option(
+        "packed", "How --calib-text becomes rows: packed (windows of --seq-len tokens cut from the whole text, "
+        "for LMs) or documents (one row per paragraph, split at --seq-len, batches padded to their longest: "
+        "the inputs an embedding or classification model serves).", panel=_CALIBRATION, choices=TEXT_ROWS,
+    )  # fmt: skip
     batch_size: int = option(4, "Sequences per calibration batch.", panel=_CALIBRATION)
     seq_len: int = option(128, "Tokens per sequence (text and random sources).", panel=_CALIBRATION)
     num_batches: int = option(16, "Calibration batches to use (held-out ones included).", panel=_CALIBRATION)
@@ -108,7 +117,11 @@ class DataOptions:
             raise EspaceError(f"--holdout must be in [0, 1), got {self.holdout}", "try --holdout 0.25")
         if self.calib_data is not None and self.calib_text is not None:
             raise EspaceError("both --calib-data and --calib-text given", "choose one calibration source")
+        for flag, text in (("--calib-text", self.calib_text), ("--valid-text", self.valid_text)):
+            if text is not None and is_builtin_text(text) and str(text) not in BUILTIN_TEXTS:
+                raise EspaceError(f"unknown built-in text {flag} {text}", f"use one of {', '.join(BUILTIN_TEXTS)}")
         _choice(self.stats_precision, STATS_PRECISIONS, "statistics precision")
+        _choice(self.text_rows, TEXT_ROWS, "text rows")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from espace_export.io.artifacts import (
     save_calibration,
     save_plan,
 )
-from espace_export.io.data import BUILTIN_PYDOC, Batches, load_batches
+from espace_export.io.data import Batches, is_builtin_text, load_batches
 from espace_export.io.models import (
     atomic_output_set,
     check_distinct_paths,
@@ -271,7 +271,7 @@ class Run:
     def check_paths(self, outputs: dict[str, Any]) -> None:
         """No output (side outputs included) may overwrite an input or another output; checked before work."""
         data, out = self.options.data, self.options.output
-        text = [t for t in (data.calib_text, data.valid_text) if t is not None and str(t) != BUILTIN_PYDOC]
+        text = [t for t in (data.calib_text, data.valid_text) if t is not None and not is_builtin_text(t)]
         inputs = {"MODEL": self.model_path, "--calib-data": data.calib_data, "--valid-data": data.valid_data,
                   "--calib-text": text, "--tokenizer": data.tokenizer}  # fmt: skip
         side = {"--statistics": out.statistics, "--plan": plan_files(out.plan) if out.plan else None,

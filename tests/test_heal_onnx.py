@@ -42,21 +42,28 @@ def _compress(dense: Path, tmp_path: Path, method: str = "mse") -> Path:
     return tmp_path / "plan.json"
 
 
-def _reference(dense: Path, projections: dict, result) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
-    """The oracle: the dense graph with each weight replaced by its effective P·QᵀW_healed and the other trained
-    tensors by their healed values, for ONNX Runtime to run."""
+def _with_weights(dense: Path, effective: dict, trained: dict) -> onnx.ModelProto:
+    """The dense graph with each named layer's weight replaced by its effective K×N matrix and the other
+    trained tensors by their healed values, for ONNX Runtime to run."""
     reference = onnx.load(str(dense))
     targets = {t.name: t for t in find_targets(reference, include_heads=True)}
     initializers = {t.name: t for t in reference.graph.initializer}
-    for name, factors in projections.items():
-        P, Q = (factors[0], factors[1].T) if isinstance(factors, tuple) else (factors, factors)
-        effective = P.astype(np.float64) @ (Q.astype(np.float64).T @ result.weights[name].astype(np.float64))
+    for name, matrix in effective.items():
         target = targets[name]
-        stored = (effective.T if target.stored_transposed else effective).astype(np.float32)
+        stored = (matrix.T if target.stored_transposed else matrix).astype(np.float32)
         initializers[target.weight].CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(stored), target.weight))
-    for name, value in result.trained.items():
+    for name, value in trained.items():
         initializers[name].CopyFrom(onnx.numpy_helper.from_array(value, name))
     return reference
+
+
+def _reference(dense: Path, projections: dict, result) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
+    """The oracle: each weight replaced by its effective P·QᵀW_healed."""
+    effective = {}
+    for name, factors in projections.items():
+        P, Q = (factors[0], factors[1].T) if isinstance(factors, tuple) else (factors, factors)
+        effective[name] = P.astype(np.float64) @ (Q.astype(np.float64).T @ result.weights[name].astype(np.float64))
+    return _with_weights(dense, effective, result.trained)
 
 
 @pytest.mark.parametrize(("arch", "method", "kind"), [("llama", "mse", "kl"), ("bert", "oblique", "distill")])
@@ -178,6 +185,9 @@ def test_cli_heals_a_compressed_model_end_to_end(sample_model, tmp_path, capsys)
         (["--resume"], "--resume needs --checkpoint-dir"),
         (["--plan", "missing.json"], "missing.json"),
         (["--resume", "--checkpoint-dir", "nowhere"], "no checkpoint"),
+        (["--train", "both"], "Invalid value for '--train'"),
+        (["--teacher-cache", "-1"], "--teacher-cache must be non-negative"),
+        (["--text-rows", "lines"], "Invalid value for '--text-rows'"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_writes_nothing(sample_model, tmp_path, capsys, extra, message) -> None:
@@ -208,3 +218,63 @@ def test_user_errors(sample_model, tmp_path) -> None:
     with pytest.raises(EspaceError, match="not orthonormal"):
         heal_onnx(dense, whitened.output, _batches("llama", 1, 0), tmp_path / "h.onnx", HealOptions(steps=1))
     assert not (tmp_path / "h.onnx").exists()
+
+
+def test_teacher_run_again_when_its_outputs_do_not_fit_changes_nothing(sample_model, tmp_path) -> None:
+    """``teacher_cache=0``: the teacher runs at every step and once per layer group in the least-squares start
+    instead of being kept; the healed weights are the same."""
+    dense = Path(sample_model("bert", "torchscript"))
+    plan = _compress(dense, tmp_path)
+    train = _batches("bert", 3, seed=11)
+    kept = heal_onnx(dense, plan, train, tmp_path / "a.onnx", HealOptions(steps=5, lr=3e-3, start="least-squares"))
+    rerun = heal_onnx(dense, plan, train, tmp_path / "b.onnx",
+                      HealOptions(steps=5, lr=3e-3, start="least-squares", teacher_cache=0))  # fmt: skip
+    np.testing.assert_allclose(rerun.losses, kept.losses, rtol=1e-5)
+    for name, W in kept.weights.items():
+        np.testing.assert_allclose(rerun.weights[name], W, rtol=1e-4, atol=1e-6 * np.abs(W).max())
+
+
+def test_start_batches_spread_over_the_text() -> None:
+    from espace_export.heal_onnx import start_batches
+
+    feeds = [{"input_ids": np.zeros((4, 8)), "attention_mask": np.ones((4, 8)), "at": np.array(i)} for i in range(50)]
+    picked = start_batches(feeds, tokens=320)  # 1,600 tokens in all: every 5th batch
+    assert [int(f["at"]) for f in picked] == list(range(0, 50, 5))
+    assert len(start_batches(feeds, tokens=10**6)) == 50
+
+
+def _factor_reference(dense: Path, result) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
+    """The oracle of ``train="factors"``: each weight replaced by the trained product A·B."""
+    effective = {n: A.astype(np.float64) @ B.astype(np.float64) for n, (A, B) in result.factors.items()}
+    return _with_weights(dense, effective, result.trained)
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened-svd"])
+def test_training_the_factors_heals_an_svd_plan_at_its_weight_count(sample_model, tmp_path, method: str) -> None:
+    """``train="factors"`` (the SVD baselines' healing): A (K×L) and B (L×N) train, W does not exist any more;
+    the loss goes down, the written graph computes (X·A)·B, and a step of lr ≈ 0 keeps the plan's product
+    (the balanced start only rescales)."""
+    dense = Path(sample_model("bert", "torchscript"))
+    espace_export.compress(dense, ratio=0.5, min_rank=4, num_batches=4, seq_len=16, method=method,
+                           output=tmp_path / "c.onnx", plan_path=tmp_path / "plan.json")  # fmt: skip
+    plan = tmp_path / "plan.json"
+    train = _batches("bert", 4, seed=40)
+    still = heal_onnx(dense, plan, train, tmp_path / "still.onnx", HealOptions(steps=1, lr=1e-12, train="factors"))
+    one_shot = tmp_path / "c.onnx"
+    np.testing.assert_allclose(_run(still.output, train[0]), _run(one_shot, train[0]), rtol=1e-4, atol=1e-5)
+
+    result = heal_onnx(dense, plan, train, tmp_path / "healed.onnx",
+                       HealOptions(steps=40, lr=3e-3, warmup=0.1, train="factors", start="least-squares"),
+                       holdout_batches=train)  # fmt: skip
+    assert not result.weights and result.factors and result.report["trained"] == "factors"
+    with pytest.raises(EspaceError, match="pass --train factors"):  # no static projection for W to train behind
+        heal_onnx(dense, load_projections(plan, factorizations=True), train, tmp_path / "w.onnx")
+    for name, factors in load_projections(plan, factorizations=True).items():
+        A, B = result.factors[name]
+        assert A.shape == factors.A.shape and B.shape[0] == A.shape[1]  # L(K+N) numbers, the plan's rank
+    assert np.mean(result.losses[-8:]) < 0.7 * np.mean(result.losses[:4])
+    (before,) = result.fidelity_before.values()
+    (after,) = result.fidelity_after.values()
+    assert after["relative_l2"] < before["relative_l2"]
+    want, got = _run(_factor_reference(dense, result), train[1]), _run(result.output, train[1])
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5

@@ -16,10 +16,14 @@ LIBRARY = ("data", "ranks", "selection")
 
 def check_outputs(model: Path, settings: dict[str, Any], outputs: dict[str, Any], **inputs: Any) -> None:
     """A staged command's outputs against its inputs (model and its data files, data sources, tokenizer)."""
-    from espace_export.io.data import BUILTIN_PYDOC
+    from espace_export.io.data import is_builtin_text
     from espace_export.io.models import check_distinct_paths
 
-    texts = [settings.get(k) for k in ("calib_text", "valid_text") if settings.get(k) not in (None, BUILTIN_PYDOC)]
+    texts = [
+        settings.get(k)
+        for k in ("calib_text", "valid_text")
+        if settings.get(k) is not None and not is_builtin_text(settings[k])
+    ]
     sources = {"MODEL": model, "--calib-data": settings.get("calib_data"), "--valid-data": settings.get("valid_data"),
                "--calib-text": texts, "--tokenizer": settings.get("tokenizer"), **inputs}  # fmt: skip
     check_distinct_paths(sources, outputs)

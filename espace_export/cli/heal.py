@@ -11,7 +11,17 @@ from espace_export.cli.app import app
 from espace_export.cli.compress import check_outputs
 from espace_export.cli.groups import JsonOption, QuietOption, command, progress_wanted
 
-DATA_FIELDS = ["calib_data", "calib_text", "tokenizer", "batch_size", "seq_len", "num_batches", "holdout", "seed"]
+DATA_FIELDS = [
+    "calib_data",
+    "calib_text",
+    "tokenizer",
+    "text_rows",
+    "batch_size",
+    "seq_len",
+    "num_batches",
+    "holdout",
+    "seed",
+]
 
 
 @command(app, groups=(("data", DATA_FIELDS), "heal"))

@@ -6,6 +6,7 @@ Every reader follows onnxruntime's quantization convention: ``get_next() -> dict
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from espace_export.options import DataOptions
 
 BUILTIN_PYDOC = "builtin:pydoc"
+BUILTIN_STDLIB = "builtin:stdlib"
+BUILTIN_PYTHON = "builtin:python"
+BUILTIN_TEXTS = (BUILTIN_PYDOC, BUILTIN_STDLIB, BUILTIN_PYTHON)
 
 
 class CalibrationDataReader(Protocol):
@@ -216,6 +220,50 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+_SKIPPED_STDLIB = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"}
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_text(min_words: int = 20) -> str:
+    """About 1.4 MB of English prose from the docstrings of CPython's standard library (modules, classes and
+    functions with at least ``min_words`` words; test suites left out), read with :mod:`ast` (nothing is
+    imported or run), in a fixed order."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        if _SKIPPED_STDLIB.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc and len(doc.split()) >= min_words:
+                    docs.append(doc)
+    return "\n\n".join(docs)
+
+
+def builtin_text(name: str) -> str:
+    """The text behind ``builtin:pydoc`` (CPython's help pages), ``builtin:stdlib`` (its standard library's
+    docstrings) or ``builtin:python`` (both, ≈ 1.9 MB)."""
+    if name == BUILTIN_PYDOC:
+        return pydoc_text()
+    if name == BUILTIN_STDLIB:
+        return stdlib_text()
+    if name == BUILTIN_PYTHON:
+        return pydoc_text() + "\n\n" + stdlib_text()
+    raise EspaceError(f"unknown built-in text {name!r}", f"use one of {', '.join(BUILTIN_TEXTS)} or a text file")
+
+
+def is_builtin_text(path: object) -> bool:
+    return str(path).startswith("builtin:")
+
+
 def read_text(
     path: str | Path,
     tokenizer_dir: str | Path | None,
@@ -224,15 +272,20 @@ def read_text(
     batch_size: int,
     seq_len: int,
     max_batches: int,
+    rows: str = "packed",
 ) -> list[dict[str, np.ndarray]]:
-    """Batches of ``seq_len`` tokens from a text file, tokenized by a HuggingFace tokenizer directory.
+    """Batches of token rows from a text file, tokenized by a HuggingFace tokenizer directory.
 
-    ``path`` may be ``builtin:pydoc`` for CPython's own documentation prose.
+    ``path`` may name built-in English text (:func:`builtin_text`): ``builtin:pydoc``, ``builtin:stdlib``,
+    ``builtin:python``. ``rows``: ``packed`` cuts windows of ``seq_len`` tokens from the whole token stream
+    (:func:`token_windows`); ``documents`` makes one row per paragraph (blank-line separated; longer ones
+    split every ``seq_len`` tokens), the shape of inputs a sentence-embedding or classification model
+    serves (:func:`document_rows`).
     """
     if tokenizer_dir is None:
         raise EspaceError("--calib-text needs a tokenizer", "pass --tokenizer DIR (a HuggingFace tokenizer directory)")
-    if str(path) == BUILTIN_PYDOC:
-        text = pydoc_text()
+    if is_builtin_text(path):
+        text = builtin_text(str(path))
     else:
         path = Path(path)
         if not path.is_file():
@@ -242,7 +295,12 @@ def read_text(
     documents = [d.strip() for d in text.split("\n\n") if d.strip()]
     if not documents:
         raise EspaceError(f"calibration text {path} is empty", "give it some representative text")
-    windows = token_windows(documents, tokenizer, seq_len, batch_size * max_batches)
+    if rows == "documents":
+        fixed = any(isinstance(spec.shape[-1], int) for spec in specs if spec.is_integer and len(spec.shape) == 2)
+        windows = padded_rows(document_rows(documents, tokenizer, seq_len, batch_size * max_batches), batch_size,
+                              seq_len if fixed else None)  # fmt: skip
+    else:
+        windows = token_windows(documents, tokenizer, seq_len, batch_size * max_batches)
     names = {spec.name: spec for spec in specs}
     batches = []
     for start in range(0, len(windows), batch_size):
@@ -272,13 +330,43 @@ def token_windows(documents: Sequence[str], tokenizer: Any, seq_len: int, count:
             break
         if stream and separator is not None:
             stream.append(int(separator))
-        stream.extend(int(t) for t in tokenizer(document, add_special_tokens=False)["input_ids"])
+        stream.extend(int(t) for t in tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"])
     starts = range(0, max(len(stream) - body + 1, 1), body)
     windows = []
     for start in list(starts)[:count]:
         window = [*prefix, *stream[start : start + body], *suffix][:seq_len]
         windows.append(window + [-1] * (seq_len - len(window)))
     return windows
+
+
+def document_rows(documents: Sequence[str], tokenizer: Any, seq_len: int, count: int) -> list[list[int]]:
+    """Up to ``count`` rows of token ids, one per document (its tail in further rows when it is longer than
+    ``seq_len`` with the tokenizer's special tokens), in document order, unpadded."""
+    prefix, suffix = special_tokens(tokenizer)
+    body = max(1, seq_len - len(prefix) - len(suffix))
+    rows: list[list[int]] = []
+    for document in documents:
+        if len(rows) >= count:
+            break
+        ids = [int(t) for t in tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"]]
+        rows.extend([*prefix, *ids[at : at + body], *suffix][:seq_len] for at in range(0, max(len(ids), 1), body))
+    return rows[:count]
+
+
+def padded_rows(rows: Sequence[list[int]], batch_size: int, width: int | None, bucket: int = 16) -> list[list[int]]:
+    """``rows`` padded with ``-1``: to ``width``, or (``None``) to the longest row of their batch of
+    ``batch_size``. Rows are sorted by length within runs of ``bucket`` batches first, so that a batch holds
+    rows of like length (little padding) while the text's order holds at the scale of the runs."""
+    ordered: list[list[int]] = []
+    run = batch_size * bucket
+    for start in range(0, len(rows), run):
+        ordered.extend(sorted(rows[start : start + run], key=len))
+    padded: list[list[int]] = []
+    for start in range(0, len(ordered), batch_size):
+        batch = ordered[start : start + batch_size]
+        size = width or max(len(r) for r in batch)
+        padded.extend(r + [-1] * (size - len(r)) for r in batch)
+    return padded
 
 
 def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -524,7 +612,13 @@ def read_batches(
         source = f"npz:{array}"
     elif text is not None:
         batches = read_text(
-            text, data.tokenizer, specs, batch_size=data.batch_size, seq_len=data.seq_len, max_batches=count
+            text,
+            data.tokenizer,
+            specs,
+            batch_size=data.batch_size,
+            seq_len=data.seq_len,
+            max_batches=count,
+            rows=data.text_rows,
         )
         source = "text:pydoc_data" if str(text) == BUILTIN_PYDOC else f"text:{text}"
     else:

@@ -112,3 +112,56 @@ def test_short_text_gives_one_padded_window(tmp_path: Path) -> None:
     (batch,) = read_text(text, tok, specs, batch_size=4, seq_len=8, max_batches=2)
     assert batch["input_ids"].shape == (1, 8)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("seq", ["seq", 12])
+def test_document_rows_keep_each_paragraph_whole_in_its_own_row(tmp_path: Path, seq: str | int) -> None:
+    """``rows="documents"``: one row per paragraph (a long one continued in further rows), the words in order,
+    nothing of the text lost; rows padded (mask 0) to their batch's longest, or to --seq-len when the graph's
+    sequence dimension is fixed."""
+    from espace_export.io.data import InputSpec, read_text
+
+    tok = word_level_tokenizer(tmp_path / "tok")
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(1, 30, size=40)]
+    paragraphs = [[(7 * p + j) % (VOCAB - 1) + 1 for j in range(n)] for p, n in enumerate(lengths)]
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(" ".join(f"w{i}" for i in words) for words in paragraphs))
+    specs = [InputSpec("input_ids", np.dtype("int64"), ("batch", seq)),
+             InputSpec("attention_mask", np.dtype("int64"), ("batch", seq))]  # fmt: skip
+
+    batches = read_text(text, tok, specs, batch_size=4, seq_len=12, max_batches=1000, rows="documents")
+
+    rows = [ids[m == 1].tolist() for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True)]
+    expected = [words[at : at + 12] for words in paragraphs for at in range(0, len(words), 12)]
+    assert sorted(rows) == sorted(expected)  # every paragraph, split at 12 tokens, one row each
+    for b in batches:
+        mask = b["attention_mask"]
+        assert (mask[:, 0] == 1).all() and (np.diff(mask, axis=1) <= 0).all()  # right-padded
+        assert mask.shape[1] == 12 if seq == 12 else mask.shape[1] == mask.sum(axis=1).max()
+    if seq == "seq":  # rows of like length share a batch: little padding
+        assert sum(b["attention_mask"].sum() for b in batches) / sum(b["attention_mask"].size for b in batches) > 0.8
+
+
+def test_builtin_texts_are_english_prose_read_without_importing() -> None:
+    import sys
+
+    from espace_export.io.data import BUILTIN_TEXTS, builtin_text, stdlib_text
+
+    assert "antigravity" not in sys.modules  # the stdlib text parses sources: nothing is imported or run
+    pydoc, stdlib, both = (builtin_text(name) for name in BUILTIN_TEXTS)
+    assert "antigravity" not in sys.modules
+    assert len(pydoc) > 400_000 and len(stdlib) > 1_000_000 and both == pydoc + "\n\n" + stdlib
+    words = stdlib.split()
+    assert sum(w.lower() in {"the", "a", "of", "to", "is"} for w in words) / len(words) > 0.05
+    assert stdlib == stdlib_text.__wrapped__()  # read again: a fixed order, runs are reproducible
+
+
+def test_unknown_builtin_text_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    model = tmp_path / "m.onnx"
+    onnx.save(tiny_decoder(), model)
+    code, _, err = run_cli([str(model), "--calib-text", "builtin:wiki", "--tokenizer", str(tmp_path), "-q"], capsys)
+    assert code == 2 and "builtin:stdlib" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
