@@ -209,7 +209,8 @@ def _check_factors(name: str, target: GemmTarget, P: np.ndarray, Q: np.ndarray) 
         raise EspaceError(  # a baseline's A (svd-family, oblique) read back from a compressed graph
             f"the projection of {name} is not orthonormal (the layer was compressed by a weight factorisation "
             "or an oblique projection), so it cannot be healed as x·P·PᵀW",
-            "heal from the plan (plan.json keeps an oblique layer's M), or compress with ESPACE or oblique methods",
+            "heal from the plan (plan.json keeps an oblique layer's M; with --train factors, a weight "
+            "factorisation's factors), or compress with ESPACE or oblique methods",
         )
 
 

@@ -96,3 +96,21 @@ def test_paired_differences_are_taken_seed_by_seed() -> None:
     records = [record("espace", 0, 100.0, 0.10), record("espace", 1, 102.0, 0.12), record("svd", 1, 101.0, 0.11)]
     records.append(record("svd", 0, 103.0, 0.10))
     assert healing.paired(records).splitlines()[2] == "| 0.5 | espace − svd | -3.00 +1.00 | +0.0000 +0.0100 |"
+
+
+def test_minilm_methods_compress_to_the_same_weight_count(sample_model, tmp_path) -> None:
+    """The MiniLM side compresses each method with --select none at one ratio: every method gets the same
+    rank per layer, so the comparison is at equal inference weights, and below the dense count."""
+    from pathlib import Path
+
+    import espace_export
+
+    dense = Path(sample_model("bert", "torchscript"))
+    counts = {}
+    for method, candidate in healing.MINILM_METHODS.items():
+        plan = tmp_path / f"{method}.json"
+        espace_export.compress(dense, output=tmp_path / f"{method}.onnx", plan_path=plan, ratio=0.5, min_rank=4,
+                               method=candidate, select="none", rank_rule="8", num_batches=2, seq_len=16)  # fmt: skip
+        counts[method] = healing._minilm_weights(plan)
+    dense_count = healing._minilm_dense_weights(tmp_path / "svd.json")
+    assert len(set(counts.values())) == 1 and counts["espace"] < 0.75 * dense_count, (counts, dense_count)

@@ -286,6 +286,9 @@ def read_text(
         raise EspaceError("--calib-text needs a tokenizer", "pass --tokenizer DIR (a HuggingFace tokenizer directory)")
     if is_builtin_text(path):
         text = builtin_text(str(path))
+        if not text.strip():  # a Python installed without its standard library's sources
+            raise EspaceError(f"{path} found no text in this Python's installation",
+                              f"use {BUILTIN_PYDOC} or a text file")  # fmt: skip
     else:
         path = Path(path)
         if not path.is_file():

@@ -165,3 +165,21 @@ def test_unknown_builtin_text_is_refused_before_any_work(tmp_path: Path, capsys:
     code, _, err = run_cli([str(model), "--calib-text", "builtin:wiki", "--tokenizer", str(tmp_path), "-q"], capsys)
     assert code == 2 and "builtin:stdlib" in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_builtin_stdlib_without_sources_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sysconfig
+
+    from espace_export.errors import EspaceError
+    from espace_export.io.data import InputSpec, read_text, stdlib_text
+
+    stdlib_text.cache_clear()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})  # a Python shipped as .pyc only
+    (tmp_path / "os.pyc").write_bytes(b"\0")
+    try:
+        with pytest.raises(EspaceError, match="builtin:stdlib found no text") as raised:
+            read_text("builtin:stdlib", word_level_tokenizer(tmp_path / "tok"),
+                      [InputSpec("input_ids", np.dtype("int64"), ("b", "s"))], batch_size=1, seq_len=8, max_batches=1)  # fmt: skip
+        assert "builtin:pydoc" in raised.value.fix
+    finally:
+        stdlib_text.cache_clear()
