@@ -5,10 +5,12 @@ The original ``.onnx`` is evaluated by the ONNX→torch interpreter the gradient
 (:class:`espace_export.calibration.onnx_torch.TorchGraph`). Each projected layer's weight constant becomes
 ``P·(Qᵀ·W)`` with W a trainable parameter (K×N, whole) and P, Q static — ``Q = P`` for ESPACE's
 orthonormal projections, ``Q = Mᵀ`` for an oblique pair ``(A, M)`` — so the graph computes exactly
-``(X·P)·(QᵀW)``, the pair the compressed model runs. LayerNorm scales and shifts and the biases of the
-projected GEMMs train too (``train_norms``).
+``(X·P)·(QᵀW)``, the pair the compressed model runs. With ``train="factors"`` the pair's two factors train
+instead (A = P, B = QᵀW, or a weight factorisation's own A and B: how the SVD baselines are fine-tuned).
+LayerNorm scales and shifts and the biases of the projected GEMMs train too (``train_norms``).
 
-The teacher is the same interpreter with the original constants, run once per training batch and cached:
+The teacher is the same interpreter with the original constants, its outputs kept per batch while they fit in
+``teacher_cache`` GiB (else it runs again at each step):
 its first output and the output of every ``LayerNormalization`` (the token states between blocks). The loss
 (:func:`distillation_loss`): the KL of next-token distributions for a causal LM (``logits [batch, seq,
 vocab]``), ``1 − cosine`` of output rows otherwise, plus ``hidden_weight`` × the mean squared error of the
