@@ -74,7 +74,8 @@ class DataOptions:
     tokenizer: Path | None = option(None, "HuggingFace tokenizer directory for --calib-text.", panel=_CALIBRATION)
     text_rows: str = option(
         "packed", "How --calib-text becomes rows: packed (windows of --seq-len tokens cut from the whole text, "
-        "for LMs) or documents (one row per paragraph, split at --seq-len, batches padded to their longest: "
+        "for LMs) or documents (one row per paragraph, or per line in a text without blank lines; split at "
+        "--seq-len, batches padded to their longest: "
         "the inputs an embedding or classification model serves).", panel=_CALIBRATION, choices=TEXT_ROWS,
     )  # fmt: skip
     batch_size: int = option(4, "Sequences per calibration batch.", panel=_CALIBRATION)

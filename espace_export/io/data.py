@@ -278,9 +278,9 @@ def read_text(
 
     ``path`` may name built-in English text (:func:`builtin_text`): ``builtin:pydoc``, ``builtin:stdlib``,
     ``builtin:python``. ``rows``: ``packed`` cuts windows of ``seq_len`` tokens from the whole token stream
-    (:func:`token_windows`); ``documents`` makes one row per paragraph (blank-line separated; longer ones
-    split every ``seq_len`` tokens), the shape of inputs a sentence-embedding or classification model
-    serves (:func:`document_rows`).
+    (:func:`token_windows`); ``documents`` makes one row per paragraph (blank-line separated, or per line in a
+    text without blank lines; longer ones split every ``seq_len`` tokens), the shape of inputs a
+    sentence-embedding or classification model serves (:func:`document_rows`).
     """
     if tokenizer_dir is None:
         raise EspaceError("--calib-text needs a tokenizer", "pass --tokenizer DIR (a HuggingFace tokenizer directory)")
@@ -296,6 +296,8 @@ def read_text(
         text = path.read_text(encoding="utf-8", errors="replace")
     tokenizer: Any = load_tokenizer(tokenizer_dir)
     documents = [d.strip() for d in text.split("\n\n") if d.strip()]
+    if rows == "documents" and len(documents) == 1:  # no blank lines: one document (sentence) per line
+        documents = [line.strip() for line in text.splitlines() if line.strip()]
     if not documents:
         raise EspaceError(f"calibration text {path} is empty", "give it some representative text")
     if rows == "documents":

@@ -114,11 +114,11 @@ def test_short_text_gives_one_padded_window(tmp_path: Path) -> None:
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]]
 
 
-@pytest.mark.parametrize("seq", ["seq", 12])
-def test_document_rows_keep_each_paragraph_whole_in_its_own_row(tmp_path: Path, seq: str | int) -> None:
+@pytest.mark.parametrize(("seq", "separator"), [("seq", "\n\n"), (12, "\n\n"), ("seq", "\n")])
+def test_document_rows_keep_each_paragraph_whole_in_its_own_row(tmp_path: Path, seq: str | int, separator: str) -> None:
     """``rows="documents"``: one row per paragraph (a long one continued in further rows), the words in order,
     nothing of the text lost; rows padded (mask 0) to their batch's longest, or to --seq-len when the graph's
-    sequence dimension is fixed."""
+    sequence dimension is fixed. A text without blank lines is one document per line."""
     from espace_export.io.data import InputSpec, read_text
 
     tok = word_level_tokenizer(tmp_path / "tok")
@@ -126,7 +126,7 @@ def test_document_rows_keep_each_paragraph_whole_in_its_own_row(tmp_path: Path, 
     lengths = [int(n) for n in rng.integers(1, 30, size=40)]
     paragraphs = [[(7 * p + j) % (VOCAB - 1) + 1 for j in range(n)] for p, n in enumerate(lengths)]
     text = tmp_path / "corpus.txt"
-    text.write_text("\n\n".join(" ".join(f"w{i}" for i in words) for words in paragraphs))
+    text.write_text(separator.join(" ".join(f"w{i}" for i in words) for words in paragraphs))
     specs = [InputSpec("input_ids", np.dtype("int64"), ("batch", seq)),
              InputSpec("attention_mask", np.dtype("int64"), ("batch", seq))]  # fmt: skip
 
