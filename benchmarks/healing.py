@@ -395,11 +395,14 @@ def run_tiny_lm(args: argparse.Namespace) -> tuple[list[dict], int]:
 MINILM_METHODS = {"espace": "mse", "oblique": "oblique", "svd": "svd", "whitened-svd": "whitened-svd"}
 
 
-def _minilm_weights(plan_path: Path) -> int:
-    """Inference weights of the targeted GEMMs: L(K+N) per compressed layer, KN per dense one."""
-    plan = json.loads(plan_path.read_text())
-    return sum(layer["L"] * (layer["K"] + layer["N"]) if layer["selected"] else layer["K"] * layer["N"]
-               for layer in plan["layers"])  # fmt: skip
+def _minilm_weights(plan_path: Path) -> tuple[int, int]:
+    """Inference weights of the targeted GEMMs as the plan compresses them (L(K+N) per compressed layer, KN
+    per dense one), and as they are dense."""
+    layers = json.loads(plan_path.read_text())["layers"]
+    dense = sum(layer["K"] * layer["N"] for layer in layers)
+    compressed = sum(layer["L"] * (layer["K"] + layer["N"]) if layer["selected"] else layer["K"] * layer["N"]
+                     for layer in layers)  # fmt: skip
+    return compressed, dense
 
 
 def run_minilm(args: argparse.Namespace) -> tuple[list[dict], int]:
@@ -443,8 +446,8 @@ def run_minilm(args: argparse.Namespace) -> tuple[list[dict], int]:
                                        method=MINILM_METHODS[method], select="none", rank_rule=args.rank_rule,
                                        calib_text=train, tokenizer=tokenizer, num_batches=16, batch_size=4,
                                        seq_len=128, progress=False)  # fmt: skip
-                dense_weights = dense_weights or _minilm_dense_weights(plan)
-                common = {"ratio": ratio, "method": method, "weights": _minilm_weights(plan),
+                weights, dense_weights = _minilm_weights(plan)
+                common = {"ratio": ratio, "method": method, "weights": weights,
                           "optimizer": "AdamW (fresh)",
                           "trained": "factors" if method in ("svd", "whitened-svd") else "weights"}  # fmt: skip
                 records.append({**common, "seed": None, "stage": "out of the box", **score(compressed)})
@@ -466,10 +469,6 @@ def run_minilm(args: argparse.Namespace) -> tuple[list[dict], int]:
                                         "file_mb": quantization._file_mb(quantized)})  # fmt: skip
                         _say_minilm(records[-1])
     return records, dense_weights
-
-
-def _minilm_dense_weights(plan_path: Path) -> int:
-    return sum(layer["K"] * layer["N"] for layer in json.loads(plan_path.read_text())["layers"])
 
 
 def _say_minilm(record: Mapping[str, object]) -> None:

@@ -252,7 +252,7 @@ class _Pair:
     W: Any = None  # None when the factors train
     B: Any = None  # None when W trains
     initial: np.ndarray | None = None  # the plan's P (or A), for the one-shot model
-    initial_B: np.ndarray | None = None  # the plan's B for a weight factorisation (no Q)
+    initial_B: np.ndarray | None = None  # the plan's B for a weight factorisation (no Q to fold it with)
 
     def effective(self) -> Any:
         return self.P @ (self.Q.T @ self.W) if self.W is not None else self.P @ self.B
@@ -290,31 +290,29 @@ class _Student:
         for name, factors in projections.items():
             target = targets[mapping[name]]
             _check_weight_not_shared(model, target)
+            W = np.array(weight_matrix(model, target), dtype=np.float32)
+            folded = None  # the plan's L×N factor where there is no Q to fold it from W
             if isinstance(factors, WeightFactors):  # svd-style: the plan's own two factors
                 if train != "factors":
                     raise EspaceError(f"layer {name} is compressed by a weight factorisation, with no static "
                                       "projection for W to train behind", "pass --train factors")  # fmt: skip
-                W_kn = np.asarray(weight_matrix(model, target), dtype=np.float32)
-                B_np = factors.B if factors.B is not None else factors.A.T @ W_kn
-                A, B = (torch.from_numpy(np.array(x, dtype=np.float32)) for x in (factors.A, B_np))
-                if A.shape[0] != target.K or B.shape != (A.shape[1], target.N):
-                    raise EspaceError(f"factors of {name} are {tuple(A.shape)}·{tuple(B.shape)}, the layer is "
+                P_np, Q_np = np.asarray(factors.A, dtype=np.float32), None
+                folded = np.asarray(factors.B if factors.B is not None else P_np.T @ W, dtype=np.float32)
+                if P_np.shape[0] != target.K or folded.shape != (P_np.shape[1], target.N):
+                    raise EspaceError(f"factors of {name} are {P_np.shape}·{folded.shape}, the layer is "
                                       f"{target.K}×{target.N}", "use the model the plan was made for")  # fmt: skip
-                A, B = _balanced(A, B)
-                pair = _Pair(target, torch.nn.Parameter(A), None, B=torch.nn.Parameter(B))
-                pair.initial, pair.initial_B = np.array(factors.A), np.array(B_np, dtype=np.float64)
-                self.layers.append(pair)
-                continue
-            P_np, Q_np = _static(factors)
-            _check_factors(name, target, P_np, Q_np)
-            P, Q = torch.from_numpy(np.array(P_np)), torch.from_numpy(np.array(Q_np))
-            W = torch.from_numpy(np.array(weight_matrix(model, target), dtype=np.float32))
-            if train == "factors":
-                A, B = _balanced(P.float(), Q.float().T @ W)
-                pair = _Pair(target, torch.nn.Parameter(A), Q, B=torch.nn.Parameter(B))
             else:
-                pair = _Pair(target, P, Q, W=torch.nn.Parameter(W))
-            pair.initial = np.array(P_np)
+                P_np, Q_np = _static(factors)
+                _check_factors(name, target, P_np, Q_np)
+            P = torch.from_numpy(np.array(P_np))
+            Q = None if Q_np is None else torch.from_numpy(np.array(Q_np))
+            pair = _Pair(target, P, Q, initial=np.array(P_np), initial_B=folded)
+            if train == "factors":
+                B0 = folded if folded is not None else np.asarray(Q_np, dtype=np.float32).T @ W  # QᵀW
+                A, B = _balanced(P.float(), torch.from_numpy(np.ascontiguousarray(B0)))
+                pair.P, pair.B = torch.nn.Parameter(A), torch.nn.Parameter(B)
+            else:
+                pair.W = torch.nn.Parameter(torch.from_numpy(W))
             self.layers.append(pair)
         names = trainable_extras(model, [pair.target for pair in self.layers]) if train_norms else []
         self.extras = {n: torch.nn.Parameter(self.original[n].detach().clone().float()) for n in names}
@@ -335,16 +333,20 @@ class _Student:
         values = self.graph.run(feed, outputs=names)
         return values[self.output], [values[n] for n in names[1:]]
 
+    @contextlib.contextmanager
+    def as_teacher(self) -> Iterator[None]:
+        """The graph with the original model's constants (the teacher) for the duration."""
+        trained, self.graph.constants = self.graph.constants, dict(self.original)
+        try:
+            yield
+        finally:
+            self.graph.constants = trained
+
     def teacher(self, feed: Mapping[str, np.ndarray], hidden: bool) -> tuple[Any, list[Any]]:
         import torch
 
-        trained = dict(self.graph.constants)
-        self.graph.constants = dict(self.original)
-        try:
-            with torch.no_grad():
-                return self.run(feed, hidden)
-        finally:
-            self.graph.constants = trained
+        with self.as_teacher(), torch.no_grad():
+            return self.run(feed, hidden)
 
     def state(self) -> dict[str, Any]:
         return {"layers": {pair.target.name: [t.detach().clone() for t in pair.trained()] for pair in self.layers},
@@ -528,9 +530,9 @@ def _activations(student: _Student, feed: Mapping[str, np.ndarray], names: set[s
 
 def start_batches(feeds: Sequence[dict[str, np.ndarray]], tokens: int = START_TOKENS) -> list[dict[str, np.ndarray]]:
     """About ``tokens`` tokens' worth of ``feeds``, every k-th batch so that the sample spans the whole text."""
-    counts = [int(f["attention_mask"].sum()) if "attention_mask" in f else next(iter(f.values())).size
-              for f in feeds]  # fmt: skip
-    stride = max(1, math.ceil(sum(counts) / tokens))
+    from espace_export.io.data import batch_tokens
+
+    stride = max(1, math.ceil(sum(batch_tokens(f) for f in feeds) / tokens))
     return list(feeds[::stride])
 
 
@@ -556,18 +558,13 @@ def least_squares_start(
     last = max(names, key=lambda n: order.get(n, -1))
 
     def teacher(feed: dict[str, np.ndarray], wanted: set[str], stop: str) -> dict[str, Any]:
-        trained, student.graph.constants = student.graph.constants, dict(student.original)
-        try:
+        with student.as_teacher():
             return {k: v.float() for k, v in _activations(student, feed, wanted, stop).items()}
-        finally:
-            student.graph.constants = trained
 
-    held: list[dict[str, Any]] | None = [teacher(feeds[0], names, last)]
-    assert held is not None
-    if sum(v.numel() * 4 for v in held[0].values()) * len(feeds) <= budget:
-        held.extend(teacher(feed, names, last) for feed in feeds[1:])
-    else:
-        held = None
+    first = teacher(feeds[0], names, last)
+    held = None
+    if sum(v.numel() * 4 for v in first.values()) * len(feeds) <= budget:
+        held = [first, *(teacher(feed, names, last) for feed in feeds[1:])]
     for activation in sorted(stages, key=lambda n: order.get(n, -1)):
         student.install()
         K = stages[activation][0].target.K
@@ -615,18 +612,16 @@ def _compressed(model: onnx.ModelProto, student: _Student, healed: bool) -> onnx
     rewrites = []
     for pair in student.layers:
         target = pair.target
-        if not healed or pair.W is None:
-            W_kn = weight_matrix(model, target).astype(np.float64)
-        else:  # the healed weight replaces the original constant before the rewrite
-            W_kn = pair.W.detach().numpy().astype(np.float64)
-            stored = (W_kn.T if target.stored_transposed else W_kn).astype(np.dtype(target.dtype))
-            _replace_initializer(copy, target.weight, stored)
-        if healed and pair.B is not None:
+        if healed and pair.B is not None:  # the trained factors
             P, folded = pair.P.detach().numpy(), pair.B.detach().numpy().astype(np.float64)
-        elif pair.initial_B is not None:
-            P, folded = pair.initial, pair.initial_B
-        else:
-            P, folded = (pair.initial if not healed else pair.P.numpy()), pair.Q.numpy().astype(np.float64).T @ W_kn
+        elif pair.initial_B is not None:  # a weight factorisation as planned
+            P, folded = pair.initial, pair.initial_B.astype(np.float64)
+        else:  # the static pair folded with the healed W, or the original one
+            W_kn = (pair.W.detach().numpy() if healed else weight_matrix(model, target)).astype(np.float64)
+            if healed:  # the healed weight replaces the original constant before the rewrite
+                stored = (W_kn.T if target.stored_transposed else W_kn).astype(np.dtype(target.dtype))
+                _replace_initializer(copy, target.weight, stored)
+            P, folded = pair.initial, pair.Q.numpy().astype(np.float64).T @ W_kn
         rewrites.append(Projection(target, np.asarray(P), folded=folded))
     if healed:
         for name, value in student.extras.items():

@@ -597,12 +597,14 @@ class Batches:
     @property
     def tokens(self) -> int:
         """Calibration tokens (padding excluded): what the statistics were measured on."""
-        total = 0
-        for batch in self.calibration:
-            mask = batch.get("attention_mask")
-            ids = next((v for k, v in batch.items() if "input_ids" in k), None)
-            total += int(mask.sum()) if mask is not None else int(ids.size) if ids is not None else 0
-        return total
+        return sum(batch_tokens(batch) for batch in self.calibration)
+
+
+def batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """Tokens in one batch, padding excluded (its attention mask, else its input ids; 0 with neither)."""
+    mask = batch.get("attention_mask")
+    ids = next((v for k, v in batch.items() if "input_ids" in k), None)
+    return int(mask.sum()) if mask is not None else int(ids.size) if ids is not None else 0
 
 
 def read_batches(
