@@ -55,19 +55,22 @@ def _split_file(directory: Path, split: str) -> tuple[Path, list[str]]:
     return path, paragraphs
 
 
-def write_train_text(path: Path, source: str) -> int:
+def write_train_text(path: Path, source: str) -> str:
     """The training text for healing: pydoc's train split (``pydoc``), plus the standard library's docstrings
-    (``python``, ``builtin:stdlib``) less any paragraph that is also a test paragraph. Returns paragraphs."""
+    (``python``, ``builtin:stdlib``) less any paragraph that is also a test paragraph. Returns what went in."""
     from espace_export.io.data import stdlib_text
     from samples.train_lm import split_paragraphs
 
     splits = split_paragraphs()
     paragraphs = list(splits["train"])
+    told = f"{len(paragraphs)} train-split paragraphs"
     if source == "python":
         test = set(splits["test"])
-        paragraphs += [p for p in (q.strip() for q in stdlib_text().split("\n\n")) if p and p not in test]
+        docs = [p for p in (q.strip() for q in stdlib_text().split("\n\n")) if p]
+        paragraphs += [p for p in docs if p not in test]
+        told += f" + {len(paragraphs) - len(splits['train'])} stdlib docstrings ({len(docs) + len(splits['train']) - len(paragraphs)} dropped: test paragraphs)"
     path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
-    return len(paragraphs)
+    return told
 
 
 def _sentence_batches(paragraphs: list[str], tokenizer: Path, count: int, batch: int) -> list[dict[str, np.ndarray]]:
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="--write-train: pydoc's train split, or it and the stdlib docstrings")  # fmt: skip
     args = parser.parse_args(argv)
     if args.write_train is not None:
-        print(f"wrote {write_train_text(args.write_train, args.train_text)} paragraphs to {args.write_train}")
+        print(f"wrote {write_train_text(args.write_train, args.train_text)} to {args.write_train}")
         return 0
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizers advise pre-processing on every call
 
