@@ -6,7 +6,8 @@ The original ``.onnx`` is evaluated by the ONNX→torch interpreter the gradient
 ``P·(Qᵀ·W)`` with W a trainable parameter (K×N, whole) and P, Q static — ``Q = P`` for ESPACE's
 orthonormal projections, ``Q = Mᵀ`` for an oblique pair ``(A, M)`` — so the graph computes exactly
 ``(X·P)·(QᵀW)``, the pair the compressed model runs. With ``train="factors"`` the pair's two factors train
-instead (A = P, B = QᵀW, or a weight factorisation's own A and B: how the SVD baselines are fine-tuned).
+instead (A = P, B = QᵀW, or a weight factorisation's own A and B: how the SVD baselines are fine-tuned);
+siblings that share one P in the plan share one trained A, so the healed graph keeps the plan's shape.
 LayerNorm scales and shifts and the biases of the projected GEMMs train too (``train_norms``).
 
 The teacher is the same interpreter with the original constants, its outputs kept per batch while they fit in
@@ -85,7 +86,8 @@ class HealOptions:
     )  # fmt: skip
     train: str = option(
         "weights", "weights: W trains whole behind the static projections (ESPACE's healing); factors: the "
-        "pair's two factors train instead (how SVD-style factorizations are fine-tuned; the baselines' way).",
+        "pair's two factors train instead (how SVD-style factorizations are fine-tuned; siblings sharing one "
+        "projection train one A between them).",
         panel=_HEALING, choices=HEAL_TRAINS,
     )  # fmt: skip
     train_norms: bool = option(True, "Also train LayerNorm scales/shifts and the GEMM biases.", panel=_HEALING)
@@ -270,6 +272,26 @@ def _balanced(A: Any, B: Any) -> tuple[Any, Any]:
     return A * scale, B / scale[:, None]
 
 
+def _tie_factors(pairs: Sequence[_Pair]) -> None:
+    """Make each pair's two factors trainable, started balanced; siblings that share one projection (same
+    input, byte-identical P) share one trained A, so the healed graph keeps the plan's single ``X·A``."""
+    import torch
+
+    groups: dict[tuple[str, bytes], list[_Pair]] = {}
+    for pair in pairs:
+        assert pair.initial is not None
+        groups.setdefault((pair.target.activation, pair.initial.tobytes()), []).append(pair)
+    for siblings in groups.values():
+        B = torch.cat([pair.B for pair in siblings], dim=1)  # the siblings' B side by side: one scale for all
+        A, B = _balanced(siblings[0].P.float(), B)
+        shared = torch.nn.Parameter(A)
+        start = 0
+        for pair in siblings:
+            width = pair.B.shape[1]
+            pair.P, pair.B = shared, torch.nn.Parameter(B[:, start : start + width].contiguous())
+            start += width
+
+
 class _Student:
     """The interpreted graph with W whole and trainable behind each static pair (or the pair's two factors
     trained, ``train="factors"``), plus the trained extras."""
@@ -309,18 +331,20 @@ class _Student:
             pair = _Pair(target, P, Q, initial=np.array(P_np), initial_B=folded)
             if train == "factors":
                 B0 = folded if folded is not None else np.asarray(Q_np, dtype=np.float32).T @ W  # QᵀW
-                A, B = _balanced(P.float(), torch.from_numpy(np.ascontiguousarray(B0)))
-                pair.P, pair.B = torch.nn.Parameter(A), torch.nn.Parameter(B)
+                pair.B = torch.from_numpy(np.ascontiguousarray(B0))
             else:
                 pair.W = torch.nn.Parameter(torch.from_numpy(W))
             self.layers.append(pair)
+        if train == "factors":
+            _tie_factors(self.layers)
         names = trainable_extras(model, [pair.target for pair in self.layers]) if train_norms else []
         self.extras = {n: torch.nn.Parameter(self.original[n].detach().clone().float()) for n in names}
         self.hidden = [n.output[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
         self.output = model.graph.output[0].name
 
     def parameters(self) -> list[Any]:
-        return [t for pair in self.layers for t in pair.trained()] + list(self.extras.values())
+        unique = {id(t): t for pair in self.layers for t in pair.trained()}  # a tied A once
+        return list(unique.values()) + list(self.extras.values())
 
     def install(self) -> None:
         for pair in self.layers:
@@ -725,6 +749,9 @@ def heal_model(
 
 def healing_report(result: HealingResult, options: HealOptions, batches: int, held_out: int) -> dict[str, Any]:
     losses = result.losses
+    # over one pass of the batches at each end, so both means see the same batches (a quarter of the steps
+    # at each end when the run is shorter than two passes)
+    window = batches if len(losses) >= 2 * batches else max(1, len(losses) // 4)
     return {
         "output": str(result.output),
         "loss": result.loss,
@@ -736,9 +763,8 @@ def healing_report(result: HealingResult, options: HealOptions, batches: int, he
         "layers_healed": len(result.weights) + len(result.factors),
         "trained": options.train,
         "other_tensors_trained": len(result.trained),
-        # over one pass of the batches at each end, so both means see the same batches
-        "loss_first": float(np.mean(losses[: min(batches, len(losses))])) if losses else None,
-        "loss_last": float(np.mean(losses[-min(batches, len(losses)) :])) if losses else None,
+        "loss_first": float(np.mean(losses[:window])) if losses else None,
+        "loss_last": float(np.mean(losses[-window:])) if losses else None,
         "fidelity": {"batches": held_out, "before": result.fidelity_before, "after": result.fidelity_after},
     }
 

@@ -31,7 +31,7 @@ METHOD_CHOICES = (*METHODS, "best", "auto")
 SELECT_MODES = ("none", "validate", "fisher", "proxy")
 STOP_RULES = ("ratio", "knee")
 STATS_PRECISIONS = ("float32", "float64")
-TEXT_ROWS = ("packed", "documents")
+TEXT_ROWS = ("auto", "packed", "documents")
 MAX_BATCHES = 1_000_000  # far beyond any calibration set; catches a typo such as --num-batches 10**12
 
 _CALIBRATION, _PROJECTION, _SELECTION = "Calibration", "Projection", "Selection"
@@ -75,8 +75,9 @@ class DataOptions:
     text_rows: str = option(
         "packed", "How --calib-text becomes rows: packed (windows of --seq-len tokens cut from the whole text, "
         "for LMs) or documents (one row per paragraph, or per line in a text without blank lines; split at "
-        "--seq-len, batches padded to their longest: "
-        "the inputs an embedding or classification model serves).", panel=_CALIBRATION, choices=TEXT_ROWS,
+        "--seq-len, batches padded to their longest: the inputs an embedding or classification model serves); "
+        "auto: packed for a causal LM (first output logits), documents otherwise.",
+        panel=_CALIBRATION, choices=TEXT_ROWS,
     )  # fmt: skip
     batch_size: int = option(4, "Sequences per calibration batch.", panel=_CALIBRATION)
     seq_len: int = option(128, "Tokens per sequence (text and random sources).", panel=_CALIBRATION)

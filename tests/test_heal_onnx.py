@@ -278,3 +278,44 @@ def test_training_the_factors_heals_an_svd_plan_at_its_weight_count(sample_model
     assert after["relative_l2"] < before["relative_l2"]
     want, got = _run(_factor_reference(dense, result), train[1]), _run(result.output, train[1])
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_training_the_factors_keeps_one_shared_projection_per_sibling_group(sample_model, tmp_path) -> None:
+    """Siblings that share one P in the plan (q, k, v on one input) train one A between them: the healed
+    graph has the plan's projection nodes and weight count, the siblings' A stay equal, and it computes each
+    layer as the trained A·B."""
+    from espace_export.projection.rewrite import projected_params
+
+    dense = Path(sample_model("bert", "torchscript"))
+    plan = _compress(dense, tmp_path)
+    one_shot = onnx.load(str(tmp_path / "c.onnx"))
+    groups: dict[str, list[str]] = {}
+    for pair in find_projected_pairs(one_shot):
+        groups.setdefault(pair.project_node, []).append(pair.name)
+    assert any(len(names) > 1 for names in groups.values()), "the fixture must have shared siblings"
+    train = _batches("bert", 4, seed=50)
+    result = heal_onnx(dense, plan, train, tmp_path / "healed.onnx",
+                       HealOptions(steps=12, lr=3e-3, warmup=0.1, train="factors", start="least-squares"))  # fmt: skip
+    healed = onnx.load(str(result.output))
+    assert projected_params(healed) == projected_params(one_shot)
+    assert len({p.project_node for p in find_projected_pairs(healed)}) == len(groups)
+    for names in groups.values():
+        first = result.factors[names[0]][0]
+        assert all(np.array_equal(result.factors[n][0], first) for n in names[1:])
+    assert not np.array_equal(result.factors[names[0]][0], load_projections(plan)[names[0]])  # A did train
+    want, got = _run(_factor_reference(dense, result), train[1]), _run(result.output, train[1])
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_report_loss_ends_are_apart_in_a_run_shorter_than_two_passes() -> None:
+    """``loss_first``/``loss_last`` average one pass at each end; a run of fewer steps than two passes
+    averages a quarter of its steps at each end (not the whole run twice)."""
+    from espace_export.heal_onnx import HealingResult, healing_report
+
+    losses = list(np.linspace(1.0, 0.2, 20))
+    short = healing_report(HealingResult(Path("m.onnx"), "kl", 20, losses), HealOptions(), batches=16, held_out=0)
+    assert short["loss_first"] == pytest.approx(np.mean(losses[:5]))
+    assert short["loss_last"] == pytest.approx(np.mean(losses[-5:]))
+    long = healing_report(HealingResult(Path("m.onnx"), "kl", 20, losses), HealOptions(), batches=8, held_out=0)
+    assert long["loss_first"] == pytest.approx(np.mean(losses[:8]))
+    assert long["loss_last"] == pytest.approx(np.mean(losses[-8:]))

@@ -43,7 +43,7 @@ import onnx
 
 from espace_export.calibration.statistics import StatsPrecision, distinct_activations, prefill_view
 from espace_export.errors import EspaceError
-from espace_export.io.data import InputSpec, complete_feed, input_specs
+from espace_export.io.data import InputSpec, complete_feed, input_specs, is_causal_lm
 from graph_passes.find import GemmTarget
 
 GradientLoss = Literal["auto", "next-token", "probe"]
@@ -190,9 +190,7 @@ def resolve_loss(model: onnx.ModelProto, loss: GradientLoss) -> Literal["next-to
     """``auto``: next-token cross-entropy when the first output is ``logits`` of rank 3, else the probe."""
     if loss != "auto":
         return loss
-    output = model.graph.output[0]
-    rank = len(output.type.tensor_type.shape.dim)
-    return "next-token" if "logits" in output.name.lower() and rank in (0, 3) else "probe"
+    return "next-token" if is_causal_lm(model) else "probe"
 
 
 def output_loss(kind: Literal["next-token", "probe"], output: Any, feed: dict[str, np.ndarray], seed: int) -> Any:

@@ -607,6 +607,20 @@ def batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
     return int(mask.sum()) if mask is not None else int(ids.size) if ids is not None else 0
 
 
+def is_causal_lm(model: onnx.ModelProto) -> bool:
+    """The graph is a causal LM: its first output is ``logits`` of rank 3 (or of unknown rank)."""
+    output = model.graph.output[0]
+    return "logits" in output.name.lower() and len(output.type.tensor_type.shape.dim) in (0, 3)
+
+
+def resolve_text_rows(model: onnx.ModelProto, rows: str) -> str:
+    """``auto``: ``packed`` windows for a causal LM (it reads a token stream), ``documents`` otherwise (an
+    embedding or classification model serves one paragraph or sentence per row)."""
+    if rows != "auto":
+        return rows
+    return "packed" if is_causal_lm(model) else "documents"
+
+
 def read_batches(
     model: onnx.ModelProto, data: DataOptions, *, text: Any, array: Any, seed: int, count: int | None = None
 ) -> tuple[list[dict[str, np.ndarray]], str]:
@@ -625,7 +639,7 @@ def read_batches(
             batch_size=data.batch_size,
             seq_len=data.seq_len,
             max_batches=count,
-            rows=data.text_rows,
+            rows=resolve_text_rows(model, data.text_rows),
         )
         source = "text:pydoc_data" if str(text) == BUILTIN_PYDOC else f"text:{text}"
     else:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from espace_export.io.data import InputSpec, complete_feed, input_specs
+from espace_export.io.data import InputSpec, complete_feed, input_specs, is_causal_lm
 from graph_passes.find import GemmTarget, weight_matrix
 
 ValidationLoss = Literal["next-token", "kl", "distill"]
@@ -45,9 +45,7 @@ def resolve_validation_loss(model: onnx.ModelProto, loss: str = "auto") -> Valid
 
     if loss not in VALIDATION_LOSSES:
         raise EspaceError(f"unknown validation loss {loss!r}", f"use one of {', '.join(VALIDATION_LOSSES)}")
-    output = model.graph.output[0]
-    rank = len(output.type.tensor_type.shape.dim)
-    causal = "logits" in output.name.lower() and rank in (0, 3)
+    causal = is_causal_lm(model)
     if loss == "auto":
         return "kl" if causal else "distill"
     if loss in ("next-token", "kl") and not causal:

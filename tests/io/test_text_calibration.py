@@ -183,3 +183,34 @@ def test_builtin_stdlib_without_sources_is_a_clear_error(tmp_path: Path, monkeyp
         assert "builtin:pydoc" in raised.value.fix
     finally:
         stdlib_text.cache_clear()
+
+
+def test_text_rows_auto_packs_for_a_causal_lm_and_keeps_documents_for_an_encoder(tmp_path: Path) -> None:
+    """``--text-rows auto``: windows cut from the stream for a graph whose first output is ``logits`` (a
+    causal LM), one row per paragraph for any other (an embedding model); explicit choices win."""
+    from espace_export.io.data import load_batches, resolve_text_rows
+    from espace_export.options import DataOptions
+
+    tok = word_level_tokenizer(tmp_path / "tok")
+    lengths = [3, 9, 5, 11, 2, 7, 4, 10]
+    paragraphs = [" ".join(f"w{(p * 5 + j) % (VOCAB - 1) + 1}" for j in range(n)) for p, n in enumerate(lengths)]
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(paragraphs))
+    decoder = tiny_decoder()
+    encoder = tiny_decoder()
+    encoder.graph.output[0].name = encoder.graph.node[-1].output[0] = "last_hidden_state"
+
+    def rows(model, **kw):  # type: ignore[no-untyped-def]
+        kw = {"text_rows": "auto", **kw}
+        data = DataOptions(calib_text=str(text), tokenizer=tok, batch_size=4, seq_len=12, holdout=0.0, **kw)
+        return load_batches(model, data).calibration
+
+    assert resolve_text_rows(decoder, "auto") == "packed" and resolve_text_rows(encoder, "auto") == "documents"
+    packed = rows(decoder)
+    assert all(b["attention_mask"].all() for b in packed[:-1])  # full windows from the stream
+    documents = rows(encoder)
+    real = sorted(int(n) for b in documents for n in b["attention_mask"].sum(axis=1))
+    assert real == sorted(lengths)  # one row per paragraph
+    assert [b["input_ids"].tolist() for b in rows(encoder, text_rows="packed")] == [
+        b["input_ids"].tolist() for b in packed
+    ]
