@@ -19,6 +19,7 @@ no calibration) uses the *train* split. Needs ``samples/out/minilm.onnx`` (``pyt
 
     python benchmarks/quantization.py
     python benchmarks/quantization.py --espace samples/out/minilm.auto.onnx   # reuse a compressed model
+    python benchmarks/quantization.py --fidelity a.onnx b.onnx   # only each model's cosine on the test paragraphs
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="keep the models here (default: a temporary directory)")
     parser.add_argument("--write-train", type=Path, metavar="PATH",
                         help="only write the healing text (no test paragraph in it) to PATH and stop")  # fmt: skip
+    parser.add_argument("--fidelity", type=Path, nargs="+", metavar="ONNX",
+                        help="only score these models of --model (mean, min, p10 cosine on the test paragraphs)")  # fmt: skip
     parser.add_argument("--train-text", choices=("pydoc", "python"), default="python",
                         help="--write-train: pydoc's train split, or it and the stdlib docstrings")  # fmt: skip
     args = parser.parse_args(argv)
@@ -147,6 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     from samples.export_minilm import minilm_dir
 
     tokenizer = minilm_dir()
+    if args.fidelity:
+        from samples.train_lm import split_paragraphs
+
+        batches = _sentence_batches(split_paragraphs()["test"], tokenizer, args.sentences, 32)
+        reference = _embeddings(args.model, batches)
+        for path in args.fidelity:
+            cos = _cosines(reference, _embeddings(path, batches))
+            print(f"{path}: mean {cos.mean():.4f}  min {cos.min():.4f}  p10 {np.percentile(cos, 10):.4f}")
+        return 0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.out or Path(tmp)
