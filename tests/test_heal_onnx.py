@@ -319,3 +319,80 @@ def test_report_loss_ends_are_apart_in_a_run_shorter_than_two_passes() -> None:
     long = healing_report(HealingResult(Path("m.onnx"), "kl", 20, losses), HealOptions(), batches=8, held_out=0)
     assert long["loss_first"] == pytest.approx(np.mean(losses[:8]))
     assert long["loss_last"] == pytest.approx(np.mean(losses[-8:]))
+
+
+def test_bf16_autocast_heals_in_bfloat16_and_writes_float32_weights(sample_model, tmp_path) -> None:
+    """``autocast="bf16"``: the student's products run in bfloat16 (its losses differ from float32's at
+    bfloat16's resolution, not more), it still heals, and the written pair holds the float32 trained W."""
+    dense = Path(sample_model("bert", "torchscript"))
+    plan = _compress(dense, tmp_path)
+    projections = load_projections(plan)
+    train = _batches("bert", 3, seed=21)
+    exact = heal_onnx(dense, plan, train, tmp_path / "a.onnx", HealOptions(steps=30, lr=3e-3, warmup=0.1))
+    lower = heal_onnx(dense, plan, train, tmp_path / "b.onnx",
+                      HealOptions(steps=30, lr=3e-3, warmup=0.1, autocast="bf16"),
+                      report=tmp_path / "b.report.json")  # fmt: skip
+
+    assert lower.losses[0] != exact.losses[0]  # the products really ran in bfloat16
+    np.testing.assert_allclose(lower.losses[0], exact.losses[0], rtol=0.05)  # … at its resolution
+    assert np.mean(lower.losses[-6:]) < 0.7 * np.mean(lower.losses[:3])
+    assert all(W.dtype == np.float32 for W in lower.weights.values())
+    assert json.loads((tmp_path / "b.report.json").read_text())["matmul_dtype"] == "bfloat16"
+    feed = _batches("bert", 1, seed=90)[0]
+    want, got = _run(_reference(dense, projections, lower), feed), _run(lower.output, feed)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_autocast_auto_follows_the_cpu(monkeypatch) -> None:
+    from espace_export import heal_onnx as module
+
+    monkeypatch.setattr(module, "native_bf16", lambda: False)
+    assert not module.uses_bf16("auto") and module.uses_bf16("bf16") and not module.uses_bf16("off")
+    monkeypatch.setattr(module, "native_bf16", lambda: True)
+    assert module.uses_bf16("auto") and not module.uses_bf16("off")
+    with pytest.raises(EspaceError, match="autocast"):
+        HealOptions(autocast="fp8")
+
+
+@pytest.mark.parametrize("train", ["weights", "factors"])
+def test_student_runs_each_pair_factored_as_the_effective_weight_would(sample_model, tmp_path, train: str) -> None:
+    """The student computes each pair as (X·P)·B at its GEMM node (no K×N product formed), with one X·P per
+    sibling group; its outputs are those of the graph with every weight replaced by its effective P·B."""
+    import torch
+
+    from espace_export.heal_onnx import _Student
+
+    dense = Path(sample_model("bert", "torchscript"))
+    model = onnx.load(str(dense))
+    projections = load_projections(_compress(dense, tmp_path))
+    student = _Student(model, projections, train_norms=True, train=train)
+    feed = _batches("bert", 1, seed=5)[0]
+    student.install()
+    assert len(student.graph.overrides) == len(projections)  # every pair factored, none through its weight
+    groups = {id(p) for p in student.projectors.values()}
+    assert len(groups) < len(projections)  # q, k, v: one X·P between them
+    factored, _ = student.run(feed, hidden=False)
+
+    student.graph.overrides.clear()
+    for pair in student.layers:
+        effective = pair.effective()
+        student.graph.constants[pair.target.weight] = effective.T if pair.target.stored_transposed else effective
+    whole, _ = student.run(feed, hidden=False)
+    np.testing.assert_allclose(factored.detach().numpy(), whole.detach().numpy(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # and the teacher is the original graph, not the pairs
+        teacher, _ = student.teacher(feed, hidden=False)
+    np.testing.assert_allclose(teacher.numpy(), _run(dense, feed), rtol=1e-4, atol=1e-5)
+
+
+def test_projector_reuses_x_p_only_for_the_same_input() -> None:
+    import torch
+
+    from espace_export.heal_onnx import _Pair, _Projector
+
+    pair = _Pair(target=None, P=torch.randn(6, 2), Q=None)  # type: ignore[arg-type]
+    projector, x = _Projector(pair), torch.randn(3, 6)
+    first = projector(x)
+    assert projector(x) is first  # siblings reading the same tensor share one product
+    other = projector(x.clone())  # another tensor (the next run's): computed again
+    assert other is not first
+    np.testing.assert_allclose(other.numpy(), (x @ pair.P).numpy(), rtol=1e-6)

@@ -60,6 +60,9 @@ class TorchGraph:
                 "use --method mse, nmse, go-mse or go-mse-l2 (best and auto include the nl-mse candidates), "
                 "or pass the PyTorch model",
             )
+        # node's first output → a replacement for that node's operator, called as ``fn(args, attrs)`` (healing
+        # computes a projected GEMM as (X·A)·B through it instead of forming the K×N product)
+        self.overrides: dict[str, Callable[[list[Any], dict[str, Any]], Any]] = {}
         base_dir = external_data_dir(model)  # weights left on disk by load_model(load_weights=False)
         self.constants: dict[str, Any] = {
             t.name: self._widen(torch.from_numpy(np.array(numpy_helper.to_array(t, base_dir))))
@@ -80,7 +83,8 @@ class TorchGraph:
             env[name] = self._widen(value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value)))
         for node, op in zip(self.graph.node, self.ops, strict=True):
             args = [env[i] if i else None for i in node.input]
-            result = op(args, _attrs(node), self)  # type: ignore[misc]
+            override = self.overrides.get(node.output[0]) if self.overrides and node.output else None
+            result = override(args, _attrs(node)) if override else op(args, _attrs(node), self)  # type: ignore[misc]
             results = tuple(self._widen(r) for r in (result if isinstance(result, tuple) else (result,)))
             for name, value in zip(node.output, results, strict=False):
                 if name:
