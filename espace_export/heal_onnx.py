@@ -307,13 +307,13 @@ def _tie_factors(pairs: Sequence[_Pair]) -> None:
 class _Projector:
     """``X·P`` for one group of siblings (one input, one P), computed once per input tensor of a run."""
 
-    def __init__(self, pair: _Pair) -> None:
-        self.pair = pair  # its P is the group's (siblings share the object or equal bytes)
+    def __init__(self, P: Any) -> None:
+        self.P = P  # the group's one tensor (a trained A is updated in place)
         self.last: tuple[Any, Any] | None = None  # (X, X·P): X held, so its identity cannot be reused
 
     def __call__(self, x: Any) -> Any:
         if self.last is None or self.last[0] is not x:
-            self.last = (x, x @ self.pair.P)
+            self.last = (x, x @ self.P)
         return self.last[1]
 
 
@@ -377,37 +377,40 @@ class _Student:
             self.layers.append(pair)
         if train == "factors":
             _tie_factors(self.layers)
-        self.gemms = {n.name: (n.output[0], n.op_type == "Gemm") for n in model.graph.node
-                      if n.name and n.output and n.op_type in ("MatMul", "Gemm")}  # fmt: skip
+        gemms = {n.name: (n.output[0], n.op_type == "Gemm") for n in model.graph.node
+                 if n.name and n.output and n.op_type in ("MatMul", "Gemm")}  # fmt: skip
         groups: dict[tuple[str, bytes], _Projector] = {}
         self.projectors = {}  # layer → its group's projector
+        self.unfactored: list[_Pair] = []  # pairs whose node the interpreter does not run as MatMul/Gemm
         for pair in self.layers:
             assert pair.initial is not None
-            group = groups.setdefault((pair.target.activation, pair.initial.tobytes()), _Projector(pair))
-            pair.P = group.pair.P  # static P: equal bytes, one tensor; trained A: already tied
+            group = groups.setdefault((pair.target.activation, pair.initial.tobytes()), _Projector(pair.P))
+            pair.P = group.P  # static P: equal bytes, one tensor; trained A: already tied
             self.projectors[pair.target.name] = group
+            node = gemms.get(pair.target.node)
+            if node is not None:  # (X·P)·B at the node
+                self.graph.overrides[node[0]] = _factored(pair, group, node[1])
+            else:
+                self.unfactored.append(pair)
         names = trainable_extras(model, [pair.target for pair in self.layers]) if train_norms else []
         self.extras = {n: torch.nn.Parameter(self.original[n].detach().clone().float()) for n in names}
         self.hidden = [n.output[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
         self.output = model.graph.output[0].name
-        self.model, self.session = model, None  # the teacher's ONNX Runtime session, made on first use
+        self.model = model
+        self.session: Any = None  # the teacher's ONNX Runtime session, made on first use
 
     def parameters(self) -> list[Any]:
         unique = {id(t): t for pair in self.layers for t in pair.trained()}  # a tied A once
         return list(unique.values()) + list(self.extras.values())
 
     def install(self) -> None:
-        """Set the graph up for a run of the student as it is now: each pair computed as (X·P)·B at its GEMM
-        node (a node the interpreter runs as MatMul/Gemm), else through its effective K×N weight."""
+        """Set the graph up for a run of the student as it is now. Pairs at a node the interpreter runs as
+        MatMul/Gemm compute (X·P)·B there (overrides set once); the others get their effective K×N weight."""
         for projector in self.projectors.values():
-            projector.last = None
-        for pair in self.layers:
-            node = self.gemms.get(pair.target.node)
-            if node is not None:
-                self.graph.overrides[node[0]] = _factored(pair, self.projectors[pair.target.name], node[1])
-            else:  # X·effective = (X·P)·(QᵀW): the pair, with W whole
-                effective = pair.effective()
-                self.graph.constants[pair.target.weight] = effective.T if pair.target.stored_transposed else effective
+            projector.last = None  # the last run's X·P, freed
+        for pair in self.unfactored:  # X·effective = (X·P)·(QᵀW): the pair, with W whole
+            effective = pair.effective()
+            self.graph.constants[pair.target.weight] = effective.T if pair.target.stored_transposed else effective
         self.graph.constants.update(self.extras)
 
     def run(self, feed: Mapping[str, np.ndarray], hidden: bool) -> tuple[Any, list[Any]]:
@@ -422,8 +425,8 @@ class _Student:
 
     def teacher_values(self, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, Any]:
         """Tensors ``names`` (the output, token states, GEMM inputs) of the original model on ``feed``, run by
-        ONNX Runtime: the teacher needs no gradient, and ORT's fused kernels run it several times faster than
-        the interpreter (measured on MiniLM: the teacher was half of a healing step's time)."""
+        ONNX Runtime: the teacher needs no gradient, and ORT runs it about twice as fast as the interpreter
+        (MiniLM, batches of 16 paragraphs: 0.11 → 0.05 s)."""
         import torch
 
         if self.session is None:

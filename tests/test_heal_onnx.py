@@ -387,12 +387,12 @@ def test_student_runs_each_pair_factored_as_the_effective_weight_would(sample_mo
 def test_projector_reuses_x_p_only_for_the_same_input() -> None:
     import torch
 
-    from espace_export.heal_onnx import _Pair, _Projector
+    from espace_export.heal_onnx import _Projector
 
-    pair = _Pair(target=None, P=torch.randn(6, 2), Q=None)  # type: ignore[arg-type]
-    projector, x = _Projector(pair), torch.randn(3, 6)
+    P = torch.randn(6, 2)
+    projector, x = _Projector(P), torch.randn(3, 6)
     first = projector(x)
     assert projector(x) is first  # siblings reading the same tensor share one product
     other = projector(x.clone())  # another tensor (the next run's): computed again
     assert other is not first
-    np.testing.assert_allclose(other.numpy(), (x @ pair.P).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(other.numpy(), (x @ P).numpy(), rtol=1e-6)
