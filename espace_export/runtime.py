@@ -33,6 +33,7 @@ def ort_session(
     threads: int | None = None,
     optimization: str = "all",
     memory_arena: bool = True,
+    spinning: bool = True,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` for a model given by path (preferred) or in memory.
 
@@ -40,6 +41,8 @@ def ort_session(
     ``memory_arena=False`` turns off the CPU memory arena: a process that opens many sessions one after the
     other (the staged calibration) needs it, since the arena's largest block stays resident after its session
     is gone (measured: 512 MiB left by the first stage of a small decoder, 1.2 GiB by two).
+    ``spinning=False`` stops ORT's worker threads busy-waiting for the next run, which takes the cores from
+    whatever the process does between runs (healing: torch's steps between the teacher's batches).
     An in-memory model past the protobuf limit is written to a temporary directory with external
     data first, since ONNX Runtime can only read such a model from a path.
     """
@@ -53,6 +56,8 @@ def ort_session(
     options.enable_cpu_mem_arena = memory_arena
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = list(providers or ["CPUExecutionProvider"])
     if isinstance(model, onnx.ModelProto):
         if external_data_dir(model):  # weights still on disk: load the graph from beside them

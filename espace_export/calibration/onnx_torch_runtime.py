@@ -71,6 +71,23 @@ def _bias_gelu(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
     return _torch().nn.functional.gelu(args[0] + args[1])
 
 
+def _gelu(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    """com.microsoft ``Gelu``: the exact (erf) form."""
+    return _torch().nn.functional.gelu(args[0])
+
+
+def _fast_gelu(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    """com.microsoft ``FastGelu``: the tanh approximation, of ``X + bias`` when a bias is given."""
+    x = args[0] if len(args) < 2 or args[1] is None else args[0] + args[1]
+    return _torch().nn.functional.gelu(x, approximate="tanh")
+
+
+def _quick_gelu(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    """com.microsoft ``QuickGelu``: ``x·sigmoid(alpha·x)``, alpha 1.702 by default."""
+    x = args[0]
+    return x * _torch().sigmoid(float(attrs.get("alpha", 1.702)) * x)
+
+
 def _embed_layer_norm(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
     """Word + position (+ segment) embeddings, layer-normalised; ``mask_index`` = the mask's row sums (int32)."""
     torch = _torch()
@@ -148,6 +165,9 @@ MICROSOFT_OPS: dict[str, Op] = {
     "SkipSimplifiedLayerNormalization": _skip_simplified_layer_norm,
     "SkipLayerNormalization": _skip_layer_norm,
     "BiasGelu": _bias_gelu,
+    "Gelu": _gelu,
+    "FastGelu": _fast_gelu,
+    "QuickGelu": _quick_gelu,
     "EmbedLayerNormalization": _embed_layer_norm,
     "Attention": _attention,
 }

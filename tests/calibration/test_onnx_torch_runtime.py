@@ -89,8 +89,8 @@ def test_skip_norms_and_bias_gelu_match_onnx_runtime() -> None:
 
 def test_an_uncovered_operator_is_refused_with_the_forward_only_methods() -> None:
     model = _fused_ops_graph()
-    model.graph.node[2].op_type = "FastGelu"
-    with pytest.raises(EspaceError, match=r"FastGelu.*--method mse, nmse, go-mse or go-mse-l2"):
+    model.graph.node[2].op_type = "GroupQueryAttention"
+    with pytest.raises(EspaceError, match=r"GroupQueryAttention.*--method mse, nmse, go-mse or go-mse-l2"):
         TorchGraph(model)
 
 
@@ -169,3 +169,50 @@ def test_nl_mse_reads_weights_kept_in_external_data(tmp_path: Path, capsys) -> N
     assert code == 0, err
     layers = json.loads(out.with_suffix(".report.json").read_text())["layers"]
     assert {layer["candidate"] for layer in layers if layer["compressed"]} == {"nl-mse"}
+
+
+def _gelu_graph() -> onnx.ModelProto:
+    """x ─Gelu(opset 20)─► y1, ─Gelu(tanh)─► y2, ─com.microsoft Gelu─► y3, ─FastGelu(+bias)─► y4,
+    ─QuickGelu─► y5."""
+    nodes = [
+        helper.make_node("Gelu", ["x"], ["y1"]),
+        helper.make_node("Gelu", ["x"], ["y2"], approximate="tanh"),
+        helper.make_node("Gelu", ["x"], ["y3"], domain="com.microsoft"),
+        helper.make_node("FastGelu", ["x", "bias"], ["y4"], domain="com.microsoft"),
+        helper.make_node("QuickGelu", ["x"], ["y5"], domain="com.microsoft", alpha=1.5),
+    ]
+    value = helper.make_tensor_value_info
+    bias = numpy_helper.from_array(np.linspace(-1, 1, HIDDEN).astype(np.float32), "bias")
+    graph = helper.make_graph(nodes, "gelus", [value("x", TensorProto.FLOAT, ["b", HIDDEN])],
+                              [value(f"y{i}", TensorProto.FLOAT, None) for i in range(1, 6)], [bias])  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 9
+    return model
+
+
+def test_gelu_family_matches_onnx_runtime() -> None:
+    x = np.random.default_rng(2).standard_normal((3, HIDDEN)).astype(np.float32) * 3
+    _agree(_gelu_graph(), {"x": x})
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_fused_activations_compute_the_same_values_with_fewer_nodes(sample_model, arch: str) -> None:
+    from espace_export.calibration.onnx_torch import fused_activations
+    from samples.make_models import sample_inputs
+
+    model = onnx.load(sample_model(arch, "torchscript"))
+    fused = fused_activations(model)
+    erf = [n for n in model.graph.node if n.op_type == "Erf"]
+    assert sum(n.op_type == "Erf" for n in fused.graph.node) == 0
+    assert sum(n.op_type == "Gelu" for n in fused.graph.node) == len(erf)  # bert: one per block; llama (SiLU): 0
+    assert len(fused.graph.node) <= len(model.graph.node) - 4 * len(erf)  # and the constants only they read
+    assert {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "LayerNormalization")} <= {
+        n.name for n in fused.graph.node
+    }  # the GEMMs healing overrides and the token states it reads are kept
+    feed = complete_feed(sample_inputs(arch, 2, 8, seed=1), input_specs(model))
+    want, got = TorchGraph(model).run(feed), TorchGraph(fused).run(feed)
+    for name in want:
+        np.testing.assert_allclose(got[name].detach().numpy(), want[name].detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(fused, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)  # ORT agrees
