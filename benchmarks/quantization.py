@@ -56,20 +56,40 @@ def _split_file(directory: Path, split: str) -> tuple[Path, list[str]]:
     return path, paragraphs
 
 
-def write_train_text(path: Path, source: str) -> str:
+# installed packages whose docstrings the ``site`` healing text adds (those `pip install -e ".[cpu,torch,test]"`
+# brings, the large ones first): English technical prose, like the pydoc test paragraphs, never containing them
+SITE_PACKAGES = ("torch", "transformers", "numpy", "onnxruntime", "onnx", "huggingface_hub", "_pytest", "rich")
+SITE_SKIPPED = ("test", "tests", "testing", "_vendor", "__pycache__")
+
+
+def write_train_text(path: Path, source: str, site_mb: float = 6.0) -> str:
     """The training text for healing: pydoc's train split (``pydoc``), plus the standard library's docstrings
-    (``python``, ``builtin:stdlib``) less any paragraph that is also a test paragraph. Returns what went in."""
-    from espace_export.io.data import stdlib_text
+    (``python``, ``builtin:stdlib``), plus (``site``) paragraphs of at least 8 words from the docstrings of
+    :data:`SITE_PACKAGES` up to ``site_mb`` MB, each once — less any paragraph that is also a test paragraph.
+    Returns what went in."""
+    import sysconfig
+
+    from espace_export.io.data import docstrings, stdlib_text
     from samples.train_lm import split_paragraphs
 
     splits = split_paragraphs()
+    test = set(splits["test"])
     paragraphs = list(splits["train"])
     told = f"{len(paragraphs)} train-split paragraphs"
-    if source == "python":
-        test = set(splits["test"])
+    if source in ("python", "site"):
         docs = [p for p in (q.strip() for q in stdlib_text().split("\n\n")) if p]
         paragraphs += [p for p in docs if p not in test]
         told += f" + {len(paragraphs) - len(splits['train'])} stdlib docstrings ({len(docs) + len(splits['train']) - len(paragraphs)} dropped: test paragraphs)"
+    if source == "site":
+        root, seen, size, added = Path(sysconfig.get_paths()["purelib"]), set(paragraphs), 0, 0
+        for package in SITE_PACKAGES:
+            for doc in docstrings(root / package, SITE_SKIPPED) if (root / package).is_dir() else []:
+                for para in (q.strip() for q in doc.split("\n\n")):
+                    if size < site_mb * 1e6 and len(para.split()) >= 8 and para not in seen and para not in test:
+                        seen.add(para)
+                        paragraphs.append(para)
+                        size, added = size + len(para), added + 1
+        told += f" + {added} paragraphs ({size / 1e6:.1f} MB) of the docstrings of {', '.join(SITE_PACKAGES)}"
     path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
     return told
 
@@ -139,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="only write the healing text (no test paragraph in it) to PATH and stop")  # fmt: skip
     parser.add_argument("--fidelity", type=Path, nargs="+", metavar="ONNX",
                         help="only score these models of --model (mean, min, p10 cosine on the test paragraphs)")  # fmt: skip
-    parser.add_argument("--train-text", choices=("pydoc", "python"), default="python",
-                        help="--write-train: pydoc's train split, or it and the stdlib docstrings")  # fmt: skip
+    parser.add_argument("--train-text", choices=("pydoc", "python", "site"), default="python",
+                        help="--write-train: pydoc's train split; it and the stdlib docstrings; those and "
+                        "installed packages' docstrings")  # fmt: skip
+    parser.add_argument("--site-mb", type=float, default=6.0, help="--train-text site: MB of package docstrings")
     args = parser.parse_args(argv)
     if args.write_train is not None:
-        print(f"wrote {write_train_text(args.write_train, args.train_text)} to {args.write_train}")
+        print(f"wrote {write_train_text(args.write_train, args.train_text, args.site_mb)} to {args.write_train}")
         return 0
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizers advise pre-processing on every call
 

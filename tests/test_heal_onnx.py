@@ -396,3 +396,30 @@ def test_projector_reuses_x_p_only_for_the_same_input() -> None:
     other = projector(x.clone())  # another tensor (the next run's): computed again
     assert other is not first
     np.testing.assert_allclose(other.numpy(), (x @ P).numpy(), rtol=1e-6)
+
+
+def test_each_pass_visits_every_batch_once_in_a_new_order() -> None:
+    from espace_export.heal_onnx import _batch_index
+
+    count = 7
+    passes = [[_batch_index(epoch * count + at, count, shuffle=True) for at in range(count)] for epoch in range(4)]
+    assert all(sorted(order) == list(range(count)) for order in passes)
+    assert len({tuple(order) for order in passes}) > 1  # a new order on each pass (4 passes of 7! orders)
+    assert passes[0] != list(range(count))
+    again = [_batch_index(step, count, shuffle=True) for step in range(4 * count)]
+    assert again == [i for order in passes for i in order]  # depends on the step alone: a resumed run agrees
+    assert [_batch_index(step, count, shuffle=False) for step in range(2 * count)] == [*range(count)] * 2
+
+
+def test_shuffled_and_ordered_runs_see_the_same_batches_in_another_order(sample_model, tmp_path) -> None:
+    dense = Path(sample_model("llama", "torchscript"))
+    plan = _compress(dense, tmp_path)
+    train = _batches("llama", 5, seed=3)
+    first = {}
+    for shuffle in (False, True):  # lr ≈ 0: each step's loss is its batch's one-shot loss
+        result = heal_onnx(
+            dense, plan, train, tmp_path / f"{shuffle}.onnx", HealOptions(steps=5, lr=1e-12, shuffle=shuffle)
+        )
+        first[shuffle] = np.array(result.losses)
+    assert not np.allclose(first[False], first[True])
+    np.testing.assert_allclose(np.sort(first[False]), np.sort(first[True]), rtol=1e-5)

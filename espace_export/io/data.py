@@ -10,7 +10,7 @@ import functools
 import json
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -228,13 +228,20 @@ def stdlib_text(min_words: int = 20) -> str:
     """About 1.4 MB of English prose from the docstrings of CPython's standard library (modules, classes and
     functions with at least ``min_words`` words; test suites left out), read with :mod:`ast` (nothing is
     imported or run), in a fixed order."""
-    import ast
     import sysconfig
 
-    root = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join(docstrings(Path(sysconfig.get_paths()["stdlib"]), _SKIPPED_STDLIB, min_words))
+
+
+def docstrings(root: Path, skipped: Collection[str] = _SKIPPED_STDLIB, min_words: int = 20) -> list[str]:
+    """The docstrings of the modules, classes and functions under ``root`` with at least ``min_words`` words,
+    in path order, read with :mod:`ast` (nothing is imported or run); files under a folder named in
+    ``skipped`` are left out."""
+    import ast
+
     docs: list[str] = []
     for path in sorted(root.rglob("*.py")):
-        if _SKIPPED_STDLIB.intersection(path.relative_to(root).parts):
+        if set(skipped).intersection(path.relative_to(root).parts):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -245,7 +252,7 @@ def stdlib_text(min_words: int = 20) -> str:
                 doc = ast.get_docstring(node)
                 if doc and len(doc.split()) >= min_words:
                     docs.append(doc)
-    return "\n\n".join(docs)
+    return docs
 
 
 def builtin_text(name: str) -> str:
