@@ -455,7 +455,8 @@ def run_minilm(args: argparse.Namespace) -> tuple[list[dict], int]:
                 for seed in args.seeds:
                     order = np.random.default_rng(seed).permutation(len(batches))
                     options = HealOptions(steps=args.minilm_steps, lr=args.minilm_lr, start=args.minilm_start,
-                                          train=common["trained"], threads=args.threads, teacher_cache=8.0)  # fmt: skip
+                                          train=common["trained"], threads=args.threads, teacher_cache=8.0,
+                                          shuffle=False)  # the seed orders the batches  # fmt: skip
                     healed = work / f"{method}-{ratio}-{seed}.healed.onnx"
                     tick = time.perf_counter()
                     heal_onnx(args.minilm, plan, [batches[i] for i in order], healed, options)

@@ -423,3 +423,18 @@ def test_shuffled_and_ordered_runs_see_the_same_batches_in_another_order(sample_
         first[shuffle] = np.array(result.losses)
     assert not np.allclose(first[False], first[True])
     np.testing.assert_allclose(np.sort(first[False]), np.sort(first[True]), rtol=1e-5)
+
+
+def test_teacher_session_threads_do_not_spin_between_batches(sample_model, tmp_path) -> None:
+    from espace_export.heal_onnx import _Student
+    from espace_export.io.data import complete_feed, input_specs
+
+    dense = Path(sample_model("bert", "torchscript"))
+    model = onnx.load(str(dense))
+    student = _Student(model, load_projections(_compress(dense, tmp_path)), True)
+    feed = complete_feed(_batches("bert", 1, seed=0)[0], input_specs(model))
+    output, hidden = student.teacher(feed, True)
+    np.testing.assert_allclose(output.numpy(), _run(dense, feed), rtol=1e-5, atol=1e-6)  # the original model
+    assert len(hidden) == len(student.hidden) > 0
+    options = student.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
