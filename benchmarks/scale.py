@@ -326,7 +326,7 @@ def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
             per_group[-1]["calibration_peak"] = peak_since_reset()
             per_group[-1]["anon_after_pass"], per_group[-1]["file_after_pass"] = rss_split()
         tick, wall = time.process_time(), time.perf_counter()
-        with eigen_solver(args.solver, precision=args.solver_precision):  # type: ignore[arg-type]
+        with eigen_solver(args.solver, device=args.device, precision=args.solver_precision):  # type: ignore[arg-type]
             values, vectors = eigen_decomposition(C, top=L)
         decompose_cpu[0] += time.process_time() - tick
         print(f"    decomposition K={C.shape[0]} L={L}: {time.perf_counter() - wall:.1f} s wall, "
@@ -523,6 +523,7 @@ def main() -> None:
         help="eigen solver (espace_export.selection.candidates; randomized = randomized_eigh)",
     )
     parser.add_argument("--solver-precision", choices=["float64", "float32"], default="float64")
+    parser.add_argument("--device", default="cpu", help="where the decompositions run: cpu, or cuda / cuda:N (torch)")
     parser.add_argument("--check-solver", action="store_true", help="also run LAPACK on the first activation")
     parser.add_argument(
         "--blas-threads", type=int, help="OpenBLAS/OpenMP threads of the children (ONNX Runtime keeps its own pool)"

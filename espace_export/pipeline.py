@@ -335,7 +335,7 @@ def plan(
         validator = Validator(
             run.model, [r.target for r in run.compressed], run.batches.validation, loss=selection.valid_loss
         )
-    with run.timed("select") as bars, eigen_solver(selection.eig_solver):  # type: ignore[arg-type]
+    with run.timed("select") as bars, decompositions(run.options):
         fisher = fisher_samples(run) if selection.select == "fisher" else None
         inputs = PlanInputs(run.model, run.targets, {r.name: r.L for r in run.layers}, calibration, run.groups)
         plan_settings = PlanSettings(
@@ -387,6 +387,27 @@ def check_selection(options: CompressOptions) -> None:
         raise EspaceError(
             f"method {selection.method!r} chooses per layer and needs a selection", "add --select validate or proxy"
         )
+    if selection.eig_device != "cpu":  # before calibrating, not after
+        from espace_export._optional import require
+
+        torch = require("torch", extra="torch", purpose=f"--eig-device {selection.eig_device}")
+        index = int(selection.eig_device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise EspaceError(
+                f"--eig-device {selection.eig_device}: torch sees no such CUDA device "
+                f"({torch.cuda.device_count()} visible, torch {torch.__version__})",
+                "pass --eig-device cpu, or install a CUDA build of torch on a machine with the GPU",
+            )
+
+
+def decompositions(options: CompressOptions) -> contextlib.AbstractContextManager[Any]:
+    """The run's eigen-decomposition settings (``--eig-solver``, ``--eig-device``, ``--eig-precision``) for
+    every decomposition inside the block: the planner's and the group-by-group path's alike."""
+    from espace_export.selection.candidates import EigenSolver, Precision
+
+    selection = options.selection
+    solver, precision = cast(EigenSolver, selection.eig_solver), cast(Precision, selection.eig_precision)
+    return eigen_solver(solver, device=selection.eig_device, precision=precision)
 
 
 def check_statistics(run: Run, calibration: Calibration) -> None:
@@ -658,7 +679,8 @@ def _compress_bounded_staged(run: Run, output: Path, tmp_output: Path) -> dict[s
         precision=cast(StatsPrecision, options.data.stats_precision), select=options.selection.select,
         stop=options.selection.stop,
     )  # fmt: skip
-    result = compress_streaming(run.model_path, tmp_output, run.batches.calibration, ranks, settings)
+    with decompositions(options):  # --eig-* apply group by group too
+        result = compress_streaming(run.model_path, tmp_output, run.batches.calibration, ranks, settings)
     report: dict[str, Any] = {
         "tool": "espace-export", "version": __version__, "model": str(run.model_path), "output": str(output),
         "ratio_requested": ranks.ratio if ranks.rank is None else None, "rank_forced": ranks.rank,

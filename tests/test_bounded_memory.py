@@ -371,3 +371,40 @@ def test_streaming_proxy_selection_chooses_what_the_in_memory_proxy_chooses(tmp_
     )
     assert np.linalg.norm(streamed - in_memory) <= 1e-4 * np.linalg.norm(in_memory)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging, no scratch left
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_eigen_settings_reach_every_decomposition(tmp_path, capsys, monkeypatch, bounded: bool) -> None:
+    """--eig-solver / --eig-precision / --eig-device hold for the planner's decompositions and, under
+    --max-memory, for the group-by-group ones (which ran with the defaults before)."""
+    import espace_export.selection.candidates as candidates
+    from tests._cli import run_cli
+
+    seen: list[candidates.SolverSettings] = []
+    settings = candidates.solver_settings
+
+    def spy() -> candidates.SolverSettings:  # every decomposition reads its settings here
+        seen.append(settings())
+        return seen[-1]
+
+    monkeypatch.setattr(candidates, "solver_settings", spy)
+    source = tmp_path / "m.onnx"
+    onnx.save(tiny_decoder(blocks=1, hidden=64, inter=128), source)
+    extra = ["--max-memory", "2M"] if bounded else []
+    args = [str(source), "-o", str(tmp_path / "c.onnx"), "--num-batches", "2", "--seq-len", "16", "-q", "--rank-rule", "16",
+            "--eig-solver", "lapack", "--eig-precision", "float32", *extra]  # fmt: skip
+    assert run_cli(args, capsys)[0] == 0
+    assert seen and {(s.solver, s.precision, s.device) for s in seen} == {("lapack", "float32", "cpu")}
+
+
+@pytest.mark.parametrize(("value", "message"), [("gpu", "unknown --eig-device"), ("cuda:7", "no such CUDA device")])
+def test_an_unusable_eig_device_is_one_line_before_any_work(tmp_path, capsys, value: str, message: str) -> None:
+    from tests._cli import run_cli
+
+    source = tmp_path / "m.onnx"
+    onnx.save(tiny_decoder(blocks=1, hidden=64, inter=128), source)
+    code, _, err = run_cli(
+        [str(source), "-o", str(tmp_path / "c.onnx"), "--rank-rule", "16", "--eig-device", value], capsys
+    )
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

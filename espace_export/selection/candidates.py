@@ -80,6 +80,7 @@ def symmetrize(C: np.ndarray) -> np.ndarray:
 EigenSolver = Literal["auto", "lapack", "randomized"]
 EIGEN_SOLVERS: tuple[EigenSolver, ...] = ("auto", "lapack", "randomized")
 Precision = Literal["float64", "float32"]
+EIG_PRECISIONS: tuple[Precision, ...] = ("float64", "float32")
 # ``auto`` takes the randomized solver from this width on, when top ≤ K·RANDOMIZED_MAX_FRACTION. Measured by
 # benchmarks/decompositions.py (one BLAS thread): at K = 2048-4096, top = K/8 it ran 1.3-1.6× faster than
 # LAPACK in float64 (1.8-2.8× in float32), by |λ| as well as PSD; at top = K/4 LAPACK was faster in float64,
