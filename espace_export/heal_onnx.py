@@ -350,7 +350,9 @@ class _Student:
         from espace_export.calibration.onnx_torch import TorchGraph, fused_activations
         from espace_export.heal import WeightFactors, match_names
 
-        self.graph = TorchGraph(fused_activations(model))  # GELU as one op
+        fused = fused_activations(model)  # GELU as one op
+        self.graph = TorchGraph(fused)
+        del fused.graph.initializer[:]  # its weights live on as the graph's torch constants: not held twice
         self.original = dict(self.graph.constants)
         targets = {t.name: t for t in find_targets(model, include_heads=True)}
         mapping = match_names(projections, targets)
