@@ -54,6 +54,8 @@ class TorchGraph:
         torch = _torch()
         self.graph = model.graph
         self.float64 = float64  # evaluate float32 tensors in float64 (finite-difference checks)
+        # under CPU autocast to bfloat16: element-wise Add/Sub/Mul with a small float32 operand stay bfloat16
+        self.low_precision_elementwise = True
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
         self.output_names = [o.name for o in model.graph.output]
         self.ops = [_operator(node) for node in model.graph.node]  # unnamed nodes too: by position
@@ -114,9 +116,25 @@ class TorchGraph:
 
 def _binary(fn_name: str) -> Callable[..., Any]:
     def op(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
-        return getattr(_torch(), fn_name)(args[0], args[1])
+        a, b = _autocast_pair(args[0], args[1]) if g.low_precision_elementwise else (args[0], args[1])
+        return getattr(_torch(), fn_name)(a, b)
 
     return op
+
+
+def _autocast_pair(a: Any, b: Any) -> tuple[Any, Any]:
+    """Under CPU autocast to bfloat16, a float32 operand smaller than its bfloat16 partner (a bias, a scale, a
+    mask) is cast down, so the result stays bfloat16 for the next product; two large float32 operands (the
+    residual stream) keep float32."""
+    torch = _torch()
+    if not torch.is_autocast_enabled("cpu") or a.dtype == b.dtype:
+        return a, b
+    low = torch.get_autocast_dtype("cpu")
+    if a.dtype == low and b.dtype == torch.float32 and b.numel() < a.numel():
+        return a, b.to(low)
+    if b.dtype == low and a.dtype == torch.float32 and a.numel() < b.numel():
+        return a.to(low), b
+    return a, b
 
 
 def _unary(fn_name: str) -> Callable[..., Any]:

@@ -216,3 +216,37 @@ def test_fused_activations_compute_the_same_values_with_fewer_nodes(sample_model
     for name in want:
         np.testing.assert_allclose(got[name].detach().numpy(), want[name].detach().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(run(fused, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)  # ORT agrees
+
+
+def test_autocast_keeps_bias_and_mask_sums_in_bfloat16_and_the_residual_stream_in_float32(sample_model) -> None:
+    import torch
+
+    from samples.make_models import sample_inputs
+
+    model = onnx.load(sample_model("bert", "torchscript"))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    feed = complete_feed(sample_inputs("bert", 2, 8, seed=1), input_specs(model))
+    exact = TorchGraph(model).run(feed)
+    for low in (True, False):
+        graph = TorchGraph(model)
+        graph.low_precision_elementwise = low
+        dtypes: dict[str, torch.dtype] = {}
+
+        def watch(name: str, value, dtypes=dtypes):
+            dtypes[name] = value.dtype
+            return value
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = graph.run(feed, watch=watch)
+        bias_adds = [n.output[0] for n in model.graph.node if n.op_type == "Add"
+                     and any(producers.get(i) is not None and producers[i].op_type == "MatMul" for i in n.input)
+                     and any(i in graph.constants for i in n.input)]  # fmt: skip
+        residual = [n.output[0] for n in model.graph.node if n.op_type == "Add"
+                    and sum(producers.get(i) is not None and producers[i].op_type == "LayerNormalization"
+                            for i in n.input) == 1]  # fmt: skip
+        assert bias_adds and residual
+        assert {dtypes[name] for name in bias_adds} == {torch.bfloat16 if low else torch.float32}
+        assert {dtypes[name] for name in residual} == {torch.float32}
+        for name, value in got.items():  # bfloat16 round-off, no more
+            want = exact[name].float()
+            assert float((value.float() - want).norm() / want.norm()) < 3e-2
