@@ -99,8 +99,9 @@ class HealOptions:
         "order.", panel=_HEALING,
     )  # fmt: skip
     autocast: str = option(
-        "off", "bf16: the student's matrix products in bfloat16 (torch autocast; the weights, optimizer and "
-        "loss stay float32), several times faster on CPUs with native bf16 (AVX512-BF16, AMX); auto: bf16 "
+        "off", "bf16: the student's matrix products, and the bias/mask sums and activations between them, in "
+        "bfloat16 (torch autocast; the weights, residual stream, optimizer and loss stay float32), several times "
+        "faster on CPUs with native bf16 (AVX512-BF16, AMX); auto: bf16 "
         "where the CPU has it natively; off: float32 throughout.", panel=_HEALING, choices=HEAL_AUTOCASTS,
     )  # fmt: skip
     threads: int | None = option(
@@ -350,9 +351,8 @@ class _Student:
         from espace_export.calibration.onnx_torch import TorchGraph, fused_activations
         from espace_export.heal import WeightFactors, match_names
 
-        fused = fused_activations(model)  # GELU as one op
-        self.graph = TorchGraph(fused)
-        del fused.graph.initializer[:]  # its weights live on as the graph's torch constants: not held twice
+        # GELU as one op; the fused copy is made without the weights, which the graph reads from the model
+        self.graph = TorchGraph(fused_activations(model, weights=False), weights=model)
         self.original = dict(self.graph.constants)
         targets = {t.name: t for t in find_targets(model, include_heads=True)}
         mapping = match_names(projections, targets)

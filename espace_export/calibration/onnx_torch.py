@@ -50,7 +50,11 @@ def _ints(t: Any) -> list[int]:
 class TorchGraph:
     """An ONNX model as a callable over torch tensors (weights as constant torch tensors)."""
 
-    def __init__(self, model: onnx.ModelProto, *, float64: bool = False) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, *, float64: bool = False, weights: onnx.ModelProto | None = None
+    ) -> None:
+        """``weights``: read the initializers from this model instead (``model`` holds the graph alone: a
+        rewritten copy made without the weights, :func:`fused_activations` with ``weights=False``)."""
         torch = _torch()
         self.graph = model.graph
         self.float64 = float64  # evaluate float32 tensors in float64 (finite-difference checks)
@@ -70,10 +74,11 @@ class TorchGraph:
         # node's first output → a replacement for that node's operator, called as ``fn(args, attrs)`` (healing
         # computes a projected GEMM as (X·A)·B through it instead of forming the K×N product)
         self.overrides: dict[str, Callable[[list[Any], dict[str, Any]], Any]] = {}
-        base_dir = external_data_dir(model)  # weights left on disk by load_model(load_weights=False)
+        source = weights if weights is not None else model
+        base_dir = external_data_dir(source)  # weights left on disk by load_model(load_weights=False)
         self.constants: dict[str, Any] = {
             t.name: self._widen(torch.from_numpy(np.array(numpy_helper.to_array(t, base_dir))))
-            for t in model.graph.initializer
+            for t in (*source.graph.initializer, *(model.graph.initializer if weights is not None else ()))
         }
         # Constant nodes are evaluated once, here: their tensors join the constants and the nodes are not run
         self.steps = []
@@ -377,17 +382,31 @@ def _not(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
     return _torch().logical_not(args[0])
 
 
-def fused_activations(model: onnx.ModelProto) -> onnx.ModelProto:
+def fused_activations(model: onnx.ModelProto, *, weights: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` whose GELU subgraphs (``x·½(1 + erf(x/√2))`` and the tanh form, as exporters write
     them) are single ``Gelu`` / ``FastGelu`` nodes (com.microsoft), found by ONNX Runtime's own fusions. The
     values are the same; the interpreter runs one fused torch op (and its backward) where it ran five to
-    eight element-wise ones. Every other node, and every tensor name a later node reads, is kept."""
+    eight element-wise ones. Every other node, and every tensor name a later node reads, is kept.
+
+    ``weights=False``: the copy leaves out the initializers of more than :data:`SMALL_CONSTANT` elements (the
+    fusions read scalars only) — the weights are not copied; run it as ``TorchGraph(copy, weights=model)``."""
     from onnxruntime.transformers.fusion_fastgelu import FusionFastGelu
     from onnxruntime.transformers.fusion_gelu import FusionGelu
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    stubs: set[str] = set()  # the weights left out: name, type and shape only (the sort needs them present)
+    if weights:
+        copy.CopyFrom(model)
+    else:  # field by field, the graph's large initializers as stubs
+        _copy_fields(model, copy, skip="graph")
+        _copy_fields(model.graph, copy.graph, skip="initializer")
+        for tensor in model.graph.initializer:
+            if _elements(tensor) <= SMALL_CONSTANT:
+                copy.graph.initializer.append(tensor)
+            else:
+                stubs.add(tensor.name)
+                copy.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
     wrapped = OnnxModel(copy)
     level = logging.getLogger("onnxruntime.transformers").level
     logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)  # "Fused Gelu: 6" on every call
@@ -400,7 +419,31 @@ def fused_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     if fused and not any(o.domain == "com.microsoft" for o in copy.opset_import):
         copy.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     wrapped.topological_sort(is_deterministic=True)
+    kept = [t for t in copy.graph.initializer if t.name not in stubs]
+    if stubs:
+        del copy.graph.initializer[:]
+        copy.graph.initializer.extend(kept)
     return copy
+
+
+SMALL_CONSTANT = 64  # elements: the most a tensor :func:`fused_activations` keeps without its weights has
+
+
+def _elements(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims)) if tensor.dims else 1
+
+
+def _copy_fields(source: Any, target: Any, skip: str) -> None:
+    """Copy the set fields of protobuf message ``source`` into ``target``, but field ``skip``."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if isinstance(value, (list, tuple)) or hasattr(value, "extend"):  # a repeated field
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def gradient_blockers(model: onnx.ModelProto) -> list[str]:

@@ -216,6 +216,18 @@ def test_fused_activations_compute_the_same_values_with_fewer_nodes(sample_model
     for name in want:
         np.testing.assert_allclose(got[name].detach().numpy(), want[name].detach().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(run(fused, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)  # ORT agrees
+    # without the weights: the same graph, no large tensor copied, the weights read from the model
+    bare = fused_activations(model, weights=False)
+    assert [n.op_type for n in bare.graph.node] == [n.op_type for n in fused.graph.node]
+    assert (
+        max(int(np.prod(t.dims)) for t in bare.graph.initializer)
+        <= 64
+        < max(int(np.prod(t.dims)) for t in model.graph.initializer)
+    )
+    assert len(model.graph.initializer) == len(onnx.load(sample_model(arch, "torchscript")).graph.initializer)
+    got = TorchGraph(bare, weights=model).run(feed)
+    for name in want:
+        np.testing.assert_allclose(got[name].detach().numpy(), want[name].detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_autocast_keeps_bias_and_mask_sums_in_bfloat16_and_the_residual_stream_in_float32(sample_model) -> None:
