@@ -136,10 +136,18 @@ def _autocast_pair(a: Any, b: Any) -> tuple[Any, Any]:
         return a, b
     low = torch.get_autocast_dtype("cpu")
     if a.dtype == low and b.dtype == torch.float32 and b.numel() < a.numel():
-        return a, b.to(low)
+        return a, _lowered(b, low)
     if b.dtype == low and a.dtype == torch.float32 and a.numel() < b.numel():
-        return a.to(low), b
+        return _lowered(a, low), b
     return a, b
+
+
+def _lowered(x: Any, dtype: Any) -> Any:
+    """``x`` cast to ``dtype``, clamped to its finite range first: a mask's float32 minimum would round to
+    −inf in bfloat16, and a row masked throughout would then give NaN from softmax instead of a finite value."""
+    torch = _torch()
+    info = torch.finfo(dtype)
+    return x.clamp(info.min, info.max).to(dtype)
 
 
 def _unary(fn_name: str) -> Callable[..., Any]:

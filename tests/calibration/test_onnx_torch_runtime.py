@@ -262,3 +262,19 @@ def test_autocast_keeps_bias_and_mask_sums_in_bfloat16_and_the_residual_stream_i
         for name, value in got.items():  # bfloat16 round-off, no more
             want = exact[name].float()
             assert float((value.float() - want).norm() / want.norm()) < 3e-2
+
+
+def test_an_autocast_mask_of_float32_minimum_stays_finite_in_bfloat16() -> None:
+    import torch
+
+    from espace_export.calibration.onnx_torch import _autocast_pair
+
+    scores = torch.zeros(2, 3, 4, 4, dtype=torch.bfloat16)
+    mask = torch.full((2, 1, 4, 4), torch.finfo(torch.float32).min)
+    assert torch.isinf(mask.to(torch.bfloat16)).all()  # what a plain cast would give
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = _autocast_pair(scores, mask)
+        probabilities = torch.softmax(a + b, dim=-1)  # a row masked throughout: uniform, not NaN
+    assert b.dtype == torch.bfloat16 and torch.isfinite(b).all()
+    assert torch.isfinite(probabilities).all()
+    assert _autocast_pair(scores, mask)[1].dtype == torch.float32  # outside autocast: untouched
