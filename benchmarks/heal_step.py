@@ -22,7 +22,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from espace_export.heal import load_projections
-    from espace_export.heal_onnx import _Student, distillation_loss, hidden_state_loss
+    from espace_export.heal_onnx import _Student, train_step
     from espace_export.io.data import complete_feed, input_specs, load_batches
     from espace_export.io.models import load_model
     from espace_export.options import DataOptions
@@ -71,27 +70,25 @@ def main() -> None:
     print(f"{len(batches)} batches in the text; timing {args.steps} spread over it, "
           f"{statistics.mean(tokens[3:]):.0f} tokens a batch on average", file=sys.stderr)  # fmt: skip
 
-    student = _Student(model, load_projections(args.plan, args.train == "factors"), True, args.train)
-    targets = [student.teacher(feed, True) for feed in feeds]
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, eps=1e-7)
+    projections = load_projections(args.plan, args.train == "factors")
     lower = args.autocast == "bf16"
+
+    student = _Student(model, projections, True, args.train)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, eps=1e-7)
+    targets = [student.teacher(feed, True) for feed in feeds]
 
     def step(i: int) -> float:
         started = time.perf_counter()
-        feed = feeds[i]
-        mask = torch.from_numpy(feed["attention_mask"]) if "attention_mask" in feed else None
-        student.install()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=lower):
-            output, hidden = student.run(feed, True)
-        value = distillation_loss(output, targets[i][0], "distill", mask)
-        value = value + hidden_state_loss(hidden, targets[i][1], mask)
-        optimizer.zero_grad()
-        value.backward()
-        optimizer.step()
+        train_step(student, optimizer, feeds[i], targets[i], "distill", 1.0, lower)  # what heal runs
         return time.perf_counter() - started
 
-    if args.compare:
-        compare(args, student, step)
+    if args.compare == "elementwise":
+
+        def switch(on: bool) -> Callable[[int], float]:
+            student.graph.low_precision_elementwise = on
+            return step
+
+        compare(args, switch)
         return
     times = steps(step, args.steps, args.profile, args.shapes)
     ms = sorted(1000 * t for t in times)
@@ -101,14 +98,13 @@ def main() -> None:
           f"over {len(ms)} steps")  # fmt: skip
 
 
-def compare(args: argparse.Namespace, student: Any, step: Callable[[int], float]) -> None:
-    """Rounds of all timed steps with ``--compare``'s setting on, then off; per setting, the mean step of each
-    round, and the ratio off/on of the rounds' medians."""
+def compare(args: argparse.Namespace, setting: Callable[[bool], Callable[[int], float]]) -> None:
+    """Rounds of all timed steps with ``--compare``'s setting on, then off (``setting(on)`` gives the step
+    function); per setting, the mean step of each round, and the ratio off/on of the rounds' medians."""
     means: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(args.rounds):
         for on in (True, False):
-            student.graph.low_precision_elementwise = on
-            means[on].append(1000 * statistics.mean(steps(step, args.steps, 0, False)))
+            means[on].append(1000 * statistics.mean(steps(setting(on), args.steps, 0, False)))
     for on in (True, False):
         print(f"{args.compare} {'on' if on else 'off'}: mean step per round " +
               ", ".join(f"{m:.0f}" for m in means[on]) + " ms")  # fmt: skip

@@ -575,6 +575,33 @@ class _Loop:
     losses: list[float] = field(default_factory=list)
 
 
+def train_step(
+    student: _Student,
+    optimizer: Any,
+    feed: Mapping[str, np.ndarray],
+    target: tuple[Any, list[Any]],
+    kind: str,
+    hidden_weight: float,
+    lower: bool,
+) -> float:
+    """One optimizer step of ``student`` towards the teacher's ``target`` (its output and token states) on
+    ``feed``: the run under bfloat16 autocast when ``lower``, the loss in float32; returns the loss."""
+    import torch
+
+    mask = torch.from_numpy(feed["attention_mask"]) if "attention_mask" in feed else None
+    use_hidden = hidden_weight > 0 and bool(student.hidden)
+    student.install()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=lower):
+        output, hidden = student.run(feed, use_hidden)
+    value = distillation_loss(output, target[0], kind, mask)  # in float32 either way
+    if use_hidden:
+        value = value + hidden_weight * hidden_state_loss(hidden, target[1], mask)
+    optimizer.zero_grad()
+    value.backward()
+    optimizer.step()
+    return float(value.detach())
+
+
 def _train(loop: _Loop, feeds: Sequence[dict[str, np.ndarray]], on_step: Callable[[int, float], None] | None) -> float:
     import torch
 
@@ -603,19 +630,9 @@ def _train(loop: _Loop, feeds: Sequence[dict[str, np.ndarray]], on_step: Callabl
                 targets[index], cached = target, cached + size
         for group in optimizer.param_groups:
             group["lr"] = options.lr * _schedule(loop.step, loop.planned, options.warmup)
-        feed = feeds[index]
-        mask = torch.from_numpy(feed["attention_mask"]) if "attention_mask" in feed else None
-        student.install()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=lower):
-            output, hidden = student.run(feed, use_hidden)
-        value = distillation_loss(output, target[0], loop.kind, mask)  # in float32 either way
-        if use_hidden:
-            value = value + options.hidden_weight * hidden_state_loss(hidden, target[1], mask)
-        optimizer.zero_grad()
-        value.backward()
-        optimizer.step()
+        value = train_step(student, optimizer, feeds[index], target, loop.kind, options.hidden_weight, lower)
         loop.step += 1
-        loop.losses.append(float(value.detach()))
+        loop.losses.append(value)
         elapsed = time.perf_counter() - started
         if options.minutes is not None:  # fit the schedule to the steps the time allows
             per_step = elapsed / (loop.step - first_step)
