@@ -162,6 +162,8 @@ def _div(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
     a, b = args
     if not a.is_floating_point() and not b.is_floating_point():
         return torch.div(a, b, rounding_mode="trunc")
+    if g.low_precision_elementwise:
+        a, b = _autocast_pair(a, b)
     return a / b
 
 
@@ -390,6 +392,43 @@ def _not(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
     return _torch().logical_not(args[0])
 
 
+def _attention(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
+    """ONNX ``Attention`` (opset 23) as one ``scaled_dot_product_attention`` (and its one backward): Q, K, V
+    4-D [batch, heads, sequence, head size] or 3-D [batch, sequence, heads · head size] (with
+    ``q_num_heads``/``kv_num_heads``), fewer K/V heads than Q heads (grouped queries), an additive or boolean
+    ``attn_mask``, ``is_causal``, a past key/value (present outputs); not ``softcap`` or the QK output."""
+    torch = _torch()
+    q, k, v = args[0], args[1], args[2]
+    mask = args[3] if len(args) > 3 else None
+    past_key = args[4] if len(args) > 4 else None
+    past_value = args[5] if len(args) > 5 else None
+    causal = bool(attrs.get("is_causal", 0))
+    if attrs.get("softcap", 0.0) or attrs.get("qk_matmul_output_mode", 0) or (causal and past_key is not None):
+        raise EspaceError(
+            "the gradient pass cannot evaluate Attention with softcap, a QK output or causal masking over a past",
+            "use --method mse, nmse, go-mse or go-mse-l2 (best and auto include the nl-mse candidates)",
+        )
+    flat = q.dim() == 3
+    if flat:  # [B, S, H·d] → [B, H, S, d]
+        heads = (int(attrs["q_num_heads"]), int(attrs["kv_num_heads"]), int(attrs["kv_num_heads"]))
+        q, k, v = (
+            t.reshape(t.shape[0], t.shape[1], h, -1).transpose(1, 2) for t, h in zip((q, k, v), heads, strict=True)
+        )
+    if past_key is not None:
+        k = torch.cat([past_key, k], dim=2)
+    if past_value is not None:
+        v = torch.cat([past_value, v], dim=2)
+    if mask is not None and mask.is_floating_point():
+        mask = _lowered(mask, q.dtype) if mask.dtype != q.dtype else mask
+    scale = attrs.get("scale")
+    y = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    if flat:
+        y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+    return y, k, v
+
+
 def fused_activations(model: onnx.ModelProto, *, weights: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` whose GELU subgraphs (``x·½(1 + erf(x/√2))`` and the tanh form, as exporters write
     them) are single ``Gelu`` / ``FastGelu`` nodes (com.microsoft), found by ONNX Runtime's own fusions. The
@@ -427,8 +466,8 @@ def fused_activations(model: onnx.ModelProto, *, weights: bool = True) -> onnx.M
     if fused and not any(o.domain == "com.microsoft" for o in copy.opset_import):
         copy.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     wrapped.topological_sort(is_deterministic=True)
-    kept = [t for t in copy.graph.initializer if t.name not in stubs]
     if stubs:
+        kept = [t for t in copy.graph.initializer if t.name not in stubs]
         del copy.graph.initializer[:]
         copy.graph.initializer.extend(kept)
     return copy
@@ -438,7 +477,7 @@ SMALL_CONSTANT = 64  # elements: the most a tensor :func:`fused_activations` kee
 
 
 def _elements(tensor: onnx.TensorProto) -> int:
-    return int(np.prod(tensor.dims)) if tensor.dims else 1
+    return int(np.prod(tensor.dims))  # 1 for a scalar: the product of no dims
 
 
 def _copy_fields(source: Any, target: Any, skip: str) -> None:
@@ -530,6 +569,7 @@ _OPS: dict[str, Callable[[list[Any], dict[str, Any], TorchGraph], Any]] = {
     "Where": _where,
     "Clip": _clip,
     "Softmax": _softmax,
+    "Attention": _attention,
     "Gelu": _gelu,
     "LayerNormalization": _layer_norm,
     "ReduceMean": _reduce("mean"),

@@ -278,3 +278,83 @@ def test_an_autocast_mask_of_float32_minimum_stays_finite_in_bfloat16() -> None:
     assert b.dtype == torch.bfloat16 and torch.isfinite(b).all()
     assert torch.isfinite(probabilities).all()
     assert _autocast_pair(scores, mask)[1].dtype == torch.float32  # outside autocast: untouched
+
+
+def test_an_autocast_division_by_a_small_float32_tensor_stays_bfloat16() -> None:
+    import torch
+
+    from espace_export.calibration.onnx_torch import _div
+
+    graph = TorchGraph(_division_graph())
+    scores = torch.randn(2, 3, 4, 4).to(torch.bfloat16)
+    divisor = torch.tensor([5.6568])  # an attention scale stored as a 1-element float32 initializer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = _div([scores, divisor], {}, graph)
+        graph.low_precision_elementwise = False
+        promoted = _div([scores, divisor], {}, graph)
+    assert low.dtype == torch.bfloat16 and promoted.dtype == torch.float32
+    torch.testing.assert_close(low.float(), promoted, rtol=1e-2, atol=1e-2)
+    assert _div([torch.tensor([7]), torch.tensor([2])], {}, graph).tolist() == [3]  # integers: truncated
+
+
+def _division_graph() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    scale = numpy_helper.from_array(np.array([2.0], np.float32), "scale")
+    node = helper.make_node("Div", ["x", "scale"], ["y"])
+    return helper.make_model(helper.make_graph([node], "g", [x], [y], [scale]))
+
+
+# ---- ONNX Attention (opset 23) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "attrs"),
+    [
+        ("4d-float-mask", {}),
+        ("4d-bool-mask-scale", {"scale": 0.3}),
+        ("4d-causal-gqa", {"is_causal": 1}),
+        ("3d-gqa", {"q_num_heads": 4, "kv_num_heads": 2}),
+        ("4d-past", {}),
+    ],
+)
+def test_the_attention_operator_matches_onnx_runtime(case, attrs) -> None:
+    """The interpreter's ONNX ``Attention`` against ONNX Runtime's own (opset 23) on one node."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    batch, seq, past, size = 2, 5, 3, 8
+    kv_heads = 2 if "gqa" in case else 4
+    if case.startswith("3d"):
+        shapes = {"q": [batch, seq, 4 * size], "k": [batch, seq, kv_heads * size], "v": [batch, seq, kv_heads * size]}
+    else:
+        shapes = {"q": [batch, 4, seq, size], "k": [batch, kv_heads, seq, size], "v": [batch, kv_heads, seq, size]}
+    feed = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    total = seq + (past if case.endswith("past") else 0)
+    inputs = ["q", "k", "v"]
+    if "mask" in case or case.endswith("past") or case == "3d-gqa":
+        keep = rng.random((batch, 1, seq, total)) > 0.3
+        keep[..., 0] = True  # no row masked throughout
+        if "bool" in case:
+            feed["mask"] = keep
+        else:
+            feed["mask"] = np.where(keep, rng.standard_normal(keep.shape), np.finfo(np.float32).min).astype(np.float32)
+        inputs.append("mask")
+    outputs = ["y"]
+    if case.endswith("past"):
+        feed["past_key"] = rng.standard_normal((batch, 4, past, size)).astype(np.float32)
+        feed["past_value"] = rng.standard_normal((batch, 4, past, size)).astype(np.float32)
+        inputs += ["past_key", "past_value"]
+        outputs += ["present_key", "present_value"]
+    node = helper.make_node("Attention", inputs, outputs, **attrs)
+    graph = helper.make_graph(
+        [node], "attention",
+        [helper.make_tensor_value_info(n, TensorProto.BOOL if v.dtype == bool else TensorProto.FLOAT, v.shape)
+         for n, v in feed.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(outputs, feed)
+    got = TorchGraph(model).run(feed, outputs=outputs)
+    for name, value in zip(outputs, want, strict=True):
+        np.testing.assert_allclose(got[name].numpy(), value, rtol=1e-5, atol=1e-5)
