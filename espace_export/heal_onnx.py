@@ -76,6 +76,11 @@ class HealOptions:
         1.0, "Weight of the token-state MSE (every LayerNormalization output) in the loss; 0: outputs only.",
         panel=_HEALING,
     )  # fmt: skip
+    hidden_weight_end: float | None = option(
+        None, "Where the token-state weight ends: after the warm-up it moves from --hidden-weight to this along "
+        "the learning rate's cosine decay (e.g. 0: the block outputs guide the early steps, the outputs alone the "
+        "last); default: --hidden-weight throughout.", panel=_HEALING,
+    )  # fmt: skip
     start: str = option(
         "none", "least-squares: first fit each pair, in graph order, to the original layer's output on "
         "the compressed model's own input (one pass per layer group, on batches spread over the text, "
@@ -122,9 +127,12 @@ class HealOptions:
             raise EspaceError(f"--lr must be a positive number, got {self.lr}", "try --lr 2e-4")
         if not 0 <= self.warmup < 1:
             raise EspaceError(f"--warmup must be in [0, 1), got {self.warmup}", "try --warmup 0.05")
-        if self.weight_decay < 0 or self.hidden_weight < 0 or not self.teacher_cache >= 0:
-            raise EspaceError("--weight-decay, --hidden-weight and --teacher-cache must be non-negative",
-                              "pass 0 or more")  # fmt: skip
+        ends = () if self.hidden_weight_end is None else (self.hidden_weight_end,)
+        if not all(v >= 0 and math.isfinite(v) for v in (self.weight_decay, self.hidden_weight, *ends)) or not (
+            self.teacher_cache >= 0
+        ):
+            raise EspaceError("--weight-decay, --hidden-weight, --hidden-weight-end and --teacher-cache must be "
+                              "non-negative numbers", "pass 0 or more")  # fmt: skip
         if self.loss not in HEAL_LOSSES:
             raise EspaceError(f"unknown healing loss {self.loss!r}", f"use one of {', '.join(HEAL_LOSSES)}")
         if self.train not in HEAL_TRAINS:
@@ -498,6 +506,15 @@ def uses_bf16(autocast: str) -> bool:
     return autocast == "bf16" or (autocast == "auto" and native_bf16())
 
 
+def _hidden_weight(step: int, planned: int, options: HealOptions) -> float:
+    """The token-state weight at ``step``: ``--hidden-weight`` through the warm-up, then towards
+    ``--hidden-weight-end`` along the learning rate's cosine."""
+    start, end = options.hidden_weight, options.hidden_weight_end
+    if end is None or step < max(1, int(options.warmup * planned)):
+        return start
+    return end + (start - end) * _schedule(step, planned, options.warmup)
+
+
 def _schedule(step: int, planned: int, warmup: float) -> float:
     """Linear warm-up over ``warmup × planned`` steps, then cosine decay to 0 at ``planned``."""
     warm = max(1, int(warmup * planned))
@@ -531,6 +548,11 @@ def _fingerprint(projections: Mapping[str, Any], options: HealOptions) -> str:
     digest.update(
         f"{options.steps}|{options.lr}|{options.loss}|{options.train_norms}|{options.start}|{options.train}|"
         f"{options.shuffle}".encode()
+        + (
+            b""
+            if options.hidden_weight_end is None
+            else f"|{options.hidden_weight}|{options.hidden_weight_end}".encode()
+        )
     )
     return digest.hexdigest()[:16]
 
@@ -606,7 +628,7 @@ def _train(loop: _Loop, feeds: Sequence[dict[str, np.ndarray]], on_step: Callabl
     import torch
 
     options, student = loop.options, loop.student
-    use_hidden = options.hidden_weight > 0 and bool(student.hidden)
+    use_hidden = max(options.hidden_weight, options.hidden_weight_end or 0.0) > 0 and bool(student.hidden)
     targets: dict[int, tuple[Any, list[Any]]] = {}  # the teacher's outputs per batch, kept while they fit
     cached, budget = 0, options.teacher_cache * 2**30
     lower = uses_bf16(options.autocast)
@@ -630,7 +652,8 @@ def _train(loop: _Loop, feeds: Sequence[dict[str, np.ndarray]], on_step: Callabl
                 targets[index], cached = target, cached + size
         for group in optimizer.param_groups:
             group["lr"] = options.lr * _schedule(loop.step, loop.planned, options.warmup)
-        value = train_step(student, optimizer, feeds[index], target, loop.kind, options.hidden_weight, lower)
+        hidden_weight = _hidden_weight(loop.step, loop.planned, options)
+        value = train_step(student, optimizer, feeds[index], target, loop.kind, hidden_weight, lower)
         loop.step += 1
         loop.losses.append(value)
         elapsed = time.perf_counter() - started

@@ -132,6 +132,23 @@ def test_hidden_state_term_targets_the_token_states(sample_model, tmp_path) -> N
     assert mixed.losses[0] > plain.losses[0] > 0
 
 
+def test_hidden_weight_end_moves_the_token_state_weight_along_the_cosine(sample_model, tmp_path) -> None:
+    """Three steps (warm-up: the first): the weight is --hidden-weight for steps 0 and 1 (the cosine starts at
+    1), then halfway to its end at step 2, so the runs agree until then and differ there by exactly the
+    token-state term's share: (full − towards 0) = 2 × (full − towards 0.5)."""
+    dense = Path(sample_model("bert", "torchscript"))
+    plan = _compress(dense, tmp_path)
+    train = _batches("bert", 3, seed=5)
+    runs = {end: heal_onnx(dense, plan, train, tmp_path / f"{end}.onnx",
+                           HealOptions(steps=3, lr=1e-3, hidden_weight=1.0, hidden_weight_end=end)).losses
+            for end in (None, 0.0, 0.5)}  # fmt: skip
+    full, to_zero, to_half = runs[None], runs[0.0], runs[0.5]
+    np.testing.assert_allclose(to_zero[:2], full[:2], rtol=1e-6)
+    np.testing.assert_allclose(to_half[:2], full[:2], rtol=1e-6)
+    assert full[2] > to_half[2] > to_zero[2] > 0
+    np.testing.assert_allclose(full[2] - to_zero[2], 2 * (full[2] - to_half[2]), rtol=1e-4)
+
+
 def test_resume_continues_the_interrupted_run_exactly(sample_model, tmp_path) -> None:
     dense = Path(sample_model("llama", "torchscript"))
     plan = _compress(dense, tmp_path)
@@ -187,6 +204,8 @@ def test_cli_heals_a_compressed_model_end_to_end(sample_model, tmp_path, capsys)
         (["--resume", "--checkpoint-dir", "nowhere"], "no checkpoint"),
         (["--train", "both"], "Invalid value for '--train'"),
         (["--teacher-cache", "-1"], "--teacher-cache must be non-negative"),
+        (["--hidden-weight-end", "-0.5"], "--hidden-weight-end and --teacher-cache must be non-negative"),
+        (["--hidden-weight-end", "nan"], "must be non-negative numbers"),
         (["--text-rows", "lines"], "Invalid value for '--text-rows'"),
     ],
 )
