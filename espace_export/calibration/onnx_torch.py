@@ -410,6 +410,11 @@ def _attention(args: list[Any], attrs: dict[str, Any], g: TorchGraph) -> Any:
         )
     flat = q.dim() == 3
     if flat:  # [B, S, H·d] → [B, H, S, d]
+        if not (attrs.get("q_num_heads") and attrs.get("kv_num_heads")):
+            raise EspaceError(
+                "an Attention node with 3-D inputs has no q_num_heads/kv_num_heads attributes (invalid ONNX)",
+                "re-export the model, or check it with onnx.checker",
+            )
         heads = (int(attrs["q_num_heads"]), int(attrs["kv_num_heads"]), int(attrs["kv_num_heads"]))
         q, k, v = (
             t.reshape(t.shape[0], t.shape[1], h, -1).transpose(1, 2) for t, h in zip((q, k, v), heads, strict=True)

@@ -358,3 +358,12 @@ def test_the_attention_operator_matches_onnx_runtime(case, attrs) -> None:
     got = TorchGraph(model).run(feed, outputs=outputs)
     for name, value in zip(outputs, want, strict=True):
         np.testing.assert_allclose(got[name].numpy(), value, rtol=1e-5, atol=1e-5)
+
+
+def test_the_attention_operator_refuses_3d_inputs_without_head_counts() -> None:
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y"])
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 8]) for n in "qkv"]
+    model = helper.make_model(helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", 1, None)]))
+    feed = {n: np.zeros((1, 2, 8), np.float32) for n in "qkv"}
+    with pytest.raises(EspaceError, match="q_num_heads"):
+        TorchGraph(model).run(feed)
