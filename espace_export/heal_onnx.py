@@ -99,6 +99,12 @@ class HealOptions:
         panel=_HEALING, choices=HEAL_TRAINS,
     )  # fmt: skip
     train_norms: bool = option(True, "Also train LayerNorm scales/shifts and the GEMM biases.", panel=_HEALING)
+    augment: float = option(
+        0.0, "Fraction of the steps that train on a random crop of their batch instead (each text row keeps its "
+        "first and last token and a random contiguous half or more of the tokens between; the teacher runs on "
+        "each crop): new token sequences rather than the same ones again, against over-fitting a small healing "
+        "text; 0: off.", panel=_HEALING,
+    )  # fmt: skip
     shuffle: bool = option(
         True, "Visit the batches in a new random order (fixed seed) on each pass over them; off: in the text's "
         "order.", panel=_HEALING,
@@ -133,6 +139,8 @@ class HealOptions:
         ):
             raise EspaceError("--weight-decay, --hidden-weight, --hidden-weight-end and --teacher-cache must be "
                               "non-negative numbers", "pass 0 or more")  # fmt: skip
+        if not 0 <= self.augment <= 1:
+            raise EspaceError(f"--augment must be a fraction in [0, 1], got {self.augment}", "try --augment 0.5")
         if self.loss not in HEAL_LOSSES:
             raise EspaceError(f"unknown healing loss {self.loss!r}", f"use one of {', '.join(HEAL_LOSSES)}")
         if self.train not in HEAL_TRAINS:
@@ -535,6 +543,57 @@ def _batch_index(step: int, count: int, shuffle: bool) -> int:
     return int(_pass_order(count, epoch)[at]) if shuffle else at
 
 
+CROP_SHORTEST = 0.5  # the least fraction of a row's inner tokens a crop keeps
+
+
+def check_croppable(batch: Mapping[str, np.ndarray]) -> None:
+    """Refuse ``--augment`` on batches :func:`crop_batch` cannot crop: every input must be token-aligned
+    ``[batch, seq]`` (ids, attention mask, token types, positions), as text batches are."""
+    ids = batch.get("input_ids")
+    odd = [n for n, v in batch.items() if ids is None or v.shape != ids.shape]
+    if ids is None or ids.ndim != 2 or odd:
+        raise EspaceError(
+            f"--augment crops token batches of [batch, seq] inputs, and these batches also hold {odd or 'no 2-D input_ids'}",
+            "heal from text (--calib-text), or drop --augment",
+        )
+
+
+def crop_batch(
+    batch: Mapping[str, np.ndarray], rng: np.random.Generator, shortest: float = CROP_SHORTEST
+) -> dict[str, np.ndarray]:
+    """A random crop of each row of a token batch: its first and last real token (the tokenizer's special
+    tokens: [CLS]/[SEP], BOS/EOS) around a contiguous run of at least ``shortest`` of the tokens between,
+    at a random offset; padded on the side the batch is padded on, to the longest cropped row. Every input is
+    ``[batch, seq]`` (:func:`check_croppable`); ``position_ids`` are renumbered over the kept tokens."""
+    ids = batch["input_ids"]
+    rows, seq = ids.shape
+    mask = batch.get("attention_mask")
+    real = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+    keep = [np.flatnonzero(real[r]) for r in range(rows)]
+    inner = min(len(k) for k in keep) - 2
+    shared = int(rng.integers(math.ceil(shortest * inner), inner + 1)) if mask is None and inner > 1 else None
+    for r, where in enumerate(keep):
+        if len(where) > 3:
+            n = len(where) - 2
+            length = shared if shared is not None else int(rng.integers(math.ceil(shortest * n), n + 1))
+            at = int(rng.integers(0, n - length + 1))
+            keep[r] = np.concatenate([where[:1], where[1 + at : 1 + at + length], where[-1:]])
+    width = max(len(k) for k in keep)
+    left = mask is not None and bool((~real[:, 0]).any())  # left-padded rows (causal LMs)
+    index, valid = np.zeros((rows, width), np.int64), np.zeros((rows, width), bool)
+    for r, where in enumerate(keep):
+        span = slice(width - len(where), width) if left else slice(0, len(where))
+        index[r, span], valid[r, span] = where, True
+    cropped = {}
+    for name, value in batch.items():
+        padded = value[~real]
+        fill = padded.flat[0] if padded.size else 0
+        cropped[name] = np.where(valid, np.take_along_axis(value, index, axis=1), fill).astype(value.dtype)
+        if name == "position_ids":
+            cropped[name] = np.where(valid, np.cumsum(valid, axis=1) - 1, 1 if left else 0).astype(value.dtype)
+    return cropped
+
+
 def _fingerprint(projections: Mapping[str, Any], options: HealOptions) -> str:
     from espace_export.heal import WeightFactors
 
@@ -553,6 +612,7 @@ def _fingerprint(projections: Mapping[str, Any], options: HealOptions) -> str:
             if options.hidden_weight_end is None
             else f"|{options.hidden_weight}|{options.hidden_weight_end}".encode()
         )
+        + (f"|augment {options.augment}".encode() if options.augment else b"")
     )
     return digest.hexdigest()[:16]
 
@@ -624,7 +684,15 @@ def train_step(
     return float(value.detach())
 
 
-def _train(loop: _Loop, feeds: Sequence[dict[str, np.ndarray]], on_step: Callable[[int, float], None] | None) -> float:
+def _train(
+    loop: _Loop,
+    feeds: Sequence[dict[str, np.ndarray]],
+    on_step: Callable[[int, float], None] | None,
+    crop: Callable[[int, np.random.Generator], dict[str, np.ndarray]] | None = None,
+) -> float:
+    """Advance ``loop`` to its planned step on ``feeds``; with ``--augment``, ``crop(index, rng)`` gives a
+    cropped feed of batch ``index`` for the steps that draw one (a seeded draw per step: a resumed run crops
+    as an uninterrupted one would)."""
     import torch
 
     options, student = loop.options, loop.student
@@ -644,7 +712,11 @@ def _train(loop: _Loop, feeds: Sequence[dict[str, np.ndarray]], on_step: Callabl
     first_step = loop.step
     while loop.step < loop.planned:
         index = _batch_index(loop.step, len(feeds), options.shuffle)
-        target = targets.get(index)
+        feed, target = feeds[index], targets.get(index)
+        draw = np.random.default_rng([0xC209, loop.step])
+        if crop is not None and options.augment and draw.random() < options.augment:
+            feed = crop(index, draw)
+            target = student.teacher(feed, use_hidden)  # a new sequence: never cached
         if target is None:
             target = student.teacher(feeds[index], use_hidden)
             size = sum(t.numel() * t.element_size() for t in (target[0], *target[1]))
@@ -653,7 +725,7 @@ def _train(loop: _Loop, feeds: Sequence[dict[str, np.ndarray]], on_step: Callabl
         for group in optimizer.param_groups:
             group["lr"] = options.lr * _schedule(loop.step, loop.planned, options.warmup)
         hidden_weight = _hidden_weight(loop.step, loop.planned, options)
-        value = train_step(student, optimizer, feeds[index], target, loop.kind, hidden_weight, lower)
+        value = train_step(student, optimizer, feed, target, loop.kind, hidden_weight, lower)
         loop.step += 1
         loop.losses.append(value)
         elapsed = time.perf_counter() - started
@@ -834,15 +906,23 @@ def heal_onnx(
         projections = load_projections(projections, options.train == "factors")  # type: ignore[arg-type]
     kind = "kl" if resolve_validation_loss(model, options.loss) == "kl" else "distill"
     specs = input_specs(model)
+    for batch in batches if options.augment else ():
+        check_croppable(batch)
     with _torch_threads(options.threads):
         student = _Student(model, projections, options.train_norms, options.train)
         loop = _Loop(student, options, kind, _fingerprint(projections, options))
         feeds = [complete_feed(b, specs) for b in batches]
+        crop = None
+        if options.augment:
+
+            def crop(index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+                return complete_feed(crop_batch(batches[index], rng), specs)
+
         started = time.perf_counter()
         if options.start == "least-squares" and not options.resume:  # a resumed W already holds it
             least_squares_start(student, start_batches(feeds), budget=options.teacher_cache * 2**30)
         start_seconds = time.perf_counter() - started
-        seconds = _train(loop, feeds, on_step) if options.steps else 0.0
+        seconds = _train(loop, feeds, on_step, crop) if options.steps else 0.0
     result = HealingResult(output, kind, loop.step, loop.losses, seconds=start_seconds + seconds)
     result.start_seconds = start_seconds
     result.weights = {p.target.name: p.W.detach().numpy().astype(np.float32) for p in student.layers if p.W is not None}

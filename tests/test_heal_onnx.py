@@ -149,12 +149,14 @@ def test_hidden_weight_end_moves_the_token_state_weight_along_the_cosine(sample_
     np.testing.assert_allclose(full[2] - to_zero[2], 2 * (full[2] - to_half[2]), rtol=1e-4)
 
 
-def test_resume_continues_the_interrupted_run_exactly(sample_model, tmp_path) -> None:
+@pytest.mark.parametrize("augment", [0.0, 0.5])
+def test_resume_continues_the_interrupted_run_exactly(sample_model, tmp_path, augment: float) -> None:
+    """Also with --augment: which steps crop, and how, depends on the step alone."""
     dense = Path(sample_model("llama", "torchscript"))
     plan = _compress(dense, tmp_path)
     train = _batches("llama", 3, seed=7)
-    options = HealOptions(steps=6, lr=3e-3, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2)
-    whole = heal_onnx(dense, plan, train, tmp_path / "whole.onnx", HealOptions(steps=6, lr=3e-3))
+    options = HealOptions(steps=6, lr=3e-3, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2, augment=augment)
+    whole = heal_onnx(dense, plan, train, tmp_path / "whole.onnx", HealOptions(steps=6, lr=3e-3, augment=augment))
 
     def interrupt(step: int, loss: float) -> None:
         if step == 4:
@@ -206,6 +208,8 @@ def test_cli_heals_a_compressed_model_end_to_end(sample_model, tmp_path, capsys)
         (["--teacher-cache", "-1"], "--teacher-cache must be non-negative"),
         (["--hidden-weight-end", "-0.5"], "--hidden-weight-end and --teacher-cache must be non-negative"),
         (["--hidden-weight-end", "nan"], "must be non-negative numbers"),
+        (["--augment", "1.5"], "--augment must be a fraction in [0, 1]"),
+        (["--augment", "nan"], "--augment must be a fraction in [0, 1]"),
         (["--text-rows", "lines"], "Invalid value for '--text-rows'"),
     ],
 )
@@ -457,3 +461,100 @@ def test_teacher_session_threads_do_not_spin_between_batches(sample_model, tmp_p
     assert len(hidden) == len(student.hidden) > 0
     options = student.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def _ids_batch(lengths: list[int], width: int, left: bool = False) -> dict[str, np.ndarray]:
+    """Rows of distinct token ids (row r, position p: 100·r + p + 1), padded with 0 to ``width``."""
+    ids, mask = np.zeros((len(lengths), width), np.int64), np.zeros((len(lengths), width), np.int64)
+    for r, n in enumerate(lengths):
+        span = slice(width - n, width) if left else slice(0, n)
+        ids[r, span], mask[r, span] = 100 * r + np.arange(1, n + 1), 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": (ids % 2) * mask}
+
+
+def _kept(batch: dict[str, np.ndarray], r: int) -> np.ndarray:
+    return batch["input_ids"][r][batch["attention_mask"][r] == 1]
+
+
+def test_crop_keeps_the_end_tokens_around_a_contiguous_run_of_half_or_more() -> None:
+    from espace_export.heal_onnx import crop_batch
+
+    batch = _ids_batch([20, 11, 4, 3, 31], 31)
+    crops = [crop_batch(batch, np.random.default_rng(seed)) for seed in range(12)]
+    for crop in crops:
+        assert crop["input_ids"].shape[1] == crop["attention_mask"].sum(1).max()  # padded to the longest crop
+        for r in range(5):
+            row, kept = _kept(batch, r), _kept(crop, r)
+            assert kept[0] == row[0] and kept[-1] == row[-1]
+            inner, whole = kept[1:-1], row[1:-1]
+            assert len(inner) >= np.ceil(0.5 * len(whole))
+            at = int(inner[0] - whole[0]) if len(inner) else 0
+            np.testing.assert_array_equal(inner, whole[at : at + len(inner)])  # contiguous
+            assert (crop["input_ids"][r][crop["attention_mask"][r] == 0] == 0).all()  # the batch's pad id
+            np.testing.assert_array_equal(crop["token_type_ids"][r][crop["attention_mask"][r] == 1], kept % 2)
+        np.testing.assert_array_equal(_kept(crop, 3), _kept(batch, 3))  # three tokens: nothing between to crop
+    assert len({_kept(c, 0).tobytes() for c in crops}) > 6  # lengths and offsets vary
+    again = crop_batch(batch, np.random.default_rng(5))
+    assert all(np.array_equal(again[k], crops[5][k]) for k in batch)  # the seed alone decides
+
+
+def test_crop_of_a_left_padded_batch_stays_left_padded_with_positions_renumbered() -> None:
+    from espace_export.heal_onnx import crop_batch
+
+    batch = _ids_batch([16, 9, 12], 16, left=True)
+    batch["position_ids"] = np.maximum(np.cumsum(batch["attention_mask"], 1) - 1, 0)
+    crop = crop_batch(batch, np.random.default_rng(3))
+    mask = crop["attention_mask"]
+    for r in range(3):
+        n = int(mask[r].sum())
+        assert (mask[r, -n:] == 1).all() and (mask[r, :-n] == 0).all()
+        np.testing.assert_array_equal(crop["position_ids"][r, -n:], np.arange(n))
+        assert _kept(crop, r)[0] == _kept(batch, r)[0] and _kept(crop, r)[-1] == _kept(batch, r)[-1]
+    assert mask.sum() < batch["attention_mask"].sum()
+
+
+def test_crop_without_a_mask_cuts_every_row_to_one_length() -> None:
+    from espace_export.heal_onnx import crop_batch
+
+    ids = np.arange(1, 61, dtype=np.int64).reshape(3, 20)
+    for seed in range(5):
+        crop = crop_batch({"input_ids": ids}, np.random.default_rng(seed))["input_ids"]
+        assert 2 + 9 <= crop.shape[1] <= 20
+        assert (crop[:, 0] == ids[:, 0]).all() and (crop[:, -1] == ids[:, -1]).all()
+        assert (np.diff(crop[:, 1:-1], axis=1) == 1).all()
+
+
+def test_augment_refuses_batches_that_are_not_token_rows(sample_model, tmp_path) -> None:
+    dense = Path(sample_model("llama", "torchscript"))
+    plan = _compress(dense, tmp_path)
+    train = _batches("llama", 2, seed=1)
+    train[0]["past"] = np.zeros((4, 2, 0, 8), np.float32)
+    with pytest.raises(EspaceError, match="--augment crops token batches"):
+        heal_onnx(dense, plan, train, tmp_path / "h.onnx", HealOptions(steps=2, augment=0.5))
+    assert not (tmp_path / "h.onnx").exists()
+
+
+def test_augmented_steps_train_on_the_crop_their_step_draws(sample_model, tmp_path) -> None:
+    """lr ≈ 0: each step's loss is the one-shot model's loss on what it trained on. With --augment 1 step 0's
+    loss is the KL between the compressed and the original model (both in ONNX Runtime) on the crop that
+    step's seeded draw makes of batch 0; it differs from the uncropped run's, and a second run repeats it."""
+    import torch
+
+    from espace_export.heal_onnx import crop_batch, distillation_loss
+
+    dense = Path(sample_model("llama", "torchscript"))
+    plan = _compress(dense, tmp_path)
+    train = _batches("llama", 3, seed=2)
+    options = HealOptions(steps=3, lr=1e-12, shuffle=False, hidden_weight=0.0, loss="kl")
+    plain = heal_onnx(dense, plan, train, tmp_path / "p.onnx", options).losses
+    augmented = [heal_onnx(dense, plan, train, tmp_path / f"a{i}.onnx", HealOptions(**{**vars(options), "augment": 1.0}))
+                 .losses for i in range(2)]  # fmt: skip
+    assert augmented[0] == augmented[1]
+    assert not np.allclose(plain, augmented[0], rtol=1e-4)
+    draw = np.random.default_rng([0xC209, 0])
+    draw.random()
+    crop = crop_batch(train[0], draw)
+    assert crop["attention_mask"].sum() < train[0]["attention_mask"].sum()
+    expected = distillation_loss(torch.from_numpy(_run(tmp_path / "c.onnx", crop)), torch.from_numpy(_run(dense, crop)),
+                                 "kl", torch.from_numpy(crop["attention_mask"]))  # fmt: skip
+    np.testing.assert_allclose(augmented[0][0], float(expected), rtol=1e-4)
