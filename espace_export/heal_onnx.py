@@ -99,6 +99,10 @@ class HealOptions:
         panel=_HEALING, choices=HEAL_TRAINS,
     )  # fmt: skip
     train_norms: bool = option(True, "Also train LayerNorm scales/shifts and the GEMM biases.", panel=_HEALING)
+    train_dense: bool = option(
+        False, "Also train, whole, the weights of the GEMMs the plan leaves dense (those compress would target; "
+        "not embeddings or heads) and their biases.", panel=_HEALING,
+    )  # fmt: skip
     augment: float = option(
         0.0, "Fraction of the steps that train on a random crop of their batch instead (each text row keeps its "
         "first and last token and a random contiguous half or more of the tokens between; the teacher runs on "
@@ -273,6 +277,17 @@ def trainable_extras(model: onnx.ModelProto, targets: Sequence[GemmTarget]) -> l
     return list(dict.fromkeys(found))
 
 
+def dense_weights(model: onnx.ModelProto, targets: Sequence[GemmTarget]) -> list[str]:
+    """The weight initializers of ``targets`` (GEMMs left dense) that healing may train whole: float, and
+    read by their GEMM alone (a tied weight stays as it is)."""
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in set(node.input):
+            readers[name] = readers.get(name, 0) + 1
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    return [t.weight for t in targets if t.weight in floats and readers.get(t.weight) == 1]
+
+
 @dataclass
 class _Pair:
     """One projected layer in training. ``train="weights"``: P, Q static and W (K×N) whole and trained, the
@@ -360,7 +375,12 @@ class _Student:
     trained, ``train="factors"``), plus the trained extras."""
 
     def __init__(
-        self, model: onnx.ModelProto, projections: Mapping[str, Any], train_norms: bool, train: str = "weights"
+        self,
+        model: onnx.ModelProto,
+        projections: Mapping[str, Any],
+        train_norms: bool,
+        train: str = "weights",
+        train_dense: bool = False,
     ) -> None:
         import torch
 
@@ -416,7 +436,10 @@ class _Student:
                 self.graph.overrides[node[0]] = _factored(pair, group, node[1])
             else:
                 self.unfactored.append(pair)
-        names = trainable_extras(model, [pair.target for pair in self.layers]) if train_norms else []
+        projected = {pair.target.name for pair in self.layers}
+        dense = [t for t in find_targets(model) if t.name not in projected] if train_dense else []
+        names = trainable_extras(model, [pair.target for pair in self.layers] + dense) if train_norms else []
+        names += dense_weights(model, dense)
         self.extras = {n: torch.nn.Parameter(self.original[n].detach().clone().float()) for n in names}
         self.hidden = [n.output[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
         self.output = model.graph.output[0].name
@@ -613,6 +636,7 @@ def _fingerprint(projections: Mapping[str, Any], options: HealOptions) -> str:
             else f"|{options.hidden_weight}|{options.hidden_weight_end}".encode()
         )
         + (f"|augment {options.augment}".encode() if options.augment else b"")
+        + (b"|train dense" if options.train_dense else b"")
     )
     return digest.hexdigest()[:16]
 
@@ -909,7 +933,7 @@ def heal_onnx(
     for batch in batches if options.augment else ():
         check_croppable(batch)
     with _torch_threads(options.threads):
-        student = _Student(model, projections, options.train_norms, options.train)
+        student = _Student(model, projections, options.train_norms, options.train, options.train_dense)
         loop = _Loop(student, options, kind, _fingerprint(projections, options))
         feeds = [complete_feed(b, specs) for b in batches]
         crop = None

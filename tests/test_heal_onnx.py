@@ -558,3 +558,35 @@ def test_augmented_steps_train_on_the_crop_their_step_draws(sample_model, tmp_pa
     expected = distillation_loss(torch.from_numpy(_run(tmp_path / "c.onnx", crop)), torch.from_numpy(_run(dense, crop)),
                                  "kl", torch.from_numpy(crop["attention_mask"]))  # fmt: skip
     np.testing.assert_allclose(augmented[0][0], float(expected), rtol=1e-4)
+
+
+def test_train_dense_heals_the_gemms_the_plan_leaves_dense_too(sample_model, tmp_path) -> None:
+    """Two layers left out of the plan: by default their weights are written as they were; with --train-dense
+    they (and their biases) train whole beside the pairs, and the healed graph is exactly the dense graph with
+    every trained tensor put in (ONNX Runtime on both)."""
+    dense = Path(sample_model("bert", "torchscript"))
+    projections = load_projections(_compress(dense, tmp_path))
+    model = onnx.load(str(dense))
+    left = [t for t in find_targets(model) if t.name in projections][-2:]
+    kept = {n: f for n, f in projections.items() if n not in {t.name for t in left}}
+    train, other = _batches("bert", 3, seed=4), _batches("bert", 1, seed=90)
+    weights = {
+        t.weight: onnx.numpy_helper.to_array(i) for t in left for i in model.graph.initializer if i.name == t.weight
+    }
+    assert len(weights) == 2
+    runs = {}
+    for flag in (False, True):
+        runs[flag] = heal_onnx(dense, kept, train, tmp_path / f"{flag}.onnx",
+                               HealOptions(steps=6, lr=3e-3, train_dense=flag))  # fmt: skip
+        written = {
+            i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / f"{flag}.onnx")).graph.initializer
+        }
+        for name, value in weights.items():
+            assert np.array_equal(written[name], value) != flag  # trained only with the flag
+    assert set(runs[True].trained) == set(runs[False].trained) | set(weights) | set(
+        trainable_extras(model, left)
+    )  # the dense GEMMs' weights and biases on top
+    np.testing.assert_allclose(runs[True].losses[0], runs[False].losses[0], rtol=1e-6)  # one start
+    assert runs[True].losses[1:] != runs[False].losses[1:]
+    want = _run(_reference(dense, kept, runs[True]), other[0])
+    np.testing.assert_allclose(_run(tmp_path / "True.onnx", other[0]), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
