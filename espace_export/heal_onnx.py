@@ -100,8 +100,8 @@ class HealOptions:
     )  # fmt: skip
     train_norms: bool = option(True, "Also train LayerNorm scales/shifts and the GEMM biases.", panel=_HEALING)
     train_dense: bool = option(
-        False, "Also train, whole, the weights of the GEMMs the plan leaves dense (those compress would target; "
-        "not embeddings or heads) and their biases.", panel=_HEALING,
+        True, "Also train, whole, the weights of the GEMMs the plan leaves dense (those compress would target; "
+        "not embeddings or heads) and their biases; off: only the pairs (and --train-norms) train.", panel=_HEALING,
     )  # fmt: skip
     augment: float = option(
         0.0, "Fraction of the steps that train on a random crop of their batch instead (each text row keeps its "
@@ -380,7 +380,7 @@ class _Student:
         projections: Mapping[str, Any],
         train_norms: bool,
         train: str = "weights",
-        train_dense: bool = False,
+        train_dense: bool = True,
     ) -> None:
         import torch
 
@@ -636,7 +636,7 @@ def _fingerprint(projections: Mapping[str, Any], options: HealOptions) -> str:
             else f"|{options.hidden_weight}|{options.hidden_weight_end}".encode()
         )
         + (f"|augment {options.augment}".encode() if options.augment else b"")
-        + (b"|train dense" if options.train_dense else b"")
+        + (b"|train dense" if options.train_dense else b"")  # a checkpoint from before the option: --no-train-dense
     )
     return digest.hexdigest()[:16]
 

@@ -561,7 +561,7 @@ def test_augmented_steps_train_on_the_crop_their_step_draws(sample_model, tmp_pa
 
 
 def test_train_dense_heals_the_gemms_the_plan_leaves_dense_too(sample_model, tmp_path) -> None:
-    """Two layers left out of the plan: by default their weights are written as they were; with --train-dense
+    """Two layers left out of the plan: with --no-train-dense their weights are written as they were; by default
     they (and their biases) train whole beside the pairs, and the healed graph is exactly the dense graph with
     every trained tensor put in (ONNX Runtime on both)."""
     dense = Path(sample_model("bert", "torchscript"))
