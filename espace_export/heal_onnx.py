@@ -253,14 +253,20 @@ def _check_factors(name: str, target: GemmTarget, P: np.ndarray, Q: np.ndarray) 
         )
 
 
-def trainable_extras(model: onnx.ModelProto, targets: Sequence[GemmTarget]) -> list[str]:
-    """Float initializers read only by LayerNormalization (scale, shift) or by the Add right after a targeted
-    GEMM (its bias): the small tensors that heal along with W."""
-    initializers = {t.name: t for t in model.graph.initializer}
+def _reader_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of the main graph read each tensor name."""
     readers: dict[str, int] = {}
     for node in model.graph.node:
         for name in set(node.input):
             readers[name] = readers.get(name, 0) + 1
+    return readers
+
+
+def trainable_extras(model: onnx.ModelProto, targets: Sequence[GemmTarget]) -> list[str]:
+    """Float initializers read only by LayerNormalization (scale, shift) or by the Add right after a targeted
+    GEMM (its bias): the small tensors that heal along with W."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers = _reader_counts(model)
     gemm_outputs = {o for n in model.graph.node if n.name in {t.node for t in targets} for o in n.output}
     found: list[str] = []
     for node in model.graph.node:
@@ -280,10 +286,7 @@ def trainable_extras(model: onnx.ModelProto, targets: Sequence[GemmTarget]) -> l
 def dense_weights(model: onnx.ModelProto, targets: Sequence[GemmTarget]) -> list[str]:
     """The weight initializers of ``targets`` (GEMMs left dense) that healing may train whole: float, and
     read by their GEMM alone (a tied weight stays as it is)."""
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in set(node.input):
-            readers[name] = readers.get(name, 0) + 1
+    readers = _reader_counts(model)
     floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     return [t.weight for t in targets if t.weight in floats and readers.get(t.weight) == 1]
 
@@ -589,7 +592,7 @@ def crop_batch(
     at a random offset; padded on the side the batch is padded on, to the longest cropped row. Every input is
     ``[batch, seq]`` (:func:`check_croppable`); ``position_ids`` are renumbered over the kept tokens."""
     ids = batch["input_ids"]
-    rows, seq = ids.shape
+    rows = ids.shape[0]
     mask = batch.get("attention_mask")
     real = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
     keep = [np.flatnonzero(real[r]) for r in range(rows)]
@@ -609,11 +612,12 @@ def crop_batch(
         index[r, span], valid[r, span] = where, True
     cropped = {}
     for name, value in batch.items():
-        padded = value[~real]
-        fill = padded.flat[0] if padded.size else 0
-        cropped[name] = np.where(valid, np.take_along_axis(value, index, axis=1), fill).astype(value.dtype)
         if name == "position_ids":
             cropped[name] = np.where(valid, np.cumsum(valid, axis=1) - 1, 1 if left else 0).astype(value.dtype)
+        else:
+            padded = value[~real]
+            fill = padded.flat[0] if padded.size else 0
+            cropped[name] = np.where(valid, np.take_along_axis(value, index, axis=1), fill).astype(value.dtype)
     return cropped
 
 
@@ -737,10 +741,11 @@ def _train(
     while loop.step < loop.planned:
         index = _batch_index(loop.step, len(feeds), options.shuffle)
         feed, target = feeds[index], targets.get(index)
-        draw = np.random.default_rng([0xC209, loop.step])
-        if crop is not None and options.augment and draw.random() < options.augment:
-            feed = crop(index, draw)
-            target = student.teacher(feed, use_hidden)  # a new sequence: never cached
+        if crop is not None:
+            draw = np.random.default_rng([0xC209, loop.step])
+            if draw.random() < options.augment:
+                feed = crop(index, draw)
+                target = student.teacher(feed, use_hidden)  # a new sequence: never cached
         if target is None:
             target = student.teacher(feeds[index], use_hidden)
             size = sum(t.numel() * t.element_size() for t in (target[0], *target[1]))
