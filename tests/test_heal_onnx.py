@@ -102,6 +102,41 @@ def test_healing_from_onnx_reduces_the_loss_and_writes_the_healed_pair(
     assert "cosine after" in (tmp_path / "healed.report.md").read_text()
 
 
+def test_the_report_scores_the_healed_model_on_training_batches_beside_the_held_out_ones(
+    sample_model, tmp_path
+) -> None:
+    """Over-fitting made visible: the healed model on as many training batches as were held out (spread evenly
+    over them) — ONNX Runtime's fidelity on exactly those batches — in the report, its Markdown and the CLI's
+    summary, which says so when the gap is large."""
+    from espace_export.cli.heal import _summary
+    from espace_export.heal_onnx import OVERFIT_GAP, healing_markdown, training_sample
+    from espace_export.io.data import input_specs
+    from espace_export.projection.fidelity import output_fidelity
+    from espace_export.runtime import ort_session
+
+    assert [b["i"] for b in training_sample([{"i": i} for i in range(10)], 4)] == [0, 3, 6, 9]
+    assert len(training_sample([{"i": 0}], 4)) == 1
+    dense = Path(sample_model("bert", "torchscript"))
+    plan = _compress(dense, tmp_path)
+    train, held_out = _batches("bert", 5, seed=21), _batches("bert", 2, seed=81)
+    result = heal_onnx(dense, plan, train, tmp_path / "healed.onnx", HealOptions(steps=30, lr=3e-3),
+                       holdout_batches=held_out, report=tmp_path / "healed.report.json")  # fmt: skip
+
+    specs = input_specs(onnx.load(str(dense)))
+    want = output_fidelity(ort_session(dense), ort_session(result.output), [train[0], train[4]], specs)
+    (name,) = want
+    report = json.loads((tmp_path / "healed.report.json").read_text())
+    for got in (result.fidelity_train, report["fidelity"]["training_batches_after"]):
+        assert set(got) == {name} and got[name] == pytest.approx(want[name], rel=1e-9)
+    seen, after = want[name]["cosine_mean"], result.fidelity_after[name]["cosine_mean"]
+    assert f"| {seen:.4f} |" in (tmp_path / "healed.report.md").read_text()
+    assert f"(training batches {seen:.4f})" in _summary(report)
+    report["fidelity"]["training_batches_after"][name]["cosine_mean"] = after + 2 * OVERFIT_GAP
+    assert "over-fitted (+0.0100" in _summary(report) and "fits its training batches better" in healing_markdown(report)
+    report["fidelity"]["training_batches_after"][name]["cosine_mean"] = after + OVERFIT_GAP / 2
+    assert "over-fitted" not in _summary(report) and "fits its training" not in healing_markdown(report)
+
+
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_least_squares_start_brings_the_compressed_model_closer(sample_model, tmp_path, arch: str) -> None:
     """With no gradient step, fitting each pair to the original layer's output on the compressed model's own
@@ -245,16 +280,19 @@ def test_user_errors(sample_model, tmp_path) -> None:
 
 def test_teacher_run_again_when_its_outputs_do_not_fit_changes_nothing(sample_model, tmp_path) -> None:
     """``teacher_cache=0``: the teacher runs at every step and once per layer group in the least-squares start
-    instead of being kept; the healed weights are the same."""
+    instead of being kept; the healed weights are the same. Kept token states are bfloat16: from the second
+    pass (step 3) the losses differ by their rounding alone."""
     dense = Path(sample_model("bert", "torchscript"))
     plan = _compress(dense, tmp_path)
     train = _batches("bert", 3, seed=11)
     kept = heal_onnx(dense, plan, train, tmp_path / "a.onnx", HealOptions(steps=5, lr=3e-3, start="least-squares"))
     rerun = heal_onnx(dense, plan, train, tmp_path / "b.onnx",
                       HealOptions(steps=5, lr=3e-3, start="least-squares", teacher_cache=0))  # fmt: skip
-    np.testing.assert_allclose(rerun.losses, kept.losses, rtol=1e-5)
+    np.testing.assert_allclose(rerun.losses[:3], kept.losses[:3], rtol=1e-5)
+    np.testing.assert_allclose(rerun.losses[3:], kept.losses[3:], rtol=3e-3)
+    assert rerun.losses[3:] != kept.losses[3:]
     for name, W in kept.weights.items():
-        np.testing.assert_allclose(rerun.weights[name], W, rtol=1e-4, atol=1e-6 * np.abs(W).max())
+        assert np.linalg.norm(rerun.weights[name] - W) < 1e-3 * np.linalg.norm(W)  # two steps on rounded targets
 
 
 def test_start_batches_spread_over_the_text() -> None:

@@ -66,9 +66,17 @@ def heal(
 
 
 def _summary(report: dict[str, Any]) -> str:
+    from espace_export.heal_onnx import OVERFIT_GAP
+
     line = f"healed {report['layers_healed']} layers in {report['steps']} steps ({report['seconds']:.0f} s), " \
            f"{report['loss']} loss {report['loss_first']:.4g} -> {report['loss_last']:.4g}"  # fmt: skip
+    train = report["fidelity"].get("training_batches_after") or {}
     for name, before in report["fidelity"]["before"].items():
         after = report["fidelity"]["after"][name]
         line += f"\n{name}: held-out cosine {before['cosine_mean']:.4f} -> {after['cosine_mean']:.4f}"
+        if name in train:
+            line += f" (training batches {train[name]['cosine_mean']:.4f})"
+    gaps = [train[n]["cosine_mean"] - a["cosine_mean"] for n, a in report["fidelity"]["after"].items() if n in train]
+    if gaps and max(gaps) > OVERFIT_GAP:
+        line += f"\nthe healing text is over-fitted (+{max(gaps):.4f} cosine on it): more, or more varied, text heals better"
     return line
