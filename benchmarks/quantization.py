@@ -27,10 +27,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from html.parser import HTMLParser
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -60,13 +62,92 @@ def _split_file(directory: Path, split: str) -> tuple[Path, list[str]]:
 # brings, the large ones first): English technical prose, like the pydoc test paragraphs, never containing them
 SITE_PACKAGES = ("torch", "transformers", "numpy", "onnxruntime", "onnx", "huggingface_hub", "_pytest", "rich")
 SITE_SKIPPED = ("test", "tests", "testing", "_vendor", "__pycache__")
+# the HTML documentation of CPython (Debian: ``apt-get install python3.11-doc``), which the ``docs`` healing
+# text reads: the prose of its library, reference, tutorial, how-to and FAQ pages — the help pages' own kind of
+# text (pydoc's topics are cut from these pages, so every paragraph sharing SHINGLE words in a row with a test
+# paragraph is dropped)
+DOCS_DIR = Path("/usr/share/doc/python3.11/html")
+DOCS_PARTS = ("library", "reference", "tutorial", "howto", "faq", "glossary.html", "using", "extending")
+SHINGLE = 8
 
 
-def write_train_text(path: Path, source: str, site_mb: float = 6.0) -> str:
+class _Prose(HTMLParser):
+    """The paragraphs (``<p>``, ``<dt>``) of a Sphinx page's body in pydoc's plain-text style: inline code
+    in double quotes, emphasis between stars, header links, code blocks and tables left out."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.paragraphs: list[str] = []
+        self._parts: list[str] | None = None
+        self._skip = 0
+        self._body = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        classes = (dict(attrs).get("class") or "").split()
+        if tag == "div" and "body" in classes:
+            self._body = True
+        if self._skip or tag in ("pre", "table", "script", "style") or "headerlink" in classes:
+            self._skip += tag not in ("br", "img")
+            return
+        if self._body and tag in ("p", "dt") and self._parts is None:
+            self._parts = []
+        elif self._parts is not None and tag == "code":
+            self._parts.append('"')
+        elif self._parts is not None and tag == "em":
+            self._parts.append("*")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._skip:
+            self._skip -= tag not in ("br", "img")
+            return
+        if self._parts is not None and tag == "code":
+            self._parts.append('"')
+        elif self._parts is not None and tag == "em":
+            self._parts.append("*")
+        elif self._parts is not None and tag in ("p", "dt"):
+            text = " ".join("".join(self._parts).split())
+            self._parts = None
+            if text:
+                self.paragraphs.append(text)
+
+    def handle_data(self, data: str) -> None:
+        if self._parts is not None and not self._skip:
+            self._parts.append(data)
+
+
+def _shingles(text: str) -> set[tuple[str, ...]]:
+    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
+    return {tuple(words[i : i + SHINGLE]) for i in range(max(len(words) - SHINGLE + 1, 1))}
+
+
+def docs_paragraphs(root: Path, test: Sequence[str], min_words: int = 8) -> tuple[list[str], int]:
+    """The prose paragraphs of the HTML pages under ``root``'s :data:`DOCS_PARTS` with at least ``min_words``
+    words, each once, less those sharing :data:`SHINGLE` words in a row with a ``test`` paragraph (how many: the
+    second value)."""
+    banned = set().union(*(_shingles(p) for p in test))
+    paragraphs, seen, dropped = [], set(), 0
+    for part in DOCS_PARTS:
+        pages = [root / part] if (root / part).is_file() else sorted((root / part).rglob("*.html"))
+        for page in pages:
+            parser = _Prose()
+            parser.feed(page.read_text(encoding="utf-8", errors="replace"))
+            for para in parser.paragraphs:
+                if len(para.split()) < min_words or para in seen:
+                    continue
+                seen.add(para)
+                if _shingles(para) & banned:
+                    dropped += 1
+                else:
+                    paragraphs.append(para)
+    return paragraphs, dropped
+
+
+def write_train_text(path: Path, source: str, site_mb: float = 6.0, docs_dir: Path = DOCS_DIR) -> str:
     """The training text for healing: pydoc's train split (``pydoc``), plus the standard library's docstrings
     (``python``, ``builtin:stdlib``), plus (``site``) paragraphs of at least 8 words from the docstrings of
-    :data:`SITE_PACKAGES` up to ``site_mb`` MB, each once — less any paragraph that is also a test paragraph.
-    Returns what went in."""
+    :data:`SITE_PACKAGES` up to ``site_mb`` MB, each once — less any paragraph that is also a test paragraph;
+    or (``docs``) pydoc's train and validation splits, the stdlib docstrings and the prose of CPython's HTML
+    documentation under ``docs_dir`` (:func:`docs_paragraphs`). Returns what went in."""
     import sysconfig
 
     from espace_export.io.data import docstrings, stdlib_text
@@ -76,10 +157,16 @@ def write_train_text(path: Path, source: str, site_mb: float = 6.0) -> str:
     test = set(splits["test"])
     paragraphs = list(splits["train"])
     told = f"{len(paragraphs)} train-split paragraphs"
-    if source in ("python", "site"):
+    if source == "docs":
+        if not docs_dir.is_dir():
+            raise SystemExit(f"no HTML documentation at {docs_dir}: apt-get install python3.11-doc, or pass --docs-dir")
+        paragraphs += splits["validation"]
+        told += f" + {len(splits['validation'])} validation-split paragraphs"
+    if source in ("python", "site", "docs"):
         docs = [p for p in (q.strip() for q in stdlib_text().split("\n\n")) if p]
-        paragraphs += [p for p in docs if p not in test]
-        told += f" + {len(paragraphs) - len(splits['train'])} stdlib docstrings ({len(docs) + len(splits['train']) - len(paragraphs)} dropped: test paragraphs)"
+        kept = [p for p in docs if p not in test]
+        paragraphs += kept
+        told += f" + {len(kept)} stdlib docstrings ({len(docs) - len(kept)} dropped: test paragraphs)"
     if source == "site":
         root, seen, size, added = Path(sysconfig.get_paths()["purelib"]), set(paragraphs), 0, 0
         for package in SITE_PACKAGES:
@@ -90,6 +177,12 @@ def write_train_text(path: Path, source: str, site_mb: float = 6.0) -> str:
                         paragraphs.append(para)
                         size, added = size + len(para), added + 1
         told += f" + {added} paragraphs ({size / 1e6:.1f} MB) of the docstrings of {', '.join(SITE_PACKAGES)}"
+    if source == "docs":
+        prose, dropped = docs_paragraphs(docs_dir, splits["test"])
+        seen = set(paragraphs)
+        prose = [p for p in prose if p not in seen]
+        paragraphs += prose
+        told += f" + {len(prose)} paragraphs ({sum(map(len, prose)) / 1e6:.1f} MB) of {docs_dir} ({dropped} dropped: they share {SHINGLE} words in a row with a test paragraph)"
     path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
     return told
 
@@ -159,13 +252,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="only write the healing text (no test paragraph in it) to PATH and stop")  # fmt: skip
     parser.add_argument("--fidelity", type=Path, nargs="+", metavar="ONNX",
                         help="only score these models of --model (mean, min, p10 cosine on the test paragraphs)")  # fmt: skip
-    parser.add_argument("--train-text", choices=("pydoc", "python", "site"), default="python",
+    parser.add_argument("--split", choices=("train", "validation", "test"), default="test",
+                        help="--fidelity: score on this split's first --sentences paragraphs (train: the healing "
+                        "text's own, which shows over-fitting)")  # fmt: skip
+    parser.add_argument("--train-text", choices=("pydoc", "python", "site", "docs"), default="python",
                         help="--write-train: pydoc's train split; it and the stdlib docstrings; those and "
-                        "installed packages' docstrings")  # fmt: skip
+                        "installed packages' docstrings; pydoc's train and validation splits, the stdlib "
+                        "docstrings and CPython's HTML documentation (--docs-dir)")  # fmt: skip
+    parser.add_argument("--docs-dir", type=Path, default=DOCS_DIR, help="--train-text docs: the HTML pages")
     parser.add_argument("--site-mb", type=float, default=6.0, help="--train-text site: MB of package docstrings")
     args = parser.parse_args(argv)
     if args.write_train is not None:
-        print(f"wrote {write_train_text(args.write_train, args.train_text, args.site_mb)} to {args.write_train}")
+        told = write_train_text(args.write_train, args.train_text, args.site_mb, args.docs_dir)
+        print(f"wrote {told} to {args.write_train}")
         return 0
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizers advise pre-processing on every call
 
@@ -175,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fidelity:
         from samples.train_lm import split_paragraphs
 
-        batches = _sentence_batches(split_paragraphs()["test"], tokenizer, args.sentences, 32)
+        batches = _sentence_batches(split_paragraphs()[args.split], tokenizer, args.sentences, 32)
         reference = _embeddings(args.model, batches)
         for path in args.fidelity:
             cos = _cosines(reference, _embeddings(path, batches))
