@@ -142,12 +142,15 @@ def docs_paragraphs(root: Path, test: Sequence[str], min_words: int = 8) -> tupl
     return paragraphs, dropped
 
 
-def write_train_text(path: Path, source: str, site_mb: float = 6.0, docs_dir: Path = DOCS_DIR) -> str:
+def write_train_text(
+    path: Path, source: str, site_mb: float = 6.0, docs_dir: Path = DOCS_DIR, docs_mb: float | None = None
+) -> str:
     """The training text for healing: pydoc's train split (``pydoc``), plus the standard library's docstrings
     (``python``, ``builtin:stdlib``), plus (``site``) paragraphs of at least 8 words from the docstrings of
     :data:`SITE_PACKAGES` up to ``site_mb`` MB, each once — less any paragraph that is also a test paragraph;
     or (``docs``) pydoc's train and validation splits, the stdlib docstrings and the prose of CPython's HTML
-    documentation under ``docs_dir`` (:func:`docs_paragraphs`). Returns what went in."""
+    documentation under ``docs_dir`` (:func:`docs_paragraphs`; up to ``docs_mb`` MB of them, a seeded random
+    choice, in page order). Returns what went in."""
     import sysconfig
 
     from espace_export.io.data import docstrings, stdlib_text
@@ -181,6 +184,14 @@ def write_train_text(path: Path, source: str, site_mb: float = 6.0, docs_dir: Pa
         prose, dropped = docs_paragraphs(docs_dir, splits["test"])
         seen = set(paragraphs)
         prose = [p for p in prose if p not in seen]
+        if docs_mb is not None:  # a seeded choice spread over every page, kept in page order
+            order, size, chosen = np.random.default_rng(0).permutation(len(prose)), 0, set()
+            for i in order:
+                if size + len(prose[i]) > docs_mb * 1e6:
+                    break
+                chosen.add(int(i))
+                size += len(prose[i])
+            prose = [p for i, p in enumerate(prose) if i in chosen]
         paragraphs += prose
         told += f" + {len(prose)} paragraphs ({sum(map(len, prose)) / 1e6:.1f} MB) of {docs_dir} ({dropped} dropped: they share {SHINGLE} words in a row with a test paragraph)"
     path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
@@ -260,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                         "installed packages' docstrings; pydoc's train and validation splits, the stdlib "
                         "docstrings and CPython's HTML documentation (--docs-dir)")  # fmt: skip
     parser.add_argument("--docs-dir", type=Path, default=DOCS_DIR, help="--train-text docs: the HTML pages")
+    parser.add_argument("--docs-mb", type=float, help="--train-text docs: at most this many MB of their prose")
     parser.add_argument("--site-mb", type=float, default=6.0, help="--train-text site: MB of package docstrings")
     args = parser.parse_args(argv)
     if args.write_train is not None:
-        told = write_train_text(args.write_train, args.train_text, args.site_mb, args.docs_dir)
+        told = write_train_text(args.write_train, args.train_text, args.site_mb, args.docs_dir, args.docs_mb)
         print(f"wrote {told} to {args.write_train}")
         return 0
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizers advise pre-processing on every call
