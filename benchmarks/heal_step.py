@@ -10,7 +10,6 @@ the mean, median and p10–p90 of a step, and with ``--profile`` torch's per-ope
     python benchmarks/heal_step.py samples/out/minilm.onnx PLAN.json --text /tmp/h6/train.txt --tokenizer $TOK
     python benchmarks/heal_step.py ... --autocast off          # float32 beside the bf16 default
     python benchmarks/heal_step.py ... --profile 10            # the operators of the last 10 steps
-    python benchmarks/heal_step.py ... --compare teacher       # heal --teacher torch against ort
 
 Machines here are noisy: compare settings on an idle machine, one right after the other.
 """
@@ -44,10 +43,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--compare",
-        choices=("elementwise", "teacher"),
+        choices=("elementwise",),
         help="time the steps with this setting on and off, alternating rounds in one process "
-        "(elementwise: TorchGraph.low_precision_elementwise; teacher: the teacher's run alone, on: the "
-        "interpreter under --autocast (heal --teacher torch), off: ONNX Runtime — and how close their targets are)",
+        "(elementwise: TorchGraph.low_precision_elementwise)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
     parser.add_argument("--profile", type=int, default=0, help="profile the last N steps by operator")
@@ -91,27 +89,6 @@ def main() -> None:
             return step
 
         compare(args, switch)
-        return
-    if args.compare == "teacher":
-
-        def teacher(on: bool) -> Callable[[int], float]:
-            def run(i: int) -> float:
-                started = time.perf_counter()
-                student.teacher_torch(feeds[i], True, lower) if on else student.teacher(feeds[i], True)
-                return time.perf_counter() - started
-
-            return run
-
-        compare(args, teacher)
-        cosines, errors = [], []
-        for feed, (output, states) in zip(feeds, targets, strict=True):
-            got, got_states = student.teacher_torch(feed, True, lower)
-            cosines.append(torch.nn.functional.cosine_similarity(got, output, dim=-1).flatten())
-            errors += [float((a - b).norm() / b.norm()) for a, b in zip(got_states, states, strict=True)]
-        cos = torch.cat(cosines).double()
-        print(f"interpreted teacher ({args.autocast}) against ONNX Runtime's: output cosine mean "
-              f"{cos.mean():.6f}, min {cos.min():.6f}; token states' relative L2 error median "
-              f"{statistics.median(errors):.2e}, max {max(errors):.2e}")  # fmt: skip
         return
     times = steps(step, args.steps, args.profile, args.shapes)
     ms = sorted(1000 * t for t in times)

@@ -49,7 +49,6 @@ from graph_passes.find import GemmTarget, weight_matrix
 HEAL_LOSSES = ("auto", "kl", "distill")
 HEAL_STARTS = ("least-squares", "none")
 HEAL_TRAINS = ("weights", "factors")
-HEAL_TEACHERS = ("ort", "torch")
 HEAL_AUTOCASTS = ("auto", "bf16", "off")
 _HEALING = "Healing"
 CHECKPOINT_NAME = "heal-checkpoint.pt"
@@ -93,12 +92,6 @@ class HealOptions:
         2.0, "GiB of the original model's outputs kept for the next pass over the batches; beyond it the "
         "teacher runs again at each step (and the least-squares start runs it once per layer group).",
         panel=_HEALING,
-    )  # fmt: skip
-    teacher: str = option(
-        "ort", "What runs the original model for the targets: ort: ONNX Runtime, float32; torch: the student's "
-        "interpreter with the original weights, under --autocast and without gradients (bf16: a forward pass "
-        "about a third of ORT's float32 cost on CPUs with native bf16, targets within bf16 round-off) — cheaper "
-        "first passes, uncached batches and --augment crops.", panel=_HEALING, choices=HEAL_TEACHERS,
     )  # fmt: skip
     train: str = option(
         "weights", "weights: W trains whole behind the static projections (ESPACE's healing); factors: the "
@@ -159,8 +152,6 @@ class HealOptions:
             raise EspaceError(f"unknown --train {self.train!r}", f"use one of {', '.join(HEAL_TRAINS)}")
         if self.autocast not in HEAL_AUTOCASTS:
             raise EspaceError(f"unknown --autocast {self.autocast!r}", f"use one of {', '.join(HEAL_AUTOCASTS)}")
-        if self.teacher not in HEAL_TEACHERS:
-            raise EspaceError(f"unknown teacher {self.teacher!r}", f"pass --teacher {' or '.join(HEAL_TEACHERS)}")
         if self.start not in HEAL_STARTS:
             raise EspaceError(f"unknown healing start {self.start!r}", f"use one of {', '.join(HEAL_STARTS)}")
         if self.threads is not None and self.threads < 1:
@@ -486,20 +477,6 @@ class _Student:
         values = self.teacher_values(feed, names)
         return values[self.output], [values[n] for n in names[1:]]
 
-    def teacher_torch(self, feed: Mapping[str, np.ndarray], hidden: bool, lower: bool) -> tuple[Any, list[Any]]:
-        """:meth:`teacher` run by the interpreter: the original weights and no overrides for one forward pass
-        without gradients (under bfloat16 autocast when ``lower``), the student's state put back after it."""
-        import torch
-
-        overrides, constants = self.graph.overrides, self.graph.constants
-        self.graph.overrides, self.graph.constants = {}, dict(self.original)
-        try:
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=lower):
-                output, states = self.run(feed, hidden)
-        finally:
-            self.graph.overrides, self.graph.constants = overrides, constants
-        return output.float(), [s.float() for s in states]
-
     def teacher_values(self, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, Any]:
         """Tensors ``names`` (the output, token states, GEMM inputs) of the original model on ``feed``, run by
         ONNX Runtime: the teacher needs no gradient, and ORT runs it faster than the interpreter (MiniLM,
@@ -755,12 +732,6 @@ def _train(
     targets: dict[int, tuple[Any, list[Any]]] = {}  # the teacher's outputs per batch, kept while they fit
     cached, budget = 0, options.teacher_cache * 2**30
     lower = uses_bf16(options.autocast)
-
-    def teacher(feed: Mapping[str, np.ndarray]) -> tuple[Any, list[Any]]:
-        if options.teacher == "torch":
-            return student.teacher_torch(feed, use_hidden, lower)
-        return student.teacher(feed, use_hidden)
-
     optimizer = torch.optim.AdamW(student.parameters(), lr=options.lr, weight_decay=options.weight_decay, eps=1e-7)
     checkpoint = options.checkpoint_dir / CHECKPOINT_NAME if options.checkpoint_dir else None
     if options.resume and checkpoint is not None:
@@ -778,9 +749,9 @@ def _train(
             draw = np.random.default_rng([0xC209, loop.step])
             if draw.random() < options.augment:
                 feed = crop(index, draw)
-                target = teacher(feed)  # a new sequence: never cached
+                target = student.teacher(feed, use_hidden)  # a new sequence: never cached
         if target is None:
-            target = teacher(feeds[index])
+            target = student.teacher(feeds[index], use_hidden)
             kept = (target[0], [t.to(torch.bfloat16) for t in target[1]])
             size = sum(t.numel() * t.element_size() for t in (kept[0], *kept[1]))
             if cached + size <= budget:
