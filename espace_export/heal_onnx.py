@@ -1074,8 +1074,9 @@ def healing_markdown(report: Mapping[str, Any]) -> str:
         if gaps and max(gaps)[0] > OVERFIT_GAP:
             gap, name = max(gaps)
             lines += ["", f"The healed model fits its training batches better than the held-out ones (`{name}`: "
-                      f"+{gap:.4f} mean cosine): it has learned its healing text more than the task. More text, "
-                      "or more varied text of the kind it will serve, should heal it better."]  # fmt: skip
+                      f"+{gap:.4f} mean cosine): it has learned its healing text more than the task, unless the "
+                      "held-out batches (the text's last part) are of another kind than the rest. More text, or "
+                      "more varied text of the kind it will serve, should heal it better."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

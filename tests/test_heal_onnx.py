@@ -132,7 +132,9 @@ def test_the_report_scores_the_healed_model_on_training_batches_beside_the_held_
     assert f"| {seen:.4f} |" in (tmp_path / "healed.report.md").read_text()
     assert f"(training batches {seen:.4f})" in _summary(report)
     report["fidelity"]["training_batches_after"][name]["cosine_mean"] = after + 2 * OVERFIT_GAP
-    assert "over-fitted (+0.0100" in _summary(report) and "fits its training batches better" in healing_markdown(report)
+    assert "looks over-fitted (+0.0100" in _summary(report) and "fits its training batches better" in healing_markdown(
+        report
+    )
     report["fidelity"]["training_batches_after"][name]["cosine_mean"] = after + OVERFIT_GAP / 2
     assert "over-fitted" not in _summary(report) and "fits its training" not in healing_markdown(report)
 

@@ -78,5 +78,6 @@ def _summary(report: dict[str, Any]) -> str:
             line += f" (training batches {train[name]['cosine_mean']:.4f})"
     gaps = [train[n]["cosine_mean"] - a["cosine_mean"] for n, a in report["fidelity"]["after"].items() if n in train]
     if gaps and max(gaps) > OVERFIT_GAP:
-        line += f"\nthe healing text is over-fitted (+{max(gaps):.4f} cosine on it): more, or more varied, text heals better"
+        line += (f"\nthe healing text looks over-fitted (+{max(gaps):.4f} cosine on it; or the held-out end of the text "
+                 "is of another kind): more, or more varied, text heals better")  # fmt: skip
     return line
