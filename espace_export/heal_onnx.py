@@ -176,6 +176,8 @@ class HealingResult:
     # the healed model on as many training batches as were held out (:func:`training_sample`): the gap to
     # fidelity_after shows over-fitting of the healing text
     fidelity_train: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the teacher cache: batches, those it held, and the bytes all of them would need (from those the teacher ran on)
+    cache: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # start and training together
     start_seconds: float = 0.0  # the least-squares start alone
     report: dict[str, Any] = field(default_factory=dict)
@@ -687,6 +689,8 @@ class _Loop:
     step: int = 0
     planned: int = 0
     losses: list[float] = field(default_factory=list)
+    target_bytes: dict[int, int] = field(default_factory=dict)  # the teacher's outputs per batch run, in bytes
+    cached: int = 0  # batches whose outputs the teacher cache holds
 
 
 def train_step(
@@ -754,8 +758,10 @@ def _train(
             target = student.teacher(feeds[index], use_hidden)
             kept = (target[0], [t.to(torch.bfloat16) for t in target[1]])
             size = sum(t.numel() * t.element_size() for t in (kept[0], *kept[1]))
+            loop.target_bytes[index] = size
             if cached + size <= budget:
                 targets[index], cached = kept, cached + size
+                loop.cached = len(targets)
         for group in optimizer.param_groups:
             group["lr"] = options.lr * _schedule(loop.step, loop.planned, options.warmup)
         hidden_weight = _hidden_weight(loop.step, loop.planned, options)
@@ -959,6 +965,10 @@ def heal_onnx(
         seconds = _train(loop, feeds, on_step, crop) if options.steps else 0.0
     result = HealingResult(output, kind, loop.step, loop.losses, seconds=start_seconds + seconds)
     result.start_seconds = start_seconds
+    if loop.target_bytes:
+        needed = sum(loop.target_bytes.values()) / len(loop.target_bytes) * len(feeds)
+        result.cache = {"batches": len(feeds), "cached": loop.cached, "gib": options.teacher_cache,
+                        "bytes_for_all": int(needed)}  # fmt: skip
     result.weights = {p.target.name: p.W.detach().numpy().astype(np.float32) for p in student.layers if p.W is not None}
     result.factors = {p.target.name: (p.P.detach().numpy().astype(np.float32), p.B.detach().numpy().astype(np.float32))
                       for p in student.layers if p.B is not None}  # fmt: skip
@@ -1042,6 +1052,7 @@ def healing_report(result: HealingResult, options: HealOptions, batches: int, he
         "other_tensors_trained": len(result.trained),
         "loss_first": float(np.mean(losses[:window])) if losses else None,
         "loss_last": float(np.mean(losses[-window:])) if losses else None,
+        "teacher_cache": result.cache,
         "fidelity": {
             "batches": held_out,
             "before": result.fidelity_before,
@@ -1051,11 +1062,25 @@ def healing_report(result: HealingResult, options: HealOptions, batches: int, he
     }
 
 
+def cache_overflow(report: Mapping[str, Any]) -> str | None:
+    """A sentence when the teacher cache did not hold every batch's outputs (the teacher then ran again at
+    each of their steps), with the ``--teacher-cache`` that would; None when it held them all."""
+    cache = report.get("teacher_cache") or {}
+    if not cache or cache["cached"] >= cache["batches"]:
+        return None
+    return (f"--teacher-cache {cache['gib']:g} GiB held the teacher's outputs for {cache['cached']} of "
+            f"{cache['batches']} batches; it ran again at every step of the others (≈ "
+            f"{math.ceil(cache['bytes_for_all'] * 1.05 / 2**30 * 10) / 10:g} GiB would hold them all)")  # fmt: skip
+
+
 def healing_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# ESPACE healing report: `{report['output']}`", "", "| | |", "|---|---|"]
     for key in ("loss", "steps", "seconds", "training_batches", "layers_healed", "other_tensors_trained",
                 "loss_first", "loss_last"):  # fmt: skip
         lines.append(f"| {key} | {report[key]} |")
+    overflow = cache_overflow(report)
+    if overflow:
+        lines += ["", overflow[0].upper() + overflow[1:] + "."]
     fidelity = report["fidelity"]
     if fidelity["before"]:
         train = fidelity.get("training_batches_after") or {}

@@ -295,6 +295,15 @@ def test_teacher_run_again_when_its_outputs_do_not_fit_changes_nothing(sample_mo
     assert rerun.losses[3:] != kept.losses[3:]
     for name, W in kept.weights.items():
         assert np.linalg.norm(rerun.weights[name] - W) < 1e-3 * np.linalg.norm(W)  # two steps on rounded targets
+    from espace_export.cli.heal import _summary
+    from espace_export.heal_onnx import cache_overflow, healing_markdown
+
+    assert kept.cache["cached"] == kept.cache["batches"] == 3 and cache_overflow(kept.report) is None
+    assert rerun.cache["cached"] == 0 and rerun.cache["bytes_for_all"] == kept.cache["bytes_for_all"] > 0
+    said = cache_overflow(rerun.report)
+    assert said is not None and "held the teacher's outputs for 0 of 3 batches" in said
+    assert said in _summary({**rerun.report, "fidelity": {"before": {}, "after": {}}})
+    assert "held the teacher's outputs for 0 of 3" in healing_markdown(rerun.report)
 
 
 def test_start_batches_spread_over_the_text() -> None:

@@ -66,7 +66,7 @@ def heal(
 
 
 def _summary(report: dict[str, Any]) -> str:
-    from espace_export.heal_onnx import OVERFIT_GAP
+    from espace_export.heal_onnx import OVERFIT_GAP, cache_overflow
 
     line = f"healed {report['layers_healed']} layers in {report['steps']} steps ({report['seconds']:.0f} s), " \
            f"{report['loss']} loss {report['loss_first']:.4g} -> {report['loss_last']:.4g}"  # fmt: skip
@@ -80,4 +80,7 @@ def _summary(report: dict[str, Any]) -> str:
     if gaps and max(gaps) > OVERFIT_GAP:
         line += (f"\nthe healing text looks over-fitted (+{max(gaps):.4f} cosine on it; or the held-out end of the text "
                  "is of another kind): more, or more varied, text heals better")  # fmt: skip
+    overflow = cache_overflow(report)
+    if overflow:
+        line += "\n" + overflow
     return line
