@@ -13,9 +13,8 @@ LayerNorm scales and shifts and the biases of the projected GEMMs train too (``t
 The teacher is the original model in ONNX Runtime, its outputs kept per batch while they fit in
 ``teacher_cache`` GiB (else it runs again at each step): its first output and the output of every
 ``LayerNormalization`` (the token states between blocks; kept as bfloat16, half the memory — the loss reads
-them in float32, and their rounding, 2⁻⁹ relative, is far below the student's error). The batches are visited in a new random order on
-each pass (``shuffle``). The loss
-(:func:`distillation_loss`): the KL of next-token distributions for a causal LM (``logits [batch, seq,
+them in float32, and their rounding, 2⁻⁹ relative, is far below the student's error). The batches are
+visited in a new random order on each pass (``shuffle``). The loss (:func:`distillation_loss`): the KL of next-token distributions for a causal LM (``logits [batch, seq,
 vocab]``), ``1 − cosine`` of output rows otherwise, plus ``hidden_weight`` × the mean squared error of the
 token states relative to the teacher's (:func:`hidden_state_loss`). AdamW, linear warm-up then cosine
 decay over ``steps`` (or over the steps that fit in ``minutes``). Checkpoints (W, trained norms, optimizer,
@@ -690,7 +689,7 @@ class _Loop:
     planned: int = 0
     losses: list[float] = field(default_factory=list)
     target_bytes: dict[int, int] = field(default_factory=dict)  # the teacher's outputs per batch run, in bytes
-    cached: int = 0  # batches whose outputs the teacher cache holds
+    cached: int = 0  # batches whose outputs the teacher cache held at the end
 
 
 def train_step(
@@ -761,7 +760,6 @@ def _train(
             loop.target_bytes[index] = size
             if cached + size <= budget:
                 targets[index], cached = kept, cached + size
-                loop.cached = len(targets)
         for group in optimizer.param_groups:
             group["lr"] = options.lr * _schedule(loop.step, loop.planned, options.warmup)
         hidden_weight = _hidden_weight(loop.step, loop.planned, options)
@@ -778,6 +776,7 @@ def _train(
                                           "student": student.state(), "optimizer": optimizer.state_dict()})  # fmt: skip
         if on_step is not None:
             on_step(loop.step, loop.losses[-1])
+    loop.cached = len(targets)
     return time.perf_counter() - started
 
 
@@ -1062,6 +1061,15 @@ def healing_report(result: HealingResult, options: HealOptions, batches: int, he
     }
 
 
+def overfit_gap(report: Mapping[str, Any]) -> tuple[float, str] | None:
+    """The largest gap of mean cosine, training batches − held-out, and its output, when above
+    :data:`OVERFIT_GAP` (the healing text looks over-fitted); None otherwise."""
+    fidelity = report["fidelity"]
+    train = fidelity.get("training_batches_after") or {}
+    gaps = [(train[n]["cosine_mean"] - a["cosine_mean"], n) for n, a in fidelity["after"].items() if n in train]
+    return max(gaps) if gaps and max(gaps)[0] > OVERFIT_GAP else None
+
+
 def cache_overflow(report: Mapping[str, Any]) -> str | None:
     """A sentence when the teacher cache did not hold every batch's outputs (the teacher then ran again at
     each of their steps), with the ``--teacher-cache`` that would; None when it held them all."""
@@ -1080,7 +1088,7 @@ def healing_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"| {key} | {report[key]} |")
     overflow = cache_overflow(report)
     if overflow:
-        lines += ["", overflow[0].upper() + overflow[1:] + "."]
+        lines += ["", overflow + "."]
     fidelity = report["fidelity"]
     if fidelity["before"]:
         train = fidelity.get("training_batches_after") or {}
@@ -1088,16 +1096,14 @@ def healing_markdown(report: Mapping[str, Any]) -> str:
                   "many training batches):", "",
                   "| output | cosine before | cosine after | rel. L2 before | rel. L2 after | cosine after, training |",
                   "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-        gaps = []
         for name, before in fidelity["before"].items():
             after, seen = fidelity["after"][name], train.get(name)
             lines.append(f"| `{name}` | {before['cosine_mean']:.4f} | {after['cosine_mean']:.4f} | "
                          f"{before['relative_l2']:.4f} | {after['relative_l2']:.4f} | "
                          f"{'' if seen is None else format(seen['cosine_mean'], '.4f')} |")  # fmt: skip
-            if seen is not None:
-                gaps.append((seen["cosine_mean"] - after["cosine_mean"], name))
-        if gaps and max(gaps)[0] > OVERFIT_GAP:
-            gap, name = max(gaps)
+        overfit = overfit_gap(report)
+        if overfit:
+            gap, name = overfit
             lines += ["", f"The healed model fits its training batches better than the held-out ones (`{name}`: "
                       f"+{gap:.4f} mean cosine): it has learned its healing text more than the task, unless the "
                       "held-out batches (the text's last part) are of another kind than the rest. More text, or "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks import quantization
 
 PAGE = """<html><body><div class="sphinxsidebar"><p>Navigation text outside the body is never read here.</p></div>
@@ -39,8 +41,6 @@ def test_docs_paragraphs_keep_body_prose_in_pydoc_style_and_drop_test_paragraphs
 
 
 def test_docs_text_refuses_a_missing_documentation_folder(tmp_path: Path) -> None:
-    import pytest
-
     with pytest.raises(SystemExit, match="apt-get install python3.11-doc"):
         quantization.write_train_text(tmp_path / "train.txt", "docs", docs_dir=tmp_path / "absent")
     assert not (tmp_path / "train.txt").exists()

@@ -66,7 +66,7 @@ def heal(
 
 
 def _summary(report: dict[str, Any]) -> str:
-    from espace_export.heal_onnx import OVERFIT_GAP, cache_overflow
+    from espace_export.heal_onnx import cache_overflow, overfit_gap
 
     line = f"healed {report['layers_healed']} layers in {report['steps']} steps ({report['seconds']:.0f} s), " \
            f"{report['loss']} loss {report['loss_first']:.4g} -> {report['loss_last']:.4g}"  # fmt: skip
@@ -76,9 +76,9 @@ def _summary(report: dict[str, Any]) -> str:
         line += f"\n{name}: held-out cosine {before['cosine_mean']:.4f} -> {after['cosine_mean']:.4f}"
         if name in train:
             line += f" (training batches {train[name]['cosine_mean']:.4f})"
-    gaps = [train[n]["cosine_mean"] - a["cosine_mean"] for n, a in report["fidelity"]["after"].items() if n in train]
-    if gaps and max(gaps) > OVERFIT_GAP:
-        line += (f"\nthe healing text looks over-fitted (+{max(gaps):.4f} cosine on it; or the held-out end of the text "
+    overfit = overfit_gap(report)
+    if overfit:
+        line += (f"\nthe healing text looks over-fitted (+{overfit[0]:.4f} cosine on it; or the held-out end of the text "
                  "is of another kind): more, or more varied, text heals better")  # fmt: skip
     overflow = cache_overflow(report)
     if overflow:
