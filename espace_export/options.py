@@ -150,6 +150,11 @@ class RankOptions:
     layer_ratio: float | None = option(
         None, "With selection: compression of each chosen layer [default: max(ratio, 0.5)].", panel=_SELECTION
     )
+    fill: bool = option(
+        False, "With selection: spend what the chosen layers save beyond --ratio on higher ranks (one --rank-rule "
+        "step at a time, the most harmful layers first), so the plan lands as close to --ratio as the rule allows.",
+        panel=_SELECTION,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.rank is None:

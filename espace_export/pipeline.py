@@ -341,6 +341,7 @@ def plan(
         plan_settings = PlanSettings(
             run.options.ranks.ratio, tuple(selection.methods), selection.select, selection.max_layer_loss,
             selection.stop, selection.full_curve, selection.progressive,
+            run.options.ranks.rank_rule if run.options.ranks.fill else None,
         )  # fmt: skip
         chosen = make_plan(inputs, plan_settings, validator=validator, on_step=bars.stepper(), fisher=fisher)
     chosen.info.update(
@@ -386,6 +387,18 @@ def check_selection(options: CompressOptions) -> None:
     if selection.select == "none" and len(selection.methods) > 1:
         raise EspaceError(
             f"method {selection.method!r} chooses per layer and needs a selection", "add --select validate or proxy"
+        )
+    if options.ranks.fill and (selection.select == "none" or selection.stop != "ratio" or options.data.max_memory):
+        why = (
+            "--max-memory"
+            if options.data.max_memory
+            else f"--stop {selection.stop}"
+            if selection.stop != "ratio"
+            else "--select none"
+        )
+        raise EspaceError(
+            f"--fill raises ranks up to --ratio after a selection, which {why} does not make",
+            "drop --fill, or select with --select validate, fisher or proxy at --stop ratio in memory",
         )
     if selection.eig_device != "cpu":  # before calibrating, not after
         from espace_export._optional import require

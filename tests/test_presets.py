@@ -253,3 +253,40 @@ def test_recommended_on_a_graph_without_gradients_leaves_out_the_gradient_candid
     )  # fmt: skip
     assert code == 2 and "--select fisher needs the model's gradients" in err and "Celu" in err
     assert len(err.strip().splitlines()) == 1 and not list(tmp_path.glob("x.*"))
+
+
+def test_fill_lands_the_plan_at_the_ratio_with_higher_ranks_for_harmful_units(
+    model_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--fill``: the selected units' saving beyond --ratio goes back as higher ranks (one --rank-rule step at a
+    time), the plan still at or above the ratio; the raised layers' factors are refitted at their new rank (as
+    a plan asked for at that rank would fit them) and the model runs in ONNX Runtime. Refused, in one line and
+    writing nothing, where no selection at the ratio runs."""
+    import onnxruntime as ort
+
+    from espace_export.io.artifacts import load_plan
+
+    model, data = model_and_data
+    common = ["--select", "proxy", "--method", "best", "--ratio", "0.3", "--rank-rule", "4"]
+    plain, _, _, _ = compress_cli(model, data, tmp_path / "plain.onnx", [*common, "--plan", str(tmp_path / "a.json")],
+                                  capsys)  # fmt: skip
+    filled, markdown, _, _ = compress_cli(model, data, tmp_path / "filled.onnx",
+                                          [*common, "--fill", "--plan", str(tmp_path / "b.json")], capsys)  # fmt: skip
+    assert 0.3 - 1e-12 <= filled["targeted_compression"] < plain["targeted_compression"]
+    raised = filled["selection"]["filled"]
+    assert raised and all(new > old for old, new in raised.values())
+    assert f"ranks raised on {len(raised)} unit" in markdown
+    before, after = ({layer["name"]: layer for layer in report["layers"]} for report in (plain, filled))
+    assert all(after[name]["L"] == new for name, (_, new) in raised.items())
+    assert [name for name in after if after[name]["compressed"]] == [n for n in before if before[n]["compressed"]]
+    plan_b = load_plan(tmp_path / "b.json")
+    for name, (_, new) in raised.items():
+        assert plan_b.factors[name].A.shape[1] == new
+        assert after[name]["output_error_relative"] < before[name]["output_error_relative"]  # fits better
+    ort.InferenceSession(str(tmp_path / "filled.onnx"))
+    for extra in (["--select", "none"], ["--select", "proxy", "--method", "best", "--stop", "knee"]):
+        out = tmp_path / "refused.onnx"
+        code, _, err = run_cli(
+            [str(model), "--calib-data", str(data), "-o", str(out), *SMALL, "--fill", *extra], capsys
+        )
+        assert code == 2 and "--fill" in err and len(err.strip().splitlines()) == 1 and not out.exists()
