@@ -87,9 +87,10 @@ class HealOptions:
         "≈ 64k tokens); none: from the one-shot weights.",
         panel=_HEALING, choices=HEAL_STARTS,
     )  # fmt: skip
-    teacher_cache: float = option(
-        2.0, "GiB of the original model's outputs kept for the next pass over the batches; beyond it the "
-        "teacher runs again at each step (and the least-squares start runs it once per layer group).",
+    teacher_cache: float | None = option(
+        None, "GiB of the original model's outputs kept for the next pass over the batches; beyond it the "
+        "teacher runs again at each step (and the least-squares start runs it once per layer group) "
+        "[default: half the memory available when healing starts].",
         panel=_HEALING,
     )  # fmt: skip
     train: str = option(
@@ -139,7 +140,7 @@ class HealOptions:
             raise EspaceError(f"--warmup must be in [0, 1), got {self.warmup}", "try --warmup 0.05")
         ends = () if self.hidden_weight_end is None else (self.hidden_weight_end,)
         if not all(v >= 0 and math.isfinite(v) for v in (self.weight_decay, self.hidden_weight, *ends)) or not (
-            self.teacher_cache >= 0
+            self.teacher_cache is None or self.teacher_cache >= 0
         ):
             raise EspaceError("--weight-decay, --hidden-weight, --hidden-weight-end and --teacher-cache must be "
                               "non-negative numbers", "pass 0 or more")  # fmt: skip
@@ -690,6 +691,7 @@ class _Loop:
     losses: list[float] = field(default_factory=list)
     target_bytes: dict[int, int] = field(default_factory=dict)  # the teacher's outputs per batch run, in bytes
     cached: int = 0  # batches whose outputs the teacher cache held at the end
+    cache_gib: float = 0.0  # the teacher cache's size (:func:`teacher_cache_gib`)
 
 
 def train_step(
@@ -733,7 +735,7 @@ def _train(
     options, student = loop.options, loop.student
     use_hidden = max(options.hidden_weight, options.hidden_weight_end or 0.0) > 0 and bool(student.hidden)
     targets: dict[int, tuple[Any, list[Any]]] = {}  # the teacher's outputs per batch, kept while they fit
-    cached, budget = 0, options.teacher_cache * 2**30
+    cached, budget = 0, loop.cache_gib * 2**30
     lower = uses_bf16(options.autocast)
     optimizer = torch.optim.AdamW(student.parameters(), lr=options.lr, weight_decay=options.weight_decay, eps=1e-7)
     checkpoint = options.checkpoint_dir / CHECKPOINT_NAME if options.checkpoint_dir else None
@@ -950,6 +952,7 @@ def heal_onnx(
     with _torch_threads(options.threads):
         student = _Student(model, projections, options.train_norms, options.train, options.train_dense)
         loop = _Loop(student, options, kind, _fingerprint(projections, options))
+        loop.cache_gib = teacher_cache_gib(options)  # the student built: half of what is left
         feeds = [complete_feed(b, specs) for b in batches]
         crop = None
         if options.augment:
@@ -959,15 +962,15 @@ def heal_onnx(
 
         started = time.perf_counter()
         if options.start == "least-squares" and not options.resume:  # a resumed W already holds it
-            least_squares_start(student, start_batches(feeds), budget=options.teacher_cache * 2**30)
+            least_squares_start(student, start_batches(feeds), budget=loop.cache_gib * 2**30)
         start_seconds = time.perf_counter() - started
         seconds = _train(loop, feeds, on_step, crop) if options.steps else 0.0
     result = HealingResult(output, kind, loop.step, loop.losses, seconds=start_seconds + seconds)
     result.start_seconds = start_seconds
     if loop.target_bytes:
         needed = sum(loop.target_bytes.values()) / len(loop.target_bytes) * len(feeds)
-        result.cache = {"batches": len(feeds), "cached": loop.cached, "gib": options.teacher_cache,
-                        "bytes_for_all": int(needed)}  # fmt: skip
+        result.cache = {"batches": len(feeds), "cached": loop.cached, "gib": loop.cache_gib,
+                        "auto": options.teacher_cache is None, "bytes_for_all": int(needed)}  # fmt: skip
     result.weights = {p.target.name: p.W.detach().numpy().astype(np.float32) for p in student.layers if p.W is not None}
     result.factors = {p.target.name: (p.P.detach().numpy().astype(np.float32), p.B.detach().numpy().astype(np.float32))
                       for p in student.layers if p.B is not None}  # fmt: skip
@@ -1070,13 +1073,39 @@ def overfit_gap(report: Mapping[str, Any]) -> tuple[float, str] | None:
     return max(gaps) if gaps and max(gaps)[0] > OVERFIT_GAP else None
 
 
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation without swapping: Linux's ``MemAvailable`` (free memory
+    plus the page cache it can drop), else the free pages."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (OSError, ValueError, AttributeError):
+        return 4 * 2**30
+
+
+def teacher_cache_gib(options: HealOptions) -> float:
+    """``--teacher-cache``, or by default half the memory available now (to 0.1 GiB): the other half is the
+    student's, its optimizer's and the runtime's (MiniLM healing at 10 GiB of cache peaked at 14.4 GiB)."""
+    if options.teacher_cache is not None:
+        return options.teacher_cache
+    return math.floor(available_memory() / 2 / 2**30 * 10) / 10
+
+
 def cache_overflow(report: Mapping[str, Any]) -> str | None:
     """A sentence when the teacher cache did not hold every batch's outputs (the teacher then ran again at
     each of their steps), with the ``--teacher-cache`` that would; None when it held them all."""
     cache = report.get("teacher_cache") or {}
     if not cache or cache["cached"] >= cache["batches"]:
         return None
-    return (f"--teacher-cache {cache['gib']:g} GiB held the teacher's outputs for {cache['cached']} of "
+    held = (f"the teacher cache (by default half the available memory: {cache['gib']:g} GiB)" if cache.get("auto")
+            else f"--teacher-cache {cache['gib']:g} GiB")  # fmt: skip
+    return (f"{held} held the teacher's outputs for {cache['cached']} of "
             f"{cache['batches']} batches; it ran again at every step of the others (≈ "
             f"{math.ceil(cache['bytes_for_all'] * 1.05 / 2**30 * 10) / 10:g} GiB would hold them all)")  # fmt: skip
 

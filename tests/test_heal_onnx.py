@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,27 @@ def test_teacher_run_again_when_its_outputs_do_not_fit_changes_nothing(sample_mo
     assert said is not None and "held the teacher's outputs for 0 of 3 batches" in said
     assert said in _summary({**rerun.report, "fidelity": {"before": {}, "after": {}}})
     assert "held the teacher's outputs for 0 of 3" in healing_markdown(rerun.report)
+    assert kept.cache["auto"] and not rerun.cache["auto"] and rerun.cache["gib"] == 0
+
+
+def test_the_default_teacher_cache_is_half_the_available_memory(sample_model, tmp_path, monkeypatch) -> None:
+    """No ``--teacher-cache``: half the memory available once the student is built, to 0.1 GiB below — what the
+    report records and the batches kept obey (here one batch's outputs do not fit: none is kept)."""
+    import espace_export.heal_onnx as heal_module
+    from espace_export.heal_onnx import HealOptions, available_memory, teacher_cache_gib
+
+    assert 0 < available_memory() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(heal_module, "available_memory", lambda: int(7.99 * 2**30))
+    assert teacher_cache_gib(HealOptions()) == 3.9 and teacher_cache_gib(HealOptions(teacher_cache=1.5)) == 1.5
+    monkeypatch.setattr(heal_module, "available_memory", lambda: 2**20)  # 1 MiB: 0.5 MiB of cache
+    dense = Path(sample_model("bert", "torchscript"))
+    result = heal_onnx(dense, _compress(dense, tmp_path), _batches("bert", 2, seed=3), tmp_path / "a.onnx",
+                       HealOptions(steps=3, lr=1e-3))  # fmt: skip
+    assert result.cache["auto"] and result.cache["gib"] == 0.0 and result.cache["cached"] == 0
+    monkeypatch.setattr(heal_module, "available_memory", lambda: 2 * 2**30)
+    result = heal_onnx(dense, _compress(dense, tmp_path), _batches("bert", 2, seed=3), tmp_path / "b.onnx",
+                       HealOptions(steps=3, lr=1e-3))  # fmt: skip
+    assert result.cache["gib"] == 1.0 and result.cache["cached"] == 2
 
 
 def test_start_batches_spread_over_the_text() -> None:
