@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from html.parser import HTMLParser
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from espace_export.io.data import input_specs, read_text  # noqa: E402
+from espace_export.io.text import html_paragraphs  # noqa: E402
 from espace_export.quantize import equalize_pairs, quantize_model  # noqa: E402
 from espace_export.runtime import ort_session  # noqa: E402
 
@@ -71,50 +71,6 @@ DOCS_PARTS = ("library", "reference", "tutorial", "howto", "faq", "glossary.html
 SHINGLE = 8
 
 
-class _Prose(HTMLParser):
-    """The paragraphs (``<p>``, ``<dt>``) of a Sphinx page's body in pydoc's plain-text style: inline code
-    in double quotes, emphasis between stars, header links, code blocks and tables left out."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.paragraphs: list[str] = []
-        self._parts: list[str] | None = None
-        self._skip = 0
-        self._body = False
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        classes = (dict(attrs).get("class") or "").split()
-        if tag == "div" and "body" in classes:
-            self._body = True
-        if self._skip or tag in ("pre", "table", "script", "style") or "headerlink" in classes:
-            self._skip += tag not in ("br", "img")
-            return
-        if self._body and tag in ("p", "dt") and self._parts is None:
-            self._parts = []
-        elif self._parts is not None and tag == "code":
-            self._parts.append('"')
-        elif self._parts is not None and tag == "em":
-            self._parts.append("*")
-
-    def handle_endtag(self, tag: str) -> None:
-        if self._skip:
-            self._skip -= tag not in ("br", "img")
-            return
-        if self._parts is not None and tag == "code":
-            self._parts.append('"')
-        elif self._parts is not None and tag == "em":
-            self._parts.append("*")
-        elif self._parts is not None and tag in ("p", "dt"):
-            text = " ".join("".join(self._parts).split())
-            self._parts = None
-            if text:
-                self.paragraphs.append(text)
-
-    def handle_data(self, data: str) -> None:
-        if self._parts is not None and not self._skip:
-            self._parts.append(data)
-
-
 def _shingles(text: str) -> set[tuple[str, ...]]:
     words = re.sub(r"[^\w\s]", " ", text.lower()).split()
     return {tuple(words[i : i + SHINGLE]) for i in range(max(len(words) - SHINGLE + 1, 1))}
@@ -129,9 +85,7 @@ def docs_paragraphs(root: Path, test: Sequence[str], min_words: int = 8) -> tupl
     for part in DOCS_PARTS:
         pages = [root / part] if (root / part).is_file() else sorted((root / part).rglob("*.html"))
         for page in pages:
-            parser = _Prose()
-            parser.feed(page.read_text(encoding="utf-8", errors="replace"))
-            for para in parser.paragraphs:
+            for para in html_paragraphs(page.read_text(encoding="utf-8", errors="replace"), tags=("p", "dt")):
                 if len(para.split()) < min_words or para in seen:
                     continue
                 seen.add(para)

@@ -67,7 +67,8 @@ class DataOptions:
     )
     calib_text: str | None = option(
         None,
-        "Calibration text file, or built-in English: builtin:pydoc (CPython's help pages, 0.5 MB), "
+        "Calibration text: a file, a folder of .txt/.md/.rst/.html files (HTML pages read as their prose), or "
+        "built-in English: builtin:pydoc (CPython's help pages, 0.5 MB), "
         "builtin:stdlib (its library's docstrings, 1.4 MB), builtin:python (both); needs --tokenizer.",
         panel=_CALIBRATION,
     )

@@ -284,7 +284,7 @@ def read_text(
     """Batches of token rows from a text file, tokenized by a HuggingFace tokenizer directory.
 
     ``path`` may name built-in English text (:func:`builtin_text`): ``builtin:pydoc``, ``builtin:stdlib``,
-    ``builtin:python``. ``rows``: ``packed`` cuts windows of ``seq_len`` tokens from the whole token stream
+    ``builtin:python``; or a folder, whose text and HTML files are read (:func:`espace_export.io.text.folder_text`). ``rows``: ``packed`` cuts windows of ``seq_len`` tokens from the whole token stream
     (:func:`token_windows`); ``documents`` makes one row per paragraph (blank-line separated, or per line in a
     text without blank lines; longer ones split every ``seq_len`` tokens), the shape of inputs a
     sentence-embedding or classification model serves (:func:`document_rows`).
@@ -298,9 +298,15 @@ def read_text(
                               f"use {BUILTIN_PYDOC} or a text file")  # fmt: skip
     else:
         path = Path(path)
-        if not path.is_file():
-            raise EspaceError(f"calibration text not found: {path}", f"pass an existing text file or {BUILTIN_PYDOC}")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        if path.is_dir():
+            from espace_export.io.text import folder_text
+
+            text = folder_text(path)
+        elif not path.is_file():
+            raise EspaceError(f"calibration text not found: {path}",
+                              f"pass an existing text file, a folder of them, or {BUILTIN_PYDOC}")  # fmt: skip
+        else:
+            text = path.read_text(encoding="utf-8", errors="replace")
     tokenizer: Any = load_tokenizer(tokenizer_dir)
     documents = [d.strip() for d in text.split("\n\n") if d.strip()]
     if rows == "documents" and len(documents) == 1:  # no blank lines: one document (sentence) per line
