@@ -156,6 +156,11 @@ class RankOptions:
         "step at a time, the most harmful layers first), so the plan lands as close to --ratio as the rule allows.",
         panel=_SELECTION,
     )  # fmt: skip
+    rebalance: bool = option(
+        False, "With selection: --fill, and then move rank steps between the chosen layers while the selection's "
+        "score says the model gains (a step up where the score falls most per weight, paid by steps down where "
+        "it rises least); one extra trial per layer and rank considered.", panel=_SELECTION,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.rank is None:

@@ -341,7 +341,8 @@ def plan(
         plan_settings = PlanSettings(
             run.options.ranks.ratio, tuple(selection.methods), selection.select, selection.max_layer_loss,
             selection.stop, selection.full_curve, selection.progressive,
-            run.options.ranks.rank_rule if run.options.ranks.fill else None,
+            run.options.ranks.rank_rule if run.options.ranks.fill or run.options.ranks.rebalance else None,
+            run.options.ranks.rebalance, run.options.ranks.min_rank,
         )  # fmt: skip
         chosen = make_plan(inputs, plan_settings, validator=validator, on_step=bars.stepper(), fisher=fisher)
     chosen.info.update(
@@ -388,17 +389,14 @@ def check_selection(options: CompressOptions) -> None:
         raise EspaceError(
             f"method {selection.method!r} chooses per layer and needs a selection", "add --select validate or proxy"
         )
-    if options.ranks.fill and (selection.select == "none" or selection.stop != "ratio" or options.data.max_memory):
-        why = (
-            "--max-memory"
-            if options.data.max_memory
-            else f"--stop {selection.stop}"
-            if selection.stop != "ratio"
-            else "--select none"
-        )
+    moves = options.ranks.fill or options.ranks.rebalance
+    if moves and (selection.select == "none" or selection.stop != "ratio" or options.data.max_memory):
+        flag = "--rebalance" if options.ranks.rebalance else "--fill"
+        why = "--select none" if selection.select == "none" else f"--stop {selection.stop}"
+        why = "--max-memory" if options.data.max_memory else why
         raise EspaceError(
-            f"--fill raises ranks up to --ratio after a selection, which {why} does not make",
-            "drop --fill, or select with --select validate, fisher or proxy at --stop ratio in memory",
+            f"{flag} moves ranks after a selection at --ratio, which {why} does not make",
+            f"drop {flag}, or select with --select validate, fisher or proxy at --stop ratio in memory",
         )
     if selection.eig_device != "cpu":  # before calibrating, not after
         from espace_export._optional import require

@@ -274,3 +274,43 @@ def test_make_plan_fisher_selection(llama, llama_samples) -> None:
     ordered = sorted((layer for layer in scored if layer.order is not None), key=lambda layer: layer.order)
     assert [layer.harm for layer in ordered] == sorted(layer.harm for layer in ordered)
     assert plan.factors and set(plan.factors) == {layer.name for layer in plan.layers if layer.selected}
+
+
+@pytest.mark.parametrize("select", ["proxy", "fisher"])
+def test_rebalance_moves_rank_steps_only_where_the_summed_score_falls(llama, llama_samples, select: str) -> None:
+    """``rebalance``: the plan keeps the ratio, the moved units' factors are refitted at their new ranks, and
+    the units' scores (each recomputed here from the written factors) sum lower than with the ranks the
+    selection chose — every move is paid for by a larger fall than the rises it causes."""
+    from espace_export.calibration.collect import calibrate_model
+    from espace_export.options import RankOptions
+    from espace_export.pipeline import decide_layers
+    from espace_export.selection.planner import Factorizer, PlanInputs, PlanSettings, _score, make_plan, plan_summary
+
+    model, targets, batches = llama
+    calibration = calibrate_model(model, targets, batches, methods=["mse"])
+    decisions = decide_layers(targets, RankOptions(ratio=0.5, rank_rule="4", min_rank=4, siblings="separate"), "mse")
+    ranks = {d.target.name: d.L for d in decisions}
+    inputs = PlanInputs(model, targets, ranks, calibration)
+    fisher = llama_samples if select == "fisher" else None
+    plain = make_plan(inputs, PlanSettings(0.3, ("mse",), select=select), fisher=fisher)
+    moved = make_plan(inputs, PlanSettings(0.3, ("mse",), select=select, fill="4", rebalance=True, min_rank=4),
+                      fisher=fisher)  # fmt: skip
+    steps = moved.info["rebalanced"]
+    assert any(new > old for old, new in steps.values())  # the excess over the ratio at least is spent
+    assert plan_summary(moved, targets)["targeted_compression_planned"] >= 0.3 - 1e-12
+    assert {layer.name for layer in moved.selected_layers()} == {layer.name for layer in plain.selected_layers()}
+    factorizer = Factorizer(model, calibration, {n: L for n, L in ranks.items() if L is not None}, targets)
+
+    def summed(plan) -> float:  # type: ignore[no-untyped-def]
+        total = 0.0
+        for layer in plan.selected_layers():
+            assert plan.factors[layer.name].A.shape[1] == layer.L
+            total += _score([layer.name], {layer.name: plan.factors[layer.name]}, factorizer, select, fisher)
+        return total
+
+    assert summed(moved) < summed(plain)
+    for name, (_, new) in steps.items():
+        assert new == moved.layer(name).L
+        assert moved.layer(name).harm == pytest.approx(
+            _score([name], {name: moved.factors[name]}, factorizer, select, fisher), rel=1e-9
+        )

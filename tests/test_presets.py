@@ -284,9 +284,12 @@ def test_fill_lands_the_plan_at_the_ratio_with_higher_ranks_for_harmful_units(
         assert plan_b.factors[name].A.shape[1] == new
         assert after[name]["output_error_relative"] < before[name]["output_error_relative"]  # fits better
     ort.InferenceSession(str(tmp_path / "filled.onnx"))
-    for extra in (["--select", "none"], ["--select", "proxy", "--method", "best", "--stop", "knee"]):
+    for flag, extra in (("--fill", ["--select", "none"]), ("--rebalance", ["--select", "proxy", "--stop", "knee"])):
         out = tmp_path / "refused.onnx"
-        code, _, err = run_cli(
-            [str(model), "--calib-data", str(data), "-o", str(out), *SMALL, "--fill", *extra], capsys
-        )
-        assert code == 2 and "--fill" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+        code, _, err = run_cli([str(model), "--calib-data", str(data), "-o", str(out), *SMALL, flag, *extra],
+                               capsys)  # fmt: skip
+        assert code == 2 and flag in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    moved, markdown, _, _ = compress_cli(model, data, tmp_path / "moved.onnx", [*common, "--rebalance"], capsys)
+    assert moved["targeted_compression"] >= 0.3 - 1e-12 and moved["selection"]["rebalanced"]
+    assert f"ranks moved on {len(moved['selection']['rebalanced'])} unit" in markdown
+    ort.InferenceSession(str(tmp_path / "moved.onnx"))

@@ -46,14 +46,13 @@ def _summary_rows(report: dict[str, Any], *, notes: bool = True) -> list[tuple[s
     if report.get("siblings") == "shared":
         groups = {layer["shares_projection_with"] for layer in report["layers"] if "shares_projection_with" in layer}
         rows.append(("siblings", f"shared: {len(groups)} groups read one projection each"))
-    filled = report.get("selection", {}).get("filled")
-    if filled:
-        prefix = len(common_prefix([layer["name"] for layer in report["layers"]]))
-        steps = ", ".join(f"{name[prefix:]} {old}→{new}" for name, (old, new) in list(filled.items())[:4])
-        more = f" and {len(filled) - 4} more" if len(filled) > 4 else ""
-        rows.append(
-            ("filled to the ratio", f"ranks raised on {len(filled)} unit{'s' * (len(filled) > 1)}: {steps}{more}")
-        )
+    for key, title, verb in (("filled", "filled to the ratio", "raised"), ("rebalanced", "ranks rebalanced", "moved")):
+        moved = report.get("selection", {}).get(key)
+        if moved:
+            prefix = len(common_prefix([layer["name"] for layer in report["layers"]]))
+            steps = ", ".join(f"{name[prefix:]} {old}→{new}" for name, (old, new) in list(moved.items())[:4])
+            more = f" and {len(moved) - 4} more" if len(moved) > 4 else ""
+            rows.append((title, f"ranks {verb} on {len(moved)} unit{'s' * (len(moved) > 1)}: {steps}{more}"))
     for name, fid in report.get("fidelity", {}).get("outputs", {}).items():
         rows.append(
             (

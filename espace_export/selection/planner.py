@@ -186,6 +186,10 @@ class PlanSettings:
     full_curve: bool = True
     progressive: bool = True
     fill: str | int | None = None  # a rank rule: spend the saving beyond ``ratio`` on higher ranks (:func:`fill_ranks`)
+    rebalance: bool = (
+        False  # with ``fill``: also move rank steps between units where the score says so (:func:`rebalance_ranks`)
+    )
+    min_rank: int = 1  # the lowest rank :func:`rebalance_ranks` may lower a unit to
 
 
 @dataclass
@@ -242,7 +246,7 @@ def make_plan(
         for unit in units:
             _choose(plan, candidates[unit[0]][plan.layer(unit[0]).method])  # type: ignore[index]
         return plan
-    _apply_progressively(plan, units, candidates, inputs, settings, validator, on_step, factorizer)
+    _apply_progressively(plan, units, candidates, inputs, settings, validator, on_step, factorizer, scorer)
     return plan
 
 
@@ -376,6 +380,7 @@ def _apply_progressively(
     validator: Any,
     on_step: Callable[[str, int], None] | None,
     factorizer: Factorizer,
+    scorer: Any = None,
 ) -> None:
     """Units from least to most harmful until the ratio (or the curve's knee); the curve kept in the plan.
     With ``settings.fill`` (at the ratio only) the saving beyond it then raises the ranks of the most
@@ -416,15 +421,23 @@ def _apply_progressively(
         selected = [p["layer"] for p in plan.curve[1 : plan.knee + 1]]
     elif settings.fill is not None:
         members = {key: [by_name[n] for n in unit_of[key]] for key in selected}
-        raised = fill_ranks(
-            members, {key: rank[key] for key in selected}, harm, targeted, settings.ratio, settings.fill
-        )
-        for key, L in raised.items():
+        before = {key: rank[key] for key in selected}
+        if settings.rebalance:
+            current = {key: chosen(key) for key in selected}
+            refits = rebalance_ranks(plan, members, before, current, unit_of, factorizer, settings, scorer, targeted)
+            moved = {key: L for key, (L, _) in refits.items()}
+            for key, (_, factorizations) in refits.items():
+                candidates[key][str(plan.layer(key).method)] = factorizations
+            plan.info["rebalanced"] = {key: [before[key], L] for key, L in moved.items()}
+        else:
+            moved = fill_ranks(members, before, harm, targeted, settings.ratio, settings.fill)
+            for key, L in moved.items():
+                method = str(plan.layer(key).method)
+                candidates[key][method] = factorizer.at_rank(unit_of[key], method, L)
+            plan.info["filled"] = {key: [before[key], L] for key, L in moved.items()}
+        for key, L in moved.items():
             for name in unit_of[key]:
                 plan.layer(name).L = L
-            method = str(plan.layer(key).method)
-            candidates[key][method] = factorizer.at_rank(unit_of[key], method, L)
-        plan.info["filled"] = {key: [rank[key], L] for key, L in raised.items()}
     for key in selected:
         _choose(plan, chosen(key))
 
@@ -458,6 +471,89 @@ def fill_ranks(
             if unit_saving(members, higher) > 0 and cost <= surplus + 1e-9:
                 now[key], surplus, raised = higher, surplus - cost, True
     return {key: L for key, L in now.items() if ranks[key] != L}
+
+
+def rebalance_ranks(
+    plan: Plan,
+    units: Mapping[str, Sequence[Any]],
+    ranks: dict[str, int],
+    current: Mapping[str, dict[str, Factorization]],
+    unit_of: Mapping[str, list[str]],
+    factorizer: Factorizer,
+    settings: PlanSettings,
+    scorer: Any,
+    targeted_params: int,
+) -> dict[str, tuple[int, dict[str, Factorization]]]:
+    """Ranks moved between the chosen units, one rank-rule step at a time, where the selection's own score
+    says the model gains: the step up that lowers a unit's score most per weight it costs is paid for by the
+    excess over ``settings.ratio`` or, when that is short, by the steps down that raise other units' scores
+    least per weight they free — taken only while the fall exceeds the rises (the scores of one unit alone,
+    summed over units: Fisher, proxy or validation). Each unit is refactorized and rescored at each rank it is
+    considered for (one trial each); ``current``: each unit's factorizations at its rank in ``ranks``. The
+    moved units' layers get their ``harm`` rescored. Returns unit → (new rank, its factorizations), for the
+    units moved."""
+    granularity = parse_rank_rule(settings.fill)  # type: ignore[arg-type]
+    method = {key: str(plan.layer(key).method) for key in units}
+    trials: dict[tuple[str, int], tuple[dict[str, Factorization], float]] = {}
+
+    def trial(key: str, L: int) -> tuple[dict[str, Factorization], float]:
+        if (key, L) not in trials:
+            factorizations = factorizer.at_rank(unit_of[key], method[key], L)
+            trials[key, L] = (factorizations, _score(unit_of[key], factorizations, factorizer, settings.select, scorer))
+        return trials[key, L]
+
+    def step(L: int, up: bool) -> int:
+        if granularity is None:
+            return 2 * L if up else L // 2
+        return L + granularity if up else L - granularity
+
+    now = dict(ranks)
+    for key in units:  # the rank each unit was chosen at: its score is already known
+        trials[key, now[key]] = (current[key], plan.layer(key).scores[method[key]])
+    surplus = sum(unit_saving(m, now[k]) for k, m in units.items()) - settings.ratio * targeted_params
+    for _ in range(8 * len(units)):  # each move lowers the summed score: a bound, not a stop rule
+        ups = []
+        for key, members in units.items():
+            higher = step(now[key], True)
+            if unit_saving(members, higher) > 0:
+                gain = trial(key, now[key])[1] - trial(key, higher)[1]
+                cost = unit_saving(members, now[key]) - unit_saving(members, higher)
+                ups.append((gain / cost, gain, cost, key, higher))
+        ups = [u for u in ups if u[1] > 0]
+        if not ups:
+            break
+        _, gain, cost, key, higher = max(ups)
+        if cost > surplus + 1e-9:
+            downs = []
+            for other, members in units.items():
+                lower = step(now[other], False)
+                if other != key and lower >= max(settings.min_rank, 1):
+                    loss = trial(other, lower)[1] - trial(other, now[other])[1]
+                    freed = unit_saving(members, lower) - unit_saving(members, now[other])
+                    downs.append((loss / freed, loss, freed, other, lower))
+            paid, loss_sum, freed_sum = [], 0.0, 0.0
+            for _, loss, freed, other, lower in sorted(downs):
+                if cost <= surplus + freed_sum + 1e-9:
+                    break
+                paid.append((other, lower))
+                loss_sum, freed_sum = loss_sum + loss, freed_sum + freed
+            if cost > surplus + freed_sum + 1e-9 or loss_sum >= gain:
+                break
+            for other, lower in paid:
+                now[other] = lower
+            surplus += freed_sum
+        now[key], surplus = higher, surplus - cost
+    moved = {}
+    for key, L in now.items():
+        if ranks[key] != L:
+            factorizations, score = trial(key, L)
+            moved[key] = (L, factorizations)
+            harm = (
+                relative_increase(score, float(plan.baseline_loss or 0.0)) if settings.select == "validate" else score
+            )
+            for name in unit_of[key]:
+                plan.layer(name).harm = harm
+    return moved
 
 
 def unit_saving(members: Sequence[Any], L: int) -> int:
