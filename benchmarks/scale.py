@@ -311,9 +311,10 @@ def peak_since_reset() -> int:
 
 def stage_compress(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
+    from espace_export.memory import parse_memory
     from espace_export.options import RankOptions
     from espace_export.selection.candidates import eigen_decomposition, eigen_solver
-    from espace_export.streaming import SESSION_WEIGHT_FACTOR, StreamingSettings, compress_streaming, parse_memory
+    from espace_export.streaming import SESSION_WEIGHT_FACTOR, StreamingSettings, compress_streaming
 
     baseline = rss()  # interpreter, numpy, onnx, onnxruntime
     checked: dict[str, float] = {}

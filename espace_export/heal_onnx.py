@@ -41,6 +41,7 @@ import onnx
 
 from espace_export.errors import EspaceError
 from espace_export.io.models import atomic_output_set, check_model, check_writable, load_model, save_model
+from espace_export.memory import available_memory
 from espace_export.options import option
 from graph_passes import Projection, find_targets, project
 from graph_passes.find import GemmTarget, weight_matrix
@@ -1071,22 +1072,6 @@ def overfit_gap(report: Mapping[str, Any]) -> tuple[float, str] | None:
     train = fidelity.get("training_batches_after") or {}
     gaps = [(train[n]["cosine_mean"] - a["cosine_mean"], n) for n, a in fidelity["after"].items() if n in train]
     return max(gaps) if gaps and max(gaps)[0] > OVERFIT_GAP else None
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation without swapping: Linux's ``MemAvailable`` (free memory
-    plus the page cache it can drop), else the free pages."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-    except (OSError, ValueError, AttributeError):
-        return 4 * 2**30
 
 
 def teacher_cache_gib(options: HealOptions) -> float:

@@ -680,7 +680,8 @@ def compress_bounded(run: Run, output: Path, report_path: Path) -> CompressionRe
 
 def _compress_bounded_staged(run: Run, output: Path, tmp_output: Path) -> dict[str, Any]:
     """:func:`compress_bounded`'s model, written to ``tmp_output`` (the staging of its output set), and its report."""
-    from espace_export.streaming import StreamingSettings, compress_streaming, parse_memory
+    from espace_export.memory import parse_memory
+    from espace_export.streaming import StreamingSettings, compress_streaming
 
     options = run.options
     method = options.selection.method_name

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -52,6 +51,7 @@ from espace_export.calibration.statistics import (
 )
 from espace_export.errors import EspaceError
 from espace_export.io.models import atomic_output, check_model, check_writable, load_model, without_loader_metadata
+from espace_export.memory import physical_memory
 from espace_export.options import RankOptions
 from espace_export.pipeline import LayerRecord, decide_layers, share_siblings
 from espace_export.projection.rewrite import projected_params
@@ -78,27 +78,9 @@ _INLINE_BYTES = 1024  # smaller tensors stay in the graph (as model_io.save_mode
 Decompose = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
-def physical_memory() -> int:
-    """Bytes of RAM on this machine."""
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
 def default_max_memory(fraction: float = DEFAULT_MEMORY_FRACTION) -> int:
     """The default ``--max-memory``: a fraction of the machine's RAM."""
     return int(physical_memory() * fraction)
-
-
-def parse_memory(text: str) -> int:
-    """``"12G"``, ``"800M"``, ``"50%"`` (of RAM) or a byte count → bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT%]?)i?[bB]?\s*", text)
-    if not match:
-        raise EspaceError(f"cannot read memory size {text!r}", "write it as 12G, 800M, 50% or a byte count")
-    value, unit = float(match.group(1)), match.group(2).upper()
-    if unit == "%":
-        if not 0 < value <= 100:
-            raise EspaceError(f"--max-memory {text} is not a percentage of RAM in (0, 100]", "try --max-memory 50%")
-        return int(physical_memory() * value / 100)
-    return int(value * 1024 ** " KMGT".index(unit or " "))
 
 
 @dataclass

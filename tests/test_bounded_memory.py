@@ -26,9 +26,10 @@ from espace_export.calibration.statistics import (
     unpack,
 )
 from espace_export.errors import EspaceError
+from espace_export.memory import parse_memory
 from espace_export.options import RankOptions
 from espace_export.runtime import ort_session
-from espace_export.streaming import StreamingSettings, compress_streaming, parse_memory
+from espace_export.streaming import StreamingSettings, compress_streaming
 from graph_passes import find_targets
 from graph_passes.find import find_projected_pairs
 from tests._models import tiny_decoder

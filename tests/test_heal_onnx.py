@@ -312,7 +312,8 @@ def test_the_default_teacher_cache_is_half_the_available_memory(sample_model, tm
     """No ``--teacher-cache``: half the memory available once the student is built, to 0.1 GiB below — what the
     report records and the batches kept obey (here one batch's outputs do not fit: none is kept)."""
     import espace_export.heal_onnx as heal_module
-    from espace_export.heal_onnx import HealOptions, available_memory, teacher_cache_gib
+    from espace_export.heal_onnx import HealOptions, teacher_cache_gib
+    from espace_export.memory import available_memory
 
     assert 0 < available_memory() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     monkeypatch.setattr(heal_module, "available_memory", lambda: int(7.99 * 2**30))

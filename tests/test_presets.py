@@ -279,10 +279,13 @@ def test_fill_lands_the_plan_at_the_ratio_with_higher_ranks_for_harmful_units(
     before, after = ({layer["name"]: layer for layer in report["layers"]} for report in (plain, filled))
     assert all(after[name]["L"] == new for name, (_, new) in raised.items())
     assert [name for name in after if after[name]["compressed"]] == [n for n in before if before[n]["compressed"]]
-    plan_b = load_plan(tmp_path / "b.json")
+    plan_a, plan_b = load_plan(tmp_path / "a.json"), load_plan(tmp_path / "b.json")
     for name, (_, new) in raised.items():
         assert plan_b.factors[name].A.shape[1] == new
         assert after[name]["output_error_relative"] < before[name]["output_error_relative"]  # fits better
+        assert plan_b.layer(name).harm < plan_a.layer(name).harm  # the harm is rescored at the new rank
+    for name in set(before) - set(raised):
+        assert plan_b.layer(name).harm == plan_a.layer(name).harm
     ort.InferenceSession(str(tmp_path / "filled.onnx"))
     for flag, extra in (("--fill", ["--select", "none"]), ("--rebalance", ["--select", "proxy", "--stop", "knee"])):
         out = tmp_path / "refused.onnx"

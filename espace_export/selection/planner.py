@@ -85,12 +85,15 @@ class Factorizer:
         return self._weight[1]
 
     def at_rank(self, names: Sequence[str], method: str, L: int) -> dict[str, Factorization]:
-        """:meth:`unit` at rank ``L`` instead of the unit's own (more eigenvectors computed where needed)."""
+        """:meth:`unit` at rank ``L`` instead of the unit's own. A rank above those the activation's
+        eigenvectors were computed for recomputes them with headroom (2·L of them, at most K), so a unit raised
+        step by step (``--fill``, ``--rebalance``) pays a new eigen-decomposition each time its rank doubles,
+        not at every step."""
         for name in names:
             self.ranks[name] = L
         activation = self.targets[names[0]].activation
         if self._largest[activation] < L:
-            self._largest[activation] = L
+            self._largest[activation] = min(2 * L, self.targets[names[0]].K)
             self._eigen = {key: value for key, value in self._eigen.items() if key[0] != activation}
         return self.unit(names, method)
 
@@ -434,6 +437,8 @@ def _apply_progressively(
             for key, L in moved.items():
                 method = str(plan.layer(key).method)
                 candidates[key][method] = factorizer.at_rank(unit_of[key], method, L)
+                score = _score(unit_of[key], candidates[key][method], factorizer, settings.select, scorer)
+                _set_harm(plan, unit_of[key], score, settings.select)
             plan.info["filled"] = {key: [before[key], L] for key, L in moved.items()}
         for key, L in moved.items():
             for name in unit_of[key]:
@@ -458,7 +463,7 @@ def fill_ranks(
     that reaches the ratio, so it overshoots by up to that unit's whole saving (0.014 of MiniLM's targeted
     weights at 0.5): this gives it back where the error is largest."""
     granularity = parse_rank_rule(rule)
-    surplus = sum(unit_saving(members, ranks[key]) for key, members in units.items()) - ratio * targeted_params
+    surplus = surplus_saving(units, ranks, ratio, targeted_params)
     now = dict(ranks)
     order = sorted(units, key=lambda key: -harm.get(key, 0.0))
     raised = True
@@ -466,7 +471,7 @@ def fill_ranks(
         raised = False
         for key in order:
             members, L = units[key], now[key]
-            higher = 2 * L if granularity is None else L + granularity
+            higher = rank_step(L, granularity, up=True)
             cost = unit_saving(members, L) - unit_saving(members, higher)
             if unit_saving(members, higher) > 0 and cost <= surplus + 1e-9:
                 now[key], surplus, raised = higher, surplus - cost, True
@@ -502,19 +507,14 @@ def rebalance_ranks(
             trials[key, L] = (factorizations, _score(unit_of[key], factorizations, factorizer, settings.select, scorer))
         return trials[key, L]
 
-    def step(L: int, up: bool) -> int:
-        if granularity is None:
-            return 2 * L if up else L // 2
-        return L + granularity if up else L - granularity
-
     now = dict(ranks)
     for key in units:  # the rank each unit was chosen at: its score is already known
         trials[key, now[key]] = (current[key], plan.layer(key).scores[method[key]])
-    surplus = sum(unit_saving(m, now[k]) for k, m in units.items()) - settings.ratio * targeted_params
+    surplus = surplus_saving(units, now, settings.ratio, targeted_params)
     for _ in range(8 * len(units)):  # each move lowers the summed score: a bound, not a stop rule
         ups = []
         for key, members in units.items():
-            higher = step(now[key], True)
+            higher = rank_step(now[key], granularity, up=True)
             if unit_saving(members, higher) > 0:
                 gain = trial(key, now[key])[1] - trial(key, higher)[1]
                 cost = unit_saving(members, now[key]) - unit_saving(members, higher)
@@ -526,7 +526,7 @@ def rebalance_ranks(
         if cost > surplus + 1e-9:
             downs = []
             for other, members in units.items():
-                lower = step(now[other], False)
+                lower = rank_step(now[other], granularity, up=False)
                 if other != key and lower >= max(settings.min_rank, 1):
                     loss = trial(other, lower)[1] - trial(other, now[other])[1]
                     freed = unit_saving(members, lower) - unit_saving(members, now[other])
@@ -548,12 +548,30 @@ def rebalance_ranks(
         if ranks[key] != L:
             factorizations, score = trial(key, L)
             moved[key] = (L, factorizations)
-            harm = (
-                relative_increase(score, float(plan.baseline_loss or 0.0)) if settings.select == "validate" else score
-            )
-            for name in unit_of[key]:
-                plan.layer(name).harm = harm
+            _set_harm(plan, unit_of[key], score, settings.select)
     return moved
+
+
+def rank_step(L: int, granularity: int | None, up: bool) -> int:
+    """The rank one step above (or below) ``L`` under a rank rule's granularity (``None``: ``pow2``, whose
+    steps double and halve)."""
+    if granularity is None:
+        return 2 * L if up else L // 2
+    return L + granularity if up else L - granularity
+
+
+def surplus_saving(
+    units: Mapping[str, Sequence[Any]], ranks: Mapping[str, int], ratio: float, targeted_params: int
+) -> float:
+    """Weights ``units`` save at ``ranks`` beyond ``ratio`` of ``targeted_params``: what higher ranks may spend."""
+    return sum(unit_saving(members, ranks[key]) for key, members in units.items()) - ratio * targeted_params
+
+
+def _set_harm(plan: Plan, names: Sequence[str], score: float, select: str) -> None:
+    """A unit's ``harm`` from its score at the rank it now has (validation: relative to the baseline loss)."""
+    harm = relative_increase(score, float(plan.baseline_loss or 0.0)) if select == "validate" else score
+    for name in names:
+        plan.layer(name).harm = harm
 
 
 def unit_saving(members: Sequence[Any], L: int) -> int:

@@ -141,3 +141,31 @@ def test_shared_groups_are_selected_together_and_round_trip(sample_model, tmp_pa
 def test_unknown_sibling_mode_is_a_user_error(sample_model, tmp_path) -> None:
     with pytest.raises(EspaceError, match="unknown sibling mode"):
         espace_export.compress(sample_model("llama", "torchscript"), siblings="fused", output=tmp_path / "m.onnx")
+
+
+def test_raising_a_rank_step_by_step_decomposes_once_per_doubling(calibrated, monkeypatch) -> None:
+    """``at_rank`` (``--fill``, ``--rebalance``): the factors equal a fresh factorizer's at the new rank, and a
+    weight-free method's eigenvectors are recomputed with headroom, not at every step."""
+    import espace_export.selection.planner as planner
+
+    model, targets, calibration, qkv = calibrated
+    fresh = Factorizer(model, calibration, dict.fromkeys(qkv, 16), targets).unit(qkv, "mse")
+    calls: list[int | None] = []
+    real = planner.eigen_decomposition
+
+    def counted(C, **kwargs):
+        calls.append(kwargs.get("top"))
+        return real(C, **kwargs)
+
+    monkeypatch.setattr(planner, "eigen_decomposition", counted)
+    factorizer = Factorizer(model, calibration, dict.fromkeys(qkv, 8), targets)
+    factorizer.unit(qkv, "mse")
+    assert calls == [8]
+    for L in range(9, 17):  # eight steps up: one decomposition for 2·9 = 18 pairs covers them all
+        raised = factorizer.at_rank(qkv, "mse", L)
+    assert calls == [8, 18]
+    for name in qkv:
+        np.testing.assert_allclose(raised[name].A, fresh[name].A, atol=1e-10)
+        np.testing.assert_allclose(raised[name].B, fresh[name].B, atol=1e-10)
+    factorizer.at_rank(qkv, "mse", 19)
+    assert calls == [8, 18, 38]
