@@ -293,12 +293,20 @@ class _Rows:
             self.G[name][probe] += _split(G, self.width[name], layout.of(values[name], self.width[name]))
 
     def samples(self, targets: Sequence[GemmTarget], kind: str, per_sequence: bool) -> FisherSamples:
+        # each tensor's per-sequence pieces are dropped as soon as they are joined: the samples are held
+        # once (plus one tensor), not twice
+        X = {a: np.concatenate(self.X.pop(a)).astype(np.float32, copy=False) for a in list(self.X)}
+        G = {}
+        for name in list(self.G):
+            per_probe = self.G.pop(name)
+            G[name] = np.empty((len(per_probe), sum(len(r) for r in per_probe[0]), self.width[name]), np.float32)
+            for probe, pieces in enumerate(per_probe):
+                if pieces:
+                    np.concatenate(pieces, out=G[name][probe])
+                pieces.clear()
         return FisherSamples(
-            X={a: np.concatenate(rows).astype(np.float32) for a, rows in self.X.items()},
-            G={
-                n: np.stack([np.concatenate(r).astype(np.float32) for r in per_probe])
-                for n, per_probe in self.G.items()
-            },
+            X=X,
+            G=G,
             offsets=np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64),
             activation_of={t.name: t.activation for t in targets},
             loss=kind,

@@ -352,7 +352,18 @@ def plan(
     if validator is not None:
         chosen.info["validation"] = {"batches": len(run.batches.validation), "passes": validator.passes}
     if fisher is not None:
-        chosen.info["fisher"] = {"batches": len(run.batches.validation), "tokens": fisher.tokens, "loss": fisher.loss}
+        from espace_export.harm import sequence_count
+
+        sampled, offered = len(fisher.offsets) - 1, sequence_count(run.batches.validation)
+        chosen.info["fisher"] = {"batches": len(run.batches.validation), "sequences": sampled,
+                                 "tokens": fisher.tokens, "loss": fisher.loss}  # fmt: skip
+        if sampled < offered:
+            chosen.info["fisher"]["memory_bound"] = True
+            warnings.warn(
+                f"--select fisher sampled {sampled} of the {offered} validation sequences: the rest would not fit "
+                f"half the memory available; a smaller --holdout or --num-batches gives it fewer to offer",
+                stacklevel=2,
+            )
     return chosen
 
 
@@ -371,15 +382,32 @@ def fisher_samples(run: Run) -> Any:
             "use --select validate or proxy",
         )
     from espace_export.harm import FisherSettings, collect_fisher_samples, sequence_count
+    from espace_export.memory import available_memory
 
     batches = run.batches.validation
+    targets = [r.target for r in run.compressed]
     probes = min(16, max(1, -(-FISHER_SAMPLES // max(sequence_count(batches), 1))))
-    return collect_fisher_samples(run.model, [r.target for r in run.compressed], batches, FisherSettings(probes=probes))
+    max_tokens = fisher_token_budget(targets, probes, available_memory())
+    return collect_fisher_samples(run.model, targets, batches, FisherSettings(probes=probes, max_tokens=max_tokens))
+
+
+def fisher_token_budget(targets: Sequence[GemmTarget], probes: int, available: int) -> int:
+    """Validation tokens whose Fisher samples fit :data:`FISHER_MEMORY_SHARE` of ``available`` bytes: each
+    token keeps a float32 row per distinct activation (K) and ``probes`` gradient rows per GEMM (N). The
+    first batch is sampled whatever the budget."""
+    widths = {t.activation: t.K for t in targets}
+    per_token = 4 * (sum(widths.values()) + probes * sum(t.N for t in targets))
+    return max(1, int(FISHER_MEMORY_SHARE * available) // max(per_token, 1))
 
 
 #: Probe draws × validation sequences ``--select fisher`` aims for: each sequence gives one sample of the
 #: estimate per probe, so few sequences get several probes (up to 16 backward passes per batch).
 FISHER_SAMPLES = 64
+
+#: Share of the memory available when ``--select fisher`` starts that its samples may take; the batches
+#: beyond it are not sampled (the plan's ``info.fisher`` says how many were). MiniLM's 90 validation batches
+#: of 16 paragraphs (59k tokens) hold 8.2 GiB of them.
+FISHER_MEMORY_SHARE = 0.5
 
 
 def check_selection(options: CompressOptions) -> None:

@@ -6,6 +6,7 @@ say so. Every report (JSON, Markdown, the terminal summary) names the settings i
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -296,3 +297,34 @@ def test_fill_lands_the_plan_at_the_ratio_with_higher_ranks_for_harmful_units(
     assert moved["targeted_compression"] >= 0.3 - 1e-12 and moved["selection"]["rebalanced"]
     assert f"ranks moved on {len(moved['selection']['rebalanced'])} unit" in markdown
     ort.InferenceSession(str(tmp_path / "moved.onnx"))
+
+
+def test_fisher_samples_stay_within_half_the_available_memory(
+    model_and_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """``--select fisher`` keeps X and G rows per validation token: it samples only the tokens whose rows fit
+    half the memory available, says so in one notice and in the plan, and still writes a working model."""
+    import onnxruntime as ort
+
+    import espace_export.memory
+    from espace_export.pipeline import fisher_token_budget
+    from graph_passes import find_targets
+
+    model, data = model_and_data
+    targets = find_targets(onnx.load(model))
+    per_token = 4 * (sum({t.activation: t.K for t in targets}.values()) + 2 * sum(t.N for t in targets))
+    assert fisher_token_budget(targets, 2, 1000 * per_token) == 500
+    assert fisher_token_budget(targets, 2, 0) == 1  # the first batch is always sampled
+    extra = ["--method", "mse", "--select", "fisher", "--plan", str(tmp_path / "all.json")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no notice when every sequence fits
+        whole, _, _, _ = compress_cli(model, data, tmp_path / "all.onnx", extra, capsys)
+    assert "memory_bound" not in whole["selection"]["fisher"]
+    monkeypatch.setattr(espace_export.memory, "available_memory", lambda: 1)
+    extra = ["--method", "mse", "--select", "fisher", "--plan", str(tmp_path / "bound.json")]
+    with pytest.warns(UserWarning, match=r"--select fisher sampled 2 of the \d+ validation .* smaller --holdout"):
+        bound, _, _, _ = compress_cli(model, data, tmp_path / "bound.onnx", extra, capsys)
+    fisher = bound["selection"]["fisher"]
+    assert fisher["memory_bound"] and fisher["sequences"] == 2 < whole["selection"]["fisher"]["sequences"]
+    assert fisher["tokens"] < whole["selection"]["fisher"]["tokens"]
+    ort.InferenceSession(str(tmp_path / "bound.onnx"))
