@@ -111,6 +111,11 @@ class HealOptions:
         "each crop): new token sequences rather than the same ones again, against over-fitting a small healing "
         "text; 0: off.", panel=_HEALING,
     )  # fmt: skip
+    ema: float = option(
+        0.0, "Decay of an exponential moving average of the trained tensors, updated after each step once the "
+        "warm-up is over and written instead of the last step's values (0.999: about the last 1,000 steps "
+        "averaged); 0: off.", panel=_HEALING,
+    )  # fmt: skip
     shuffle: bool = option(
         True, "Visit the batches in a new random order (fixed seed) on each pass over them; off: in the text's "
         "order.", panel=_HEALING,
@@ -145,6 +150,8 @@ class HealOptions:
         ):
             raise EspaceError("--weight-decay, --hidden-weight, --hidden-weight-end and --teacher-cache must be "
                               "non-negative numbers", "pass 0 or more")  # fmt: skip
+        if not 0 <= self.ema < 1:
+            raise EspaceError(f"--ema must be a decay in [0, 1), got {self.ema}", "try --ema 0.999, or 0 for off")
         if not 0 <= self.augment <= 1:
             raise EspaceError(f"--augment must be a fraction in [0, 1], got {self.augment}", "try --augment 0.5")
         if self.loss not in HEAL_LOSSES:
@@ -647,6 +654,8 @@ def _fingerprint(projections: Mapping[str, Any], options: HealOptions) -> str:
             else f"|{options.hidden_weight}|{options.hidden_weight_end}".encode()
         )
         + (f"|augment {options.augment}".encode() if options.augment else b"")
+        + (f"|ema {options.ema}".encode() if options.ema else b"")
+        + (f"|hidden {options.hidden_weight}".encode() if options.hidden_weight != 1.0 else b"")
         + (b"|train dense" if options.train_dense else b"")  # a checkpoint from before the option: --no-train-dense
     )
     return digest.hexdigest()[:16]
@@ -738,13 +747,16 @@ def _train(
     targets: dict[int, tuple[Any, list[Any]]] = {}  # the teacher's outputs per batch, kept while they fit
     cached, budget = 0, loop.cache_gib * 2**30
     lower = uses_bf16(options.autocast)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=options.lr, weight_decay=options.weight_decay, eps=1e-7)
+    parameters = student.parameters()
+    optimizer = torch.optim.AdamW(parameters, lr=options.lr, weight_decay=options.weight_decay, eps=1e-7)
+    average: list[Any] | None = None  # --ema: the moving average of ``parameters``, from the warm-up's end
     checkpoint = options.checkpoint_dir / CHECKPOINT_NAME if options.checkpoint_dir else None
     if options.resume and checkpoint is not None:
         payload = _load_checkpoint(checkpoint, loop.fingerprint)
         student.load_state(payload["student"])
         optimizer.load_state_dict(payload["optimizer"])
         loop.step, loop.planned = int(payload["step"]), int(payload["planned"])
+        average = payload.get("average")
     loop.planned = loop.planned or options.steps
     started = time.perf_counter()
     first_step = loop.step
@@ -767,6 +779,8 @@ def _train(
             group["lr"] = options.lr * _schedule(loop.step, loop.planned, options.warmup)
         hidden_weight = _hidden_weight(loop.step, loop.planned, options)
         value = train_step(student, optimizer, feed, target, loop.kind, hidden_weight, lower)
+        if options.ema and (average is not None or loop.step + 1 >= max(1, int(options.warmup * loop.planned))):
+            average = _update_average(average, parameters, options.ema)
         loop.step += 1
         loop.losses.append(value)
         elapsed = time.perf_counter() - started
@@ -776,11 +790,26 @@ def _train(
             loop.planned = max(loop.step, min(options.steps, fits))  # re-estimated each step: load drifts
         if checkpoint is not None and (loop.step % options.checkpoint_every == 0 or loop.step == loop.planned):
             _save_checkpoint(checkpoint, {"fingerprint": loop.fingerprint, "step": loop.step, "planned": loop.planned,
-                                          "student": student.state(), "optimizer": optimizer.state_dict()})  # fmt: skip
+                                          "student": student.state(), "optimizer": optimizer.state_dict(),
+                                          "average": average})  # fmt: skip
         if on_step is not None:
             on_step(loop.step, loop.losses[-1])
+    if average is not None:  # the averaged tensors are the healed ones
+        with torch.no_grad():
+            torch._foreach_copy_(parameters, average)
     loop.cached = len(targets)
     return time.perf_counter() - started
+
+
+def _update_average(average: list[Any] | None, parameters: Sequence[Any], decay: float) -> list[Any]:
+    """``average ← decay · average + (1 − decay) · parameters`` in place (started at ``parameters``)."""
+    import torch
+
+    with torch.no_grad():
+        if average is None:
+            return [p.detach().clone() for p in parameters]
+        torch._foreach_lerp_(average, list(parameters), 1.0 - decay)
+    return average
 
 
 class _Reached(Exception):

@@ -662,3 +662,57 @@ def test_train_dense_heals_the_gemms_the_plan_leaves_dense_too(sample_model, tmp
     assert runs[True].losses[1:] != runs[False].losses[1:]
     want = _run(_reference(dense, kept, runs[True]), other[0])
     np.testing.assert_allclose(_run(tmp_path / "True.onnx", other[0]), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_ema_writes_the_moving_average_of_the_steps_after_the_warm_up(sample_model, tmp_path) -> None:
+    """``--ema d``: the same steps as without it (the average does not feed back), and the written tensors are
+    ``d``-weighted averages of each step's values from the warm-up's last step on, as recomputed here from a
+    checkpoint taken after every step. A run resumed from a checkpoint keeps its average."""
+    import torch
+
+    dense = Path(sample_model("llama", "torchscript"))
+    plan = _compress(dense, tmp_path)
+    train = _batches("llama", 3, seed=7)
+    states: list[dict] = []
+    checkpoints = tmp_path / "every"
+
+    def record(step: int, loss: float) -> None:
+        states.append(torch.load(checkpoints / "heal-checkpoint.pt", weights_only=True)["student"])
+
+    common = {"steps": 8, "lr": 3e-3, "warmup": 0.25}
+    plain = heal_onnx(dense, plan, train, tmp_path / "plain.onnx",
+                      HealOptions(**common, checkpoint_dir=checkpoints, checkpoint_every=1), on_step=record)  # fmt: skip
+    averaged = heal_onnx(dense, plan, train, tmp_path / "ema.onnx", HealOptions(**common, ema=0.6))
+    np.testing.assert_allclose(averaged.losses, plain.losses, rtol=1e-6)  # the training itself is unchanged
+    expected = {name: values[0].double() for name, values in states[1]["layers"].items()}  # warm-up: 2 steps
+    extras = {name: value.double() for name, value in states[1]["extras"].items()}
+    for state in states[2:]:
+        for name, values in state["layers"].items():
+            expected[name] = 0.6 * expected[name] + 0.4 * values[0].double()
+        for name, value in state["extras"].items():
+            extras[name] = 0.6 * extras[name] + 0.4 * value.double()
+    for name, W in averaged.weights.items():
+        np.testing.assert_allclose(W, expected[name].numpy(), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(W, plain.weights[name], atol=1e-4)  # not the last step's values
+    for name, value in averaged.trained.items():
+        np.testing.assert_allclose(value, extras[name].numpy(), rtol=1e-5, atol=1e-6)
+    out = _run(tmp_path / "ema.onnx", train[0])
+    assert np.isfinite(out).all()
+
+    options = HealOptions(**common, ema=0.6, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=3)
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        heal_onnx(dense, plan, train, tmp_path / "resumed.onnx", options, on_step=interrupt)
+    resumed = heal_onnx(dense, plan, train, tmp_path / "resumed.onnx", HealOptions(**{**vars(options), "resume": True}))
+    for name, W in averaged.weights.items():
+        np.testing.assert_allclose(resumed.weights[name], W, rtol=1e-5, atol=1e-7)
+    with pytest.raises(EspaceError, match="other projections or settings"):
+        heal_onnx(
+            dense, plan, train, tmp_path / "other.onnx", HealOptions(**{**vars(options), "resume": True, "ema": 0})
+        )
+    with pytest.raises(EspaceError, match="--ema"):
+        HealOptions(ema=1.0)
