@@ -151,10 +151,11 @@ class RankOptions:
     layer_ratio: float | None = option(
         None, "With selection: compression of each chosen layer [default: max(ratio, 0.5)].", panel=_SELECTION
     )
-    fill: bool = option(
-        False, "With selection: spend what the chosen layers save beyond --ratio on higher ranks (one --rank-rule "
-        "step at a time, the most harmful layers first), so the plan lands as close to --ratio as the rule allows.",
-        panel=_SELECTION,
+    fill: bool | None = option(
+        None, "With selection: spend what the chosen layers save beyond --ratio on higher ranks (one --rank-rule "
+        "step at a time, the most harmful layers first), so the plan lands as close to --ratio as the rule allows "
+        "[default: on where a selection stops at --ratio in memory; off with --select none, --stop knee or "
+        "--max-memory].", "--fill/--no-fill", panel=_SELECTION,
     )  # fmt: skip
     rebalance: bool = option(
         False, "With selection: --fill, and then move rank steps between the chosen layers while the selection's "

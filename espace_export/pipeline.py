@@ -341,7 +341,7 @@ def plan(
         plan_settings = PlanSettings(
             run.options.ranks.ratio, tuple(selection.methods), selection.select, selection.max_layer_loss,
             selection.stop, selection.full_curve, selection.progressive,
-            run.options.ranks.rank_rule if run.options.ranks.fill or run.options.ranks.rebalance else None,
+            run.options.ranks.rank_rule if fills(run.options) else None,
             run.options.ranks.rebalance, run.options.ranks.min_rank,
         )  # fmt: skip
         chosen = make_plan(inputs, plan_settings, validator=validator, on_step=bars.stepper(), fisher=fisher)
@@ -410,6 +410,20 @@ FISHER_SAMPLES = 64
 FISHER_MEMORY_SHARE = 0.5
 
 
+def _moves_ranks(options: CompressOptions) -> bool:
+    """Whether ranks can move after selection: a selection that stops at --ratio, in memory."""
+    selection = options.selection
+    return selection.select != "none" and selection.stop == "ratio" and not options.data.max_memory
+
+
+def fills(options: CompressOptions) -> bool:
+    """Whether the plan spends its saving beyond --ratio on higher ranks: --fill or --rebalance asked for,
+    or by default (``--fill`` unset) wherever the selection allows it; ``--no-fill`` turns the default off."""
+    if options.ranks.rebalance or options.ranks.fill:
+        return True
+    return options.ranks.fill is None and _moves_ranks(options)
+
+
 def check_selection(options: CompressOptions) -> None:
     """A method that chooses per layer (``best``, ``auto``) needs a selection mode that scores the choices."""
     selection = options.selection
@@ -417,8 +431,8 @@ def check_selection(options: CompressOptions) -> None:
         raise EspaceError(
             f"method {selection.method!r} chooses per layer and needs a selection", "add --select validate or proxy"
         )
-    moves = options.ranks.fill or options.ranks.rebalance
-    if moves and (selection.select == "none" or selection.stop != "ratio" or options.data.max_memory):
+    moves = options.ranks.fill or options.ranks.rebalance  # asked for: --fill (its default is None) or --rebalance
+    if moves and not _moves_ranks(options):
         flag = "--rebalance" if options.ranks.rebalance else "--fill"
         why = "--select none" if selection.select == "none" else f"--stop {selection.stop}"
         why = "--max-memory" if options.data.max_memory else why

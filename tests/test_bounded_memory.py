@@ -342,7 +342,8 @@ def test_staged_sessions_run_without_the_memory_arena(tmp_path: Path) -> None:
 def test_streaming_proxy_selection_chooses_what_the_in_memory_proxy_chooses(tmp_path: Path) -> None:
     """--max-memory --select proxy: units at the per-layer ratio, ranked by the calibrated output error from
     each group's statistics (float32 products), the least harmful applied until the ratio — the layers, ranks,
-    scores and outputs of the in-memory ``--method mse --select proxy`` run; the parked factors leave nothing."""
+    scores and outputs of the in-memory ``--method mse --select proxy --no-fill`` run (the bounded path fixes
+    ranks before it selects, so it cannot fill); the parked factors leave nothing."""
     from espace_export import compress
 
     source = save_external(tiny_decoder(blocks=3, hidden=64, inter=128, vocab=50), tmp_path / "tiny.onnx")
@@ -350,7 +351,7 @@ def test_streaming_proxy_selection_chooses_what_the_in_memory_proxy_chooses(tmp_
     np.savez(tmp_path / "calib.npz", **{k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
     expected = compress(
         source, ratio=0.3, output=tmp_path / "pipeline.onnx", calib_data=tmp_path / "calib.npz", batch_size=2,
-        num_batches=4, holdout=0.0, method="mse", select="proxy", min_rank=4,
+        num_batches=4, holdout=0.0, method="mse", select="proxy", min_rank=4, fill=False,
     )  # fmt: skip
     result = compress_streaming(
         source, tmp_path / "streamed.onnx", batches, RankOptions(ratio=0.3, min_rank=4),

@@ -269,8 +269,9 @@ def test_fill_lands_the_plan_at_the_ratio_with_higher_ranks_for_harmful_units(
 
     model, data = model_and_data
     common = ["--select", "proxy", "--method", "best", "--ratio", "0.3", "--rank-rule", "4"]
-    plain, _, _, _ = compress_cli(model, data, tmp_path / "plain.onnx", [*common, "--plan", str(tmp_path / "a.json")],
-                                  capsys)  # fmt: skip
+    plain, _, _, _ = compress_cli(model, data, tmp_path / "plain.onnx",
+                                  [*common, "--no-fill", "--plan", str(tmp_path / "a.json")], capsys)  # fmt: skip
+    assert "filled" not in plain["selection"]
     filled, markdown, _, _ = compress_cli(model, data, tmp_path / "filled.onnx",
                                           [*common, "--fill", "--plan", str(tmp_path / "b.json")], capsys)  # fmt: skip
     assert 0.3 - 1e-12 <= filled["targeted_compression"] < plain["targeted_compression"]
@@ -288,6 +289,9 @@ def test_fill_lands_the_plan_at_the_ratio_with_higher_ranks_for_harmful_units(
     for name in set(before) - set(raised):
         assert plan_b.layer(name).harm == plan_a.layer(name).harm
     ort.InferenceSession(str(tmp_path / "filled.onnx"))
+    default, _, _, _ = compress_cli(model, data, tmp_path / "default.onnx", common, capsys)  # on by default
+    assert default["selection"]["filled"] == raised
+    assert default["targeted_compression"] == pytest.approx(filled["targeted_compression"], abs=1e-12)
     for flag, extra in (("--fill", ["--select", "none"]), ("--rebalance", ["--select", "proxy", "--stop", "knee"])):
         out = tmp_path / "refused.onnx"
         code, _, err = run_cli([str(model), "--calib-data", str(data), "-o", str(out), *SMALL, flag, *extra],
