@@ -74,7 +74,8 @@ class HealOptions:
         "auto", "kl (causal LM logits), distill (cosine of outputs), or auto.", panel=_HEALING, choices=HEAL_LOSSES
     )
     hidden_weight: float = option(
-        1.0, "Weight of the token-state MSE (every LayerNormalization output) in the loss; 0: outputs only.",
+        1.0, "Weight of the token-state MSE (every LayerNormalization output) in the loss; 0: outputs only. "
+        "More weight generalizes better for an embedding model healed on little text (MiniLM: 3 and 10 beat 1).",
         panel=_HEALING,
     )  # fmt: skip
     hidden_weight_end: float | None = option(
