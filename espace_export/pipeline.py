@@ -396,7 +396,8 @@ def fisher_token_budget(targets: Sequence[GemmTarget], probes: int, available: i
     """Validation tokens whose Fisher samples fit :data:`FISHER_MEMORY_SHARE` of ``available`` bytes: each
     token keeps a float32 row per distinct activation (K) and ``probes`` gradient rows per GEMM (N), counted
     twice — the per-sequence pieces and the joined arrays (freed pieces stay in the allocator's heap: MiniLM's
-    8.2 GiB of samples peaked at 19.3 GiB RSS either way). The first batch is sampled whatever the budget."""
+    8.2 GiB of samples peaked at 19.4 GiB RSS before they were joined in place, 19.2 GiB after). The first
+    batch is sampled whatever the budget."""
     widths = {t.activation: t.K for t in targets}
     per_token = 2 * 4 * (sum(widths.values()) + probes * sum(t.N for t in targets))
     return max(1, int(FISHER_MEMORY_SHARE * available) // max(per_token, 1))
