@@ -305,12 +305,10 @@ def _score_units(
         method = best_method(scores)
         if settings.select == "fisher" and len(settings.methods) > 1:
             method = best_method(_local_errors(unit, candidates[unit[0]], factorizer))
-        harm = scores[method]
-        if settings.select == "validate":
-            harm = relative_increase(harm, float(plan.baseline_loss))  # type: ignore[arg-type]
         for name in unit:
             layer = plan.layer(name)
-            layer.scores, layer.method, layer.harm = dict(scores), method, harm
+            layer.scores, layer.method = dict(scores), method
+        _set_harm(plan, unit, scores[method], settings.select)
     return candidates
 
 
